@@ -1,0 +1,216 @@
+"""Model configuration as dataclasses (OmegaConf structured configs).
+
+Every switch of the method and of its ablations lives here; ``ModelConfig.validate()`` rejects
+impossible combinations before anything is built, naming the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+EXPERT_NAMES = ("text", "mask", "reference", "base")
+
+
+@dataclass
+class FluxArch:
+    """Arguments of diffusers' FluxTransformer2DModel, used when building from a config (random init)."""
+
+    patch_size: int = 1
+    in_channels: int = 64  # VAE latent channels x 2 x 2 (FLUX packs 2x2 latent patches)
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: list[int] = field(default_factory=lambda: [16, 56, 56])
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "flux"  # the adapter to use (moe.backbone.BACKBONES)
+    path: Optional[str] = None  # local diffusers folder (from_pretrained); None = random init from `arch`
+    subfolder: Optional[str] = "transformer"  # subfolder inside `path` (diffusers pipeline layout)
+    arch: FluxArch = field(default_factory=FluxArch)
+    gradient_checkpointing: bool = False
+    attention_backend: Optional[str] = None  # e.g. "flash" / "efficient" / "math": pins torch SDPA's backend
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # peft target module names (suffix match). Self-attention projections + projection / MLP layers.
+    targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    )
+
+
+@dataclass
+class VAEConfig:
+    path: Optional[str] = None  # local AutoencoderKL folder; None = random init from the fields below
+    subfolder: Optional[str] = "vae"
+    latent_channels: int = 16
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+@dataclass
+class TextConfig:
+    """Frozen text encoders: a sequence encoder (T5 in FLUX) and a pooled one (CLIP in FLUX)."""
+
+    t5_path: Optional[str] = None  # local T5EncoderModel folder (with its tokenizer)
+    clip_path: Optional[str] = None  # local CLIPTextModel folder (with its tokenizer)
+    t5_subfolder: Optional[str] = "text_encoder_2"
+    t5_tokenizer_subfolder: Optional[str] = "tokenizer_2"
+    clip_subfolder: Optional[str] = "text_encoder"
+    clip_tokenizer_subfolder: Optional[str] = "tokenizer"
+    max_length: int = 128
+    # Random-init tiny encoders (tests, embedded default) use a byte-level tokenizer; sizes below.
+    t5_d_model: int = 4096
+    t5_layers: int = 2
+    t5_heads: int = 8
+    t5_ff: int = 256
+    clip_hidden: int = 768
+    clip_layers: int = 2
+    clip_heads: int = 4
+
+
+@dataclass
+class RouterConfig:
+    kind: str = "learned"  # learned | uniform (random top-K, equal weights) | static (all experts, equal weights)
+    top_k: int = 3
+    ctx_dim: int = 64  # width of each per-token condition context (text / reference / mask) carried to experts
+    attn_dim: int = 64  # query/key width of the router's latent attention
+    num_latents: int = 4  # learned latent queries summarising the task context
+    noise_std: float = 0.0  # std of Gaussian noise on router logits during training (0 = off)
+
+
+@dataclass
+class ExpertsConfig:
+    enabled: list[str] = field(default_factory=lambda: list(EXPERT_NAMES))
+    kind: str = "lora"  # lora (low-rank residual experts) | ffn (copies of the block's feed-forward)
+    rank: int = 64  # rank of `lora` experts
+    ep_size: int = 1  # expert-parallel ranks (must divide the number of enabled experts)
+    dispatch: str = "auto"  # auto | dense (every expert on every token, sparse weights) | alltoall
+    blocks: Optional[list[int]] = None  # dual-stream block indices; None = the last `num_blocks`
+    num_blocks: int = 4
+
+
+@dataclass
+class RepaintConfig:
+    enabled: bool = True
+    mode: str = "coupled"  # coupled | decoupled (stop-gradient into the editing path; AdaptEdit)
+    hidden: int = 64
+    # decoupled: during training the editing path uses the ground-truth fine mask, the prediction at inference
+    use_gt_mask_in_training: bool = False
+
+
+@dataclass
+class MixtureConfig:
+    enabled: bool = True  # off = plain router-weighted sum of the selected experts
+
+
+@dataclass
+class LossConfig:
+    diffusion: float = 1.0
+    region_alpha: float = 0.0  # diffusion weight 1 + alpha * fine mask (AdaptEdit uses 2)
+    load_balance: float = 0.01
+    mask_boundary: float = 0.1
+    boundary_band: int = 1  # tokens on each side of the fine-mask boundary that are up-weighted
+    boundary_weight: float = 4.0
+    mixture_smoothness: float = 0.01
+    tag_alignment: float = 0.0  # TAG-MoE predictive alignment (0 = off)
+    tag_embed_dim: int = 64
+    timestep_sampling: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    repaint: RepaintConfig = field(default_factory=RepaintConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    use_reference: bool = True  # put reference-image tokens in the sequence when a sample has one
+    num_tags: int = 64  # size of the tag vocabulary for TAG-MoE alignment (>= len(data.schema.TAG_VOCAB))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible setting; called before any model is built."""
+        validate_model_config(self)
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"model.{key}: {msg}")
+
+
+def validate_model_config(cfg: Any) -> None:
+    ex, ro = cfg.experts, cfg.router
+    names = list(ex.enabled)
+    if not names:
+        _fail("experts.enabled", "at least one expert must be enabled")
+    unknown = [n for n in names if n not in EXPERT_NAMES]
+    if unknown:
+        _fail("experts.enabled", f"unknown expert(s) {unknown}; choose from {list(EXPERT_NAMES)}")
+    if len(set(names)) != len(names):
+        _fail("experts.enabled", f"duplicate experts in {names}")
+    n = len(names)
+    if ex.kind not in ("lora", "ffn"):
+        _fail("experts.kind", f"'{ex.kind}' is not one of lora, ffn")
+    if ex.rank < 1:
+        _fail("experts.rank", "must be >= 1")
+    if ex.ep_size < 1 or n % ex.ep_size != 0:
+        _fail("experts.ep_size", f"{ex.ep_size} must be >= 1 and divide the number of enabled experts ({n})")
+    if ex.dispatch not in ("auto", "dense", "alltoall"):
+        _fail("experts.dispatch", f"'{ex.dispatch}' is not one of auto, dense, alltoall")
+    if ex.dispatch == "dense" and ex.ep_size > 1:
+        _fail("experts.dispatch", "dense dispatch needs every expert on every rank (ep_size 1)")
+    if ro.kind not in ("learned", "uniform", "static"):
+        _fail("router.kind", f"'{ro.kind}' is not one of learned, uniform, static")
+    if not 1 <= ro.top_k <= n:
+        _fail("router.top_k", f"{ro.top_k} must be between 1 and the number of enabled experts ({n})")
+    if ro.noise_std < 0:
+        _fail("router.noise_std", "must be >= 0")
+    if ro.ctx_dim < 1 or ro.attn_dim < 1 or ro.num_latents < 1:
+        _fail("router", "ctx_dim, attn_dim and num_latents must be >= 1")
+    if cfg.repaint.mode not in ("coupled", "decoupled"):
+        _fail("repaint.mode", f"'{cfg.repaint.mode}' is not one of coupled, decoupled")
+    if cfg.mixture.enabled and "base" not in names:
+        _fail("mixture.enabled", "the Latent Mixture blends with the Base expert: enable 'base' or turn it off")
+    arch = cfg.backbone.arch
+    if cfg.backbone.kind != "flux":
+        _fail("backbone.kind", f"'{cfg.backbone.kind}' is not a known backbone (flux)")
+    if cfg.backbone.path is None:
+        if sum(arch.axes_dims_rope) != arch.attention_head_dim:
+            _fail("backbone.arch.axes_dims_rope", f"must sum to attention_head_dim ({arch.attention_head_dim})")
+        if arch.in_channels != cfg.vae.latent_channels * 4 * arch.patch_size**2:
+            _fail("backbone.arch.in_channels", "must equal vae.latent_channels * 4 (2x2 packing) * patch_size^2")
+        if arch.joint_attention_dim != cfg.text.t5_d_model and cfg.text.t5_path is None:
+            _fail("text.t5_d_model", f"must equal backbone.arch.joint_attention_dim ({arch.joint_attention_dim})")
+        if arch.pooled_projection_dim != cfg.text.clip_hidden and cfg.text.clip_path is None:
+            _fail("text.clip_hidden", f"must equal backbone.arch.pooled_projection_dim ({arch.pooled_projection_dim})")
+        blocks = ex.blocks if ex.blocks is not None else []
+        bad = [b for b in blocks if not 0 <= b < arch.num_layers]
+        if bad:
+            _fail("experts.blocks", f"{bad} out of range for {arch.num_layers} dual-stream blocks")
+        if ex.blocks is None and not 0 <= ex.num_blocks <= arch.num_layers:
+            _fail("experts.num_blocks", f"must be between 0 and backbone.arch.num_layers ({arch.num_layers})")
+    if cfg.lora.rank < 0:
+        _fail("lora.rank", "must be >= 0 (0 disables LoRA)")
+    for key in ("diffusion", "region_alpha", "load_balance", "mask_boundary", "mixture_smoothness", "tag_alignment"):
+        if getattr(cfg.loss, key) < 0:
+            _fail(f"loss.{key}", "loss weights must be >= 0")
+    if cfg.loss.timestep_sampling not in ("logit_normal", "uniform"):
+        _fail("loss.timestep_sampling", "must be logit_normal or uniform")
