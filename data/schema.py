@@ -73,6 +73,7 @@ UNK_ID = TAG_TO_ID[UNK_TAG]
 # Every reason a sample can be skipped for; the loader's skip_stats() has exactly these keys.
 SKIP_REASONS: list[str] = [
     "corrupt_tar",  # the tar stream broke (truncated member, bad header); rest of that shard lost
+    "shard_open_error",  # the shard file / pipe could not be opened
     "missing_key",  # a required member (src/tgt/mask/json) is absent
     "bad_json",  # json does not parse or lacks/mistypes a field
     "decode_error",  # an image member does not decode

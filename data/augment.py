@@ -1,0 +1,119 @@
+"""Paired geometric augmentation: one crop/resize/flip for every spatial member of a sample.
+
+Source, target and both masks get the same crop box and flip, so they stay pixel-aligned; the
+bbox is recomputed from the transformed fine mask and the coarse mask is drawn from it (never
+the json bbox, which describes the un-cropped image). The reference image is a separate subject
+picture, not pixel-aligned with the source: it gets the same flip and output size but no crop,
+because a crop chosen for the source could cut the subject out of it.
+
+The crop always contains one randomly chosen edit pixel, so the edit region never leaves the
+frame. Images are resampled bilinearly; masks with a box filter thresholded at one half, falling
+back to "any coverage" if that would erase a thin region.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from data.schema import bbox_from_mask
+
+_SIDED = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def choose_bucket(width: int, height: int, buckets: Sequence[Sequence[int]], image_size: int) -> tuple[int, int]:
+    """(h, w) of the bucket whose aspect ratio is closest (in log space) to the image's."""
+    if not buckets:
+        return image_size, image_size
+    ar = math.log(width / height)
+    return tuple(min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - ar), b[0] * b[1])))  # type: ignore
+
+
+def crop_box(
+    width: int, height: int, out_h: int, out_w: int, min_scale: float,
+    rng: Optional[random.Random], must_contain: Optional[tuple[int, int]] = None,
+) -> tuple[float, float, float, float]:
+    """A crop (x0, y0, x1, y1) in source pixels with the output's aspect ratio.
+
+    Its area is a random fraction in [min_scale, 1] of the largest such crop; it contains pixel
+    ``must_contain`` (x, y). With ``rng=None``: the largest crop, centred (evaluation).
+    """
+    aspect = out_w / out_h
+    cw, ch = (width, width / aspect) if width / height <= aspect else (height * aspect, height)
+    if rng is None:
+        return ((width - cw) / 2, (height - ch) / 2, (width + cw) / 2, (height + ch) / 2)
+    s = math.sqrt(rng.uniform(min_scale, 1.0))
+    cw, ch = cw * s, ch * s
+
+    def place(size: float, crop: float, p: Optional[int]) -> float:
+        lo, hi = 0.0, size - crop
+        if p is not None:  # keep pixel p (its centre p + 0.5) inside
+            lo, hi = max(lo, p + 1 - crop), min(hi, float(p))
+        return rng.uniform(lo, max(lo, hi))
+
+    px, py = must_contain if must_contain is not None else (None, None)
+    x0, y0 = place(width, cw, px), place(height, ch, py)
+    return (x0, y0, x0 + cw, y0 + ch)
+
+
+def _to_tensor(img: Image.Image) -> Tensor:
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def box_mask(bbox: Sequence[int], h: int, w: int) -> Tensor:
+    """[1, h, w] float {0, 1}: the coarse mask, 1 inside the end-exclusive box."""
+    m = torch.zeros(1, h, w)
+    x0, y0, x1, y1 = bbox
+    m[:, y0:y1, x0:x1] = 1.0
+    return m
+
+
+def transform(
+    src: Image.Image, tgt: Image.Image, ref: Optional[Image.Image], mask: np.ndarray,
+    out_hw: tuple[int, int], rng: Optional[random.Random], min_scale: float = 1.0,
+    hflip: bool = False, instruction: str = "",
+) -> dict:
+    """Crop/resize/flip a decoded sample to ``out_hw``; ``rng=None`` means the evaluation view.
+
+    Returns tensors ``source, target, reference (or None), fine_mask [1,h,w], coarse_mask, bbox``.
+    """
+    out_h, out_w = out_hw
+    w, h = src.size
+    pick = None
+    if rng is not None:
+        ys, xs = np.nonzero(mask)
+        i = rng.randrange(len(xs))
+        pick = (int(xs[i]), int(ys[i]))
+    box = crop_box(w, h, out_h, out_w, min_scale, rng, pick)
+    flip = bool(hflip and rng is not None and rng.random() < 0.5 and not _SIDED.search(instruction))
+    size = (out_w, out_h)
+    s = src.resize(size, Image.BILINEAR, box=box)
+    t = tgt.resize(size, Image.BILINEAR, box=box)
+    m = np.asarray(Image.fromarray(mask, "L").resize(size, Image.BOX, box=box))
+    fine = m >= 128
+    if not fine.any():
+        fine = m > 0
+    r = ref.resize(size, Image.BILINEAR) if ref is not None else None
+    if flip:
+        s, t = s.transpose(Image.FLIP_LEFT_RIGHT), t.transpose(Image.FLIP_LEFT_RIGHT)
+        r = r.transpose(Image.FLIP_LEFT_RIGHT) if r is not None else None
+        fine = fine[:, ::-1]
+    bbox = bbox_from_mask(fine)
+    return dict(
+        source=_to_tensor(s),
+        target=_to_tensor(t),
+        reference=_to_tensor(r) if r is not None else None,
+        fine_mask=torch.from_numpy(np.ascontiguousarray(fine)).float()[None],
+        coarse_mask=box_mask(bbox, out_h, out_w),
+        bbox=bbox,
+        box=box,
+        flipped=flip,
+    )

@@ -1,0 +1,392 @@
+"""Streaming loader: WebDataset shards -> checked, augmented, bucketed ``EditBatch``es.
+
+Ordering (what makes resume exact, see docs/DATA.md):
+
+* Each (rank, worker) pair is a *slot* ``s = rank * W + worker`` of ``S = world_size * W``.
+  The shard stream is the concatenation of epoch permutations (seeded by ``seed, epoch``); slot
+  ``s`` reads positions ``s, s + S, s + 2S, ...`` of it. Over an epoch every shard is read by
+  exactly one slot (rank and worker splitting in one step, with rank and world size passed in
+  explicitly, never read from torch.distributed).
+* Inside a shard, ``webdataset.shuffle`` with an rng seeded by ``(seed, epoch, shard)`` and a
+  buffer that restarts at each shard. So "sample i of shard position k of slot s" is a fixed
+  sample, and a worker's progress is two integers ``(pos, offset)``.
+* Augmentation randomness is seeded by ``(seed, epoch, shard, i)``.
+* DataLoader hands out batches round-robin over workers, so batch ``n`` comes from worker
+  ``n % W``. After a restart at step N the physical worker ``p`` plays logical worker
+  ``(p + N) % W``, which keeps that mapping.
+
+A batch carries ``extras["data_state"]``: its worker's ``(pos, offset)`` after the batch, the
+positions of samples still waiting in other aspect buckets, and cumulative skip counts.
+``EditLoader`` keeps the latest per worker: that is ``state_dict()``. Resuming skips whole shards
+without opening them and skips ``offset`` raw samples of one shard without decoding them.
+
+Bad samples are skipped, counted per reason (``data.schema.SKIP_REASONS``), logged with a rate
+limit, and past ``max_bad_fraction`` (after ``min_samples_before_bad_check``) the worker raises
+an error naming the shard.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+import tarfile
+import time
+from collections import Counter
+from typing import Any, Iterator, Optional
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data import augment
+from data.batch import EditBatch
+from data.config import DataConfig
+from data.schema import SKIP_REASONS, SampleError, decode_sample, tags_to_ids
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def as_config(cfg: Any) -> DataConfig:
+    """Accept a DataConfig or an OmegaConf DictConfig built from it (``OmegaConf.structured``)."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    return obj if isinstance(obj, DataConfig) else DataConfig(**obj)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns (``"::"``-separated) to a list of urls; local paths or ``pipe:`` commands."""
+    urls = wds.shardlists.expand_urls(spec) if spec else []
+    if not urls:
+        raise ValueError(f"data: shard spec {spec!r} expands to no shards")
+    return urls
+
+
+def shard_positions(
+    n_shards: int, slot: int, n_slots: int, seed: int, shuffle: bool, epoch: Optional[int], start: int = 0
+) -> Iterator[tuple[int, int, int]]:
+    """``(pos, epoch, shard_index)`` read by ``slot``; infinite if ``epoch`` is None, else that epoch only."""
+    perms: dict[int, list[int]] = {}
+    k = start
+    if epoch is not None:  # first position of this slot inside the epoch
+        k = max(k, -(-(epoch * n_shards - slot) // n_slots))
+    while True:
+        g = slot + k * n_slots
+        e, i = divmod(g, n_shards)
+        if epoch is not None and e != epoch:
+            return
+        if e not in perms:
+            perms = {e: list(range(n_shards))}
+            if shuffle:
+                random.Random(f"shards:{seed}:{e}").shuffle(perms[e])
+        yield k, e, perms[e][i]
+        k += 1
+
+
+class SkipCounter:
+    """Per-worker counts of seen and skipped samples, with rate-limited logging and the stop rule."""
+
+    def __init__(self, cfg: DataConfig, skips: Optional[dict] = None, seen: int = 0):
+        self.cfg = cfg
+        self.skips = Counter({r: 0 for r in SKIP_REASONS})
+        self.skips.update(skips or {})
+        self.seen = seen
+        self.by_shard: Counter = Counter()
+        self._last_log = 0.0
+
+    def bad(self, reason: str, url: str, message: str) -> None:
+        self.skips[reason] += 1
+        self.by_shard[url] += 1
+        n = self.skips[reason]
+        now = time.monotonic()
+        if n <= 3 or n % 1000 == 0 or now - self._last_log > 60:
+            self._last_log = now
+            log.warning("data: skipped sample (%s, #%d of this reason) in %s: %s", reason, n, url, message)
+        total = sum(self.skips.values())
+        if self.seen >= self.cfg.min_samples_before_bad_check and total > self.cfg.max_bad_fraction * self.seen:
+            worst = ", ".join(f"{u} ({c})" for u, c in self.by_shard.most_common(3))
+            raise RuntimeError(
+                f"data: {total} of {self.seen} samples bad (> max_bad_fraction={self.cfg.max_bad_fraction}); "
+                f"last bad shard {url}; worst shards: {worst}; reasons: "
+                f"{ {r: c for r, c in self.skips.items() if c} }"
+            )
+
+
+def _collate(items: list[dict], cached: bool) -> EditBatch:
+    tags = [it["tag_ids"] for it in items]
+    tag_ids = torch.full((len(items), max(1, max(len(t) for t in tags))), -1, dtype=torch.long)
+    for i, t in enumerate(tags):
+        tag_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    has_ref = torch.tensor([it["has_ref"] for it in items], dtype=torch.bool)
+
+    def stack_ref(name: str, like: str) -> Optional[torch.Tensor]:
+        if items[0].get(like) is None:
+            return None
+        return torch.stack([it[name] if it[name] is not None else torch.zeros_like(it[like]) for it in items])
+
+    out: dict[str, Any] = dict(
+        has_reference=has_ref,
+        fine_mask=torch.stack([it["fine_mask"] for it in items]),
+        coarse_mask=torch.stack([it["coarse_mask"] for it in items]),
+        bbox=torch.tensor([it["bbox"] for it in items], dtype=torch.long),
+        instruction=[it["instruction"] for it in items],
+        task=[it["task"] for it in items],
+        tag_ids=tag_ids,
+        keys=[it["key"] for it in items],
+        source=torch.stack([it["source"] for it in items]) if items[0].get("source") is not None else None,
+        target=torch.stack([it["target"] for it in items]) if items[0].get("target") is not None else None,
+        reference=stack_ref("reference", "source"),
+    )
+    if cached:
+        from data.cache import collate_cached
+
+        out.update(collate_cached(items))
+    return EditBatch(**out)
+
+
+class EditStream(IterableDataset):
+    """The per-worker pipeline; see the module docstring for the ordering it guarantees."""
+
+    def __init__(
+        self, cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
+        exact: bool, start_step: int, states: dict[int, dict], epoch: Optional[int],
+    ):
+        self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
+        self.rank, self.world_size, self.exact = rank, world_size, exact
+        self.start_step, self.states, self.epoch = start_step, states, epoch
+        self.n_workers = max(cfg.num_workers, 1)
+
+    # -- one sample -------------------------------------------------------------------------------
+    def _prepare(self, raw: dict, rng: Optional[random.Random]) -> dict:
+        """Raw members -> tensors for collate; raises SampleError."""
+        cfg = self.cfg
+        if cfg.cached:
+            from data.cache import decode_cached_sample
+
+            item = decode_cached_sample(raw)
+        else:
+            d = decode_sample(raw)
+            out_hw = augment.choose_bucket(d["src"].width, d["src"].height, cfg.buckets, cfg.image_size)
+            item = augment.transform(
+                d["src"], d["tgt"], d["ref"], d["mask"], out_hw, None if self.exact else rng,
+                cfg.random_crop_scale, cfg.hflip, d["meta"]["instruction"],
+            )
+            item.update(key=d["key"], meta=d["meta"], has_ref=d["ref"] is not None)
+        meta = item["meta"]
+        item.update(instruction=meta["instruction"], task=meta["task"], tag_ids=tags_to_ids(meta["tags"]))
+        return item
+
+    # -- the worker loop ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[EditBatch]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        lw = (physical + self.start_step) % self.n_workers
+        yield from self._run(lw, copy.deepcopy(self.states.get(lw, {})))
+
+    def _run(self, lw: int, st: dict) -> Iterator[EditBatch]:
+        cfg, B = self.cfg, self.batch_size
+        slot, n_slots = self.rank * self.n_workers + lw, self.world_size * self.n_workers
+        counter = SkipCounter(cfg, st.get("skips"), st.get("seen", 0))
+        pos0, off0 = st.get("pos", 0), st.get("offset", 0)
+        skip_raw = st.get("skip_raw", 0)  # approximate fast-forward (start_step without a state)
+        pending = {tuple(p) for p in st.get("pending", [])}
+        start = min([pos0] + [p for p, _ in pending])
+        if "start_epoch" in st:  # cross-configuration resume: from the start of that epoch
+            start = max(0, -(-(st["start_epoch"] * len(self.urls) - slot) // n_slots))
+            pos0, off0 = start, 0
+        buckets: dict[tuple[int, int], list[dict]] = {}
+        shuffle = not self.exact and cfg.shuffle_buffer > 1
+        cur_url, broken = [""], [False]
+
+        def on_tar_error(exn: Exception) -> bool:
+            reason = "shard_open_error" if isinstance(exn, (FileNotFoundError, PermissionError)) else "corrupt_tar"
+            broken[0] = True
+            counter.seen += 1
+            counter.bad(reason, cur_url[0], repr(exn)[:300])
+            return False  # give up on this shard (the tar stream cannot be resynchronised)
+
+        def mark_truncated(samples: Iterator[dict]) -> Iterator[dict]:
+            """The sample grouped after a tar error is the partial one: part of that one event."""
+            for s in samples:
+                if broken[0]:
+                    s["__truncated__"] = True
+                yield s
+
+        def state(pos: int, off: int, epoch: int) -> dict:
+            waiting = sorted(it["origin"] for b in buckets.values() for it in b)
+            return dict(worker=lw, pos=pos, offset=off, epoch=epoch, pending=waiting,
+                        skips={r: c for r, c in counter.skips.items() if c}, seen=counter.seen)
+
+        positions = shard_positions(len(self.urls), slot, n_slots, cfg.seed, cfg.shuffle_shards and not self.exact,
+                                    self.epoch, start)
+        epoch = 0
+        for pos, epoch, shard in positions:
+            if pos < pos0 and not any(p == pos for p, _ in pending):
+                continue  # fully consumed before the restart: not even opened
+            url = cur_url[0] = self.urls[shard]
+            broken[0] = False
+            stream = mark_truncated(wds.tarfile_to_samples(handler=on_tar_error)(iter([dict(url=url)])))
+            if shuffle:
+                rng = random.Random(f"samples:{cfg.seed}:{epoch}:{shard}")
+                stream = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(stream)
+            for idx, raw in enumerate(stream):
+                origin = (pos, idx)
+                replay = origin < (pos0, off0)
+                if replay and origin not in pending:
+                    continue  # consumed before the restart: skipped undecoded
+                if skip_raw > 0:
+                    skip_raw -= 1
+                    continue
+                if raw.get("__truncated__"):
+                    continue  # counted once, as the corrupt_tar event
+                if not replay:
+                    counter.seen += 1
+                try:
+                    item = self._prepare(raw, random.Random(f"aug:{cfg.seed}:{epoch}:{shard}:{idx}"))
+                except SampleError as exn:
+                    counter.bad(exn.reason, url, f"{raw.get('__key__')}: {exn}")
+                    continue
+                item["origin"] = origin
+                hw = tuple(item["fine_mask"].shape[-2:])
+                buckets.setdefault(hw, []).append(item)
+                if len(buckets[hw]) == B:
+                    items = buckets.pop(hw)
+                    batch = _collate(items, cfg.cached)
+                    batch.extras["data_state"] = state(*((pos, idx + 1) if not replay else (pos0, off0)), epoch)
+                    yield batch
+        # finite mode: flush partial batches so every sample is yielded once
+        if self.epoch is not None:
+            for hw in sorted(buckets):
+                items = buckets.pop(hw)
+                batch = _collate(items, cfg.cached)
+                batch.extras["data_state"] = state(1 << 62, 0, epoch)
+                yield batch
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class EditLoader:
+    """Iterable of ``EditBatch`` with ``state_dict``/``load_state_dict`` and skip statistics.
+
+    Every ``iter()`` continues from the current state (so ``load_state_dict`` then ``iter`` resumes).
+    In finite mode (``exact`` or ``resampled=False``) one ``iter()`` is one epoch.
+    """
+
+    def __init__(self, cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
+                 exact: bool = False, start_step: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} not in [0, world_size={world_size})")
+        self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
+        self.rank, self.world_size, self.exact = rank, world_size, exact
+        self.finite = exact or not cfg.resampled
+        self.n_workers = max(cfg.num_workers, 1)
+        self.step, self.epoch, self.samples_seen = 0, 0, 0
+        self._workers: dict[int, dict] = {}
+        if start_step:
+            self._fast_forward(start_step)
+
+    def _fast_forward(self, n: int) -> None:
+        """Without a saved state: skip n batches assuming none had bad samples (see docs/DATA.md)."""
+        self.step, self.samples_seen = n, n * self.batch_size
+        W = self.n_workers
+        for lw in range(W):
+            nb = (n - lw + W - 1) // W if n > lw else 0
+            self._workers[lw] = dict(skip_raw=nb * self.batch_size)
+
+    def _config_key(self) -> dict:
+        return dict(world_size=self.world_size, rank=self.rank, num_workers=self.n_workers,
+                    batch_size=self.batch_size, seed=self.cfg.seed, n_shards=len(self.urls),
+                    shuffle_buffer=self.cfg.shuffle_buffer, exact=self.exact)
+
+    def __iter__(self) -> Iterator[EditBatch]:
+        ds = EditStream(self.cfg, self.urls, self.batch_size, self.rank, self.world_size, self.exact,
+                        self.step, copy.deepcopy(self._workers), self.epoch if self.finite else None)
+        kw = dict(prefetch_factor=self.cfg.prefetch_factor) if self.cfg.num_workers > 0 else {}
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
+        for batch in dl:
+            st = batch.extras["data_state"]
+            self._workers[st["worker"]] = st
+            self.step += 1
+            self.samples_seen += batch.batch_size
+            yield batch
+        if self.finite:
+            self.epoch += 1
+            self._workers = {}
+
+    def skip_stats(self) -> dict[str, int]:
+        """Skipped samples per reason, summed over this rank's workers (as of their last batch)."""
+        total: Counter = Counter({r: 0 for r in SKIP_REASONS})
+        for st in self._workers.values():
+            total.update(st.get("skips", {}))
+        return dict(total)
+
+    def state_dict(self) -> dict:
+        """This rank's position; gather all ranks' (e.g. all_gather_object) for an exact resume."""
+        epochs = [st["epoch"] for st in self._workers.values() if "epoch" in st]
+        return dict(version=STATE_VERSION, step=self.step, epoch=min(epochs) if epochs else self.epoch,
+                    samples_seen=self.samples_seen, global_samples=self.step * self.batch_size * self.world_size,
+                    config=self._config_key(), workers={str(k): v for k, v in self._workers.items()})
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume. Accepts this rank's state, or ``{"per_rank": [state of rank 0, 1, ...]}``.
+
+        Same world size, workers, batch size, seed and shards: exact. Otherwise the step, epoch and
+        sample count carry over and every slot restarts at the beginning of the saved epoch (the
+        samples of that epoch already seen are seen again, in a different order).
+        """
+        if "per_rank" in sd:
+            per_rank = sd["per_rank"]
+            sd = per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {sd.get('version')} != {STATE_VERSION}")
+        self.step, self.samples_seen = sd["step"], sd["samples_seen"]
+        self.epoch = sd["epoch"] if self.finite else 0
+        if sd["config"] == self._config_key():
+            self._workers = {int(k): v for k, v in sd["workers"].items()}
+        else:
+            log.warning("data: loader state from %s, now %s: resuming at the start of epoch %d, not exactly",
+                        sd["config"], self._config_key(), sd["epoch"])
+            skips = Counter()
+            for st in sd["workers"].values():
+                skips.update(st.get("skips", {}))
+            self._workers = {lw: dict(start_epoch=sd["epoch"]) for lw in range(self.n_workers)}
+            self._workers[0]["skips"] = dict(skips)
+
+
+def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int,
+                       start_step: int = 0, exact: bool = False) -> EditLoader:
+    """The training loader over ``cfg.train_shards`` for one rank.
+
+    ``exact=True``: one pass, every sample once across all ranks and workers, no shuffling or
+    random augmentation, last batches partial (evaluation). ``start_step`` without a saved state
+    fast-forwards approximately (exact only if no sample in the skipped range was bad); prefer
+    ``load_state_dict``.
+    """
+    cfg = as_config(cfg).validate()
+    if not cfg.train_shards:
+        raise ValueError("data.train_shards is empty: set it to a brace pattern of shards")
+    return EditLoader(cfg, expand_shards(cfg.train_shards), batch_size, rank, world_size, exact, start_step)
+
+
+def build_val_batch(cfg: DataConfig, n: int) -> EditBatch:
+    """The first ``n`` valid samples of ``cfg.val_shards`` in file order, evaluation view, one batch.
+
+    Always fixed size (``image_size``; buckets are ignored) so the samples stack into one batch.
+    """
+    cfg = as_config(cfg).validate()
+    if not cfg.val_shards:
+        raise ValueError("data.val_shards is empty: set it to a brace pattern of shards")
+    vcfg = dataclasses.replace(cfg, buckets=[], num_workers=0)
+    loader = EditLoader(vcfg, expand_shards(cfg.val_shards), n, 0, 1, exact=True)
+    for batch in loader:
+        return batch
+    raise ValueError(f"data: no valid sample in val_shards {cfg.val_shards!r}")
