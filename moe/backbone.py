@@ -1,0 +1,181 @@
+"""Backbone adapters: the frozen DiT behind a small interface the expert code relies on.
+
+The interface (what ``moe.model`` calls) is:
+
+* ``hidden_size``, ``num_expert_capable_blocks``, ``patch_channels``
+* ``embed_image(packed) / embed_text(embeds) / embed_time(t, pooled, guidance)``
+* ``feed_forward(block_id)`` / ``set_feed_forward(block_id, module)``: the image-stream FFN of a block,
+  where an expert layer is installed (it receives the normed image-stream tokens, returns the FFN output)
+* ``run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask)`` -> image-stream hidden states
+* ``project_out(hidden, temb)`` -> per-token prediction in packed-latent channels
+
+An SD3 or Qwen-Image DiT adapter implements the same methods; nothing in the expert code names FLUX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import BackboneConfig, LoraConfig
+from .encoders import freeze
+
+_SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+    "cudnn": "CUDNN_ATTENTION",
+}
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """[B, C, h, w] -> [B, (h/2)*(w/2), C*4]: FLUX's 2x2 patch packing, row-major over the token grid."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack_latents`; h, w are the latent (not token) height and width."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def grid_position_ids(gh: int, gw: int, offset: int, device: torch.device) -> Tensor:
+    """[gh*gw, 3] RoPE ids (condition offset, row, col): each condition gets its own first-axis index."""
+    ids = torch.zeros(gh, gw, 3, device=device)
+    ids[..., 0] = offset
+    ids[..., 1] = torch.arange(gh, device=device)[:, None]
+    ids[..., 2] = torch.arange(gw, device=device)[None, :]
+    return ids.reshape(gh * gw, 3)
+
+
+class FluxBackbone(nn.Module):
+    """diffusers ``FluxTransformer2DModel``, frozen, with peft LoRA on the configured projections."""
+
+    def __init__(self, cfg: BackboneConfig, lora: LoraConfig):
+        super().__init__()
+        from diffusers import FluxTransformer2DModel
+
+        if cfg.path is not None:
+            self.transformer = FluxTransformer2DModel.from_pretrained(
+                cfg.path, subfolder=cfg.subfolder, local_files_only=True
+            )
+        else:
+            a = cfg.arch
+            self.transformer = FluxTransformer2DModel(
+                patch_size=a.patch_size,
+                in_channels=a.in_channels,
+                num_layers=a.num_layers,
+                num_single_layers=a.num_single_layers,
+                attention_head_dim=a.attention_head_dim,
+                num_attention_heads=a.num_attention_heads,
+                joint_attention_dim=a.joint_attention_dim,
+                pooled_projection_dim=a.pooled_projection_dim,
+                guidance_embeds=a.guidance_embeds,
+                axes_dims_rope=tuple(a.axes_dims_rope),
+            )
+        freeze(self.transformer)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.attention_backend = cfg.attention_backend
+        if lora.rank > 0:
+            self._add_lora(lora)
+
+    def _add_lora(self, lora: LoraConfig) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
+        peft_cfg = PeftLoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)
+        )
+        inject_adapter_in_model(peft_cfg, self.transformer)  # lora_B starts at zero: output unchanged
+
+    # -- shape facts -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.transformer.inner_dim)
+
+    @property
+    def num_expert_capable_blocks(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    @property
+    def patch_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def uses_guidance(self) -> bool:
+        return bool(self.transformer.config.guidance_embeds)
+
+    # -- embeddings --------------------------------------------------------------------------
+    def embed_image(self, packed: Tensor) -> Tensor:
+        return self.transformer.x_embedder(packed)
+
+    def embed_text(self, embeds: Tensor) -> Tensor:
+        return self.transformer.context_embedder(embeds)
+
+    def embed_time(self, t: Tensor, pooled: Tensor, guidance: Optional[Tensor] = None) -> Tensor:
+        """t in [0, 1] (flow-matching time = noise level), as the FLUX pipeline passes it (x1000 inside)."""
+        dtype = pooled.dtype
+        if self.uses_guidance:
+            g = guidance if guidance is not None else torch.full_like(t, 3.5)
+            return self.transformer.time_text_embed(t.to(dtype) * 1000, g.to(dtype) * 1000, pooled)
+        return self.transformer.time_text_embed(t.to(dtype) * 1000, pooled)
+
+    # -- expert-layer installation ------------------------------------------------------------
+    def feed_forward(self, block_id: int) -> nn.Module:
+        return self.transformer.transformer_blocks[block_id].ff
+
+    def set_feed_forward(self, block_id: int, module: nn.Module) -> None:
+        self.transformer.transformer_blocks[block_id].ff = module
+
+    # -- the frozen path ---------------------------------------------------------------------
+    def _sdpa_context(self):
+        if self.attention_backend is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[self.attention_backend]))
+
+    def run_blocks(
+        self,
+        img: Tensor,  # [B, N_img, D] embedded image-stream tokens (target first)
+        txt: Tensor,  # [B, L, D] embedded text tokens
+        temb: Tensor,  # [B, D]
+        img_ids: Tensor,  # [N_img, 3]
+        txt_ids: Tensor,  # [L, 3]
+        attention_mask: Optional[Tensor] = None,  # [B, 1, 1, L + N_img] bool, True = attend
+    ) -> Tensor:
+        tr = self.transformer
+        rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+        kwargs = {"attention_mask": attention_mask} if attention_mask is not None else None
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        with self._sdpa_context():
+            for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
+                if use_ckpt:
+                    txt, img = checkpoint(block, img, txt, temb, rope, kwargs, use_reentrant=False)
+                else:
+                    txt, img = block(
+                        hidden_states=img,
+                        encoder_hidden_states=txt,
+                        temb=temb,
+                        image_rotary_emb=rope,
+                        joint_attention_kwargs=kwargs,
+                    )
+        return img
+
+    def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:
+        tr = self.transformer
+        return tr.proj_out(tr.norm_out(hidden, temb))
+
+
+BACKBONES = {"flux": FluxBackbone}
+
+
+def build_backbone(cfg: BackboneConfig, lora: LoraConfig) -> nn.Module:
+    return BACKBONES[cfg.kind](cfg, lora)

@@ -1,0 +1,137 @@
+"""Token dispatchers: how routed tokens reach their experts and how the outputs come back.
+
+All dispatchers compute the same function
+
+    y[s] = sum_k weight[s, k] * expert_{index[s, k]}(packed[s])        (index -1 contributes nothing)
+
+and are interchangeable (tests compare them against :func:`reference_combine`):
+
+* :class:`DenseDispatcher` runs every local expert on every token and weights the outputs by the
+  sparse routing weights. For low-rank experts this is the fast path (DESIGN.md section 4): the math
+  is tiny and gathering tokens per expert would cost more than it saves. Needs ep_size 1.
+* :class:`AllToAllDispatcher` groups the (token, expert) assignments by expert, exchanges them with
+  the ranks that hold those experts through a variable-size all-to-all (no capacity, no dropped
+  tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
+  outputs back and combines. With ep_size 1 it is a plain gather/scatter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .router import dense_weights
+
+
+def reference_combine(packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module]) -> Tensor:
+    """Plain per-token loop: the definition the fast paths are tested against (slow; tests only)."""
+    out = []
+    for s in range(packed.shape[0]):
+        acc = 0
+        for k in range(index.shape[1]):
+            e = int(index[s, k])
+            if e >= 0:
+                acc = acc + weight[s, k] * experts[e](packed[s : s + 1])[0]
+        out.append(acc if torch.is_tensor(acc) else experts[0](packed[s : s + 1])[0] * 0)
+    return torch.stack(out)
+
+
+class DenseDispatcher:
+    name = "dense"
+
+    def __call__(self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group=None) -> Tensor:
+        num_experts = len(experts)
+        # [S, E] dense combine weights from the sparse (index, weight) pairs
+        slot = torch.where(index >= 0, index, torch.full_like(index, num_experts))  # -1 -> a discarded column
+        dense = torch.zeros(packed.shape[0], num_experts + 1, dtype=weight.dtype, device=weight.device)
+        dense = dense.scatter_add(1, slot, weight)[:, :num_experts]
+        out = None
+        for e, expert in enumerate(experts):
+            y = expert(packed) * dense[:, e : e + 1].to(packed.dtype)
+            out = y if out is None else out + y
+        return out
+
+
+class _VariableAllToAll(torch.autograd.Function):
+    """all_to_all_single with per-rank split sizes; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        back = _VariableAllToAll.apply(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group)
+        return back, None, None, None
+
+
+def _exchange_counts(counts: Tensor, ep_size: int, group) -> Tensor:
+    """counts [E_total] tokens this rank sends to each global expert -> [ep, n_local] it receives."""
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts.contiguous(), group=group)
+    return recv.view(ep_size, -1)
+
+
+class AllToAllDispatcher:
+    name = "alltoall"
+
+    def __init__(self, ep_size: int = 1, ep_rank: int = 0):
+        self.ep_size = ep_size
+        self.ep_rank = ep_rank
+
+    def __call__(
+        self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group: Optional[Any] = None
+    ) -> Tensor:
+        n_local = len(experts)
+        n_total = n_local * self.ep_size
+        s, k = index.shape
+        flat_expert = index.reshape(-1)
+        keep = flat_expert >= 0
+        token = torch.arange(s, device=index.device).repeat_interleave(k)[keep]
+        flat_expert, flat_weight = flat_expert[keep], weight.reshape(-1)[keep]
+        order = torch.argsort(flat_expert, stable=True)  # grouped by expert, hence by destination rank
+        token, flat_expert, flat_weight = token[order], flat_expert[order], flat_weight[order]
+        counts = torch.bincount(flat_expert, minlength=n_total)
+        rows = packed.index_select(0, token)
+
+        if self.ep_size > 1:
+            recv_counts = _exchange_counts(counts, self.ep_size, group)  # [ep, n_local]
+            send_splits = counts.view(self.ep_size, n_local).sum(1).tolist()
+            recv_splits = recv_counts.sum(1).tolist()
+            rows = _VariableAllToAll.apply(rows, recv_splits, send_splits, group)
+            # rows arrive grouped by source rank, then by local expert: regroup by local expert
+            src_chunks = recv_counts.reshape(-1).tolist()
+            local_of_chunk = torch.arange(n_local, device=rows.device).repeat(self.ep_size)
+            chunk_of_row = torch.repeat_interleave(
+                torch.arange(len(src_chunks), device=rows.device), torch.tensor(src_chunks, device=rows.device)
+            )
+            by_expert = torch.argsort(local_of_chunk[chunk_of_row], stable=True)
+            local_counts = recv_counts.sum(0).tolist()
+        else:
+            by_expert = None
+            local_counts = counts.tolist()
+
+        grouped = rows if by_expert is None else rows.index_select(0, by_expert)
+        outputs = [expert(chunk) for expert, chunk in zip(experts, grouped.split(local_counts, dim=0))]
+        out_rows = torch.cat(outputs, dim=0)
+        if by_expert is not None:
+            out_rows = torch.empty_like(out_rows).index_copy(0, by_expert, out_rows)
+            out_rows = _VariableAllToAll.apply(out_rows, send_splits, recv_splits, group)
+
+        combined = out_rows.new_zeros((s, out_rows.shape[1]))
+        return combined.index_add(0, token, out_rows * flat_weight[:, None].to(out_rows.dtype))
+
+
+def build_dispatcher(mode: str, expert_kind: str, ep_size: int, ep_rank: int):
+    """``auto``: dense for low-rank experts on one rank, all-to-all otherwise (DESIGN.md section 4)."""
+    if mode == "auto":
+        mode = "dense" if (expert_kind == "lora" and ep_size == 1) else "alltoall"
+    if mode == "dense":
+        return DenseDispatcher()
+    return AllToAllDispatcher(ep_size, ep_rank)

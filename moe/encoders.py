@@ -1,0 +1,188 @@
+"""Condition encoders: frozen VAE, frozen text encoders, and the learned coarse-mask encoder.
+
+Real weights come from local folders only (``local_files_only=True``); without a path each frozen
+encoder is built from a small config with random weights, so tests and the embedded default never
+touch a hub. Random-init text encoders use :class:`ByteTokenizer` (UTF-8 bytes), which needs no
+vocabulary file.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TextConfig, VAEConfig
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class FrozenVAE(nn.Module):
+    """diffusers AutoencoderKL, frozen; ``encode`` returns FLUX-normalised latents ((z - shift) * scale)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if cfg.path is not None:
+            self.vae = AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, local_files_only=True)
+        else:
+            n = len(cfg.block_out_channels)
+            self.vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * n,
+                up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=tuple(cfg.block_out_channels),
+                layers_per_block=cfg.layers_per_block,
+                latent_channels=cfg.latent_channels,
+                norm_num_groups=cfg.norm_num_groups,
+                scaling_factor=cfg.scaling_factor,
+                shift_factor=cfg.shift_factor,
+            )
+        freeze(self.vae)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def normalise(self, raw: Tensor) -> Tensor:
+        return (raw - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f] normalised latents (posterior mean: deterministic)."""
+        raw = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        return self.normalise(raw)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        raw = latents / self.scaling_factor + self.shift_factor
+        return self.vae.decode(raw.to(self.vae.dtype)).sample.clamp(-1, 1)
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer for random-init text encoders: ids = byte + 3; 0 pad, 1 eos, 2 bos."""
+
+    pad_id, eos_id, bos_id, offset = 0, 1, 2, 3
+    vocab_size = 256 + 3
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            body = [b + self.offset for b in text.encode("utf-8")][: self.max_length - 1] + [self.eos_id]
+            ids[i, : len(body)] = torch.tensor(body)
+        return ids, ids != self.pad_id
+
+
+class FrozenTextEncoders(nn.Module):
+    """T5 sequence embeddings (FLUX's ``encoder_hidden_states``) and CLIP pooled embeddings."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        self.max_length = cfg.max_length
+        if cfg.t5_path is not None:
+            from transformers import AutoTokenizer
+
+            self.t5 = T5EncoderModel.from_pretrained(cfg.t5_path, subfolder=cfg.t5_subfolder, local_files_only=True)
+            self.t5_tokenizer = AutoTokenizer.from_pretrained(
+                cfg.t5_path, subfolder=cfg.t5_tokenizer_subfolder, local_files_only=True
+            )
+        else:
+            self.t5_tokenizer = None
+            self.t5 = T5EncoderModel(
+                T5Config(
+                    vocab_size=ByteTokenizer.vocab_size,
+                    d_model=cfg.t5_d_model,
+                    d_kv=cfg.t5_d_model // cfg.t5_heads,
+                    d_ff=cfg.t5_ff,
+                    num_layers=cfg.t5_layers,
+                    num_heads=cfg.t5_heads,
+                    feed_forward_proj="gated-gelu",
+                    pad_token_id=ByteTokenizer.pad_id,
+                    eos_token_id=ByteTokenizer.eos_id,
+                )
+            )
+        if cfg.clip_path is not None:
+            from transformers import AutoTokenizer
+
+            self.clip = CLIPTextModel.from_pretrained(cfg.clip_path, subfolder=cfg.clip_subfolder, local_files_only=True)
+            self.clip_tokenizer = AutoTokenizer.from_pretrained(
+                cfg.clip_path, subfolder=cfg.clip_tokenizer_subfolder, local_files_only=True
+            )
+        else:
+            self.clip_tokenizer = None
+            self.clip = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=ByteTokenizer.vocab_size,
+                    hidden_size=cfg.clip_hidden,
+                    intermediate_size=cfg.clip_hidden * 4,
+                    num_hidden_layers=cfg.clip_layers,
+                    num_attention_heads=cfg.clip_heads,
+                    max_position_embeddings=cfg.max_length,
+                    pad_token_id=ByteTokenizer.pad_id,
+                    bos_token_id=ByteTokenizer.bos_id,
+                    eos_token_id=ByteTokenizer.eos_id,
+                )
+            )
+        self.byte_tokenizer = ByteTokenizer(cfg.max_length)
+        freeze(self.t5)
+        freeze(self.clip)
+
+    def _tokenize(self, tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+        if tokenizer is None:
+            return self.byte_tokenizer(texts)
+        enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return enc.input_ids, enc.attention_mask.bool()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (embeds [B, L, D_t5], mask [B, L] bool, pooled [B, D_clip])."""
+        ids, mask = self._tokenize(self.t5_tokenizer, texts, self.max_length)
+        ids, mask = ids.to(device), mask.to(device)
+        embeds = self.t5(input_ids=ids, attention_mask=mask).last_hidden_state
+        clip_len = min(self.max_length, int(self.clip.config.max_position_embeddings))
+        cids, cmask = self._tokenize(self.clip_tokenizer, texts, clip_len)
+        pooled = self.clip(input_ids=cids.to(device), attention_mask=cmask.to(device)).pooler_output
+        return embeds, mask, pooled
+
+
+class MaskEncoder(nn.Module):
+    """Learned encoder of the coarse mask into one token per target token (same grid).
+
+    A patchifying convolution with the token stride (VAE downsampling x 2x2 packing) sees exactly the
+    pixels of its token, so box edges that cut through a token are encoded, not rounded away.
+    """
+
+    def __init__(self, stride: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.stride = stride
+        self.patchify = nn.Conv2d(1, hidden, kernel_size=stride, stride=stride)
+        self.mix = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
+        self.out = nn.Linear(hidden, out_dim)
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """[B, 1, H, W] -> [B, (H/s)*(W/s), out_dim], row-major over the token grid."""
+        h = F.gelu(self.patchify(mask * 2 - 1))
+        h = F.gelu(self.mix(h)) + h
+        return self.out(h.flatten(2).transpose(1, 2))
+
+
+def mask_to_grid(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Area fraction of the mask inside each token cell: [B, 1, H, W] -> [B, gh, gw] in [0, 1]."""
+    return F.adaptive_avg_pool2d(mask.float(), grid)[:, 0]
+
+
+def build_vae(cfg: VAEConfig) -> Optional[FrozenVAE]:
+    return FrozenVAE(cfg)

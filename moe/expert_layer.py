@@ -1,0 +1,198 @@
+"""The CARE-Edit expert layer, installed in place of a block's image-stream feed-forward.
+
+``CareMoE`` is a ``deepspeed.moe.layer.MoE`` (so the DeepSpeed engine creates its expert-parallel
+groups, splits its parameters into MoE optimizer groups and checkpoints it per expert), keeping
+DeepSpeed's parameter naming ``deepspeed_moe.experts.deepspeed_experts.<local id>``, but with
+heterogeneous experts and its own dispatch (``moe.dispatch``), because DeepSpeed's gate cannot see
+the per-sample task context and its capacity-based dispatch drops tokens.
+
+``ExpertFeedForward`` wraps the frozen FFN of a block. For the target tokens it runs, in order:
+condition read-outs -> Mask Repaint -> router -> Latent Mixture weights -> dispatch to experts.
+Condition tokens (base, reference, mask) pass through the frozen FFN unchanged.
+Nothing here is named "expert" outside ``CareMoE`` (DeepSpeed's checkpointing treats any state key
+of an MoE module containing "expert" as an expert weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .dispatch import build_dispatcher
+from .experts import build_expert, packed_width
+from .repaint import LatentMixture, MaskRepaint
+from .router import ConditionRouter, Routing
+
+
+class _ExpertStack(nn.Module):
+    """Same attribute layout as ``deepspeed.moe.experts.Experts``: ``deepspeed_experts`` ModuleList."""
+
+    def __init__(self, experts: list[nn.Module], group_name: str):
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(experts)
+        self.num_local_experts = len(experts)
+        for expert in self.deepspeed_experts:
+            for p in expert.parameters():
+                p.allreduce = False  # reduced only inside the expert-data-parallel group
+                p.group_name = group_name
+
+
+class _DispatchLayer(nn.Module):
+    """Stands where DeepSpeed's ``MOELayer`` stands (``MoE.deepspeed_moe``)."""
+
+    def __init__(self, experts: _ExpertStack, dispatcher, ep_size: int):
+        super().__init__()
+        self.experts = experts
+        self.dispatcher = dispatcher
+        self.ep_size = ep_size
+        self.ep_group = None
+
+    def _set_ep_group(self, group) -> None:
+        self.ep_group = group
+        if self.ep_size > 1:
+            rank = dist.get_rank(group)
+            if rank != self.dispatcher.ep_rank:
+                raise RuntimeError(
+                    f"expert-parallel rank {rank} differs from the rank ({self.dispatcher.ep_rank}) the experts "
+                    "were built for: build the model after torch.distributed is initialised"
+                )
+
+    def forward(self, packed: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        if self.ep_size > 1 and self.ep_group is None:
+            raise RuntimeError("expert parallelism needs its process group: call set_deepspeed_parallelism()")
+        return self.dispatcher(packed, index, weight, self.experts.deepspeed_experts, self.ep_group)
+
+
+class CareMoE(MoE):
+    def __init__(self, local_experts: list[nn.Module], num_experts: int, ep_size: int, ep_rank: int, dispatcher):
+        nn.Module.__init__(self)  # MoE.__init__ would build a stock gate and homogeneous experts
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = ep_size
+        self.ep_rank = ep_rank
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
+        self.deepspeed_moe = _DispatchLayer(_ExpertStack(local_experts, self.expert_group_name), dispatcher, ep_size)
+
+    def forward(self, packed: Tensor, index: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        """packed [S, W], index/weight [S, K] (global expert ids, -1 = none) -> [S, D]."""
+        return self.deepspeed_moe(packed, index, weight)
+
+
+@dataclass
+class LayerRecord:
+    """What one expert layer reports for the losses and the logs (target tokens, flattened B*N)."""
+
+    routing: Routing
+    gate: Optional[Tensor]  # [B] Latent Mixture gate
+    refined_logits: Optional[Tensor]  # [B, N]
+
+
+@dataclass
+class ExpertContext:
+    """Per-forward inputs shared by all expert layers, and what they report back (by layer position)."""
+
+    num_target: int
+    grid: tuple[int, int]
+    mask_span: tuple[int, int]
+    ref_span: Optional[tuple[int, int]]
+    has_ref: Tensor  # [B] bool
+    text: Tensor  # [B, L, D] embedded text tokens
+    text_mask: Optional[Tensor]  # [B, L] bool
+    temb: Tensor  # [B, D]
+    presence: Tensor  # [B, 3] float: text, reference, mask present
+    available: Tensor  # [B, E] bool
+    coarse: Tensor  # [B, N] coarse box on the token grid (area fraction)
+    gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (decoupled repaint, training)
+    records: dict[int, LayerRecord] = field(default_factory=dict)
+    refined: dict[int, Tensor] = field(default_factory=dict)  # position -> refined mask [B, N] in [0, 1]
+
+    def prior(self, position: int) -> Tensor:
+        return self.refined.get(position - 1, self.coarse)
+
+
+class ContextHolder:
+    """Shared, mutable slot through which the model hands the per-forward context to its expert layers."""
+
+    ctx: Optional[ExpertContext] = None
+
+
+class ExpertFeedForward(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, frozen_ff: nn.Module, dim: int, position: int, holder: ContextHolder,
+        ep_rank: int = 0, expert_seed: int = 0,
+    ):
+        super().__init__()
+        ex = cfg.experts
+        self.position = position
+        self.holder = holder
+        self.kind = ex.kind
+        self.expert_names = list(ex.enabled)
+        self.base_id = self.expert_names.index("base") if "base" in self.expert_names else -1
+        self.frozen_ff = frozen_ff
+        self.decoupled = cfg.repaint.mode == "decoupled"
+        self.use_gt_mask = cfg.repaint.use_gt_mask_in_training
+        c = cfg.router.ctx_dim
+        self.router = ConditionRouter(cfg.router, dim, len(self.expert_names), temb_dim=dim)
+        self.repaint = MaskRepaint(dim, c, cfg.repaint.hidden) if cfg.repaint.enabled else None
+        self.mixture = LatentMixture(dim) if cfg.mixture.enabled else None
+
+        n_local = len(self.expert_names) // ex.ep_size
+        local = []
+        for j in range(n_local):
+            e = ep_rank * n_local + j
+            # each expert is initialised from its own seed, so any ep_size builds identical experts
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(expert_seed * 1009 + e)
+                local.append(build_expert(ex.kind, self.expert_names[e], dim, c, ex.rank, frozen_ff))
+        dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank)
+        self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
+        self.packed_width = packed_width(dim, c)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden [B, N_img, D]: the normed image-stream tokens (target first) -> FFN output, same shape."""
+        ctx = self.holder.ctx
+        if ctx is None:
+            raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")
+        n = ctx.num_target
+        b, _, d = hidden.shape
+        x = hidden[:, :n]
+        ref = hidden[:, ctx.ref_span[0] : ctx.ref_span[1]] if ctx.ref_span is not None else None
+        mask_tokens = hidden[:, ctx.mask_span[0] : ctx.mask_span[1]]
+        contexts = self.router.contexts(x, ctx.text, ctx.text_mask, ref, ctx.has_ref, mask_tokens)
+        prior = ctx.prior(self.position)
+
+        refined_logits = None
+        if self.repaint is not None:
+            inputs = (x, contexts[1], prior)
+            if self.decoupled:  # AdaptEdit: the mask head learns from its own loss only
+                inputs = tuple(t.detach() for t in inputs)
+            refined_logits = self.repaint(*inputs, ctx.coarse, ctx.grid)
+            refined = torch.sigmoid(refined_logits)
+            ctx.refined[self.position] = refined
+            edit_mask = refined.detach() if self.decoupled else refined
+            if self.decoupled and self.use_gt_mask and self.training and ctx.gt_mask is not None:
+                edit_mask = ctx.gt_mask
+        else:
+            edit_mask = ctx.coarse
+
+        routing = self.router(x, contexts, prior, ctx.temb, ctx.presence, ctx.available)
+        index, weight = routing.index, routing.weight
+        gate = None
+        if self.mixture is not None:
+            gate = self.mixture(ctx.temb)
+            index, weight = LatentMixture.blend(index, weight, gate.repeat_interleave(n), self.base_id)
+        ctx.records[self.position] = LayerRecord(routing=routing, gate=gate, refined_logits=refined_logits)
+
+        packed = torch.cat([x, *contexts, edit_mask[..., None].to(x.dtype)], dim=-1).reshape(b * n, -1)
+        y = self.moe(packed, index, weight).view(b, n, d)
+        if self.kind == "lora":
+            return self.frozen_ff(hidden) + torch.cat([y, y.new_zeros(b, hidden.shape[1] - n, d)], dim=1)
+        return torch.cat([y, self.frozen_ff(hidden[:, n:])], dim=1)

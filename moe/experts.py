@@ -1,0 +1,113 @@
+"""The four heterogeneous experts.
+
+Every expert receives the same *packed token* (what is dispatched, possibly to another rank):
+
+    [ x (D) | text_ctx (c) | ref_ctx (c) | mask_ctx (c) | m (1) ]      width D + 3c + 1
+
+and reads the token plus its own condition slice:
+
+| expert    | condition it reads                                 |
+|-----------|----------------------------------------------------|
+| text      | the text read-out                                  |
+| reference | the reference-image read-out                       |
+| mask      | the mask-token context and the refined mask m      |
+| base      | 1 - m (it keeps what lies outside the edit region) |
+
+Two sizes. ``lora``: a low-rank residual ``up(gelu(down(x) + cond(c)))`` with ``up`` zero-initialised,
+added to the frozen FFN's output. ``ffn``: a full copy of the block's feed-forward, initialised from
+it, applied to ``x + cond(c)`` with ``cond`` zero-initialised, so that at initialisation every expert
+equals the frozen FFN.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def packed_width(dim: int, ctx_dim: int) -> int:
+    return dim + 3 * ctx_dim + 1
+
+
+def condition_slice(name: str, dim: int, ctx_dim: int) -> tuple[int, int]:
+    """(start, end) columns of an expert's condition inside the packed token."""
+    c = ctx_dim
+    return {
+        "text": (dim, dim + c),
+        "reference": (dim + c, dim + 2 * c),
+        "mask": (dim + 2 * c, dim + 3 * c + 1),
+        "base": (dim + 3 * c, dim + 3 * c + 1),
+    }[name]
+
+
+class _Expert(nn.Module):
+    def __init__(self, name: str, dim: int, ctx_dim: int):
+        super().__init__()
+        self.name = name
+        self.dim = dim
+        self.cond_start, self.cond_end = condition_slice(name, dim, ctx_dim)
+
+    def condition(self, packed: Tensor) -> Tensor:
+        cond = packed[:, self.cond_start : self.cond_end]
+        if self.name == "base":
+            cond = 1.0 - cond  # the Base expert reads "how much of this token is to be kept"
+        return cond
+
+
+class LoraExpert(_Expert):
+    def __init__(self, name: str, dim: int, ctx_dim: int, rank: int):
+        super().__init__(name, dim, ctx_dim)
+        self.down = nn.Linear(dim, rank)
+        self.cond = nn.Linear(self.cond_end - self.cond_start, rank, bias=False)
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        """[T, W] packed tokens -> [T, D] residual added to the frozen FFN output."""
+        x = packed[:, : self.dim]
+        return self.up(F.gelu(self.down(x) + self.cond(self.condition(packed))))
+
+
+class FfnExpert(_Expert):
+    def __init__(self, name: str, dim: int, ctx_dim: int, proj_in: nn.Linear, proj_out: nn.Linear):
+        super().__init__(name, dim, ctx_dim)
+        self.proj_in = copy.deepcopy(proj_in).requires_grad_(True)
+        self.proj_out = copy.deepcopy(proj_out).requires_grad_(True)
+        self.cond = nn.Linear(self.cond_end - self.cond_start, dim, bias=False)
+        nn.init.zeros_(self.cond.weight)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        """[T, W] packed tokens -> [T, D] replacement of the frozen FFN output."""
+        x = packed[:, : self.dim] + self.cond(self.condition(packed))
+        return self.proj_out(F.gelu(self.proj_in(x), approximate="tanh"))
+
+
+def plain_linears_of_feed_forward(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The two frozen Linear layers of a diffusers ``FeedForward`` (GELU-tanh MLP), LoRA wrappers removed."""
+    proj_in, proj_out = ff.net[0].proj, ff.net[2]
+    proj_in = getattr(proj_in, "base_layer", proj_in)
+    proj_out = getattr(proj_out, "base_layer", proj_out)
+    if not (isinstance(proj_in, nn.Linear) and isinstance(proj_out, nn.Linear)):
+        raise TypeError(f"unsupported feed-forward layout for ffn experts: {type(proj_in)}, {type(proj_out)}")
+    act = ff.net[0]
+    if getattr(act, "approximate", "tanh") != "tanh":
+        raise TypeError("ffn experts copy a GELU-tanh feed-forward; this block's activation differs")
+    return proj_in, proj_out
+
+
+def build_expert(kind: str, name: str, dim: int, ctx_dim: int, rank: int, frozen_ff: nn.Module) -> _Expert:
+    if kind == "lora":
+        return LoraExpert(name, dim, ctx_dim, rank)
+    proj_in, proj_out = plain_linears_of_feed_forward(frozen_ff)
+    return FfnExpert(name, dim, ctx_dim, proj_in, proj_out)
+
+
+@torch.no_grad()
+def reference_feed_forward(ff: nn.Module, x: Tensor) -> Tensor:
+    """The frozen FFN without LoRA (for tests: ffn experts must start equal to it)."""
+    proj_in, proj_out = plain_linears_of_feed_forward(ff)
+    return proj_out(F.gelu(proj_in(x), approximate="tanh"))

@@ -1,0 +1,80 @@
+"""Loss terms. Each is a plain function of tensors, returned separately so it can be logged.
+
+Ideal inputs: flow matching 0 at the true velocity; load balance 1 (its minimum) for uniform
+routing; mask boundary 0 when the refined mask equals a binary fine mask; mixture smoothness 0 for
+routing weights constant over the grid; tag alignment 0 when the prediction points along the task
+embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def flow_matching_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error of the predicted velocity; pred/target [B, N, C], weight [B, N] (region loss)."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / weight.sum().clamp_min(1e-8)
+
+
+def region_weight(fine_tokens: Tensor, alpha: float) -> Tensor:
+    """AdaptEdit's per-token weight 1 + alpha * mask (fine mask on the token grid, [B, N])."""
+    return 1.0 + alpha * fine_tokens
+
+
+def load_balance_loss(probs: Tensor, index: Tensor, num_experts: int) -> Tensor:
+    """Switch-style E * sum_e f_e * P_e over tokens: f = share of top-K assignments, P = mean probability.
+
+    probs [S, E], index [S, K] (-1 = empty slot). Equals 1 when routing is uniform, grows as it collapses.
+    """
+    valid = index >= 0
+    counts = torch.zeros(num_experts, device=probs.device, dtype=torch.float32)
+    counts = counts.index_add(0, index[valid], torch.ones_like(index[valid], dtype=torch.float32))
+    f = counts / counts.sum().clamp_min(1)
+    p = probs.float().mean(dim=0)
+    return num_experts * (f * p).sum()
+
+
+def boundary_band(mask: Tensor, width: int) -> Tensor:
+    """Tokens within ``width`` of the mask boundary: dilation minus erosion of the binarised mask [B, h, w]."""
+    m = (mask > 0.5).float()[:, None]
+    k = 2 * width + 1
+    dil = F.max_pool2d(m, k, stride=1, padding=width)
+    ero = 1 - F.max_pool2d(1 - m, k, stride=1, padding=width)
+    return (dil - ero)[:, 0]
+
+
+def mask_boundary_loss(logits: Tensor, fine: Tensor, band_width: int = 1, band_weight: float = 4.0) -> Tensor:
+    """BCE (as KL to the target, so 0 at the ideal even for soft targets) + soft Dice, boundary-weighted.
+
+    logits, fine: [B, h, w]; fine is the fine mask's area fraction per token.
+    """
+    fine = fine.float()
+    logits = logits.float()
+    w = 1.0 + band_weight * boundary_band(fine, band_width)
+    bce = F.binary_cross_entropy_with_logits(logits, fine, reduction="none")
+    ent = F.binary_cross_entropy(fine, fine, reduction="none")  # entropy of the target: BCE's floor
+    kl = ((bce - ent) * w).sum() / w.sum()
+    p = torch.sigmoid(logits)
+    inter = (w * p * fine).sum(dim=(1, 2))
+    denom = (w * (p + fine)).sum(dim=(1, 2))
+    dice = 1 - (2 * inter + 1e-6) / (denom + 1e-6)
+    return kl + dice.mean()
+
+
+def mixture_smoothness_loss(weights: Tensor) -> Tensor:
+    """Total variation of routing weights over the token grid: weights [B, h, w, E] -> scalar."""
+    dh = (weights[:, 1:] - weights[:, :-1]).abs().sum(dim=-1).mean() if weights.shape[1] > 1 else 0.0
+    dw = (weights[:, :, 1:] - weights[:, :, :-1]).abs().sum(dim=-1).mean() if weights.shape[2] > 1 else 0.0
+    return weights.new_tensor(0.0) + dh + dw
+
+
+def tag_alignment_loss(predicted: Tensor, task_embedding: Tensor) -> Tensor:
+    """TAG-MoE predictive alignment: 1 - cos(MLP(routing signature), sum of tag embeddings); [B, d]."""
+    return (1 - F.cosine_similarity(predicted.float(), task_embedding.float(), dim=-1)).mean()

@@ -1,0 +1,372 @@
+"""CARE-Edit: a frozen DiT with LoRA, condition-aware expert layers, Mask Repaint and Latent Mixture.
+
+One training forward, top to bottom (:meth:`CareEditModel.forward`):
+
+1. encode conditions with frozen encoders (or take cached latents / text embeddings from the batch);
+2. sample a flow-matching time t and noise, build the noisy target latent and its velocity target;
+3. assemble the image stream  [ target | base | reference (if any sample has one) | coarse-mask ]
+   tokens, each condition with its own RoPE offset, and run the frozen backbone; expert layers in
+   the configured blocks see the target tokens and report routing and refined masks;
+4. compute every loss term separately, and their weighted sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from data.batch import EditBatch
+
+from .backbone import build_backbone, grid_position_ids, pack_latents, unpack_latents
+from .config import ModelConfig
+from .encoders import FrozenTextEncoders, FrozenVAE, MaskEncoder, mask_to_grid
+from .expert_layer import ContextHolder, ExpertContext, ExpertFeedForward
+from .losses import (
+    flow_matching_loss,
+    load_balance_loss,
+    mask_boundary_loss,
+    mixture_smoothness_loss,
+    region_weight,
+    tag_alignment_loss,
+)
+from .router import dense_weights
+
+# RoPE first-axis offsets of the conditions in the image stream
+OFFSET_TARGET, OFFSET_BASE, OFFSET_REFERENCE, OFFSET_MASK = 0, 1, 2, 3
+# routing-map colours of the experts (text, mask, reference, base)
+EXPERT_COLOURS = {"text": (1.0, 0.2, 0.2), "mask": (0.2, 0.9, 0.2), "reference": (0.2, 0.4, 1.0), "base": (0.6, 0.6, 0.6)}
+
+
+@dataclass
+class Conditions:
+    """Everything the denoiser is conditioned on, already encoded."""
+
+    base: Tensor  # [B, C, h, w] normalised latents of the source image
+    reference: Optional[Tensor]  # [B, C, h, w] or None when no sample has a reference
+    has_ref: Tensor  # [B] bool
+    text: Tensor  # [B, L, D_t5]
+    text_mask: Tensor  # [B, L] bool
+    pooled: Tensor  # [B, D_clip]
+    coarse: Tensor  # [B, 1, H, W] coarse box in pixels
+    fine: Optional[Tensor]  # [B, 1, H, W] fine mask (training and evaluation only)
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor  # weighted total
+    terms: dict[str, Tensor]  # unweighted loss terms (only those with a non-zero weight)
+    stats: dict[str, Tensor]  # detached scalars for logging (expert utilisation, gates, ...)
+    num_tokens: int  # sequence tokens processed (text + image stream, all samples)
+    prediction: Optional[Tensor] = None  # [B, C, h, w] predicted velocity
+
+
+@dataclass
+class EditResult:
+    images: Tensor  # [B, 3, H, W] in [-1, 1]
+    refined_mask: Tensor  # [B, 1, H, W] in [0, 1] (last expert layer; the coarse box without repaint)
+    routing_map: Tensor  # [B, 3, H, W] colour of the dominant expert per token (last expert layer)
+    utilisation: dict[str, float] = field(default_factory=dict)
+
+
+def expert_block_ids(cfg: ModelConfig, num_blocks: int) -> list[int]:
+    if cfg.experts.blocks is not None:
+        return sorted(set(cfg.experts.blocks))
+    return list(range(num_blocks - cfg.experts.num_blocks, num_blocks))
+
+
+def default_ep_rank(ep_size: int) -> int:
+    """DeepSpeed's default group layout puts consecutive ranks in one expert-parallel group."""
+    if ep_size == 1:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"experts.ep_size={ep_size} needs torch.distributed initialised before the model is built")
+    return dist.get_rank() % ep_size
+
+
+class CareEditModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_rank: Optional[int] = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        ep_rank = default_ep_rank(cfg.experts.ep_size) if ep_rank is None else ep_rank
+        self.vae = FrozenVAE(cfg.vae)
+        self.text_encoders = FrozenTextEncoders(cfg.text)
+        self.backbone = build_backbone(cfg.backbone, cfg.lora)
+        dim = self.backbone.hidden_size
+        self.token_stride = self.vae.downsample * 2  # pixels per token side (2x2 latent packing)
+        self.mask_encoder = MaskEncoder(self.token_stride, cfg.repaint.hidden, dim)
+        self.condition_embed = nn.Parameter(torch.zeros(2, dim))  # learned type embedding: base, reference
+        self.expert_names = list(cfg.experts.enabled)
+        self.holder = ContextHolder()
+        self.expert_blocks = expert_block_ids(cfg, self.backbone.num_expert_capable_blocks)
+        seed_base = int(torch.randint(0, 2**30, (1,)).item())  # same on all ranks under a common seed
+        self.expert_layers = []
+        for position, block_id in enumerate(self.expert_blocks):
+            layer = ExpertFeedForward(
+                cfg, self.backbone.feed_forward(block_id), dim, position, self.holder, ep_rank, seed_base + position
+            )
+            self.backbone.set_feed_forward(block_id, layer)
+            self.expert_layers.append(layer)
+        if cfg.loss.tag_alignment > 0:
+            d = cfg.loss.tag_embed_dim
+            self.tag_embed = nn.Embedding(cfg.num_tags, d)
+            self.tag_predictor = nn.Sequential(nn.Linear(len(self.expert_names), d), nn.GELU(), nn.Linear(d, d))
+        self._last_seq_len = 0
+
+    # -- parameters ---------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.condition_embed.dtype
+
+    # -- conditions ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_target(self, batch: EditBatch) -> Tensor:
+        if batch.target_latent is not None:
+            return self.vae.normalise(batch.target_latent.to(self.dtype))
+        return self.vae.encode(batch.target.to(self.dtype))
+
+    @torch.no_grad()
+    def encode_conditions(self, batch: EditBatch, drop_text: bool = False, drop_image: bool = False) -> Conditions:
+        device = batch.has_reference.device
+        if batch.source_latent is not None:
+            base = self.vae.normalise(batch.source_latent.to(self.dtype))
+        else:
+            base = self.vae.encode(batch.source.to(self.dtype))
+        has_ref = batch.has_reference.bool() & self.cfg.use_reference
+        reference = None
+        if bool(has_ref.any()):
+            if batch.reference_latent is not None:
+                reference = self.vae.normalise(batch.reference_latent.to(self.dtype))
+            else:
+                reference = self.vae.encode(batch.reference.to(self.dtype))
+            reference = reference * has_ref[:, None, None, None].to(reference.dtype)
+        if batch.text_embeds is not None and not drop_text:
+            text, text_mask, pooled = batch.text_embeds, batch.text_mask, batch.pooled_text
+        else:
+            prompts = [""] * batch.batch_size if drop_text else list(batch.instruction)
+            text, text_mask, pooled = self.text_encoders.encode(prompts, device)
+        if drop_image:
+            base = torch.zeros_like(base)
+        return Conditions(
+            base=base, reference=reference, has_ref=has_ref, text=text.to(self.dtype), text_mask=text_mask.bool(),
+            pooled=pooled.to(self.dtype), coarse=batch.coarse_mask.to(self.dtype), fine=batch.fine_mask,
+        )
+
+    # -- the denoiser ---------------------------------------------------------------------------
+    def predict_velocity(self, noisy: Tensor, t: Tensor, cond: Conditions) -> tuple[Tensor, ExpertContext]:
+        """noisy [B, C, h, w] at flow time t [B] -> predicted velocity [B, C, h, w], and the layers' reports."""
+        bb = self.backbone
+        b, _, h, w = noisy.shape
+        gh, gw = h // 2, w // 2
+        n = gh * gw
+        dev = noisy.device
+        parts = [bb.embed_image(pack_latents(noisy)), bb.embed_image(pack_latents(cond.base)) + self.condition_embed[0]]
+        ids = [grid_position_ids(gh, gw, OFFSET_TARGET, dev), grid_position_ids(gh, gw, OFFSET_BASE, dev)]
+        ref_span = None
+        if cond.reference is not None:
+            parts.append(bb.embed_image(pack_latents(cond.reference)) + self.condition_embed[1])
+            ids.append(grid_position_ids(gh, gw, OFFSET_REFERENCE, dev))
+            ref_span = (2 * n, 3 * n)
+        mask_start = n * len(parts)
+        parts.append(self.mask_encoder(cond.coarse))
+        ids.append(grid_position_ids(gh, gw, OFFSET_MASK, dev))
+        img = torch.cat(parts, dim=1)
+        img_ids = torch.cat(ids, dim=0)
+        txt = bb.embed_text(cond.text)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=dev)
+
+        attention_mask = None
+        if ref_span is not None and not bool(cond.has_ref.all()):
+            # samples without a reference must not see the (zero) reference tokens of the batch
+            keep = torch.ones(b, txt.shape[1] + img.shape[1], dtype=torch.bool, device=dev)
+            keep[:, txt.shape[1] + ref_span[0] : txt.shape[1] + ref_span[1]] = cond.has_ref[:, None]
+            attention_mask = keep[:, None, None, :]
+
+        temb = bb.embed_time(t, cond.pooled)
+        coarse = mask_to_grid(cond.coarse, (gh, gw)).reshape(b, n).to(noisy.dtype)
+        gt = mask_to_grid(cond.fine, (gh, gw)).reshape(b, n).to(noisy.dtype) if cond.fine is not None else None
+        has_text = cond.text_mask.any(dim=1)
+        presence = torch.stack([has_text, cond.has_ref, torch.ones_like(has_text)], dim=1).float()
+        available = torch.ones(b, len(self.expert_names), dtype=torch.bool, device=dev)
+        if "reference" in self.expert_names:
+            available[:, self.expert_names.index("reference")] = cond.has_ref & (ref_span is not None)
+        ctx = ExpertContext(
+            num_target=n, grid=(gh, gw), mask_span=(mask_start, mask_start + n), ref_span=ref_span,
+            has_ref=cond.has_ref, text=txt, text_mask=cond.text_mask, temb=temb, presence=presence,
+            available=available, coarse=coarse, gt_mask=gt,
+        )
+        self.holder.ctx = ctx
+        try:
+            hidden = bb.run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask)
+        finally:
+            self.holder.ctx = None
+        self._last_seq_len = txt.shape[1] + img.shape[1]
+        pred = bb.project_out(hidden[:, :n], temb)
+        return unpack_latents(pred, h, w), ctx
+
+    # -- training ---------------------------------------------------------------------------------
+    def sample_time(self, batch_size: int, device: torch.device) -> Tensor:
+        lc = self.cfg.loss
+        if lc.timestep_sampling == "uniform":
+            return torch.rand(batch_size, device=device)
+        return torch.sigmoid(lc.logit_mean + lc.logit_std * torch.randn(batch_size, device=device))
+
+    def forward(self, batch: EditBatch) -> ModelOutput:
+        lc = self.cfg.loss
+        x0 = self.encode_target(batch)
+        cond = self.encode_conditions(batch)
+        b = x0.shape[0]
+        t = self.sample_time(b, x0.device)
+        noise = torch.randn_like(x0)
+        tt = t.to(x0.dtype)[:, None, None, None]
+        noisy = (1 - tt) * x0 + tt * noise
+        velocity = noise - x0
+        pred, ctx = self.predict_velocity(noisy, t, cond)
+
+        terms: dict[str, Tensor] = {}
+        gh, gw = ctx.grid
+        weight = region_weight(ctx.gt_mask, lc.region_alpha) if lc.region_alpha > 0 else None
+        terms["diffusion"] = flow_matching_loss(
+            pack_latents(pred), pack_latents(velocity), weight
+        )
+        records = [ctx.records[p] for p in sorted(ctx.records)]
+        learned = self.cfg.router.kind == "learned"
+        e = len(self.expert_names)
+        if lc.load_balance > 0 and learned and records:
+            terms["load_balance"] = torch.stack(
+                [load_balance_loss(r.routing.probs, r.routing.index, e) for r in records]
+            ).mean()
+        refined = [r.refined_logits for r in records if r.refined_logits is not None]
+        if lc.mask_boundary > 0 and refined:
+            fine = ctx.gt_mask.reshape(b, gh, gw)
+            terms["mask_boundary"] = torch.stack(
+                [mask_boundary_loss(lg.reshape(b, gh, gw), fine, lc.boundary_band, lc.boundary_weight) for lg in refined]
+            ).mean()
+        if lc.mixture_smoothness > 0 and learned and records:
+            terms["mixture_smoothness"] = torch.stack(
+                [
+                    mixture_smoothness_loss(dense_weights(r.routing.index, r.routing.weight, e).reshape(b, gh, gw, e))
+                    for r in records
+                ]
+            ).mean()
+        if lc.tag_alignment > 0 and records:
+            signature = torch.stack([r.routing.probs.reshape(b, -1, e).mean(dim=1) for r in records]).mean(dim=0)
+            tags = batch.tag_ids.to(x0.device)
+            valid = (tags >= 0).unsqueeze(-1)
+            task = (self.tag_embed(tags.clamp(min=0)) * valid).sum(dim=1)
+            terms["tag_alignment"] = tag_alignment_loss(self.tag_predictor(signature.to(self.dtype)), task)
+
+        weights = {
+            "diffusion": lc.diffusion, "load_balance": lc.load_balance, "mask_boundary": lc.mask_boundary,
+            "mixture_smoothness": lc.mixture_smoothness, "tag_alignment": lc.tag_alignment,
+        }
+        loss = sum(weights[k] * v for k, v in terms.items())
+        return ModelOutput(
+            loss=loss, terms=terms, stats=self._routing_stats(records, ctx), num_tokens=b * self._last_seq_len,
+            prediction=pred,
+        )
+
+    @torch.no_grad()
+    def _routing_stats(self, records: list, ctx: ExpertContext) -> dict[str, Tensor]:
+        stats: dict[str, Tensor] = {}
+        e = len(self.expert_names)
+        for position, record in zip(sorted(ctx.records), records):
+            block = self.expert_blocks[position]
+            util = dense_weights(record.routing.index, (record.routing.index >= 0).float(), e).mean(dim=0)
+            for name, value in zip(self.expert_names, util):
+                stats[f"util/block{block}/{name}"] = value.detach()
+            if record.gate is not None:
+                stats[f"gate/block{block}"] = record.gate.detach().float().mean()
+        return stats
+
+    # -- FLOPs ------------------------------------------------------------------------------------
+    def flops_per_token(self) -> float:
+        """Forward model FLOPs per sequence token: 2 per weight of every linear layer of the backbone
+        (LoRA and experts included, K experts active per target token), plus attention (4 * S * D per
+        layer). Recompute from gradient checkpointing is not counted (model FLOPs, not hardware FLOPs)."""
+        tr = self.backbone.transformer
+        linear = sum(
+            m.weight.numel() for name, m in tr.named_modules() if isinstance(m, nn.Linear) and ".moe." not in name
+        )
+        d = self.backbone.hidden_size
+        layers = len(tr.transformer_blocks) + len(tr.single_transformer_blocks)
+        attention = 4 * max(self._last_seq_len, 1) * d * layers
+        k = self.cfg.router.top_k + (1 if self.cfg.mixture.enabled else 0)
+        experts = 0
+        for layer in self.expert_layers:
+            per_expert = sum(p.numel() for p in layer.moe.parameters()) / max(layer.moe.num_local_experts, 1)
+            experts += k * per_expert  # only target tokens see experts: an upper bound per token
+        return float(2 * (linear + experts) + attention)
+
+    # -- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit(
+        self,
+        batch: EditBatch,
+        num_steps: int = 20,
+        text_guidance: float = 1.0,
+        image_guidance: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> EditResult:
+        """Flow-matching Euler sampler (diffusers' scheduler) with InstructPix2Pix-style guidance:
+        v = v(none) + s_img * (v(image) - v(none)) + s_txt * (v(image, text) - v(image))."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        was_training = self.training
+        self.eval()
+        cond = self.encode_conditions(batch)
+        guided = text_guidance != 1.0 or image_guidance != 1.0
+        if guided:
+            cond_img = self.encode_conditions(batch, drop_text=True)
+            cond_none = self.encode_conditions(batch, drop_text=True, drop_image=True)
+        b, c, h, w = cond.base.shape
+        x = torch.randn((b, c, h, w), generator=generator, device=cond.base.device, dtype=torch.float32)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        scheduler.set_timesteps(num_steps, device=cond.base.device)
+        ctx = None
+        for t in scheduler.timesteps:
+            tb = (t / 1000.0).expand(b).to(cond.base.device)
+            v, ctx = self.predict_velocity(x.to(self.dtype), tb, cond)
+            if guided:
+                v_img, _ = self.predict_velocity(x.to(self.dtype), tb, cond_img)
+                v_none, _ = self.predict_velocity(x.to(self.dtype), tb, cond_none)
+                v = v_none + image_guidance * (v_img - v_none) + text_guidance * (v - v_img)
+            x = scheduler.step(v.float(), t, x).prev_sample
+        images = self.vae.decode(x.to(self.dtype)).float()
+        self.train(was_training)
+        return self._edit_result(images, ctx, cond)
+
+    def _edit_result(self, images: Tensor, ctx: Optional[ExpertContext], cond: Conditions) -> EditResult:
+        b, _, hh, ww = images.shape
+        size = (hh, ww)
+        up = lambda grid: nn.functional.interpolate(grid, size=size, mode="nearest")  # noqa: E731
+        if ctx is None or not ctx.records:
+            return EditResult(images, cond.coarse.float(), torch.zeros_like(images))
+        gh, gw = ctx.grid
+        last = max(ctx.refined) if ctx.refined else None
+        refined = ctx.refined[last] if last is not None else ctx.coarse
+        refined = up(refined.float().reshape(b, 1, gh, gw))
+        record = ctx.records[max(ctx.records)]
+        e = len(self.expert_names)
+        dense = dense_weights(record.routing.index, record.routing.weight, e).reshape(b, gh, gw, e)
+        dominant = dense.argmax(dim=-1)
+        palette = torch.tensor([EXPERT_COLOURS[nm] for nm in self.expert_names], device=images.device)
+        colours = palette[dominant].permute(0, 3, 1, 2)  # [B, 3, gh, gw] in [0, 1]
+        util = dense.gt(0).float().mean(dim=(0, 1, 2))
+        return EditResult(
+            images=images, refined_mask=refined, routing_map=up(colours) * 2 - 1,
+            utilisation={nm: float(u) for nm, u in zip(self.expert_names, util)},
+        )
+
+
+def build_model(cfg: ModelConfig, ep_rank: Optional[int] = None) -> CareEditModel:
+    """Validate the config, then build the model (frozen encoders and backbone, trainable CARE parts)."""
+    cfg.validate()
+    return CareEditModel(cfg, ep_rank=ep_rank)

@@ -1,0 +1,151 @@
+"""The condition-aware router: per-token condition contexts and top-K expert selection.
+
+Two jobs, both per target token:
+
+1. *Condition contexts* that the heterogeneous experts read: an attention read-out of the text
+   tokens (for the Text expert), of the reference-image tokens (Reference expert) and a projection
+   of the mask tokens (Mask expert). They are computed once here, before dispatch, so that they can
+   travel with the token to whichever rank holds the expert (DESIGN.md section 4).
+2. *Routing*: a latent-attention router. Learned latent queries, modulated by the global task
+   context (timestep embedding, pooled text, which conditions are present), form a small set of
+   task latents; every token (its content, its condition contexts and the refined mask of the
+   previous expert layer) attends over them, and the read-out gives the logits over experts.
+   Experts whose condition is absent (no reference image) are masked out; top-K is taken over the
+   rest and the weights are renormalised over the selected experts.
+
+Ablations: ``uniform`` picks K available experts at random per token with equal weights;
+``static`` uses every available expert with equal weights (static fusion).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import RouterConfig
+
+
+@dataclass
+class Routing:
+    probs: Tensor  # [S, E] router probabilities over experts (zero for unavailable experts)
+    index: Tensor  # [S, K] selected expert ids, -1 where a token has fewer than K available experts
+    weight: Tensor  # [S, K] weights of the selected experts, summing to 1 per token (0 where index is -1)
+    logits: Optional[Tensor] = None  # [S, E] before masking (learned router only)
+
+
+class CrossAttentionReadout(nn.Module):
+    """Single-head attention of each token over a condition's tokens, read out in ``ctx_dim`` channels."""
+
+    def __init__(self, dim: int, attn_dim: int, ctx_dim: int):
+        super().__init__()
+        self.q = nn.Linear(dim, attn_dim, bias=False)
+        self.k = nn.Linear(dim, attn_dim, bias=False)
+        self.v = nn.Linear(dim, ctx_dim, bias=False)
+
+    def forward(self, x: Tensor, cond: Tensor, cond_mask: Optional[Tensor]) -> Tensor:
+        """x [B, N, D], cond [B, M, D], cond_mask [B, M] bool (True = real) -> [B, N, ctx_dim]."""
+        if cond_mask is None:
+            return F.scaled_dot_product_attention(self.q(x), self.k(cond), self.v(cond))
+        # A sample with no valid condition token reads nothing. Its row attends everywhere (so that no
+        # softmax sees only -inf, whose NaN would leak into gradients) and is then zeroed.
+        present = cond_mask.any(dim=1)
+        mask = (cond_mask | ~present[:, None])[:, None, :]
+        out = F.scaled_dot_product_attention(self.q(x), self.k(cond), self.v(cond), attn_mask=mask)
+        return out * present[:, None, None].to(out.dtype)
+
+
+class ConditionRouter(nn.Module):
+    def __init__(self, cfg: RouterConfig, dim: int, num_experts: int, temb_dim: int):
+        super().__init__()
+        self.kind = cfg.kind
+        self.top_k = cfg.top_k
+        self.noise_std = cfg.noise_std
+        self.num_experts = num_experts
+        c, a = cfg.ctx_dim, cfg.attn_dim
+        self.ctx_dim = c
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.text_readout = CrossAttentionReadout(dim, a, c)
+        self.ref_readout = CrossAttentionReadout(dim, a, c)
+        self.mask_proj = nn.Linear(dim, c)
+        if self.kind == "learned":
+            # global task context: timestep embedding (carries pooled text in FLUX) + condition presence
+            self.task = nn.Sequential(nn.Linear(temb_dim + 3, a), nn.SiLU(), nn.Linear(a, 2 * a))
+            self.latents = nn.Parameter(torch.randn(cfg.num_latents, a) / math.sqrt(a))
+            self.token_query = nn.Linear(dim + 3 * c + 1, a)
+            self.latent_value = nn.Linear(a, a)
+            self.to_logits = nn.Linear(a, num_experts)
+
+    def contexts(
+        self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], ref: Optional[Tensor],
+        has_ref: Tensor, mask_tokens: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token condition contexts [B, N, c] each: text, reference (zero without one), mask."""
+        xn = self.norm(x)
+        text_ctx = self.text_readout(xn, self.norm(text), text_mask)
+        if ref is None:
+            ref_ctx = torch.zeros_like(text_ctx)
+        else:
+            ref_mask = has_ref[:, None].expand(-1, ref.shape[1])
+            ref_ctx = self.ref_readout(xn, self.norm(ref), ref_mask)
+        mask_ctx = self.mask_proj(self.norm(mask_tokens))
+        return text_ctx, ref_ctx, mask_ctx
+
+    def forward(
+        self,
+        x: Tensor,  # [B, N, D] target tokens
+        contexts: tuple[Tensor, Tensor, Tensor],
+        prev_mask: Tensor,  # [B, N] refined mask of the previous expert layer (coarse box for the first)
+        temb: Tensor,  # [B, D_t]
+        presence: Tensor,  # [B, 3] float: has text, has reference, has mask
+        available: Tensor,  # [B, E] bool: experts whose condition is present
+    ) -> Routing:
+        b, n, _ = x.shape
+        avail = available[:, None, :].expand(b, n, -1).reshape(b * n, -1)
+        if self.kind == "learned":
+            scale, shift = self.task(torch.cat([temb, presence.to(temb.dtype)], dim=-1)).chunk(2, dim=-1)
+            task_latents = self.latents[None] * (1 + scale[:, None]) + shift[:, None]  # [B, L, a]
+            q = self.token_query(torch.cat([self.norm(x), *contexts, prev_mask[..., None]], dim=-1))
+            read = F.scaled_dot_product_attention(q, task_latents, self.latent_value(task_latents))
+            logits = self.to_logits(read + q).reshape(b * n, -1).float()
+            return topk_routing(logits, avail, self.top_k, self.noise_std if self.training else 0.0)
+        if self.kind == "uniform":
+            scores = torch.rand(avail.shape, device=x.device)
+            return _equal_weights(scores, avail, self.top_k)
+        return _equal_weights(torch.ones(avail.shape, device=x.device), avail, self.num_experts)
+
+
+def topk_routing(logits: Tensor, available: Tensor, k: int, noise_std: float = 0.0) -> Routing:
+    """Softmax over available experts, top-K, renormalised weights. logits/available: [S, E]."""
+    if noise_std > 0:
+        logits = logits + noise_std * torch.randn_like(logits)
+    masked = logits.masked_fill(~available, float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    top_p, index = probs.topk(k, dim=-1)
+    valid = top_p > 0
+    weight = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    weight = weight * valid
+    index = torch.where(valid, index, torch.full_like(index, -1))
+    return Routing(probs=probs, index=index, weight=weight, logits=logits)
+
+
+def _equal_weights(scores: Tensor, available: Tensor, k: int) -> Routing:
+    """The k highest-scoring available experts per token, each with weight 1/(number selected)."""
+    masked = scores.masked_fill(~available, float("-inf"))
+    top, index = masked.topk(k, dim=-1)
+    valid = torch.isfinite(top)
+    weight = valid.float() / valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    index = torch.where(valid, index, torch.full_like(index, -1))
+    probs = available.float() / available.float().sum(dim=-1, keepdim=True).clamp_min(1)
+    return Routing(probs=probs, index=index, weight=weight)
+
+
+def dense_weights(index: Tensor, weight: Tensor, num_experts: int) -> Tensor:
+    """Sparse routing (index/weight [S, K], -1 = empty slot) -> dense combine weights [S, E]."""
+    slot = torch.where(index >= 0, index, torch.full_like(index, num_experts))  # -1 -> a discarded column
+    dense = torch.zeros(index.shape[0], num_experts + 1, dtype=weight.dtype, device=weight.device)
+    return dense.scatter_add(1, slot, weight)[:, :num_experts]
