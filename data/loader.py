@@ -259,13 +259,15 @@ class EditStream(IterableDataset):
                     batch = _collate(items, cfg.cached)
                     batch.extras["data_state"] = state(*((pos, idx + 1) if not replay else (pos0, off0)), epoch)
                     yield batch
-        # finite mode: flush partial batches so every sample is yielded once
+        # finite mode: flush partial batches so every sample is yielded once, then report the
+        # final counts (skips after the last batch would otherwise never reach the main process)
         if self.epoch is not None:
             for hw in sorted(buckets):
                 items = buckets.pop(hw)
                 batch = _collate(items, cfg.cached)
                 batch.extras["data_state"] = state(1 << 62, 0, epoch)
                 yield batch
+            yield {"data_state": state(1 << 62, 0, epoch)}
 
 
 def _identity(x: Any) -> Any:
@@ -291,6 +293,7 @@ class EditLoader:
         self.n_workers = max(cfg.num_workers, 1)
         self.step, self.epoch, self.samples_seen = 0, 0, 0
         self._workers: dict[int, dict] = {}
+        self._skips_done: Counter = Counter()  # skips of finished epochs (finite mode)
         if start_step:
             self._fast_forward(start_step)
 
@@ -313,18 +316,24 @@ class EditLoader:
         kw = dict(prefetch_factor=self.cfg.prefetch_factor) if self.cfg.num_workers > 0 else {}
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
         for batch in dl:
+            if isinstance(batch, dict):  # end-of-stream state report (finite mode), not a batch
+                self._workers[batch["data_state"]["worker"]] = batch["data_state"]
+                continue
             st = batch.extras["data_state"]
             self._workers[st["worker"]] = st
             self.step += 1
             self.samples_seen += batch.batch_size
             yield batch
-        if self.finite:
+        if self.finite:  # next iter() is the next epoch; keep the counts of this one
+            self._skips_done.update(self.skip_stats())
+            self._skips_done -= Counter()  # drop zeros
             self.epoch += 1
             self._workers = {}
 
     def skip_stats(self) -> dict[str, int]:
         """Skipped samples per reason, summed over this rank's workers (as of their last batch)."""
         total: Counter = Counter({r: 0 for r in SKIP_REASONS})
+        total.update(self._skips_done)
         for st in self._workers.values():
             total.update(st.get("skips", {}))
         return dict(total)
@@ -334,7 +343,8 @@ class EditLoader:
         epochs = [st["epoch"] for st in self._workers.values() if "epoch" in st]
         return dict(version=STATE_VERSION, step=self.step, epoch=min(epochs) if epochs else self.epoch,
                     samples_seen=self.samples_seen, global_samples=self.step * self.batch_size * self.world_size,
-                    config=self._config_key(), workers={str(k): v for k, v in self._workers.items()})
+                    config=self._config_key(), workers={str(k): v for k, v in self._workers.items()},
+                    skips_done=dict(self._skips_done))
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume. Accepts this rank's state, or ``{"per_rank": [state of rank 0, 1, ...]}``.
@@ -350,6 +360,7 @@ class EditLoader:
             raise ValueError(f"data loader state version {sd.get('version')} != {STATE_VERSION}")
         self.step, self.samples_seen = sd["step"], sd["samples_seen"]
         self.epoch = sd["epoch"] if self.finite else 0
+        self._skips_done = Counter(sd.get("skips_done", {}))
         if sd["config"] == self._config_key():
             self._workers = {int(k): v for k, v in sd["workers"].items()}
         else:
