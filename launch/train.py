@@ -1,0 +1,45 @@
+"""Train a CARE-Edit model: ``deepspeed launch/train.py --config configs/<recipe>.yaml [key=value ...]``.
+
+Also runs as a plain process (``python launch/train.py ...``, what ``make train`` does), under
+``torchrun`` and under ``srun``. The config is merged and validated *before* any process group or
+model is built, so a typo stops in a second with the key named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from train.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML recipe (may list `defaults:` to include)")
+    p.add_argument("--resume", default=None, help="'auto' (latest in the run's checkpoint dir, if any) or a path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=100 optim.lr=3e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
+
+    train(cfg, resume=args.resume, **factories)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Sharded DeepSpeed checkpoints with an atomic ``latest`` pointer, keep-last-K, and exact resume.
+
+What DeepSpeed does (0.19.8, ``DeepSpeedEngine.save_checkpoint``): every rank writes its shards into
+``<dir>/<tag>/``, then rank 0 rewrites ``<dir>/latest`` with ``open(..., "w")`` *before* the final
+barrier, i.e. while other ranks may still be writing, and non-atomically (a kill between truncate and
+write leaves an empty pointer). So we pass ``save_latest=False`` and commit ourselves:
+
+1. all ranks save under a temporary tag ``.tmp-<tag>`` (DeepSpeed shards + our per-rank
+   ``train_state_rank<r>.pt``: step, loader position, RNG states, EMA; rank 0 adds ``config.yaml``);
+2. barrier (every shard of every rank is on disk);
+3. rank 0 renames ``.tmp-<tag>`` to ``<tag>`` (atomic on POSIX), writes ``latest.tmp``, fsyncs and
+   ``os.replace``-s it onto ``latest`` (atomic), then deletes checkpoints beyond the last K.
+
+A kill at any point leaves ``latest`` naming the previous complete checkpoint; a stale ``.tmp-*``
+directory is ignored and removed by the next save. The frozen backbone is not written
+(``exclude_frozen_parameters=True``); it is rebuilt from its own path, so loading is non-strict and
+we verify that every trainable key was present instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from train.config import checkpoint_dir, save_resolved
+from train.distributed import DistInfo, barrier
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU + current CUDA device) RNG states, as weights_only-loadable types."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclass
+class Resumed:
+    step: int
+    path: str
+
+
+class Checkpointer:
+    """Saves and loads the whole training state; see the module docstring for the commit protocol."""
+
+    def __init__(self, cfg: Any, dist: DistInfo, crash_hook: Optional[Callable[[int], None]] = None) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.dir = checkpoint_dir(cfg)
+        self.keep = int(cfg.checkpoint.keep)
+        self.crash_hook = crash_hook  # test hook, called mid-save
+        os.makedirs(self.dir, exist_ok=True)
+
+    # ---------------------------------------------------------------- save
+    def save(self, engine: Any, step: int, loader: Any, ema: Any = None) -> str:
+        tag = step_tag(step)
+        tmp_tag = TMP_PREFIX + tag
+        tmp_path = os.path.join(self.dir, tmp_tag)
+        if self.dist.is_main and os.path.exists(tmp_path):
+            shutil.rmtree(tmp_path)
+        barrier()
+        engine.save_checkpoint(self.dir, tag=tmp_tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+        state = {"step": step, "rank": self.dist.rank, "world_size": self.dist.world_size,
+                 "loader": loader.state_dict(), "rng": rng_state()}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        torch.save(state, os.path.join(tmp_path, f"train_state_rank{self.dist.rank}.pt"))
+        if self.dist.is_main:
+            save_resolved(self.cfg, os.path.join(tmp_path, "config.yaml"))
+        if self.crash_hook is not None:
+            self.crash_hook(step)
+        barrier()
+        final = os.path.join(self.dir, tag)
+        if self.dist.is_main:
+            if os.path.exists(final):  # re-saving the same step (e.g. end right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp_path, final)
+            self._write_latest(tag)
+            self._prune()
+        barrier()
+        return final
+
+    def _write_latest(self, tag: str) -> None:
+        tmp = os.path.join(self.dir, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.dir, LATEST))
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename itself durable
+        finally:
+            os.close(fd)
+
+    def _prune(self) -> None:
+        tags = sorted(t for t in os.listdir(self.dir) if t.startswith("step") and os.path.isdir(
+            os.path.join(self.dir, t)))
+        for t in tags[:-self.keep]:
+            shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
+        for t in os.listdir(self.dir):  # stale temporaries from killed saves
+            if t.startswith(TMP_PREFIX):
+                shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
+
+    # ---------------------------------------------------------------- load
+    def find(self, resume: Optional[str]) -> Optional[tuple[str, str]]:
+        """(load_dir, tag) for ``--resume auto|PATH``; None for a fresh start (auto with nothing saved)."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return read_latest(self.dir)
+        path = os.path.abspath(resume)
+        if os.path.isfile(os.path.join(path, LATEST)):
+            found = read_latest(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume {resume}: 'latest' names no checkpoint")
+            return found
+        if os.path.isfile(os.path.join(path, "train_state_rank0.pt")):
+            return os.path.dirname(path), os.path.basename(path)
+        raise FileNotFoundError(f"--resume {resume}: neither a checkpoint nor a directory with a 'latest' file")
+
+    def load(self, engine: Any, where: tuple[str, str], loader: Any, ema: Any = None) -> Resumed:
+        load_dir, tag = where
+        path = os.path.join(load_dir, tag)
+        state_file = os.path.join(path, f"train_state_rank{self.dist.rank}.pt")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"{state_file} missing: checkpoint written by a run with fewer ranks?")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.dist.world_size:
+            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
+                               f"{self.dist.world_size}; exact resume needs the same layout")
+        missing = _load_engine_checkpoint(engine, load_dir, tag)
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        lost = sorted(trainable & missing)
+        if lost:
+            raise RuntimeError(f"checkpoint {path} lacks {len(lost)} trainable tensors, e.g. {lost[:3]}")
+        loader.load_state_dict(state["loader"])
+        if ema is not None:
+            if "ema" not in state:
+                raise RuntimeError(f"ema.enabled but checkpoint {path} has no EMA state")
+            ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        return Resumed(step=int(state["step"]), path=path)
+
+
+def read_latest(ckpt_dir: str) -> Optional[tuple[str, str]]:
+    """(dir, tag) named by ``<ckpt_dir>/latest``, or None when there is none."""
+    p = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        tag = f.read().strip()
+    if not tag or not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        raise FileNotFoundError(f"{p} names '{tag}', which is not a checkpoint directory")
+    return os.path.abspath(ckpt_dir), tag
+
+
+def _load_engine_checkpoint(engine: Any, load_dir: str, tag: str) -> set[str]:
+    """``engine.load_checkpoint`` non-strict; returns the module keys the checkpoint did not provide."""
+    module = engine.module
+    captured: list = []
+    original = module.load_state_dict
+
+    def capturing(state_dict, strict=True, **kw):
+        result = original(state_dict, strict=strict, **kw)
+        captured.append(set(result.missing_keys))
+        return result
+
+    module.load_state_dict = capturing
+    try:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        del module.load_state_dict
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load {os.path.join(load_dir, tag)}")
+    if not captured:
+        raise RuntimeError("DeepSpeed loaded no module state dict; cannot verify trainable keys")
+    return set.intersection(*captured)

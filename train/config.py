@@ -1,0 +1,241 @@
+"""Training configuration: one OmegaConf tree (model + data + training sections) from YAML and dotlist.
+
+Why structured configs: OmegaConf struct mode rejects unknown keys and wrong types while merging, and
+``validate_config`` rejects impossible values, both before any process group or model exists, with a
+message naming the key. The DeepSpeed JSON is *generated* from this tree (``deepspeed_config``), so
+there is no second file to keep in sync. The resolved tree is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moe.config import ModelConfig
+
+try:  # the data module's config; a minimal stand-in until data/config.py lands
+    from data.config import DataConfig
+except ImportError:  # pragma: no cover - removed once data.config exists
+    @dataclass
+    class DataConfig:  # type: ignore[no-redef]
+        train_shards: str = "artifacts/synthetic/train-{000000..000003}.tar"
+        val_shards: str = "artifacts/synthetic/val-000000.tar"
+        image_size: int = 64
+        num_workers: int = 0
+        seed: int = 0
+
+        def validate(self) -> None:
+            if self.image_size < 8:
+                raise ValueError("data.image_size: must be >= 8")
+
+
+class ConfigError(ValueError):
+    """An unknown key or impossible value in the training config (message names the key)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    dir: str = "runs"  # the run lives in <dir>/<name>: checkpoints/, tb/, images/, config.yaml
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    clip_grad_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    min_lr: float = 1e-6  # cosine decays from optim.lr to min_lr at train.steps
+
+
+@dataclass
+class StepsConfig:
+    steps: int = 1000  # optimizer steps
+    micro_batch: int = 1  # samples per rank per forward
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    zero_stage: int = 0  # 0, 1 or 2 (3 is not supported with the frozen backbone + MoE here)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
+    keep: int = 3  # keep the last K complete checkpoints
+    dir: Optional[str] = None  # default: <run dir>/checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # console + TensorBoard scalars
+    images_every: int = 200  # validation image grid (0 = never)
+    num_images: int = 4  # samples in the grid
+    edit_steps: int = 8  # sampling steps for the grid's edits
+    tensorboard_dir: Optional[str] = None  # default: <run dir>/tb
+    progress_bar: bool = True
+
+
+@dataclass
+class GuardConfig:
+    max_consecutive_skips: int = 5  # non-finite loss / grad norm steps in a row that stop the run
+
+
+@dataclass
+class DebugConfig:
+    nan_at_steps: list[int] = field(default_factory=list)  # test hook: poison the loss at these steps
+    crash_in_save_at_step: int = -1  # test hook: SIGKILL self in the middle of this step's checkpoint save
+    step_sleep_s: float = 0.0  # test hook: slow steps down (signal tests)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    train: StepsConfig = field(default_factory=StepsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """Read a YAML file, merging the files named in its ``defaults:`` list (relative paths) first."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(seen + (path,))}")
+    node = OmegaConf.load(path)
+    bases = node.pop("defaults", None) or []
+    merged = OmegaConf.create()
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        if not base_path.endswith((".yaml", ".yml")):
+            base_path += ".yaml"
+        merged = OmegaConf.merge(merged, _read_yaml(base_path, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> DictConfig:
+    """Schema <- YAML (with ``defaults:`` includes) <- dotlist overrides; validated; read-only.
+
+    Raises ConfigError naming the key for unknown keys, wrong types and impossible values.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        layers = [schema]
+        if path:
+            layers.append(_read_yaml(path))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+    validate_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate_config(cfg: Any) -> None:
+    """Reject impossible values (ours, then ModelConfig's and DataConfig's), naming the key."""
+    t, o, s = cfg.train, cfg.optim, cfg.schedule
+    _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"'{t.precision}' is not auto, bf16 or fp32")
+    _check(t.zero_stage in (0, 1, 2), "train.zero_stage", f"{t.zero_stage} is not 0, 1 or 2")
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 = off)")
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+    _check(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be between 0 and optim.lr ({o.lr})")
+    _check(0 < cfg.ema.decay < 1, "ema.decay", "must be in (0, 1)")
+    _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
+    _check(cfg.guards.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ep = cfg.model.experts.ep_size
+    _check(world % ep == 0, "model.experts.ep_size", f"{ep} must divide the number of processes ({world})")
+    for section, dc in (("model", ModelConfig), ("data", DataConfig)):
+        obj = OmegaConf.to_object(cfg[section])
+        try:
+            obj.validate()
+        except ValueError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(f"{section}.") else f"{section}: {msg}") from None
+
+
+def resolve_precision(cfg: Any, on_gpu: bool) -> str:
+    """``auto`` means bf16 on GPU and fp32 on CPU (CPU bf16 is slow and breaks exact-resume tests)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return cfg.train.precision
+
+
+def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool) -> dict:
+    """The DeepSpeed config dict, generated from the training config (the single source of truth)."""
+    t = cfg.train
+    precision = resolve_precision(cfg, on_gpu)
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": float(cfg.optim.clip_grad_norm),
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+    if t.zero_stage > 0:
+        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": on_gpu,
+                                        "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+    return ds
+
+
+def save_resolved(cfg: Any, path: str) -> None:
+    """Write the resolved config as YAML (atomically: a half-written config would mislead a resume)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def run_dir(cfg: Any) -> str:
+    return os.path.join(cfg.run.dir, cfg.run.name)
+
+
+def checkpoint_dir(cfg: Any) -> str:
+    return cfg.checkpoint.dir or os.path.join(run_dir(cfg), "checkpoints")
+
+
+def tensorboard_dir(cfg: Any) -> str:
+    return cfg.logging.tensorboard_dir or os.path.join(run_dir(cfg), "tb")

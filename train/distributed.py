@@ -1,0 +1,84 @@
+"""Process-group set-up that works under `deepspeed`, `torchrun`, SLURM `srun` and as a plain process.
+
+Why: `make train` on a laptop runs ``python launch/train.py`` with no launcher, while clusters use
+the deepspeed launcher (which sets RANK/WORLD_SIZE/LOCAL_RANK and passes --local_rank) or srun
+(SLURM_PROCID/SLURM_NTASKS/...). We fill the env vars DeepSpeed expects and pick nccl on GPU, gloo
+on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_env_defaults() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    single = "RANK" not in os.environ
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port() if single else 29500)
+
+
+def init_distributed() -> DistInfo:
+    """Initialise the default process group through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    fill_env_defaults()
+    on_gpu = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank,
+                    device=device)
+
+
+def all_ranks_any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (the step-boundary agreement primitive)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()

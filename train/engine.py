@@ -1,0 +1,105 @@
+"""DeepSpeed engine set-up: MoE-aware optimizer groups, warm-up + cosine schedule, EMA.
+
+Why these pieces: expert parameters are marked ``allreduce=False`` by DeepSpeed-MoE and must sit in
+their own optimizer groups (``split_params_into_different_moe_groups_for_optimizer``) so the engine
+reduces their gradients only inside the expert-data-parallel group and checkpoints their optimizer
+state per expert-parallel rank. Only trainable parameters reach the optimizer: the frozen backbone
+has no Adam state and is not written to checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from train.config import deepspeed_config, resolve_precision
+from train.distributed import DistInfo
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable params split into decay / no-decay (biases, norms), then per MoE expert group."""
+    named = model.trainable_named_parameters() if hasattr(model, "trainable_named_parameters") else [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose lambda is picklable state (so DeepSpeed can checkpoint it)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+        super().__init__(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+
+
+class EMA:
+    """Exponential moving average of the trainable weights of *this rank*.
+
+    Per rank because expert weights differ across expert-parallel ranks; each rank checkpoints its
+    own copy. Kept in fp32 on the parameters' device.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise RuntimeError(f"EMA state lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        for n, t in state["shadow"].items():
+            if n in self.shadow:
+                self.shadow[n].copy_(t)
+
+
+@dataclass
+class Engine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    scheduler: WarmupCosine
+    ema: Optional[EMA]
+    dtype: torch.dtype
+    ds_config: dict
+
+
+def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> Engine:
+    """``deepspeed.initialize`` with MoE optimizer groups, AdamW, schedule and optional EMA."""
+    precision = resolve_precision(cfg, dist.on_gpu)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ds_config = deepspeed_config(cfg, dist.world_size, dist.on_gpu)
+    o = cfg.optim
+    groups = optimizer_param_groups(model, o.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise RuntimeError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = WarmupCosine(optimizer, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr / o.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+    return Engine(engine=engine, scheduler=scheduler, ema=ema, dtype=dtype, ds_config=ds_config)
