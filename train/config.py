@@ -17,20 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe.config import ModelConfig
 
-try:  # the data module's config; a minimal stand-in until data/config.py lands
-    from data.config import DataConfig
-except ImportError:  # pragma: no cover - removed once data.config exists
-    @dataclass
-    class DataConfig:  # type: ignore[no-redef]
-        train_shards: str = "artifacts/synthetic/train-{000000..000003}.tar"
-        val_shards: str = "artifacts/synthetic/val-000000.tar"
-        image_size: int = 64
-        num_workers: int = 0
-        seed: int = 0
-
-        def validate(self) -> None:
-            if self.image_size < 8:
-                raise ValueError("data.image_size: must be >= 8")
+from data.config import DataConfig
 
 
 class ConfigError(ValueError):

@@ -81,8 +81,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     ckpt = Checkpointer(cfg, dist, crash_hook=_crash_hook(cfg, dist))
     where = ckpt.find(resume)
     start_step = _peek_step(where, dist) if where else 0
-    loader = loader_factory(data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=start_step,
-                            exact=True)
+    loader = loader_factory(data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=start_step)
     if where:
         start_step = ckpt.load(engine, where, loader, eng.ema).step
     val_batch = val_batch_factory(data_cfg, cfg.logging.num_images).to(dist.device, eng.dtype) \
