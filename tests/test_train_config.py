@@ -1,0 +1,86 @@
+"""Config: merging, struct-mode errors and validation name the key, before any process group exists."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.distributed as torch_dist
+
+from train.config import ConfigError, deepspeed_config, load_config
+from train.engine import warmup_cosine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def test_tiny_merges_base_and_overrides():
+    cfg = load_config(TINY, ["train.steps=7", "optim.lr=0.002"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 0.002
+    assert cfg.checkpoint.keep == 2  # from tiny.yaml
+    assert cfg.guards.max_consecutive_skips == 5  # from base.yaml via defaults:
+    assert cfg.model.backbone.arch.num_layers == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "stepz"),
+    ("model.experts.rnak=3", "rnak"),
+    ("train.steps=many", "train.steps"),
+    ("train.zero_stage=3", "train.zero_stage"),
+    ("schedule.min_lr=1.0", "schedule.min_lr"),
+    ("model.experts.ep_size=3", "model.experts.ep_size"),
+    ("model.router.top_k=9", "model.router.top_k"),
+    ("data.image_size=60", "data.image_size"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, [override])
+    assert not torch_dist.is_initialized()
+
+
+def test_ep_size_must_divide_world(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="model.experts.ep_size"):
+        load_config(TINY, ["model.experts.ep_size=4"])
+
+
+@pytest.mark.parametrize("recipe, world", [("mid.yaml", "2"), ("flux_full.yaml", "8")])
+def test_gpu_recipes_validate(recipe, world, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    cfg = load_config(os.path.join(ROOT, "configs", recipe))
+    ds = deepspeed_config(cfg, world_size=int(world), on_gpu=True)
+    assert ds["bf16"]["enabled"] is True
+
+
+def test_launcher_fails_fast_without_building_anything(tmp_path):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config", TINY,
+                        f"run.dir={tmp_path}", "train.zero_stage=5"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "train.zero_stage" in r.stderr
+    assert "process group" not in (r.stdout + r.stderr).lower()  # deepspeed's init log never appears
+    assert not any(tmp_path.iterdir())  # no run dir, no checkpoints
+    assert time.time() - t0 < 60
+
+
+def test_deepspeed_config_is_generated_from_the_tree():
+    cfg = load_config(TINY, ["train.micro_batch=3", "train.grad_accum=2", "train.zero_stage=2",
+                             "optim.clip_grad_norm=0.5"])
+    ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False  # auto = fp32 on CPU
+    assert deepspeed_config(cfg, world_size=4, on_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
