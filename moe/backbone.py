@@ -15,7 +15,7 @@ An SD3 or Qwen-Image DiT adapter implements the same methods; nothing in the exp
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -150,23 +150,29 @@ class FluxBackbone(nn.Module):
         img_ids: Tensor,  # [N_img, 3]
         txt_ids: Tensor,  # [L, 3]
         attention_mask: Optional[Tensor] = None,  # [B, 1, 1, L + N_img] bool, True = attend
+        block_scope: Optional[Callable[[], ContextManager]] = None,
     ) -> Tensor:
+        """``block_scope`` is entered around every block call, including the recomputation that
+        gradient checkpointing runs during backward (that is how expert layers see their context)."""
         tr = self.transformer
         rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else None
+        scope = block_scope or contextlib.nullcontext
+
+        def run(block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+            with scope():
+                return block(
+                    hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
+                    joint_attention_kwargs=kwargs,
+                )
+
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         with self._sdpa_context():
             for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
                 if use_ckpt:
-                    txt, img = checkpoint(block, img, txt, temb, rope, kwargs, use_reentrant=False)
+                    txt, img = checkpoint(run, block, img, txt, use_reentrant=False)
                 else:
-                    txt, img = block(
-                        hidden_states=img,
-                        encoder_hidden_states=txt,
-                        temb=temb,
-                        image_rotary_emb=rope,
-                        joint_attention_kwargs=kwargs,
-                    )
+                    txt, img = run(block, img, txt)
         return img
 
     def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:

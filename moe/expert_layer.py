@@ -15,8 +15,9 @@ of an MoE module containing "expert" as an expert weight).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -119,9 +120,22 @@ class ExpertContext:
 
 
 class ContextHolder:
-    """Shared, mutable slot through which the model hands the per-forward context to its expert layers."""
+    """Shared slot through which the model hands the per-forward context to its expert layers.
 
-    ctx: Optional[ExpertContext] = None
+    It is bound around each block call (``bind``), also when gradient checkpointing recomputes a
+    block during backward, so the context never outlives the call that needs it.
+    """
+
+    def __init__(self) -> None:
+        self.ctx: Optional[ExpertContext] = None
+
+    @contextlib.contextmanager
+    def bind(self, ctx: ExpertContext) -> Iterator[None]:
+        previous, self.ctx = self.ctx, ctx
+        try:
+            yield
+        finally:
+            self.ctx = previous
 
 
 class ExpertFeedForward(nn.Module):

@@ -202,11 +202,9 @@ class CareEditModel(nn.Module):
             has_ref=cond.has_ref, text=txt, text_mask=cond.text_mask, temb=temb, presence=presence,
             available=available, coarse=coarse, gt_mask=gt,
         )
-        self.holder.ctx = ctx
-        try:
-            hidden = bb.run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask)
-        finally:
-            self.holder.ctx = None
+        hidden = bb.run_blocks(
+            img, txt, temb, img_ids, txt_ids, attention_mask, block_scope=lambda: self.holder.bind(ctx)
+        )
         self._last_seq_len = txt.shape[1] + img.shape[1]
         pred = bb.project_out(hidden[:, :n], temb)
         return unpack_latents(pred, h, w), ctx

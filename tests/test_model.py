@@ -1,0 +1,272 @@
+"""The whole CARE-Edit model on a tiny random-init FLUX: behaviour the method promises."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from moe.backbone import FluxBackbone, pack_latents, unpack_latents
+from moe.config import LoraConfig, ModelConfig
+from moe.model import build_model
+from tests.model_configs import make_batch, tiny_model_config
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(tiny_model_config(**overrides))
+
+
+def _velocity(model, batch, seed=5):
+    """Deterministic prediction: a fixed noisy latent per sample (seeded by its key) and time."""
+    model.eval()
+    cond = model.encode_conditions(batch)
+    noisy = torch.stack(
+        [torch.randn(cond.base.shape[1:], generator=torch.Generator().manual_seed(seed + int(k[1:]))) for k in batch.keys]
+    )
+    t = torch.full((batch.batch_size,), 0.7)
+    return model.predict_velocity(noisy, t, cond)
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 4, 6, 8)
+    assert torch.equal(unpack_latents(pack_latents(x), 6, 8), x)
+    assert pack_latents(x).shape == (2, 12, 16)
+
+
+def test_every_routed_token_uses_exactly_k_experts_and_weights_sum_to_one():
+    model = _model(**{"router.top_k": 3})
+    _, ctx = _velocity(model, make_batch(has_ref=[True, True]))
+    assert len(ctx.records) == 2
+    for record in ctx.records.values():
+        r = record.routing
+        assert ((r.index >= 0).sum(dim=1) == 3).all()
+        assert torch.allclose(r.weight.sum(dim=1), torch.ones(r.weight.shape[0]), atol=1e-6)
+
+
+def test_backbone_is_frozen_and_trainable_parts_change_after_a_step():
+    model = _model(**{"loss.tag_alignment": 0.1})
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = dict(model.trainable_named_parameters())
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    for _ in range(2):  # two steps: zero-initialised LoRA experts give the mixture gate no gradient at first
+        opt.zero_grad()
+        out = model(make_batch())
+        out.loss.backward()
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, n
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and not (changed & frozen)
+    assert not any("lora" in n or ".moe." in n or "router" in n for n in frozen)
+    # every trainable family moved: LoRA, experts, router, repaint, mixture, mask encoder, tag predictor
+    for family in ["lora_B", ".moe.deepspeed_moe.experts.deepspeed_experts.", ".router.", ".repaint.",
+                   ".mixture.", "mask_encoder.", "tag_predictor."]:
+        assert any(family in n for n in changed), family
+    # the frozen encoders and backbone weights are really frozen
+    assert any(n.startswith("backbone.transformer.transformer_blocks.0.attn.to_q.base_layer") for n in frozen)
+    assert any(n.startswith("vae.") for n in frozen) and any(n.startswith("text_encoders.") for n in frozen)
+
+
+def test_zero_initialised_lora_leaves_the_backbone_output_unchanged():
+    cfg = tiny_model_config()
+    torch.manual_seed(0)
+    plain = FluxBackbone(cfg.backbone, LoraConfig(rank=0))
+    lora = copy.deepcopy(plain)
+    lora._add_lora(LoraConfig(rank=4))
+    assert any("lora_A" in n for n, _ in lora.named_parameters())
+    torch.manual_seed(1)
+    d = plain.hidden_size
+    img, txt, temb = torch.randn(2, 8, d), torch.randn(2, 3, d), torch.randn(2, d)
+    ids = torch.zeros(8, 3)
+    ids[:, 1] = torch.arange(8)
+    args = (img, txt, temb, ids, torch.zeros(3, 3))
+    torch.testing.assert_close(lora.run_blocks(*args), plain.run_blocks(*args), rtol=0, atol=0)
+    for n, p in lora.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    assert (lora.run_blocks(*args) - plain.run_blocks(*args)).abs().max() > 1e-3
+
+
+def test_layer_with_only_base_enabled_reproduces_the_base_path():
+    model = _model(**{"experts.enabled": "[base]", "router.top_k": 1})
+    layer = model.expert_layers[0]
+    seen = {}
+    layer.moe.register_forward_hook(lambda m, inp, out: seen.update(packed=inp[0], out=out))
+    layer.register_forward_hook(lambda m, inp, out: seen.update(hidden=inp[0], layer_out=out))
+    for p in layer.moe.parameters():  # make the Base expert non-trivial
+        p.data.normal_(0, 0.1)
+    _velocity(model, make_batch())
+    base = layer.moe.deepspeed_moe.experts.deepspeed_experts[0]
+    torch.testing.assert_close(seen["out"], base(seen["packed"]), rtol=1e-6, atol=1e-6)
+    n = seen["packed"].shape[0] // 2
+    expected = layer.frozen_ff(seen["hidden"])[:, :n] + base(seen["packed"]).view(2, n, -1)
+    torch.testing.assert_close(seen["layer_out"][:, :n], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ffn_experts_start_equal_to_the_frozen_path():
+    model = _model(**{"experts.kind": "ffn", "lora.rank": 0})
+    batch = make_batch()
+    with_experts, _ = _velocity(model, batch)
+    for layer in model.expert_layers:  # put the original feed-forwards back
+        model.backbone.set_feed_forward(model.expert_blocks[layer.position], layer.frozen_ff)
+    without, _ = _velocity(model, batch)
+    torch.testing.assert_close(with_experts, without, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_reference_changes_only_what_it_should():
+    model = _model()
+    batch = make_batch(has_ref=[True, False])
+    both, ctx = _velocity(model, batch)
+    alone_without, _ = _velocity(model, batch.select([1]))
+    alone_with, _ = _velocity(model, batch.select([0]))
+    # the sample without a reference is computed as if alone (its zero reference tokens are masked out)
+    torch.testing.assert_close(both[1:], alone_without, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[:1], alone_with, rtol=1e-4, atol=1e-5)
+    # and it never routes to the Reference expert, while the sample with one may
+    ref_id = model.expert_names.index("reference")
+    for record in ctx.records.values():
+        idx = record.routing.index.view(2, -1, record.routing.index.shape[-1])
+        assert not (idx[1] == ref_id).any()
+    # giving it a reference does change its prediction
+    with_ref = copy.deepcopy(batch)
+    with_ref.has_reference = torch.tensor([True, True])
+    with_ref.reference[1] = with_ref.reference[0]
+    changed, _ = _velocity(model, with_ref)
+    assert (changed[1] - both[1]).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    batch = make_batch()
+    results = []
+    for ckpt in (False, True):
+        model = _model(**{"backbone.gradient_checkpointing": ckpt, "router.noise_std": 0.1})
+        model.train()
+        torch.manual_seed(11)
+        out = model(batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_decoupled_repaint_keeps_the_mask_loss_out_of_the_editing_path():
+    model = _model(**{"repaint.mode": "decoupled"})
+    model.train()
+    torch.manual_seed(3)
+    out = model(make_batch())
+    params = dict(model.trainable_named_parameters())
+    mask_grads = torch.autograd.grad(
+        out.terms["mask_boundary"], list(params.values()), allow_unused=True, retain_graph=True
+    )
+    for (n, _), g in zip(params.items(), mask_grads):
+        if g is not None and g.abs().max() > 0:
+            assert ".repaint." in n, n  # only the repaint heads learn from the mask loss
+    diff_grads = torch.autograd.grad(out.terms["diffusion"], list(params.values()), allow_unused=True)
+    for (n, _), g in zip(params.items(), diff_grads):
+        if ".repaint." in n:
+            assert g is None or g.abs().max() == 0, n
+    # coupled: the mask loss reaches the editing path too
+    coupled = _model()
+    coupled.train()
+    for layer in coupled.expert_layers:  # the zero-initialised output conv passes no gradient back at first
+        torch.nn.init.normal_(layer.repaint.out.weight, std=0.1)
+    out = coupled(make_batch())
+    params = dict(coupled.trainable_named_parameters())
+    grads = torch.autograd.grad(out.terms["mask_boundary"], list(params.values()), allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 and ".repaint." not in n for (n, _), g in zip(params.items(), grads))
+
+
+@pytest.mark.parametrize(
+    "overrides, present, absent",
+    [
+        ({}, {"diffusion", "load_balance", "mask_boundary", "mixture_smoothness"}, {"tag_alignment"}),
+        ({"router.kind": "uniform"}, {"diffusion", "mask_boundary"}, {"load_balance", "mixture_smoothness"}),
+        ({"router.kind": "static"}, {"diffusion"}, {"load_balance"}),
+        ({"repaint.enabled": False}, {"diffusion", "load_balance"}, {"mask_boundary"}),
+        ({"loss.load_balance": 0.0, "loss.tag_alignment": 0.5}, {"tag_alignment"}, {"load_balance"}),
+    ],
+)
+def test_ablation_switches_change_the_computed_terms(overrides, present, absent):
+    model = _model(**overrides)
+    model.train()
+    out = model(make_batch())
+    assert present <= set(out.terms) and not (absent & set(out.terms))
+    assert torch.isfinite(out.loss)
+    total = sum(getattr(model.cfg.loss, k) * v for k, v in out.terms.items())
+    torch.testing.assert_close(out.loss, total)
+
+
+def test_static_fusion_and_mixture_off_weights():
+    model = _model(**{"router.kind": "static", "mixture.enabled": False})
+    _, ctx = _velocity(model, make_batch(has_ref=[True, True]))
+    for record in ctx.records.values():
+        assert record.gate is None
+        assert torch.allclose(record.routing.weight, torch.full_like(record.routing.weight, 0.25))
+
+
+def test_edit_is_deterministic_for_a_seed_and_returns_maps():
+    model = _model()
+    batch = make_batch()
+    a = model.edit(batch, num_steps=2, generator=torch.Generator().manual_seed(0))
+    b = model.edit(batch, num_steps=2, generator=torch.Generator().manual_seed(0))
+    c = model.edit(batch, num_steps=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert a.images.shape == (2, 3, 32, 32) and a.routing_map.shape == (2, 3, 32, 32)
+    assert a.refined_mask.shape == (2, 1, 32, 32) and 0 <= a.refined_mask.min() <= a.refined_mask.max() <= 1
+    g = model.edit(batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(g.images, a.images)
+
+
+def test_weights_load_from_a_local_folder(tmp_path):
+    """The path a user's real weights take: from_pretrained on local folders, no hub."""
+    model = _model()
+    torch.manual_seed(0)
+    plain = FluxBackbone(tiny_model_config().backbone, LoraConfig(rank=0))
+    plain.transformer.save_pretrained(tmp_path / "transformer")
+    model.vae.vae.save_pretrained(tmp_path / "vae")
+    cfg = tiny_model_config(**{"backbone.path": str(tmp_path), "vae.path": str(tmp_path)})
+    torch.manual_seed(0)
+    loaded = build_model(cfg)
+    sd = loaded.backbone.transformer.state_dict()
+    for n, p in plain.transformer.state_dict().items():
+        key = n if n in sd else n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        if key not in sd:
+            continue  # replaced feed-forwards live under .frozen_ff
+        assert torch.equal(sd[key], p), n
+    assert torch.equal(loaded.vae.vae.state_dict()["encoder.conv_in.weight"], model.vae.vae.state_dict()["encoder.conv_in.weight"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"router.top_k": 5}, "router.top_k"),
+        ({"experts.enabled": "[text,base]", "router.top_k": 3}, "router.top_k"),
+        ({"experts.ep_size": 3}, "experts.ep_size"),
+        ({"experts.kind": "moe"}, "experts.kind"),
+        ({"experts.enabled": "[text,mask]", "router.top_k": 2}, "mixture.enabled"),
+        ({"experts.blocks": "[7]"}, "experts.blocks"),
+        ({"repaint.mode": "both"}, "repaint.mode"),
+        ({"loss.mask_boundary": -1.0}, "loss.mask_boundary"),
+    ],
+)
+def test_bad_configs_fail_before_anything_is_built(overrides, key, monkeypatch):
+    import moe.model as model_module
+
+    built = []
+    monkeypatch.setattr(model_module, "FrozenVAE", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_model(tiny_model_config(**overrides))
+    assert not built
+
+
+def test_unknown_config_keys_are_rejected():
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), {"router": {"topk": 2}})

@@ -1,0 +1,176 @@
+"""Router, experts, dispatchers, repaint and mixture against plain reference computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moe.config import RouterConfig
+from moe.dispatch import AllToAllDispatcher, DenseDispatcher, reference_combine
+from moe.experts import FfnExpert, LoraExpert, build_expert, packed_width, reference_feed_forward
+from moe.repaint import LatentMixture, MaskRepaint
+from moe.router import ConditionRouter, dense_weights, topk_routing
+
+D, C = 16, 4
+
+
+def _ff():
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(1)
+    return FeedForward(dim=D, dim_out=D, activation_fn="gelu-approximate")
+
+
+def _experts(kind: str):
+    names = ["text", "mask", "reference", "base"]
+    torch.manual_seed(2)
+    experts = [build_expert(kind, n, D, C, rank=3, frozen_ff=_ff()) for n in names]
+    for e in experts:  # move off the zero init so that every expert computes something different
+        for p in e.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    return experts
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_topk_uses_exactly_k_experts_with_weights_summing_to_one(k):
+    torch.manual_seed(0)
+    logits = torch.randn(200, 4)
+    available = torch.ones(200, 4, dtype=torch.bool)
+    r = topk_routing(logits, available, k)
+    assert ((r.index >= 0).sum(dim=1) == k).all()
+    assert torch.allclose(r.weight.sum(dim=1), torch.ones(200), atol=1e-6)
+    # the selected experts are the k most probable, with renormalised probabilities as weights
+    probs = torch.softmax(logits, dim=-1)
+    top_p, top_i = probs.topk(k, dim=-1)
+    assert torch.equal(r.index, top_i)
+    assert torch.allclose(r.weight, top_p / top_p.sum(-1, keepdim=True), atol=1e-6)
+    assert len(set(r.index[0].tolist())) == k  # no expert twice
+
+
+def test_unavailable_expert_is_never_selected_and_k_shrinks_only_when_needed():
+    logits = torch.tensor([[0.0, 0.0, 10.0, 0.0]] * 3)
+    available = torch.tensor([[True, True, False, True]] * 3)
+    r3 = topk_routing(logits, available, 3)
+    assert not (r3.index == 2).any() and ((r3.index >= 0).sum(1) == 3).all()
+    r4 = topk_routing(logits, available, 4)
+    assert ((r4.index >= 0).sum(1) == 3).all() and (r4.index[:, 3] == -1).all()
+    assert torch.allclose(r4.weight.sum(1), torch.ones(3))
+    assert r3.probs[:, 2].abs().max() == 0
+
+
+def _router_inputs(b=2, n=6, kind="learned", k=2):
+    torch.manual_seed(0)
+    router = ConditionRouter(RouterConfig(kind=kind, top_k=k, ctx_dim=C, attn_dim=8, num_latents=2), D, 4, temb_dim=D)
+    x, text, ref, masks = torch.randn(b, n, D), torch.randn(b, 5, D), torch.randn(b, n, D), torch.randn(b, n, D)
+    has_ref = torch.tensor([True, False])
+    ctxs = router.contexts(x, text, torch.ones(b, 5, dtype=torch.bool), ref, has_ref, masks)
+    available = torch.ones(b, 4, dtype=torch.bool)
+    available[1, 2] = False
+    return router, x, ctxs, available, has_ref
+
+
+def test_router_reference_context_is_zero_without_reference():
+    _, _, (text_ctx, ref_ctx, _), _, _ = _router_inputs()
+    assert ref_ctx[1].abs().max() == 0 and ref_ctx[0].abs().max() > 0
+    assert text_ctx.abs().min() >= 0 and text_ctx[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", ["learned", "uniform", "static"])
+def test_router_kinds(kind):
+    router, x, ctxs, available, _ = _router_inputs(kind=kind, k=2)
+    r = router(x, ctxs, torch.rand(2, 6), torch.randn(2, D), torch.ones(2, 3), available)
+    sel = (r.index >= 0).sum(1)
+    assert torch.allclose(r.weight.sum(1), torch.ones(12), atol=1e-6)
+    assert not (r.index[6:] == 2).any()  # sample 1 has no reference
+    if kind == "static":  # all available experts, equal weights
+        assert sel[:6].eq(4).all() and sel[6:].eq(3).all()
+        assert torch.allclose(r.weight[:6], torch.full((6, 4), 0.25))
+    else:
+        assert sel.eq(2).all()
+    if kind == "uniform":
+        assert torch.allclose(r.weight[r.index >= 0], torch.tensor(0.5))
+
+
+def test_router_depends_on_task_context_and_previous_mask():
+    router, x, ctxs, available, _ = _router_inputs()
+    nn.init.normal_(router.task[2].weight)
+    base = router(x, ctxs, torch.zeros(2, 6), torch.zeros(2, D), torch.ones(2, 3), available).probs
+    other_t = router(x, ctxs, torch.zeros(2, 6), torch.ones(2, D), torch.ones(2, 3), available).probs
+    other_m = router(x, ctxs, torch.ones(2, 6), torch.zeros(2, D), torch.ones(2, 3), available).probs
+    assert (base - other_t).abs().max() > 1e-4
+    assert (base - other_m).abs().max() > 1e-4
+
+
+def test_ffn_experts_start_equal_to_the_frozen_ffn():
+    ff = _ff()
+    x = torch.randn(10, D)
+    packed = torch.cat([x, torch.randn(10, 3 * C + 1)], dim=1)
+    for name in ["text", "mask", "reference", "base"]:
+        expert = build_expert("ffn", name, D, C, rank=3, frozen_ff=ff)
+        assert isinstance(expert, FfnExpert)
+        torch.testing.assert_close(expert(packed), reference_feed_forward(ff, x), rtol=1e-6, atol=1e-6)
+        assert all(p.requires_grad for p in expert.parameters())
+
+
+def test_lora_experts_start_at_zero_and_read_their_own_condition():
+    torch.manual_seed(0)
+    packed = torch.randn(5, packed_width(D, C))
+    expert = LoraExpert("reference", D, C, rank=3)
+    assert expert(packed).abs().max() == 0
+    nn.init.normal_(expert.up.weight)
+    out = expert(packed)
+    changed = packed.clone()
+    changed[:, D + 2 * C :] += 1  # mask context and mask: not the Reference expert's
+    assert torch.allclose(out, expert(changed))
+    changed = packed.clone()
+    changed[:, D + C : D + 2 * C] += 1  # its own reference read-out
+    assert not torch.allclose(out, expert(changed))
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffn"])
+@pytest.mark.parametrize("dispatcher", [DenseDispatcher(), AllToAllDispatcher(1, 0)])
+def test_dispatchers_match_the_per_token_reference(kind, dispatcher):
+    experts = _experts(kind)
+    torch.manual_seed(3)
+    s = 24
+    packed = torch.randn(s, packed_width(D, C), requires_grad=True)
+    r = topk_routing(torch.randn(s, 4), torch.rand(s, 4) > 0.2, 3)
+    gate = torch.rand(s)
+    index, weight = LatentMixture.blend(r.index, r.weight, gate, base_id=3)
+    weight = weight.detach().requires_grad_(True)
+    out = dispatcher(packed, index, weight, experts)
+    ref = reference_combine(packed, index, weight, experts)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [packed, weight, *experts[0].parameters()])
+    grads_ref = torch.autograd.grad((ref * g).sum(), [packed, weight, *experts[0].parameters()])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_mixture_is_convex_and_gives_base_the_rest():
+    index = torch.tensor([[0, 1, -1], [3, 2, 1]])
+    weight = torch.tensor([[0.6, 0.4, 0.0], [0.5, 0.3, 0.2]])
+    gate = torch.tensor([0.25, 0.8])
+    idx, w = LatentMixture.blend(index, weight, gate, base_id=3)
+    dense = dense_weights(idx, w, 4)
+    assert torch.allclose(dense.sum(1), torch.ones(2))
+    assert torch.allclose(dense[0], torch.tensor([0.15, 0.1, 0.0, 0.75]))
+    assert torch.allclose(dense[1], torch.tensor([0.0, 0.16, 0.24, 0.4 + 0.2]))
+
+
+def test_mask_repaint_starts_at_its_prior_and_sees_neighbours():
+    torch.manual_seed(0)
+    head = MaskRepaint(D, C, hidden=8)
+    x, ref = torch.randn(2, 16, D), torch.randn(2, 16, C)
+    prior = torch.zeros(2, 16)
+    prior[:, 5] = 1
+    logits = head(x, ref, prior, prior, (4, 4))
+    torch.testing.assert_close(torch.sigmoid(logits), prior.clamp(0.02, 0.98), rtol=1e-5, atol=1e-6)
+    nn.init.normal_(head.out.weight)
+    x2 = x.clone()
+    x2[:, 0] += torch.randn(D)  # token (0, 0): affects its 3x3 conv neighbourhood (two convs: up to 2 tokens away)
+    delta = (head(x2, ref, prior, prior, (4, 4)) - head(x, ref, prior, prior, (4, 4))).abs().reshape(2, 4, 4)
+    assert delta[:, 0, 0].min() > 0 and delta[:, 1, 1].min() > 0
+    assert delta[:, 3, 3].max() == 0
