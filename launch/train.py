@@ -35,9 +35,14 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from train.guards import TooManySkippedSteps
     from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
 
-    train(cfg, resume=args.resume, **factories)
+    try:
+        train(cfg, resume=args.resume, **factories)
+    except TooManySkippedSteps as e:
+        print(f"training stopped: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

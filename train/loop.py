@@ -145,7 +145,11 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
                     raise RuntimeError(f"step {step + 1}: {oom_advice(cfg)}") from e
                 raise
             step += 1
-            guard.record(skipped, step, reason)
+            step_loss = mean_over_ranks({"loss": scalars.get("loss/total", float("nan"))}, dist.device)["loss"]
+            if losses_file:
+                losses_file.write(json.dumps({"step": step, "loss": step_loss, "skipped": skipped}) + "\n")
+                losses_file.flush()
+            guard.record(skipped, step, reason)  # raises TooManySkippedSteps (same step on all ranks)
             if skipped:
                 logger.print(f"step {step}: skipped ({reason}); {guard.consecutive} in a row, {guard.total} total")
             elif eng.ema is not None:
@@ -153,11 +157,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
             if cfg.debug.step_sleep_s:
                 time.sleep(max(0.0, cfg.debug.step_sleep_s - (time.perf_counter() - t_step)))
 
-            # ---- bookkeeping: loss record, logs, images, checkpoints
-            step_loss = mean_over_ranks({"loss": scalars.get("loss/total", float("nan"))}, dist.device)["loss"]
-            if losses_file:
-                losses_file.write(json.dumps({"step": step, "loss": step_loss, "skipped": skipped}) + "\n")
-                losses_file.flush()
+            # ---- bookkeeping: logs, images, checkpoints
             if grad_norm is not None and not skipped:
                 scalars["opt/grad_norm"] = grad_norm
             logger.accumulate(scalars, samples, tokens)
