@@ -109,7 +109,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
             skipped, reason, stepped_micro, scalars, samples, tokens = False, "", 0, {}, 0, 0
             try:
                 for micro in range(gas):
-                    batch = next(batches)
+                    batch = _next_batch(batches)
                     if skipped:
                         continue  # keep consuming data so positions stay deterministic
                     batch = batch.to(dist.device, eng.dtype)
@@ -180,6 +180,17 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
         if losses_file:
             losses_file.close()
     return TrainResult(step=step, skipped_steps=guard.total, preempted=preempted, checkpoint=last_ckpt)
+
+
+def _next_batch(batches: Any) -> Any:
+    """The next batch, without letting the data path touch the training RNG.
+
+    torch's DataLoader draws its workers' base seed from the global CPU generator when an iterator
+    is created, which happens at step 1 of a fresh run but right after the RNG restore of a resumed
+    one; that one draw shifted every later noise sample and broke exact resume.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return next(batches)
 
 
 def _accumulate(scalars: dict[str, float], loss: torch.Tensor, out: Any, gas: int) -> None:
