@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BackboneConfig, LoraConfig
-from .encoders import freeze
+from .config import BackboneConfig, FluxArch, LoraConfig
+from .encoders import freeze, seeded
 
 _SDPA_BACKENDS = {
     "flash": "FLASH_ATTENTION",
@@ -55,10 +55,16 @@ def grid_position_ids(gh: int, gw: int, offset: int, device: torch.device) -> Te
     return ids.reshape(gh * gw, 3)
 
 
+def flux_arch_kwargs(a: FluxArch) -> dict:
+    kwargs = {k: getattr(a, k) for k in FluxArch.__dataclass_fields__}
+    kwargs["axes_dims_rope"] = tuple(a.axes_dims_rope)
+    return kwargs
+
+
 class FluxBackbone(nn.Module):
     """diffusers ``FluxTransformer2DModel``, frozen, with peft LoRA on the configured projections."""
 
-    def __init__(self, cfg: BackboneConfig, lora: LoraConfig):
+    def __init__(self, cfg: BackboneConfig, lora: LoraConfig, init_seed: int = 0):
         super().__init__()
         from diffusers import FluxTransformer2DModel
 
@@ -67,19 +73,8 @@ class FluxBackbone(nn.Module):
                 cfg.path, subfolder=cfg.subfolder, local_files_only=True
             )
         else:
-            a = cfg.arch
-            self.transformer = FluxTransformer2DModel(
-                patch_size=a.patch_size,
-                in_channels=a.in_channels,
-                num_layers=a.num_layers,
-                num_single_layers=a.num_single_layers,
-                attention_head_dim=a.attention_head_dim,
-                num_attention_heads=a.num_attention_heads,
-                joint_attention_dim=a.joint_attention_dim,
-                pooled_projection_dim=a.pooled_projection_dim,
-                guidance_embeds=a.guidance_embeds,
-                axes_dims_rope=tuple(a.axes_dims_rope),
-            )
+            with seeded(init_seed):
+                self.transformer = FluxTransformer2DModel(**flux_arch_kwargs(cfg.arch))
         freeze(self.transformer)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.attention_backend = cfg.attention_backend
@@ -183,5 +178,5 @@ class FluxBackbone(nn.Module):
 BACKBONES = {"flux": FluxBackbone}
 
 
-def build_backbone(cfg: BackboneConfig, lora: LoraConfig) -> nn.Module:
-    return BACKBONES[cfg.kind](cfg, lora)
+def build_backbone(cfg: BackboneConfig, lora: LoraConfig, init_seed: int = 0) -> nn.Module:
+    return BACKBONES[cfg.kind](cfg, lora, init_seed)

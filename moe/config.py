@@ -145,6 +145,9 @@ class ModelConfig:
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     use_reference: bool = True  # put reference-image tokens in the sequence when a sample has one
+    # Seed of the frozen weights built at random when no path is given. Frozen weights are not saved
+    # in checkpoints, so they must be a function of the config alone (resume, export, cache, eval).
+    init_seed: int = 0
     num_tags: int = 64  # size of the tag vocabulary for TAG-MoE alignment (>= len(data.schema.TAG_VOCAB))
 
     def validate(self) -> None:

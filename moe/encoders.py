@@ -8,13 +8,22 @@ vocabulary file.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TextConfig, VAEConfig
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Build random-init frozen weights from their own seed, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -26,15 +35,27 @@ def freeze(module: nn.Module) -> nn.Module:
 class FrozenVAE(nn.Module):
     """diffusers AutoencoderKL, frozen; ``encode`` returns FLUX-normalised latents ((z - shift) * scale)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, init_seed: int = 0):
         super().__init__()
         from diffusers import AutoencoderKL
 
         if cfg.path is not None:
             self.vae = AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, local_files_only=True)
         else:
-            n = len(cfg.block_out_channels)
-            self.vae = AutoencoderKL(
+            with seeded(init_seed):
+                self.vae = self._random(cfg)
+        freeze(self.vae)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @staticmethod
+    def _random(cfg: VAEConfig) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        n = len(cfg.block_out_channels)
+        return AutoencoderKL(
                 in_channels=3,
                 out_channels=3,
                 down_block_types=("DownEncoderBlock2D",) * n,
@@ -46,20 +67,19 @@ class FrozenVAE(nn.Module):
                 scaling_factor=cfg.scaling_factor,
                 shift_factor=cfg.shift_factor,
             )
-        freeze(self.vae)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
-        self.latent_channels = int(self.vae.config.latent_channels)
-        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def normalise(self, raw: Tensor) -> Tensor:
         return (raw - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
+    def encode_raw(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f] posterior mean, unnormalised (what caches store)."""
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+
+    @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f] normalised latents (posterior mean: deterministic)."""
-        raw = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
-        return self.normalise(raw)
+        """[B, 3, H, W] in [-1, 1] -> normalised latents (deterministic: the posterior mean)."""
+        return self.normalise(self.encode_raw(images))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -87,9 +107,9 @@ class ByteTokenizer:
 class FrozenTextEncoders(nn.Module):
     """T5 sequence embeddings (FLUX's ``encoder_hidden_states``) and CLIP pooled embeddings."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, init_seed: int = 0):
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import CLIPTextModel, T5EncoderModel
 
         self.max_length = cfg.max_length
         if cfg.t5_path is not None:
@@ -101,19 +121,8 @@ class FrozenTextEncoders(nn.Module):
             )
         else:
             self.t5_tokenizer = None
-            self.t5 = T5EncoderModel(
-                T5Config(
-                    vocab_size=ByteTokenizer.vocab_size,
-                    d_model=cfg.t5_d_model,
-                    d_kv=cfg.t5_d_model // cfg.t5_heads,
-                    d_ff=cfg.t5_ff,
-                    num_layers=cfg.t5_layers,
-                    num_heads=cfg.t5_heads,
-                    feed_forward_proj="gated-gelu",
-                    pad_token_id=ByteTokenizer.pad_id,
-                    eos_token_id=ByteTokenizer.eos_id,
-                )
-            )
+            with seeded(init_seed + 1):
+                self.t5 = T5EncoderModel(_tiny_t5_config(cfg))
         if cfg.clip_path is not None:
             from transformers import AutoTokenizer
 
@@ -123,19 +132,8 @@ class FrozenTextEncoders(nn.Module):
             )
         else:
             self.clip_tokenizer = None
-            self.clip = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=ByteTokenizer.vocab_size,
-                    hidden_size=cfg.clip_hidden,
-                    intermediate_size=cfg.clip_hidden * 4,
-                    num_hidden_layers=cfg.clip_layers,
-                    num_attention_heads=cfg.clip_heads,
-                    max_position_embeddings=cfg.max_length,
-                    pad_token_id=ByteTokenizer.pad_id,
-                    bos_token_id=ByteTokenizer.bos_id,
-                    eos_token_id=ByteTokenizer.eos_id,
-                )
-            )
+            with seeded(init_seed + 2):
+                self.clip = CLIPTextModel(_tiny_clip_config(cfg))
         self.byte_tokenizer = ByteTokenizer(cfg.max_length)
         freeze(self.t5)
         freeze(self.clip)
@@ -156,6 +154,26 @@ class FrozenTextEncoders(nn.Module):
         cids, cmask = self._tokenize(self.clip_tokenizer, texts, clip_len)
         pooled = self.clip(input_ids=cids.to(device), attention_mask=cmask.to(device)).pooler_output
         return embeds, mask, pooled
+
+
+def _tiny_t5_config(cfg: TextConfig):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=ByteTokenizer.vocab_size, d_model=cfg.t5_d_model, d_kv=cfg.t5_d_model // cfg.t5_heads,
+        d_ff=cfg.t5_ff, num_layers=cfg.t5_layers, num_heads=cfg.t5_heads, feed_forward_proj="gated-gelu",
+        pad_token_id=ByteTokenizer.pad_id, eos_token_id=ByteTokenizer.eos_id,
+    )
+
+
+def _tiny_clip_config(cfg: TextConfig):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=cfg.clip_hidden, intermediate_size=cfg.clip_hidden * 4,
+        num_hidden_layers=cfg.clip_layers, num_attention_heads=cfg.clip_heads, max_position_embeddings=cfg.max_length,
+        pad_token_id=ByteTokenizer.pad_id, bos_token_id=ByteTokenizer.bos_id, eos_token_id=ByteTokenizer.eos_id,
+    )
 
 
 class MaskEncoder(nn.Module):
@@ -184,5 +202,3 @@ def mask_to_grid(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     return F.adaptive_avg_pool2d(mask.float(), grid)[:, 0]
 
 
-def build_vae(cfg: VAEConfig) -> Optional[FrozenVAE]:
-    return FrozenVAE(cfg)

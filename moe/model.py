@@ -93,9 +93,9 @@ class CareEditModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         ep_rank = default_ep_rank(cfg.experts.ep_size) if ep_rank is None else ep_rank
-        self.vae = FrozenVAE(cfg.vae)
-        self.text_encoders = FrozenTextEncoders(cfg.text)
-        self.backbone = build_backbone(cfg.backbone, cfg.lora)
+        self.vae = FrozenVAE(cfg.vae, cfg.init_seed)
+        self.text_encoders = FrozenTextEncoders(cfg.text, cfg.init_seed)
+        self.backbone = build_backbone(cfg.backbone, cfg.lora, cfg.init_seed)
         dim = self.backbone.hidden_size
         self.token_stride = self.vae.downsample * 2  # pixels per token side (2x2 latent packing)
         self.mask_encoder = MaskEncoder(self.token_stride, cfg.repaint.hidden, dim)
