@@ -21,7 +21,8 @@ from .config import TextConfig, VAEConfig
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Build random-init frozen weights from their own seed, leaving the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 

@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .config import ModelConfig
 from .dispatch import build_dispatcher
+from .encoders import seeded
 from .experts import build_expert, packed_width
 from .repaint import LatentMixture, MaskRepaint
 from .router import ConditionRouter, Routing
@@ -163,8 +165,7 @@ class ExpertFeedForward(nn.Module):
         for j in range(n_local):
             e = ep_rank * n_local + j
             # each expert is initialised from its own seed, so any ep_size builds identical experts
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(expert_seed * 1009 + e)
+            with seeded(expert_seed * 1009 + e):
                 local.append(build_expert(ex.kind, self.expert_names[e], dim, c, ex.rank, frozen_ff))
         dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank)
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
@@ -180,7 +181,8 @@ class ExpertFeedForward(nn.Module):
         x = hidden[:, :n]
         ref = hidden[:, ctx.ref_span[0] : ctx.ref_span[1]] if ctx.ref_span is not None else None
         mask_tokens = hidden[:, ctx.mask_span[0] : ctx.mask_span[1]]
-        contexts = self.router.contexts(x, ctx.text, ctx.text_mask, ref, ctx.has_ref, mask_tokens)
+        with record_function("care/router_contexts"):
+            contexts = self.router.contexts(x, ctx.text, ctx.text_mask, ref, ctx.has_ref, mask_tokens)
         prior = ctx.prior(self.position)
 
         refined_logits = None
@@ -188,7 +190,8 @@ class ExpertFeedForward(nn.Module):
             inputs = (x, contexts[1], prior)
             if self.decoupled:  # AdaptEdit: the mask head learns from its own loss only
                 inputs = tuple(t.detach() for t in inputs)
-            refined_logits = self.repaint(*inputs, ctx.coarse, ctx.grid)
+            with record_function("care/repaint"):
+                refined_logits = self.repaint(*inputs, ctx.coarse, ctx.grid)
             refined = torch.sigmoid(refined_logits)
             ctx.refined[self.position] = refined
             edit_mask = refined.detach() if self.decoupled else refined
@@ -197,16 +200,20 @@ class ExpertFeedForward(nn.Module):
         else:
             edit_mask = ctx.coarse
 
-        routing = self.router(x, contexts, prior, ctx.temb, ctx.presence, ctx.available)
+        with record_function("care/router"):
+            routing = self.router(x, contexts, prior, ctx.temb, ctx.presence, ctx.available)
         index, weight = routing.index, routing.weight
         gate = None
         if self.mixture is not None:
-            gate = self.mixture(ctx.temb)
-            index, weight = LatentMixture.blend(index, weight, gate.repeat_interleave(n), self.base_id)
+            with record_function("care/mixture"):
+                gate = self.mixture(ctx.temb)
+                index, weight = LatentMixture.blend(index, weight, gate.repeat_interleave(n), self.base_id)
         ctx.records[self.position] = LayerRecord(routing=routing, gate=gate, refined_logits=refined_logits)
 
         packed = torch.cat([x, *contexts, edit_mask[..., None].to(x.dtype)], dim=-1).reshape(b * n, -1)
-        y = self.moe(packed, index, weight).view(b, n, d)
-        if self.kind == "lora":
-            return self.frozen_ff(hidden) + torch.cat([y, y.new_zeros(b, hidden.shape[1] - n, d)], dim=1)
-        return torch.cat([y, self.frozen_ff(hidden[:, n:])], dim=1)
+        with record_function("care/experts"):
+            y = self.moe(packed, index, weight).view(b, n, d)
+        with record_function("care/frozen_ffn"):
+            if self.kind == "lora":
+                return self.frozen_ff(hidden) + torch.cat([y, y.new_zeros(b, hidden.shape[1] - n, d)], dim=1)
+            return torch.cat([y, self.frozen_ff(hidden[:, n:])], dim=1)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from data.batch import EditBatch
 
@@ -218,8 +219,9 @@ class CareEditModel(nn.Module):
 
     def forward(self, batch: EditBatch) -> ModelOutput:
         lc = self.cfg.loss
-        x0 = self.encode_target(batch)
-        cond = self.encode_conditions(batch)
+        with record_function("care/encode"):
+            x0 = self.encode_target(batch)
+            cond = self.encode_conditions(batch)
         b = x0.shape[0]
         t = self.sample_time(b, x0.device)
         noise = torch.randn_like(x0)
@@ -227,7 +229,12 @@ class CareEditModel(nn.Module):
         noisy = (1 - tt) * x0 + tt * noise
         velocity = noise - x0
         pred, ctx = self.predict_velocity(noisy, t, cond)
+        with record_function("care/losses"):
+            return self._losses(batch, pred, velocity, ctx)
 
+    def _losses(self, batch: EditBatch, pred: Tensor, velocity: Tensor, ctx: ExpertContext) -> ModelOutput:
+        lc = self.cfg.loss
+        b = pred.shape[0]
         terms: dict[str, Tensor] = {}
         gh, gw = ctx.grid
         weight = region_weight(ctx.gt_mask, lc.region_alpha) if lc.region_alpha > 0 else None
@@ -256,7 +263,7 @@ class CareEditModel(nn.Module):
             ).mean()
         if lc.tag_alignment > 0 and records:
             signature = torch.stack([r.routing.probs.reshape(b, -1, e).mean(dim=1) for r in records]).mean(dim=0)
-            tags = batch.tag_ids.to(x0.device)
+            tags = batch.tag_ids.to(pred.device)
             valid = (tags >= 0).unsqueeze(-1)
             task = (self.tag_embed(tags.clamp(min=0)) * valid).sum(dim=1)
             terms["tag_alignment"] = tag_alignment_loss(self.tag_predictor(signature.to(self.dtype)), task)
