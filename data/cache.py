@@ -47,16 +47,19 @@ def _raw_samples(pattern: str, skipped: Counter) -> Iterator[dict]:
 
 
 def _to_png(t: Tensor) -> bytes:
-    return encode_png(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    return encode_png(t.permute(1, 2, 0).numpy())  # uint8 [3, h, w] from augment.transform
 
 
 def _encode_batch(items: list[dict], encode_images: ImageEncoder, encode_text: TextEncoder,
                   keep_images: bool) -> list[dict]:
     with torch.no_grad():
-        src = encode_images(torch.stack([it["source"] for it in items])).float().cpu()
-        tgt = encode_images(torch.stack([it["target"] for it in items])).float().cpu()
+        def enc(imgs: list[Tensor]) -> Tensor:
+            return encode_images(augment.to_float(torch.stack(imgs))).float().cpu()
+
+        src = enc([it["source"] for it in items])
+        tgt = enc([it["target"] for it in items])
         with_ref = [i for i, it in enumerate(items) if it["reference"] is not None]
-        ref = encode_images(torch.stack([items[i]["reference"] for i in with_ref])).float().cpu() if with_ref else None
+        ref = enc([items[i]["reference"] for i in with_ref]) if with_ref else None
         embeds, mask, pooled = encode_text([it["meta"]["instruction"] for it in items])
     out = []
     for i, it in enumerate(items):

@@ -117,6 +117,12 @@ class SkipCounter:
             )
 
 
+def _stack_float(items: list[dict], name: str) -> Optional[torch.Tensor]:
+    if items[0].get(name) is None:
+        return None
+    return augment.to_float(torch.stack([it[name] for it in items]))
+
+
 def _collate(items: list[dict], cached: bool) -> EditBatch:
     tags = [it["tag_ids"] for it in items]
     tag_ids = torch.full((len(items), max(1, max(len(t) for t in tags))), -1, dtype=torch.long)
@@ -138,9 +144,9 @@ def _collate(items: list[dict], cached: bool) -> EditBatch:
         task=[it["task"] for it in items],
         tag_ids=tag_ids,
         keys=[it["key"] for it in items],
-        source=torch.stack([it["source"] for it in items]) if items[0].get("source") is not None else None,
-        target=torch.stack([it["target"] for it in items]) if items[0].get("target") is not None else None,
-        reference=stack_ref("reference", "source"),
+        source=_stack_float(items, "source"),
+        target=_stack_float(items, "target"),
+        reference=augment.to_float(ref) if (ref := stack_ref("reference", "source")) is not None else None,
     )
     if cached:
         from data.cache import collate_cached
