@@ -1,0 +1,80 @@
+"""Evaluate a trained CARE-Edit model on held-out shards: JSON + plot.
+
+``python launch/eval.py --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --data 'val-{000000..000000}.tar'
+[--out DIR] [--steps N] [--limit N] [--batch-size N] [--seed N] [--device cpu|cuda] [--ema]
+[--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N]``
+
+Metrics (train/evaluation.py): L1, L2, L1 inside / outside the fine mask, refined-mask IoU, expert
+utilisation per task; CLIP-I and CLIP-T with ``--clip`` (transformers CLIPModel + CLIPProcessor),
+DINO with ``--dino`` (AutoModel + AutoImageProcessor), from local folders only. Metrics whose
+encoder is not given are listed as skipped, on the console and in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run checkpoint dir (uses 'latest'), a tag dir, or an export")
+    p.add_argument("--data", required=True, help="held-out shards (brace pattern)")
+    p.add_argument("--out", default="runs/eval", help="output folder for eval.json and eval.png")
+    p.add_argument("--steps", type=int, default=8, help="sampling steps per edit")
+    p.add_argument("--limit", type=int, default=64, help="evaluate at most this many samples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-guidance", type=float, default=1.0)
+    p.add_argument("--image-guidance", type=float, default=1.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--image-size", type=int, default=None, help="default: the training config's data.image_size")
+    p.add_argument("--clip", default=None, help="local CLIP folder (CLIPModel + processor) for CLIP-I / CLIP-T")
+    p.add_argument("--dino", default=None, help="local DINOv2 folder (AutoModel + image processor) for DINO")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from train.evaluation import EmbeddingEncoders, EvalSettings, evaluate, iterate_heldout, plot_results
+    from train.export import WeightsError, load_for_inference
+
+    try:
+        model, cfg = load_for_inference(args.checkpoint, device=args.device, ema=args.ema)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data_cfg = OmegaConf.to_object(cfg.data)
+    if args.image_size:
+        data_cfg = dataclasses.replace(data_cfg, image_size=args.image_size)
+    encoders = EmbeddingEncoders(args.clip, args.dino, args.device)
+    for metric, why in encoders.skipped().items():
+        print(f"skipping {metric}: {why}")
+    settings = EvalSettings(steps=args.steps, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                            text_guidance=args.text_guidance, image_guidance=args.image_guidance)
+    t0 = time.time()
+    result = evaluate(model, iterate_heldout(data_cfg, args.data, args.batch_size, args.limit), settings, encoders,
+                      args.device, on_batch=lambda n: print(f"  {n} samples ({time.time() - t0:.0f} s)", flush=True))
+    result.update(checkpoint=os.path.abspath(args.checkpoint), data=args.data, seconds=round(time.time() - t0, 1))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_results(result, os.path.join(args.out, "eval.png"))
+    print(json.dumps(result["metrics"], indent=1))
+    print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.png ({result['num_samples']} samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Export the trained weights of a training checkpoint as one safetensors file.
+
+``python launch/export.py --checkpoint RUN/checkpoints|TAG_DIR --out weights.safetensors [--ema]``
+
+Writes exactly the model's trainable parameters (LoRA, experts, router, repaint, mixture, mask
+encoder, condition embeddings, tag predictor), or their EMA with ``--ema``, with expert-parallel
+shards merged into an ep_size 1 model (global expert ids), and the resolved config (YAML, with
+``model.experts.ep_size: 1``) in the safetensors metadata under ``config``. Frozen weights are not
+included: they come from their own paths, or from the config's random init seeded with ``run.seed``.
+``launch/edit.py`` and ``launch/eval.py`` take the file as ``--checkpoint``. See train/export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run checkpoint dir (uses 'latest') or a tag dir")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (error if the run kept none)")
+    args = p.parse_args(argv)
+    from train.export import WeightsError, export_checkpoint
+
+    try:
+        tensors = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in tensors.values())
+    print(f"wrote {args.out}: {len(tensors)} tensors, {n:,} parameters{' (EMA)' if args.ema else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
