@@ -39,23 +39,31 @@ def encode_text(texts: list[str]):
     return torch.randn(n, 128, 1024), torch.ones(n, 128, dtype=torch.bool), torch.randn(n, 768)
 
 
-def measure(cfg: DataConfig, workers: int, batch: int, batches: int) -> float:
+def measure(cfg: DataConfig, workers: int, batch: int, batches: int) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second of the loading process).
+
+    The second is only meaningful with workers=0 (all loading in this process, one torch thread):
+    it is what one worker delivers on an otherwise idle core, and it does not depend on what else
+    the machine is running, unlike wall-clock throughput.
+    """
     cfg.num_workers = workers
     it = iter(build_train_loader(cfg, batch, 0, 1))
     for _ in range(2):
         next(it)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    return batches * batch / (time.perf_counter() - t)
+    n = batches * batch
+    return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # as in a DataLoader worker
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=10)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0 = in-process (CPU-time figure)")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,17 +82,22 @@ def main() -> None:
             for w in a.workers:
                 cfg = DataConfig(train_shards=pattern, image_size=512, cached=kind == "cached", shuffle_buffer=100,
                                  random_crop_scale=1.0 if kind == "cached" else 0.8)
-                sps = measure(cfg, w, a.batch, a.batches)
+                sps, cpu = measure(cfg, w, a.batch, a.batches)
                 row = dict(kind=kind, workers=w, batch=a.batch, image=512, samples_per_s=round(sps, 1),
-                           samples_per_s_per_worker=round(sps / w, 1))
+                           samples_per_s_per_worker=round(sps / max(w, 1), 1),
+                           samples_per_cpu_s=round(cpu, 1) if w == 0 else None,
+                           loadavg_1m=round(os.getloadavg()[0], 1))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print(json.dumps(dict(event="env", python=platform.python_version(), torch=torch.__version__,
                           webdataset=webdataset.__version__ if hasattr(webdataset, "__version__") else "?",
                           cpus=os.cpu_count(), machine=platform.machine())))
-    print("\n| shards | workers | samples/s | samples/s per worker |\n|---|---|---|---|")
+    print("\n| shards | workers | samples/s (wall) | per worker (wall) | samples per CPU-s (in-process) | load avg |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['workers']} | {r['samples_per_s']} | {r['samples_per_s_per_worker']} |")
+        cpu = r["samples_per_cpu_s"] if r["samples_per_cpu_s"] is not None else "-"
+        print(f"| {r['kind']} | {r['workers']} | {r['samples_per_s']} | {r['samples_per_s_per_worker']} | {cpu} "
+              f"| {r['loadavg_1m']} |")
 
 
 if __name__ == "__main__":
