@@ -202,3 +202,9 @@ def test_val_batch_is_fixed_and_in_file_order(tmp_path):
     assert a.keys == keys[:7] and torch.equal(a.source, b.source)
     assert a.source.shape == (7, 3, 32, 32) and a.tag_ids.dtype == torch.long
     assert ((a.tag_ids == -1) | (a.tag_ids >= 0)).all() and (a.tag_ids[:, 0] >= 1).all()
+
+
+def test_pipe_urls_stream_like_local_files(tmp_path):
+    pattern, keys = _shards(tmp_path, [4, 5])
+    cfg = _cfg(f"pipe:cat {pattern}", num_workers=0)
+    assert sorted(k for b in build_train_loader(cfg, 4, 0, 1, exact=True) for k in b.keys) == sorted(keys)

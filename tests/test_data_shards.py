@@ -165,3 +165,15 @@ def test_synthetic_cli_writes_shards_and_if_absent_returns_quickly(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "train-{000000..000002}.tar" in out and time.time() - t < 20
     assert len(_members(str(tmp_path / "train-*.tar"))) == 30
+
+
+def test_data_layer_never_imports_model_or_trainer():
+    import ast
+    import pathlib
+
+    for path in pathlib.Path(__file__).resolve().parents[1].joinpath("data").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in ("moe", "train", "launch"), f"{path.name} imports {name}"
