@@ -207,13 +207,16 @@ class EditStream(IterableDataset):
             pos0, off0 = start, 0
         buckets: dict[tuple[int, int], list[dict]] = {}
         shuffle = not self.exact and cfg.shuffle_buffer > 1
-        cur_url, broken = [""], [False]
+        cur_url, cur_pos, broken = [""], [0], [False]
+        tar_errors = set(st.get("tar_errors", []))  # positions whose tar error is already counted
 
         def on_tar_error(exn: Exception) -> bool:
-            reason = "shard_open_error" if isinstance(exn, (FileNotFoundError, PermissionError)) else "corrupt_tar"
             broken[0] = True
-            counter.seen += 1
-            counter.bad(reason, cur_url[0], repr(exn)[:300])
+            if cur_pos[0] not in tar_errors:  # re-read after a restart: counted before
+                tar_errors.add(cur_pos[0])
+                reason = "shard_open_error" if isinstance(exn, (FileNotFoundError, PermissionError)) else "corrupt_tar"
+                counter.seen += 1
+                counter.bad(reason, cur_url[0], repr(exn)[:300])
             return False  # give up on this shard (the tar stream cannot be resynchronised)
 
         def mark_truncated(samples: Iterator[dict]) -> Iterator[dict]:
@@ -226,7 +229,8 @@ class EditStream(IterableDataset):
         def state(pos: int, off: int, epoch: int) -> dict:
             waiting = sorted(it["origin"] for b in buckets.values() for it in b)
             return dict(worker=lw, pos=pos, offset=off, epoch=epoch, pending=waiting,
-                        skips={r: c for r, c in counter.skips.items() if c}, seen=counter.seen)
+                        skips={r: c for r, c in counter.skips.items() if c}, seen=counter.seen,
+                        tar_errors=sorted(p for p in tar_errors if p >= pos - 1))
 
         positions = shard_positions(len(self.urls), slot, n_slots, cfg.seed, cfg.shuffle_shards and not self.exact,
                                     self.epoch, start)
@@ -235,7 +239,7 @@ class EditStream(IterableDataset):
             if pos < pos0 and not any(p == pos for p, _ in pending):
                 continue  # fully consumed before the restart: not even opened
             url = cur_url[0] = self.urls[shard]
-            broken[0] = False
+            cur_pos[0], broken[0] = pos, False
             stream = mark_truncated(wds.tarfile_to_samples(handler=on_tar_error)(iter([dict(url=url)])))
             if shuffle:
                 rng = random.Random(f"samples:{cfg.seed}:{epoch}:{shard}")

@@ -74,11 +74,16 @@ def test_resume_gives_the_batches_of_the_uninterrupted_run(tmp_path, with_bucket
         pattern, _ = _shards(tmp_path, [9, 8, 10, 7])
         kw = {}
     # a bad sample in the part before the restart: its skip must not shift the order after it
+    # bad data in the part before the restart: skipping it must not shift the order after it,
+    # and its counts must neither be lost nor counted twice
     write_raw_shard(str(tmp_path / "s-000004.tar"), [valid_raw(100), broken_raw(valid_raw(101), "decode_error"),
                                                      valid_raw(102), valid_raw(103)])
-    pattern = pattern.replace("000003}", "000004}")
+    tail = [valid_raw(110 + i) for i in range(5)]
+    truncate_inside(write_raw_shard(str(tmp_path / "s-000005.tar"), tail), tail[3]["__key__"] + ".tgt.png")
+    pattern = pattern.replace("000003}", "000005}")
     cfg = _cfg(pattern, **kw)
-    full = _take(build_train_loader(cfg, 3, rank=1, world_size=2), 16)
+    full_loader = build_train_loader(cfg, 3, rank=1, world_size=2)
+    full = _take(full_loader, 16)
     first = build_train_loader(cfg, 3, rank=1, world_size=2)
     assert _take(first, 7) == full[:7]
     state = first.state_dict()
@@ -86,6 +91,8 @@ def test_resume_gives_the_batches_of_the_uninterrupted_run(tmp_path, with_bucket
     resumed = build_train_loader(cfg, 3, rank=1, world_size=2)
     resumed.load_state_dict({"per_rank": [None, state]})
     assert _take(resumed, 9) == full[7:]
+    assert resumed.skip_stats() == full_loader.skip_stats()
+    assert full_loader.skip_stats()["corrupt_tar"] >= 1 and full_loader.skip_stats()["decode_error"] >= 1
     # the resampled stream runs past the end of an epoch (each rank sees ~20 samples per epoch)
     assert sum(len(k) for k in full) > 30
 
@@ -208,3 +215,18 @@ def test_pipe_urls_stream_like_local_files(tmp_path):
     pattern, keys = _shards(tmp_path, [4, 5])
     cfg = _cfg(f"pipe:cat {pattern}", num_workers=0)
     assert sorted(k for b in build_train_loader(cfg, 4, 0, 1, exact=True) for k in b.keys) == sorted(keys)
+
+
+def test_resume_inside_a_truncated_shard_does_not_count_its_error_twice(tmp_path):
+    samples = [valid_raw(i) for i in range(9)]
+    truncate_inside(write_raw_shard(str(tmp_path / "t-000000.tar"), samples), samples[7]["__key__"] + ".src.png")
+    cfg = _cfg(str(tmp_path / "t-{000000..000000}.tar"), num_workers=0, shuffle_buffer=50)
+    full_loader = build_train_loader(cfg, 2, 0, 1)
+    full = _take(full_loader, 5)  # 7 good samples per pass: the 5th batch starts the second pass
+    first = build_train_loader(cfg, 2, 0, 1)
+    _take(first, 2)
+    assert first.skip_stats()["corrupt_tar"] == 1
+    resumed = build_train_loader(cfg, 2, 0, 1)
+    resumed.load_state_dict(first.state_dict())
+    assert _take(resumed, 3) == full[2:]
+    assert resumed.skip_stats()["corrupt_tar"] == full_loader.skip_stats()["corrupt_tar"] == 2
