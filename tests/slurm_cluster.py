@@ -131,6 +131,25 @@ class Cluster:
                     p.kill()
                     p.wait()
         self.procs.clear()
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL, by PID, processes this cluster started that outlived it: slurmstepd and job processes
+        carry ``SLURM_CONF=<this cluster's conf>`` in their environment (inherited from our slurmd)."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        killed = []
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            if pid == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker not in f.read().split(b"\0"):
+                        continue
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except (OSError, ProcessLookupError):
+                continue
+        return killed
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:

@@ -140,6 +140,7 @@ def _latest(run_dir: str) -> str:
     return _read(os.path.join(run_dir, "checkpoints", "latest")).strip()
 
 
+@pytest.mark.multiprocess
 def test_sweep_array_of_three_runs_then_summary(slurm, tmp_path):
     work = str(tmp_path)
     grid = tmp_path / "toygrid.yaml"
@@ -182,6 +183,7 @@ def test_sweep_array_of_three_runs_then_summary(slurm, tmp_path):
     assert len(_read(csv_path).strip().splitlines()) == 4
 
 
+@pytest.mark.multiprocess
 def test_usr1_preemption_requeues_and_resumes_to_the_uninterrupted_result(slurm, tmp_path):
     """2 ranks under srun (ep_size 2): USR1 to the batch shell -> checkpoint -> requeue -> resume."""
     work = str(tmp_path)
