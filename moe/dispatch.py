@@ -8,7 +8,8 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
 
 * :class:`DenseDispatcher` runs every local expert on every token and weights the outputs by the
   sparse routing weights. For low-rank experts this is the fast path (DESIGN.md section 4): the math
-  is tiny and gathering tokens per expert would cost more than it saves. Needs ep_size 1.
+  is tiny and gathering tokens per expert would cost more than it saves, so all low-rank experts run
+  as one grouped product (:func:`moe.experts.fused_lora_forward`). Needs ep_size 1.
 * :class:`AllToAllDispatcher` groups the (token, expert) assignments by expert, exchanges them with
   the ranks that hold those experts through a variable-size all-to-all (no capacity, no dropped
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .experts import LoraExpert, fused_lora_forward
 from .router import dense_weights
 
 
@@ -50,7 +52,7 @@ class DenseDispatcher:
         dense = dense.scatter_add(1, slot, weight)[:, :num_experts]
         out = None
         for e, expert in enumerate(experts):
-            y = expert(packed) * dense[:, e : e + 1].to(packed.dtype)
+            y = expert(packed) * dense[:, e : e + 1]
             out = y if out is None else out + y
         return out
 

@@ -86,6 +86,21 @@ class FfnExpert(_Expert):
         return self.proj_out(F.gelu(self.proj_in(x), approximate="tanh"))
 
 
+def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor) -> Tensor:
+    """All low-rank experts as one rank-(E*r) product, each expert's hidden units scaled by its weight.
+
+    The same function as ``sum_e dense[:, e] * expert_e(packed)`` (tests compare them), in 2 large
+    matmuls instead of 2E small ones: low-rank experts are too small to launch one by one.
+    packed [S, W], dense [S, E] -> [S, D].
+    """
+    d, r = experts[0].dim, experts[0].down.out_features
+    h = F.linear(packed[:, :d], torch.cat([e.down.weight for e in experts]), torch.cat([e.down.bias for e in experts]))
+    h = h + torch.cat([e.cond(e.condition(packed)) for e in experts], dim=1)  # [S, E*r]
+    h = F.gelu(h) * dense.repeat_interleave(r, dim=1)
+    out = F.linear(h, torch.cat([e.up.weight for e in experts], dim=1))
+    return out + dense @ torch.stack([e.up.bias for e in experts])
+
+
 def plain_linears_of_feed_forward(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     """The two frozen Linear layers of a diffusers ``FeedForward`` (GELU-tanh MLP), LoRA wrappers removed."""
     proj_in, proj_out = ff.net[0].proj, ff.net[2]

@@ -54,7 +54,7 @@ class LatentMixture(nn.Module):
 
     def forward(self, temb: Tensor) -> Tensor:
         """[B, D_t] -> [B] gate."""
-        return torch.sigmoid(self.gate(temb.float()))[:, 0]
+        return torch.sigmoid(self.gate(temb.to(self.gate.weight.dtype)).float())[:, 0]
 
     @staticmethod
     def blend(index: Tensor, weight: Tensor, gate: Tensor, base_id: int) -> tuple[Tensor, Tensor]:

@@ -270,3 +270,14 @@ def test_bad_configs_fail_before_anything_is_built(overrides, key, monkeypatch):
 def test_unknown_config_keys_are_rejected():
     with pytest.raises(ConfigKeyError):
         OmegaConf.merge(OmegaConf.structured(ModelConfig), {"router": {"topk": 2}})
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffn"])
+def test_bf16_forward_and_backward(kind):
+    """GPU training runs in bf16: every module must accept the dtypes the others hand it."""
+    model = _model(**{"experts.kind": kind, "loss.tag_alignment": 0.1}).to(torch.bfloat16)
+    model.train()
+    out = model(make_batch())
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.prediction.dtype == torch.bfloat16
+    assert all(p.grad is not None for n, p in model.trainable_named_parameters() if "lora_A" in n)

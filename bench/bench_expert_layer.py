@@ -1,0 +1,149 @@
+"""Expert layer speed, side by side in one process: ours vs a dense layer of the same FLOPs vs stock
+DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX width).
+
+    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10]
+
+Prints one JSON line per case and a short table last. Ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.common import emit, environment, time_ms  # noqa: E402
+from moe.dispatch import AllToAllDispatcher, DenseDispatcher  # noqa: E402
+from moe.expert_layer import CareMoE  # noqa: E402
+from moe.experts import FfnExpert, LoraExpert, packed_width  # noqa: E402
+from moe.router import topk_routing  # noqa: E402
+
+D, FFN, E, K, CTX = 3072, 12288, 4, 3, 64
+NAMES = ["text", "mask", "reference", "base"]
+
+
+class Mlp(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.proj_in, self.proj_out = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.proj_out(F.gelu(self.proj_in(x), approximate="tanh"))
+
+
+def _init_dist() -> None:
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def stock_moe(expert: nn.Module):
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=1, k=K, drop_tokens=False, use_rts=False)
+    layer.set_deepspeed_parallelism()
+    return layer
+
+
+def fwd_bwd(fn, x):
+    def run():
+        out = fn(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    _init_dist()
+    env = environment()
+    emit({"env": env})
+    rows = []
+    for s in args.tokens:
+        torch.manual_seed(0)
+        x = torch.randn(s, D, device=dev, dtype=dtype, requires_grad=True)
+        packed = torch.randn(s, packed_width(D, CTX), device=dev, dtype=dtype, requires_grad=True)
+        r = topk_routing(torch.randn(s, E, device=dev), torch.ones(s, E, dtype=torch.bool, device=dev), K)
+
+        def ours(experts, dispatcher):
+            layer = CareMoE(experts, E, 1, 0, dispatcher).to(dev, dtype)
+            return lambda inp: layer(inp, r.index, r.weight)
+
+        # FFN-sized experts
+        frozen = Mlp(D, FFN)
+        ffn_experts = [FfnExpert(n, D, CTX, frozen.proj_in, frozen.proj_out) for n in NAMES]
+        cases = {
+            "dense_same_flops": (fwd_bwd(Mlp(D, K * FFN).to(dev, dtype), x), None),
+            "ours_ffn_alltoall": (fwd_bwd(ours(ffn_experts, AllToAllDispatcher(1, 0)), packed), None),
+            "deepspeed_stock_ffn": (fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]), None),
+        }
+        res = {name: time_ms(fn, iters=args.iters) for name, (fn, _) in cases.items()}
+        for name, t in res.items():
+            rec = {"case": name, "experts": "ffn", "tokens": s, **t,
+                   "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
+            emit(rec)
+            rows.append(rec)
+        del ffn_experts, cases
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+        # LoRA-sized experts
+        for rank in args.ranks:
+            lora_experts = [LoraExpert(n, D, CTX, rank) for n in NAMES]
+            for ex in lora_experts:
+                nn.init.normal_(ex.up.weight, std=0.01)
+            cases = {
+                "plain_lora_same_total_rank": fwd_bwd(LoraMlp(D, E * rank).to(dev, dtype), x),
+                "ours_lora_dense": fwd_bwd(ours(lora_experts, DenseDispatcher()), packed),
+                "ours_lora_alltoall": fwd_bwd(ours([_copy(e) for e in lora_experts], AllToAllDispatcher(1, 0)), packed),
+                "deepspeed_stock_lora": fwd_bwd(stock_moe(LoraMlp(D, rank)).to(dev, dtype), x[None]),
+            }
+            res = {name: time_ms(fn, iters=args.iters) for name, fn in cases.items()}
+            for name, t in res.items():
+                rec = {"case": name, "experts": f"lora{rank}", "tokens": s, **t,
+                       "ratio_vs_plain_lora": t["median_ms"] / res["plain_lora_same_total_rank"]["median_ms"]}
+                emit(rec)
+                rows.append(rec)
+    print("\n| experts | tokens | case | median ms | ratio |")
+    print("|---|---|---|---|---|")
+    for rec in rows:
+        ratio = rec.get("ratio_vs_dense", rec.get("ratio_vs_plain_lora"))
+        print(f"| {rec['experts']} | {rec['tokens']} | {rec['case']} | {rec['median_ms']:.3f} | {ratio:.2f} |")
+
+
+class LoraMlp(nn.Module):
+    """A plain low-rank MLP residual: the same math as one LoRA expert without its condition input."""
+
+    def __init__(self, d: int, rank: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(d, rank), nn.Linear(rank, d)
+
+    def forward(self, x):
+        return self.up(F.gelu(self.down(x)))
+
+
+def _copy(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The CARE-Edit training step at full FLUX scale against the bare frozen backbone, side by side.
+
+    python bench/bench_step.py [--config configs/flux_full.yaml] [--size 512] [--iters 5] [key=value ...]
+
+Random weights built directly on the GPU (no paths), cached-mode inputs (random latents and text
+embeddings of the real shapes: a 512x512 edit gives 1024 target + 1024 base + 1024 reference + 1024
+mask tokens, and 512 text tokens). Default experts: LoRA rank 64 in the configured blocks (FFN
+experts at ep_size 1 do not fit one GPU with Adam state: DESIGN.md section 4).
+
+Prints one JSON line per case, a step breakdown (torch profiler, device time by range), and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from bench.common import emit, environment, measure_matmul_peak, time_ms  # noqa: E402
+from data.batch import EditBatch  # noqa: E402
+
+DEFAULT_OVERRIDES = [
+    "model.backbone.path=null", "model.vae.path=null", "model.text.t5_path=null", "model.text.clip_path=null",
+    "model.text.t5_layers=1", "model.text.clip_layers=1",
+    "model.experts.kind=lora", "model.experts.rank=64", "model.experts.ep_size=1", "model.experts.dispatch=auto",
+]
+
+
+def cached_batch(size: int, text_len: int, cfg, device) -> EditBatch:
+    f = 8  # FLUX VAE downsampling
+    c = cfg.vae.latent_channels
+    lat = lambda: torch.randn(1, c, size // f, size // f, device=device)  # noqa: E731
+    mask = torch.zeros(1, 1, size, size, device=device)
+    mask[..., size // 4 : 3 * size // 4, size // 5 : 3 * size // 5] = 1
+    return EditBatch(
+        source=None, target=None, reference=None, has_reference=torch.tensor([True], device=device),
+        fine_mask=mask, coarse_mask=mask, bbox=torch.tensor([[size // 5, size // 4, 3 * size // 5, 3 * size // 4]]),
+        instruction=["replace the object with the reference"], task=["replace"],
+        tag_ids=torch.tensor([[1, 2, -1]], device=device), keys=["bench"],
+        source_latent=lat(), target_latent=lat(), reference_latent=lat(),
+        text_embeds=torch.randn(1, text_len, cfg.text.t5_d_model, device=device),
+        text_mask=torch.ones(1, text_len, dtype=torch.bool, device=device),
+        pooled_text=torch.randn(1, cfg.text.clip_hidden, device=device),
+    )
+
+
+def breakdown(step, names: list[str]) -> dict:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.key in names:
+            out[e.key] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/flux_full.yaml")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--iters", type=int, default=5)
+    args, overrides = p.parse_known_args()
+    from moe.backbone import FluxBackbone
+    from moe.config import LoraConfig
+    from moe.model import build_model
+    from train.config import load_config
+
+    cfg = OmegaConf.to_object(load_config(args.config, DEFAULT_OVERRIDES + overrides).model)
+    dev = torch.device("cuda")
+    env = environment()
+    env["matmul_bf16_tflops"] = measure_matmul_peak()
+    emit({"env": env, "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts)})
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(dev):
+        model = build_model(cfg)
+        bare = FluxBackbone(cfg.backbone, LoraConfig(rank=0), cfg.init_seed)
+    torch.set_default_dtype(torch.float32)
+    bare.transformer.enable_gradient_checkpointing()
+    model.train()
+    batch = cached_batch(args.size, args.text_len, cfg, dev)
+    trainable = [p for _, p in model.trainable_named_parameters()]
+    opt = torch.optim.AdamW(trainable, lr=1e-6, fused=True)
+    n_trainable = sum(p.numel() for p in trainable)
+
+    tokens_img = 4 * (args.size // 16) ** 2
+    hidden = torch.randn(1, tokens_img, cfg.backbone.arch.in_channels, device=dev, dtype=torch.bfloat16)
+    enc = torch.randn(1, args.text_len, cfg.backbone.arch.joint_attention_dim, device=dev, dtype=torch.bfloat16)
+    pooled = torch.randn(1, cfg.backbone.arch.pooled_projection_dim, device=dev, dtype=torch.bfloat16)
+    img_ids = torch.zeros(tokens_img, 3, device=dev)
+    img_ids[:, 1] = torch.arange(tokens_img, device=dev) // (args.size // 16)
+    img_ids[:, 2] = torch.arange(tokens_img, device=dev) % (args.size // 16)
+    txt_ids = torch.zeros(args.text_len, 3, device=dev)
+
+    def bare_step():
+        x = hidden.clone().requires_grad_(True)
+        with bare._sdpa_context():
+            out = bare.transformer(x, enc, pooled, torch.full((1,), 0.5, device=dev), img_ids, txt_ids).sample
+        out.float().square().mean().backward()
+
+    def care_fwd_bwd():
+        with record_function("care/forward"):
+            out = model(batch)
+        with record_function("care/backward"):
+            out.loss.backward()
+        return out
+
+    def care_step():
+        care_fwd_bwd()
+        with record_function("care/optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    res = {"bare_backbone_fwd_bwd": time_ms(bare_step, iters=args.iters)}
+    bare_peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    res["care_fwd_bwd"] = time_ms(lambda: (care_fwd_bwd(), opt.zero_grad(set_to_none=True)), iters=args.iters)
+    res["care_step_with_optimizer"] = time_ms(care_step, iters=args.iters)
+    care_peak = torch.cuda.max_memory_allocated() / 2**30
+
+    seq = args.text_len + tokens_img
+    fwd_flops = model.flops_per_token() * seq  # per sample
+    # frozen weights get no weight gradient: model FLOPs of a step ~ forward + activation backward
+    model_flops = 2 * fwd_flops + 2 * n_trainable * seq  # + weight gradients of the trainable parts (upper bound)
+    hw_flops = model_flops + (fwd_flops if cfg.backbone.gradient_checkpointing else 0)
+    base_ms = res["bare_backbone_fwd_bwd"]["median_ms"]
+    for name, t in res.items():
+        rec = {"case": name, **t, "ratio_vs_bare": t["median_ms"] / base_ms, "tokens": seq}
+        if name.startswith("care"):
+            rec["model_tflops"] = model_flops / (t["median_ms"] * 1e-3) / 1e12
+            rec["hardware_tflops"] = hw_flops / (t["median_ms"] * 1e-3) / 1e12
+            rec["mfu_vs_measured_peak"] = rec["model_tflops"] / env["matmul_bf16_tflops"]
+            rec["peak_mem_gib"] = care_peak
+        else:
+            rec["peak_mem_gib"] = bare_peak
+        emit(rec)
+
+    names = ["care/forward", "care/backward", "care/optimizer", "care/encode", "care/router_contexts",
+             "care/repaint", "care/router", "care/mixture", "care/experts", "care/frozen_ffn", "care/losses"]
+    parts = breakdown(care_step, names)
+    inner = sum(parts.get(n, 0) for n in names[3:])
+    parts["backbone_forward_other"] = parts.get("care/forward", 0) - inner
+    emit({"breakdown_device_ms": parts, "trainable_params": n_trainable})
+    print("\n| case | median ms | x bare | model TFLOP/s | peak GiB |")
+    print("|---|---|---|---|---|")
+    for name, t in res.items():
+        tf = model_flops / (t["median_ms"] * 1e-3) / 1e12 if name.startswith("care") else float("nan")
+        peak = care_peak if name.startswith("care") else bare_peak
+        print(f"| {name} | {t['median_ms']:.1f} | {t['median_ms'] / base_ms:.3f} | {tf:.0f} | {peak:.1f} |")
+    print("\nbreakdown (device ms, forward ranges nested in care/forward):")
+    for k, v in parts.items():
+        print(f"  {k:28s} {v:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
