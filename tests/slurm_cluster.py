@@ -82,7 +82,8 @@ class Cluster:
         p = self.run(_which("scontrol"), "-o", "show", "job", str(job_id), check=False)
         if p.returncode != 0:
             return []
-        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in p.stdout.splitlines() if line.strip()]
+        # first occurrence wins: the Command=... field echoes the script's key=value arguments
+        return [dict(reversed(re.findall(r"(\w+)=(\S*)", line))) for line in p.stdout.splitlines() if line.strip()]
 
     def wait_done(self, job_id: int | str, timeout: float = 240) -> list[dict[str, str]]:
         """Block until every task of the job is in a final state; returns their records."""
