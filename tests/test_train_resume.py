@@ -25,7 +25,10 @@ def _kill_and_resume(tmp_path, world, overrides, kill_after=4):
     return read_losses(full), read_losses(cut), cut
 
 
-@pytest.mark.parametrize("world, ep, zero", [(2, 2, 2), (4, 4, 0)])
+@pytest.mark.parametrize("world, ep, zero", [
+    (2, 2, 2),
+    pytest.param(4, 4, 0, marks=pytest.mark.slow),  # 4 processes on 2 cores: 70-180 s; `make test-all`
+])
 def test_sigkill_then_resume_reproduces_losses(tmp_path, world, ep, zero):
     overrides = [f"model.experts.ep_size={ep}", f"train.zero_stage={zero}", "train.steps=6", "checkpoint.every=3",
                  "ema.enabled=true"]
