@@ -16,8 +16,6 @@ import math
 import os
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -78,6 +76,23 @@ def test_iou_thresholds_refined_mask_at_one_half():
     assert mask_iou_per_sample(torch.zeros(1, 1, 2, 2), fine).item() == 0.0
     # a coarser refined mask is upsampled (nearest) to the fine mask's size: 1x1 "on" covers all 4
     assert mask_iou_per_sample(torch.ones(1, 1, 1, 1), fine).item() == pytest.approx(0.5)
+
+
+def test_embedding_metrics_with_local_encoders(tmp_path):
+    from tests.eval_encoders import make_tiny_encoders
+    from train.evaluation import EmbeddingEncoders, cosine_per_sample
+
+    assert set(EmbeddingEncoders().skipped()) == {"clip_i", "clip_t", "dino"}  # nothing given: all skipped
+    clip, dino = make_tiny_encoders(str(tmp_path))
+    enc = EmbeddingEncoders(clip, dino)
+    assert enc.skipped() == {}
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    for embed in (enc.clip_image, enc.dino_image):
+        same = cosine_per_sample(embed(a), embed(a.clone()))
+        assert same.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert (cosine_per_sample(embed(a), embed(1 - a)) < 0.9999).all()
+    assert enc.clip_text(["make it blue", "remove"]).shape == enc.clip_image(b).shape  # CLIP-T: one space
 
 
 def test_to_unit_maps_model_range():
@@ -216,17 +231,21 @@ def test_truncated_deepspeed_shard_is_refused_naming_the_file(ep2_run, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------ eval CLI
-def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_path):
+def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_path, capsys):
+    from data.synthetic import main as synthetic_main
+    from launch.eval import main as eval_main
+    from tests.eval_encoders import make_tiny_encoders
+
     data = tmp_path / "syn"
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(data), "--train", "4", "--val", "6",
-                    "--size", "32", "--samples-per-shard", "8"], check=True, cwd=ROOT, capture_output=True)
+    synthetic_main(["--out", str(data), "--train", "4", "--val", "6", "--size", "32", "--samples-per-shard", "8"])
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "launch/eval.py", "--checkpoint", exported["weights"], "--data",
-                           f"{data}/val-{{000000..000000}}.tar", "--out", str(out), "--steps", "1", "--limit", "5",
-                           "--batch-size", "5"], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "skipping clip_i: no --clip path given" in proc.stdout and "skipping dino" in proc.stdout
+    clip, _ = make_tiny_encoders(str(tmp_path / "enc"))
+    capsys.readouterr()
+    rc = eval_main(["--checkpoint", exported["weights"], "--data", f"{data}/val-{{000000..000000}}.tar", "--out",
+                    str(out), "--steps", "1", "--limit", "5", "--batch-size", "5", "--clip", clip])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "skipping dino: no --dino path given" in stdout and "skipping clip" not in stdout
     result = json.loads((out / "eval.json").read_text())
     assert result["num_samples"] == 5
     m = result["metrics"]
@@ -234,5 +253,6 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     assert sum(v["count"] for v in result["per_task"].values()) == 5
     for util in result["utilisation_per_task"].values():
         assert set(util) == {"text", "mask", "reference", "base"}
-    assert set(result["skipped_metrics"]) == {"clip_i", "clip_t", "dino"}
+    assert set(result["skipped_metrics"]) == {"dino"} and "dino" not in m
+    assert -1 <= m["clip_i"] <= 1 and -1 <= m["clip_t"] <= 1
     assert (out / "eval.png").stat().st_size > 0
