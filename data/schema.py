@@ -98,7 +98,10 @@ class SampleError(ValueError):
     def __init__(self, reason: str, message: str):
         assert reason in SKIP_REASONS, reason
         super().__init__(f"{reason}: {message}")
-        self.reason = reason
+        self.reason, self.message = reason, message
+
+    def __reduce__(self):  # picklable (process pools return it as a value)
+        return (SampleError, (self.reason, self.message))
 
 
 def tags_to_ids(tags: Mapping[str, Any]) -> list[int]:

@@ -101,6 +101,10 @@ def test_build_shards_checks_every_sample_and_reports(tmp_path, capsys):
     assert sorted(members) == ["k0", "k7", "k8"]
     meta = json.loads(members["k7"]["json"])
     assert meta["bbox"] == [4, 5, 17, 9] and (meta["width"], meta["height"]) == (24, 20)
+    # a process pool gives the same shards and report
+    build_main(["--manifest", str(manifest), "--root", str(root), "--out", str(tmp_path / "p"), "--workers", "2"])
+    assert json.loads((tmp_path / "p" / "edit.report.json").read_text())["skipped"] == report["skipped"]
+    assert sorted(_members(str(tmp_path / "p" / "edit-*.tar"))) == ["k0", "k7", "k8"]
 
 
 def test_convert_magicbrush_fake_tree(tmp_path):
