@@ -130,12 +130,22 @@ class FluxBackbone(nn.Module):
         self.transformer.transformer_blocks[block_id].ff = module
 
     # -- the frozen path ---------------------------------------------------------------------
-    def _sdpa_context(self):
-        if self.attention_backend is None:
-            return contextlib.nullcontext()
+    def attention_context(self) -> ContextManager:
+        """Pins torch SDPA's backends for everything attention-shaped in the model.
+
+        ``attention_backend`` names one; unset, every backend but cuDNN is allowed (cuDNN's failed
+        on a FLUX backward on the H100 here: DESIGN.md section 6). It must be entered again around
+        recomputation (gradient checkpointing), or the recomputed attention may take another backend
+        and no longer match what the forward saved.
+        """
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[self.attention_backend]))
+        allowed = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        if self.attention_backend is None:
+            return sdpa_kernel(allowed)
+        # the named backend first; the others remain for what it cannot run (masked router attention)
+        pinned = getattr(SDPBackend, _SDPA_BACKENDS[self.attention_backend])
+        return sdpa_kernel([pinned] + [b for b in allowed if b != pinned], set_priority=True)
 
     def run_blocks(
         self,
@@ -155,19 +165,18 @@ class FluxBackbone(nn.Module):
         scope = block_scope or contextlib.nullcontext
 
         def run(block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
-            with scope():
+            with self.attention_context(), scope():
                 return block(
                     hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
                     joint_attention_kwargs=kwargs,
                 )
 
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        with self._sdpa_context():
-            for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
-                if use_ckpt:
-                    txt, img = checkpoint(run, block, img, txt, use_reentrant=False)
-                else:
-                    txt, img = run(block, img, txt)
+        for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
+            if use_ckpt:
+                txt, img = checkpoint(run, block, img, txt, use_reentrant=False)
+            else:
+                txt, img = run(block, img, txt)
         return img
 
     def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:

@@ -51,6 +51,11 @@ class LoraConfig:
 
 @dataclass
 class VAEConfig:
+    # autoencoder_kl: diffusers AutoencoderKL (FLUX's VAE). pixel_unshuffle: a lossless space-to-depth
+    # codec with no weights (latent_channels = 3 * pixel_factor^2) for tiny CPU models, whose random
+    # VAE would decode to noise and hide what the editor learned.
+    kind: str = "autoencoder_kl"
+    pixel_factor: int = 4
     path: Optional[str] = None  # local AutoencoderKL folder; None = random init from the fields below
     subfolder: Optional[str] = "vae"
     latent_channels: int = 16
@@ -192,6 +197,10 @@ def validate_model_config(cfg: Any) -> None:
         _fail("repaint.mode", f"'{cfg.repaint.mode}' is not one of coupled, decoupled")
     if cfg.mixture.enabled and "base" not in names:
         _fail("mixture.enabled", "the Latent Mixture blends with the Base expert: enable 'base' or turn it off")
+    if cfg.vae.kind not in ("autoencoder_kl", "pixel_unshuffle"):
+        _fail("vae.kind", f"'{cfg.vae.kind}' is not one of autoencoder_kl, pixel_unshuffle")
+    if cfg.vae.kind == "pixel_unshuffle" and cfg.vae.latent_channels != 3 * cfg.vae.pixel_factor**2:
+        _fail("vae.latent_channels", f"must be 3 * pixel_factor^2 = {3 * cfg.vae.pixel_factor**2} for pixel_unshuffle")
     arch = cfg.backbone.arch
     if cfg.backbone.kind != "flux":
         _fail("backbone.kind", f"'{cfg.backbone.kind}' is not a known backbone (flux)")

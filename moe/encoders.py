@@ -33,11 +33,38 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+class PixelUnshuffleCodec(nn.Module):
+    """Lossless space-to-depth "VAE" with no weights: decode(encode(x)) == x."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries device and dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    def encode_raw(self, images: Tensor) -> Tensor:
+        return F.pixel_unshuffle(images.to(self.dtype), self.factor)
+
+    def decode_raw(self, latents: Tensor) -> Tensor:
+        return F.pixel_shuffle(latents.to(self.dtype), self.factor)
+
+
 class FrozenVAE(nn.Module):
-    """diffusers AutoencoderKL, frozen; ``encode`` returns FLUX-normalised latents ((z - shift) * scale)."""
+    """The frozen image codec; ``encode`` returns FLUX-normalised latents ((z - shift) * scale).
+
+    diffusers AutoencoderKL (from a local folder, or random init), or :class:`PixelUnshuffleCodec`.
+    """
 
     def __init__(self, cfg: VAEConfig, init_seed: int = 0):
         super().__init__()
+        if cfg.kind == "pixel_unshuffle":
+            self.vae = PixelUnshuffleCodec(cfg.pixel_factor)
+            self.scaling_factor, self.shift_factor = 1.0, 0.0
+            self.latent_channels, self.downsample = 3 * cfg.pixel_factor**2, cfg.pixel_factor
+            return
         from diffusers import AutoencoderKL
 
         if cfg.path is not None:
@@ -75,6 +102,8 @@ class FrozenVAE(nn.Module):
     @torch.no_grad()
     def encode_raw(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f] posterior mean, unnormalised (what caches store)."""
+        if isinstance(self.vae, PixelUnshuffleCodec):
+            return self.vae.encode_raw(images)
         return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
 
     @torch.no_grad()
@@ -85,6 +114,8 @@ class FrozenVAE(nn.Module):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         raw = latents / self.scaling_factor + self.shift_factor
+        if isinstance(self.vae, PixelUnshuffleCodec):
+            return self.vae.decode_raw(raw).clamp(-1, 1)
         return self.vae.decode(raw.to(self.vae.dtype)).sample.clamp(-1, 1)
 
 

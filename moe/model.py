@@ -163,6 +163,10 @@ class CareEditModel(nn.Module):
     # -- the denoiser ---------------------------------------------------------------------------
     def predict_velocity(self, noisy: Tensor, t: Tensor, cond: Conditions) -> tuple[Tensor, ExpertContext]:
         """noisy [B, C, h, w] at flow time t [B] -> predicted velocity [B, C, h, w], and the layers' reports."""
+        with self.backbone.attention_context():
+            return self._predict_velocity(noisy, t, cond)
+
+    def _predict_velocity(self, noisy: Tensor, t: Tensor, cond: Conditions) -> tuple[Tensor, ExpertContext]:
         bb = self.backbone
         b, _, h, w = noisy.shape
         gh, gw = h // 2, w // 2

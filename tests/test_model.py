@@ -281,3 +281,17 @@ def test_bf16_forward_and_backward(kind):
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.prediction.dtype == torch.bfloat16
     assert all(p.grad is not None for n, p in model.trainable_named_parameters() if "lora_A" in n)
+
+
+def test_pixel_unshuffle_codec_is_lossless_and_trains():
+    model = _model(**{"vae.kind": "pixel_unshuffle", "vae.pixel_factor": 4, "vae.latent_channels": 48,
+                      "backbone.arch.in_channels": 192})
+    batch = make_batch()
+    z = model.vae.encode(batch.source)
+    assert z.shape == (2, 48, 8, 8)
+    torch.testing.assert_close(model.vae.decode(z), batch.source)
+    out = model(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match=r"vae\.latent_channels"):
+        build_model(tiny_model_config(**{"vae.kind": "pixel_unshuffle", "vae.latent_channels": 4}))
