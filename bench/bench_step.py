@@ -102,9 +102,9 @@ def main() -> None:
 
     def bare_step():
         x = hidden.clone().requires_grad_(True)
-        with bare._sdpa_context():
+        with bare.attention_context():  # around backward too: checkpoint recomputation runs there
             out = bare.transformer(x, enc, pooled, torch.full((1,), 0.5, device=dev), img_ids, txt_ids).sample
-        out.float().square().mean().backward()
+            out.float().square().mean().backward()
 
     def care_fwd_bwd():
         with record_function("care/forward"):
