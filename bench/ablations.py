@@ -25,6 +25,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+UNTRAINED = "untrained (init)"
 # name -> dotlist overrides of configs/tiny.yaml (the full model is K=3, the paper's setting)
 VARIANTS: dict[str, list[str]] = {
     "full (K=3)": [],
@@ -35,8 +36,9 @@ VARIANTS: dict[str, list[str]] = {
     "K=1": ["model.router.top_k=1"],
     "K=2": ["model.router.top_k=2"],
     "K=4": ["model.router.top_k=4"],
+    UNTRAINED: [],  # the full model as initialised (no training step): what training bought
 }
-METRICS = ("l1", "l2", "l1_inside", "l1_outside", "mask_iou")
+METRICS = ("flow_mse", "flow_mse_inside", "flow_mse_outside", "l1", "l1_inside", "l1_outside", "mask_iou")
 SYNTH = "artifacts/synthetic"
 
 
@@ -61,16 +63,25 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
                  f"data.val_shards={args.data}/val-{{000000..000000}}.tar", *VARIANTS[variant]]
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
     t0 = time.time()
-    result = train(cfg)
+    if variant == UNTRAINED:  # the same seeded build training starts from, evaluated as is
+        from train.export import build_inference_model
+
+        model, steps, losses = build_inference_model(cfg), 0, [float("nan")]
+    elif os.path.isfile(os.path.join(run_root, "tiny", "checkpoints", f"step{args.steps:08d}", "config.yaml")):
+        steps = args.steps  # trained before (--reeval): evaluate the finished checkpoint again
+        losses = [json.loads(line)["loss"] for line in open(os.path.join(run_root, "tiny", "losses.jsonl"))]
+        model, cfg = load_for_inference(os.path.join(run_root, "tiny", "checkpoints"))
+    else:
+        steps = train(cfg).step
+        losses = [json.loads(line)["loss"] for line in open(os.path.join(run_root, "tiny", "losses.jsonl"))]
+        model, cfg = load_for_inference(os.path.join(run_root, "tiny", "checkpoints"))
     train_s = time.time() - t0
-    losses = [json.loads(line)["loss"] for line in open(os.path.join(run_root, "tiny", "losses.jsonl"))]
-    model, cfg = load_for_inference(os.path.join(run_root, "tiny", "checkpoints"))
     settings = EvalSettings(steps=args.eval_steps, limit=args.eval_limit, batch_size=args.eval_limit, seed=0,
                             group_by_task=False)
     t1 = time.time()
     ev = evaluate(model, iterate_heldout(OmegaConf_to(cfg.data), cfg.data.val_shards, args.eval_limit,
                                          args.eval_limit), settings)
-    out = {"variant": variant, "seed": seed, "overrides": VARIANTS[variant], "steps": result.step,
+    out = {"variant": variant, "seed": seed, "overrides": VARIANTS[variant], "steps": steps,
            "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:]),
            "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1), **ev}
     with open(os.path.join(args.out, f"{slug(variant)}_seed{seed}.json"), "w") as f:
@@ -93,10 +104,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def paired_delta(results: list[dict], variant: str, metric: str, reference: str = "full (K=3)") -> str:
+    """Mean ± std over seeds of (variant - reference) for the same seed: same data order and frozen
+    weights, so the seed-to-seed spread that both share cancels."""
+    ref = {r["seed"]: r["metrics"][metric] for r in results if r["variant"] == reference}
+    d = [r["metrics"][metric] - ref[r["seed"]] for r in results if r["variant"] == variant and r["seed"] in ref]
+    m, sd = mean_std(d)
+    return "-" if math.isnan(m) else f"{m:+.4f} ± {sd:.4f}" if not math.isnan(sd) else f"{m:+.4f}"
+
+
 def table(results: list[dict]) -> str:
     """Markdown: one row per variant, mean ± sample std over seeds, plus the final training loss."""
     cols = ["final train loss", *METRICS]
-    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| variant | seeds | " + " | ".join(cols) + " | Δ flow_mse vs full, paired |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
     for variant in VARIANTS:
         rs = [r for r in results if r["variant"] == variant]
         if not rs:
@@ -105,7 +126,8 @@ def table(results: list[dict]) -> str:
         for c in cols:
             vals = [r["final_loss"] if c == "final train loss" else r["metrics"][c] for r in rs]
             m, sd = mean_std(vals)
-            cells.append(f"{m:.4f} ± {sd:.4f}" if not math.isnan(sd) else f"{m:.4f}")
+            cells.append("-" if math.isnan(m) else f"{m:.4f} ± {sd:.4f}" if not math.isnan(sd) else f"{m:.4f}")
+        cells.append(paired_delta(results, variant, "flow_mse"))
         lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -154,16 +176,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"[{time.time() - t0:6.0f} s] {job[0]} seed {job[1]}: exit {proc.returncode}", flush=True)
                 if proc.returncode != 0:
                     failed.append(job)
-    results = []
-    for v, s in jobs:
+    results = []  # every finished run of these seeds in --out (also variants not run this time)
+    for v, s in [(v, s) for s in args.seeds for v in VARIANTS]:
         path = os.path.join(args.out, f"{slug(v)}_seed{s}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 results.append(json.load(f))
     md = table(results)
     print(md)
+    trained = [r for r in results if r["steps"] > 0]
     summary = {"wall_s": round(time.time() - t0, 1), "runs": len(results), "failed": failed,
-               "train_s_per_run": round(sum(r["train_s"] for r in results) / max(1, len(results)), 1),
+               "train_s_per_run": round(sum(r["train_s"] for r in trained) / max(1, len(trained)), 1),
                "eval_s_per_run": round(sum(r["eval_s"] for r in results) / max(1, len(results)), 1)}
     print(json.dumps(summary))
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -249,7 +249,8 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     result = json.loads((out / "eval.json").read_text())
     assert result["num_samples"] == 5
     m = result["metrics"]
-    assert 0 < m["l1"] < 1 and 0 < m["l2"] < m["l1"] and 0 <= m["mask_iou"] <= 1
+    assert 0 < m["l1"] < 1 and 0 < m["l2"] < m["l1"] and 0 <= m["mask_iou"] <= 1 and m["flow_mse"] > 0
+    assert m["flow_mse_inside"] > 0 and m["flow_mse_outside"] > 0 and 0 <= m["l1_source"] < 1
     assert sum(v["count"] for v in result["per_task"].values()) == 5
     for util in result["utilisation_per_task"].values():
         assert set(util) == {"text", "mask", "reference", "base"}

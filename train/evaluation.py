@@ -9,6 +9,11 @@ every metric is computed per sample, and reduced by the caller (mean over sample
 * L1 inside / outside the fine mask: the edit strength vs preservation split; a sample whose
   region (or complement) is empty gives NaN there and is left out of that mean.
 * IoU of the refined mask (thresholded at 0.5, ``>=``) against the fine mask; both empty = 1.
+* held-out flow-matching loss (``flow_mse``): the training objective on unseen samples at fixed
+  times (0.25, 0.5, 0.75) and seeded noise, split inside / outside the fine mask at latent
+  resolution. It measures the denoiser itself, which pixel metrics of a few-step sample through a
+  (possibly random, in tests and the tiny benchmark) VAE decoder may not.
+* L1 of the *source* to the target (``l1_source``): the do-nothing edit, a baseline for L1.
 * CLIP-I / DINO: cosine of image embeddings of edit and target; CLIP-T: cosine of the edit's CLIP
   image embedding and the instruction's CLIP text embedding. Encoders load from local folders only.
 """
@@ -68,6 +73,39 @@ def mask_iou_per_sample(pred_mask: Tensor, gt_mask: Tensor, threshold: float = 0
 def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:
     """[B]: cosine similarity of two [B, D] embedding batches."""
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@torch.no_grad()
+def flow_mse_per_sample(model: Any, batch: Any, times: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 0
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """([B] all, [B] inside, [B] outside): MSE of the predicted velocity against noise - x0, averaged
+    over ``times``; noise drawn from a generator seeded with ``seed`` (same samples -> same numbers)."""
+    was_training = model.training
+    model.eval()
+    x0 = model.encode_target(batch).float()
+    cond = model.encode_conditions(batch)
+    fine = torch.nn.functional.interpolate(batch.fine_mask.float(), size=x0.shape[-2:], mode="area")
+    fine = (fine >= 0.5).float().to(x0.device)
+    g = torch.Generator(device=x0.device).manual_seed(seed)
+    total = inside = outside = 0
+    for t in times:
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
+        noisy = (1 - t) * x0 + t * noise
+        tb = torch.full((x0.shape[0],), t, device=x0.device)
+        pred, _ = model.predict_velocity(noisy.to(model.dtype), tb, cond)
+        err = (pred.float() - (noise - x0)).pow(2).mean(dim=1, keepdim=True)  # [B, 1, h, w]
+        total = total + err.flatten(1).mean(1)
+        i, o = masked_mean(err, fine), masked_mean(err, 1 - fine)
+        inside, outside = inside + i, outside + o
+    model.train(was_training)
+    n = len(times)
+    return (total / n).cpu(), (inside / n).cpu(), (outside / n).cpu()
+
+
+def masked_mean(x: Tensor, w: Tensor) -> Tensor:
+    """[B]: sum(x * w) / sum(w) per sample over [B, 1, h, w]; NaN where the weights sum to 0."""
+    den = w.flatten(1).sum(1)
+    return torch.where(den > 0, (x * w).flatten(1).sum(1) / den.clamp(min=1e-12), torch.full_like(den, float("nan")))
 
 
 def nanmean(values: list[float]) -> float:
@@ -141,6 +179,7 @@ class EvalSettings:
     seed: int = 0
     text_guidance: float = 1.0
     image_guidance: float = 1.0
+    flow_loss: bool = True  # also the held-out flow-matching loss (3 more forwards per batch)
     group_by_task: bool = True  # one edit call per task in a batch: exact per-task utilisation, more calls
 
 
@@ -183,7 +222,11 @@ def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[Emb
             inside, outside = masked_l1_per_sample(edit, target, fine)
             values = {"l1": l1_per_sample(edit, target), "l2": l2_per_sample(edit, target),
                       "l1_inside": inside, "l1_outside": outside,
-                      "mask_iou": mask_iou_per_sample(res.refined_mask.cpu(), fine)}
+                      "mask_iou": mask_iou_per_sample(res.refined_mask.cpu(), fine),
+                      "l1_source": l1_per_sample(to_unit(sub.source).cpu(), target)}
+            if settings.flow_loss:
+                values["flow_mse"], values["flow_mse_inside"], values["flow_mse_outside"] = flow_mse_per_sample(
+                    model, sub, seed=settings.seed)
             if encoders is not None and encoders.clip is not None:
                 e_edit, e_tgt = encoders.clip_image(edit), encoders.clip_image(target)
                 values["clip_i"] = cosine_per_sample(e_edit, e_tgt).cpu()
