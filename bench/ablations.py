@@ -192,13 +192,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"summary": summary, "table": md, "args": vars(args)}, f, indent=1)
     if args.write:
-        write_table(args.write, md)
+        write_table(args.write, md, f"ablation-table-{args.steps}-steps")
     return 1 if failed else 0
 
 
-def write_table(path: str, md: str) -> None:
-    """Replace the text between the table markers of ``path`` (or append them)."""
-    start, end = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
+def write_table(path: str, md: str, name: str) -> None:
+    """Replace the text between the ``name`` table markers of ``path`` (or append them)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = open(path).read() if os.path.isfile(path) else ""
     block = f"{start}\n{md}\n{end}"
     if start in text and end in text:
