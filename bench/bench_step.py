@@ -84,6 +84,7 @@ def main() -> None:
         model = build_model(cfg)
         bare = FluxBackbone(cfg.backbone, LoraConfig(rank=0), cfg.init_seed)
     torch.set_default_dtype(torch.float32)
+    model.to(torch.bfloat16)  # peft keeps adapters in fp32 unless cast, as DeepSpeed's bf16 mode does
     bare.transformer.enable_gradient_checkpointing()
     model.train()
     batch = cached_batch(args.size, args.text_len, cfg, dev)
