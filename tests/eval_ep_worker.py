@@ -1,4 +1,4 @@
-"""A real DeepSpeed checkpoint written at experts.ep_size=2 by 2 gloo ranks, for the export tests.
+"""A real DeepSpeed checkpoint written at experts.ep_size=2 (or 4) by as many gloo ranks, for the export tests.
 
 Each rank builds the tiny CARE-Edit model the way ``train.loop`` does (seeded, ep_size 2), wraps it
 in the training engine (``train.engine.build_engine``: MoE groups, EMA), moves every trainable
@@ -20,8 +20,8 @@ EDIT_STEPS = 2
 EDIT_SEED = 5
 
 
-def overrides(run_dir: str) -> list[str]:
-    return [f"run.dir={run_dir}", "run.name=ep2", "run.seed=3", "model.experts.ep_size=2", "ema.enabled=true",
+def overrides(run_dir: str, ep_size: int = 2) -> list[str]:
+    return [f"run.dir={run_dir}", "run.name=ep2", "run.seed=3", f"model.experts.ep_size={ep_size}", "ema.enabled=true",
             "ema.decay=0.5", "data.image_size=32", "model.router.noise_std=0.0"]
 
 
@@ -46,7 +46,7 @@ def _perturb(model, ep_rank: int, num_local: int) -> None:
         p.data.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def worker(rank: int, world: int, port: int, run_dir: str) -> None:
+def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     sys.path.insert(0, ROOT)
@@ -61,13 +61,13 @@ def worker(rank: int, world: int, port: int, run_dir: str) -> None:
     from train.engine import build_engine
     from train.export import _global_expert_name, seed_everything
 
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides(run_dir))
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides(run_dir, ep_size))
     dist = init_distributed()
     seed_everything(cfg.run.seed)
     model = build_model(OmegaConf.to_object(cfg.model))
     eng = build_engine(cfg, model, dist)
     module = eng.engine.module
-    ep_rank, num_local = rank % 2, 2
+    ep_rank, num_local = rank % ep_size, 4 // ep_size
     _perturb(module, ep_rank, num_local)
     eng.ema.update(module)
     _perturb(module, ep_rank, num_local)

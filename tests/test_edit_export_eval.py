@@ -130,6 +130,7 @@ def exported(ep2_run, tmp_path_factory):
     return paths
 
 
+@pytest.mark.multiprocess  # uses the 2-rank checkpoint
 def test_checkpoint_really_is_expert_parallel(ep2_run):
     ckpt, _ = ep2_run
     tag = resolve_checkpoint(ckpt)
@@ -139,6 +140,7 @@ def test_checkpoint_really_is_expert_parallel(ep2_run):
     assert os.path.isfile(os.path.join(tag, "train_state_rank1.pt"))
 
 
+@pytest.mark.multiprocess  # uses the 2-rank checkpoint
 def test_export_holds_exactly_the_trained_weights_merged(ep2_run, exported):
     _, expected = ep2_run
     tensors, cfg = read_export(exported["weights"])
@@ -155,6 +157,7 @@ def test_export_holds_exactly_the_trained_weights_merged(ep2_run, exported):
     assert any(not torch.equal(ema[k], weights[k]) for k in weights)  # the EMA really is different
 
 
+@pytest.mark.multiprocess  # uses the 2-rank checkpoint
 def test_same_edit_from_checkpoint_and_export(ep2_run, exported, tmp_path):
     from launch.edit import main as edit_main
 
@@ -188,7 +191,28 @@ def test_same_edit_from_checkpoint_and_export(ep2_run, exported, tmp_path):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ep4_checkpoint_merges_to_the_same_weights_and_edit(tmp_path):
+    """ep_size 4 (one expert of each layer per rank, 4 gloo ranks): the same merge, the same edit."""
+    from train.export import export_checkpoint
+
+    run_dir = str(tmp_path)
+    mp.spawn(W.worker, args=(4, _free_port(), run_dir, 4), nprocs=4, join=True)
+    expected = {}
+    for r in range(4):
+        expected.update(load_file(os.path.join(run_dir, f"expected_rank{r}.safetensors")))
+    ckpt = os.path.join(run_dir, "ep2", "checkpoints")
+    tensors = export_checkpoint(ckpt, os.path.join(run_dir, "w.safetensors"))
+    weights = {k: v for k, v in expected.items() if not k.startswith(("ema/", "edit/"))}
+    assert set(tensors) == set(weights) and all(torch.equal(tensors[k], v) for k, v in weights.items())
+    model, _ = load_for_inference(os.path.join(run_dir, "w.safetensors"))
+    res = model.edit(W.test_batch(), num_steps=W.EDIT_STEPS, generator=torch.Generator().manual_seed(W.EDIT_SEED))
+    torch.testing.assert_close(res.images, expected["edit/images"], rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ corrupt files
+@pytest.mark.multiprocess  # uses the 2-rank checkpoint
 def test_truncated_or_corrupt_export_is_refused_naming_the_file(exported, tmp_path):
     data = open(exported["weights"], "rb").read()
     cases = {
@@ -211,6 +235,7 @@ def test_truncated_or_corrupt_export_is_refused_naming_the_file(exported, tmp_pa
         read_export(str(foreign))
 
 
+@pytest.mark.multiprocess  # uses the 2-rank checkpoint
 def test_truncated_deepspeed_shard_is_refused_naming_the_file(ep2_run, tmp_path, capsys):
     from launch.edit import main as edit_main
 
@@ -231,6 +256,7 @@ def test_truncated_deepspeed_shard_is_refused_naming_the_file(ep2_run, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------ eval CLI
+@pytest.mark.multiprocess  # uses the 2-rank checkpoint
 def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_path, capsys):
     from data.synthetic import main as synthetic_main
     from launch.eval import main as eval_main
