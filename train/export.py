@@ -237,6 +237,9 @@ def read_export(path: str) -> tuple[dict[str, Tensor], DictConfig]:
 def load_for_inference(checkpoint: str, device: str = "cpu", ema: bool = False) -> tuple[nn.Module, DictConfig]:
     """Model with trained weights from a checkpoint dir (run dir / tag dir) or an exported file."""
     if os.path.isfile(checkpoint):
+        if ema:
+            raise WeightsError(f"{checkpoint}: --ema applies to training checkpoints; an export already holds "
+                               "either the weights or the EMA (launch/export.py --ema)")
         tensors, cfg = read_export(checkpoint)
         source = checkpoint
     else:
