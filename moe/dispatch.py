@@ -45,11 +45,9 @@ class DenseDispatcher:
     name = "dense"
 
     def __call__(self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group=None) -> Tensor:
-        num_experts = len(experts)
-        # [S, E] dense combine weights from the sparse (index, weight) pairs
-        slot = torch.where(index >= 0, index, torch.full_like(index, num_experts))  # -1 -> a discarded column
-        dense = torch.zeros(packed.shape[0], num_experts + 1, dtype=weight.dtype, device=weight.device)
-        dense = dense.scatter_add(1, slot, weight)[:, :num_experts]
+        dense = dense_weights(index, weight, len(experts)).to(packed.dtype)  # [S, E]
+        if all(isinstance(e, LoraExpert) for e in experts) and len({e.down.out_features for e in experts}) == 1:
+            return fused_lora_forward(list(experts), packed, dense)
         out = None
         for e, expert in enumerate(experts):
             y = expert(packed) * dense[:, e : e + 1]

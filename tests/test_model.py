@@ -277,7 +277,11 @@ def test_bf16_forward_and_backward(kind):
     """GPU training runs in bf16: every module must accept the dtypes the others hand it."""
     model = _model(**{"experts.kind": kind, "loss.tag_alignment": 0.1}).to(torch.bfloat16)
     model.train()
+    dtypes = []
+    for layer in model.expert_layers:
+        layer.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     out = model(make_batch())
+    assert dtypes == [torch.bfloat16] * len(model.expert_layers)  # float32 routing weights must not leak
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.prediction.dtype == torch.bfloat16
     assert all(p.grad is not None for n, p in model.trainable_named_parameters() if "lora_A" in n)
