@@ -167,7 +167,7 @@ def validate_config(cfg: Any) -> None:
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
     _check(cfg.guards.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))  # before any launcher env
     ep = cfg.model.experts.ep_size
     _check(world % ep == 0, "model.experts.ep_size", f"{ep} must divide the number of processes ({world})")
     for section, dc in (("model", ModelConfig), ("data", DataConfig)):

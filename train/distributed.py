@@ -9,6 +9,7 @@ on CPU.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -38,12 +39,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: 'gpu[003-010,012],cpu1' -> 'gpu003' (what rank 0 runs on)."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
 def fill_env_defaults() -> None:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults."""
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults.
+
+    Under ``srun`` (one task per GPU) the rendezvous is the first node of the job on a port derived
+    from the job id, so that jobs sharing a node do not collide (launch/slurm/ uses the same rule).
+    """
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        if "SLURM_JOB_NODELIST" in os.environ:
+            os.environ.setdefault("MASTER_ADDR", first_host(os.environ["SLURM_JOB_NODELIST"]))
+        if "SLURM_JOB_ID" in os.environ:
+            os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
     single = "RANK" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
