@@ -7,7 +7,8 @@ Each (variant, seed) runs in its own process (``--one VARIANT SEED``): ``train.l
 synthetic train shards, then ``train.evaluation.evaluate`` on the held-out val shards from the
 checkpoint it wrote (loaded through ``train.export``, as a user would). Results are JSON per run
 under ``--out``; the parent prints a JSON summary and, with ``--write``, the Markdown table of means
-and spreads (sample std over seeds) that docs/RESULTS.md holds. Finished runs are reused (delete
+and spreads (sample std over seeds) that docs/RESULTS.md holds, between the markers named after
+``--out``'s last component (``<!-- ablation-table-<name>:start -->``). Finished runs are reused (delete
 ``--out`` to start over), so an interrupted benchmark resumes.
 """
 
@@ -192,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"summary": summary, "table": md, "args": vars(args)}, f, indent=1)
     if args.write:
-        write_table(args.write, md, f"ablation-table-{args.steps}-steps")
+        write_table(args.write, md, f"ablation-table-{os.path.basename(os.path.normpath(args.out))}")
     return 1 if failed else 0
 
 
