@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: install train test test-all data bench clean
+.PHONY: install train test test-slow test-all data clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ train: data
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The tests marked slow (4-rank resume, ep_size 4 export, real-model resume, learnability): ~4 min.
+test-slow: $(STAMP)
+	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -336,7 +336,10 @@ class CareEditModel(nn.Module):
             cond_img = self.encode_conditions(batch, drop_text=True)
             cond_none = self.encode_conditions(batch, drop_text=True, drop_image=True)
         b, c, h, w = cond.base.shape
-        x = torch.randn((b, c, h, w), generator=generator, device=cond.base.device, dtype=torch.float32)
+        # noise drawn on the generator's device, then moved: one seed, one edit, on CPU or GPU
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        x = torch.randn((b, c, h, w), generator=generator, device=gen_device, dtype=torch.float32)
+        x = x.to(cond.base.device)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         scheduler.set_timesteps(num_steps, device=cond.base.device)
         ctx = None

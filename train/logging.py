@@ -158,7 +158,7 @@ def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Te
         return torch.nn.functional.interpolate(x, size=size, mode="nearest") if x.shape[-2:] != size else x
 
     cols = [img(batch.source), mask(fit(batch.coarse_mask)), mask(fit(res.refined_mask)),
-            fit(res.routing_map.float()).clamp(0, 1), img(batch.target), img(res.images)]
+            img(fit(res.routing_map.float())), img(batch.target), img(res.images)]
     rows = torch.stack([c.cpu() for c in cols], dim=1).flatten(0, 1)  # [B*6, 3, H, W]
     return tile(rows, ncols=len(cols))
 
