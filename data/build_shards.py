@@ -34,16 +34,20 @@ from data.schema import SampleError
 from data.shards import EditRecord, record_to_sample, write_shards
 
 
-def _open(root: str, rel: Optional[str], what: str, mode: str) -> Image.Image:
-    path = os.path.join(root, rel) if rel else None
+def open_image(path: Optional[str], mode: Optional[str], what: str = "") -> Image.Image:
+    """Open and fully decode an image file, turning failures into the skip reasons the report counts."""
     if path is None or not os.path.isfile(path):
-        raise SampleError("missing_file", f"{what}: {path}")
+        raise SampleError("missing_file", f"{what}: {path}" if what else str(path))
     try:
         img = Image.open(path)
         img.load()
     except Exception as exn:
         raise SampleError("decode_error", f"{path}: {exn}") from exn
     return img.convert(mode) if mode else img
+
+
+def _open(root: str, rel: Optional[str], what: str, mode: str) -> Image.Image:
+    return open_image(os.path.join(root, rel) if rel else None, mode, what)
 
 
 def load_binary_mask(img: Image.Image) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from data.build_shards import open_image
 from data.schema import SampleError
 from data.shards import EditRecord, ShardReport, write_shards
 
@@ -41,17 +42,6 @@ def binarise_mask(img: Image.Image, threshold: int = 128) -> np.ndarray:
     return np.where(grey >= threshold, 255, 0).astype(np.uint8)
 
 
-def _open(path: str, mode: Optional[str]) -> Image.Image:
-    if not os.path.isfile(path):
-        raise SampleError("missing_file", path)
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as exn:
-        raise SampleError("decode_error", f"{path}: {exn}") from exn
-    return img.convert(mode) if mode else img
-
-
 def magicbrush_records(split_dir: str, threshold: int = 128) -> Iterator[EditRecord | SampleError]:
     with open(os.path.join(split_dir, "edit_sessions.json")) as f:
         sessions = json.load(f)
@@ -61,9 +51,9 @@ def magicbrush_records(split_dir: str, threshold: int = 128) -> Iterator[EditRec
             try:
                 yield EditRecord(
                     key=f"mb-{img_id}-{turn}",
-                    src=_open(os.path.join(folder, t["input"]), "RGB"),
-                    tgt=_open(os.path.join(folder, t["output"]), "RGB"),
-                    mask=binarise_mask(_open(os.path.join(folder, t["mask"]), None), threshold),
+                    src=open_image(os.path.join(folder, t["input"]), "RGB"),
+                    tgt=open_image(os.path.join(folder, t["output"]), "RGB"),
+                    mask=binarise_mask(open_image(os.path.join(folder, t["mask"]), None), threshold),
                     instruction=t.get("instruction", ""),
                     task="other",
                     tags={"scope": "local", "type": "other", "preservation": ["background"]},
