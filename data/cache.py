@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 import webdataset as wds

@@ -31,7 +31,6 @@ import copy
 import dataclasses
 import logging
 import random
-import tarfile
 import time
 from collections import Counter
 from typing import Any, Iterator, Optional

@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from data.shards import EditRecord, brace_pattern, write_shards
+from data.shards import EditRecord, write_shards
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -222,7 +222,6 @@ class CareEditModel(nn.Module):
         return torch.sigmoid(lc.logit_mean + lc.logit_std * torch.randn(batch_size, device=device))
 
     def forward(self, batch: EditBatch) -> ModelOutput:
-        lc = self.cfg.loss
         with record_function("care/encode"):
             x0 = self.encode_target(batch)
             cond = self.encode_conditions(batch)
