@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from train.distributed import fill_env_defaults, first_host
@@ -17,6 +19,9 @@ def test_first_host_of_a_nodelist(nodelist, host):
 
 
 def test_srun_variables_fill_rank_and_rendezvous(monkeypatch):
+    # fill_env_defaults writes os.environ: restore all of it afterwards, or later tests' child
+    # processes inherit a rendezvous on a host that does not exist
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
@@ -25,8 +30,6 @@ def test_srun_variables_fill_rank_and_rendezvous(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[17-18]")
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     fill_env_defaults()
-    import os
-
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "16", "1")
     assert os.environ["MASTER_ADDR"] == "gpu17"
     assert os.environ["MASTER_PORT"] == str(10000 + 123456 % 20000)
