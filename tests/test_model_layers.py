@@ -73,7 +73,7 @@ def _router_inputs(b=2, n=6, kind="learned", k=2):
 def test_router_reference_context_is_zero_without_reference():
     _, _, (text_ctx, ref_ctx, _), _, _ = _router_inputs()
     assert ref_ctx[1].abs().max() == 0 and ref_ctx[0].abs().max() > 0
-    assert text_ctx.abs().min() >= 0 and text_ctx[1].abs().max() > 0
+    assert text_ctx[1].abs().max() > 0  # text is present for both samples
 
 
 @pytest.mark.parametrize("kind", ["learned", "uniform", "static"])
