@@ -9,8 +9,8 @@ on CPU.
 from __future__ import annotations
 
 import os
-import re
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,30 +40,48 @@ def _free_port() -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM nodelist: 'gpu[003-010,012],cpu1' -> 'gpu003' (what rank 0 runs on)."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
+    """The first host of a SLURM nodelist (what rank 0 runs on under srun's block distribution):
+    'gpu[003-010,012],cpu1' -> 'gpu003'; 'rack[1-2]n[3-4]' -> 'rack1n3' (``scontrol show hostnames``'s first)."""
+    s = nodelist.strip()
+    host, i = [], 0
+    while i < len(s) and s[i] != ",":  # the first entry: up to the first comma outside brackets
+        if s[i] == "[":
+            end = s.find("]", i)
+            if end < 0:
+                raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+            host.append(s[i + 1:end].split(",")[0].split("-")[0])
+            i = end + 1
+        else:
+            host.append(s[i])
+            i += 1
+    if not host or "]" in host:
         raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
-    prefix, ranges = head.group(1), head.group(3)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return "".join(host)
 
 
 def fill_env_defaults() -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults.
 
-    Under ``srun`` (one task per GPU) the rendezvous is the first node of the job on a port derived
-    from the job id, so that jobs sharing a node do not collide (launch/slurm/ uses the same rule).
+    Under ``srun`` (one task per GPU) the rendezvous is the first node of the step (of the job when
+    SLURM gives no step list) on a port derived from the job id, so that jobs sharing a node do not
+    collide (launch/slurm/ uses the same rule; two concurrent steps of one job need their own
+    MASTER_PORT). Only srun tasks count: a batch script's own shell also carries SLURM_PROCID=0 and
+    SLURM_NTASKS=N but no SLURM_STEP_ID, and a ``python launch/train.py`` started there without srun
+    is one process, not rank 0 of N waiting forever for the others.
     """
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    in_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
+    if "RANK" not in os.environ and in_step and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-        if "SLURM_JOB_NODELIST" in os.environ:
-            os.environ.setdefault("MASTER_ADDR", first_host(os.environ["SLURM_JOB_NODELIST"]))
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        if nodelist:
+            os.environ.setdefault("MASTER_ADDR", first_host(nodelist))
         if "SLURM_JOB_ID" in os.environ:
             os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+    elif "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        print(f"warning: SLURM_NTASKS={os.environ['SLURM_NTASKS']} but this process was not started by srun: "
+              "training as a single process (start one task per GPU with `srun`)", file=sys.stderr, flush=True)
     single = "RANK" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
