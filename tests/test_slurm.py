@@ -4,7 +4,8 @@ The SLURM tests need Debian's ``slurm-wlm`` and ``munge`` and root (the private 
 slurmd as SlurmUser=root); without them they are skipped with the reason. Set CARE_REQUIRE_SLURM=1
 (CI) to turn "cannot start SLURM" into a failure instead of a skip. The training jobs run the
 stand-in model (tests/train_entry.py via TRAIN_ENTRY, configs/toy_test.yaml) on gloo, one CPU each.
-The grid and summary tests at the top need no SLURM.
+The grid and summary tests at the top need no SLURM. The last test runs `srun` alone (no batch script): the
+ranks and the rendezvous come from SLURM's variables through train/distributed.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import pytest
 
-from tests.slurm_cluster import Cluster, SlurmUnavailable, start_cluster
+from tests.slurm_cluster import Cluster, SlurmUnavailable, _which, start_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["logging.images_every=0", "logging.progress_bar=false"]
@@ -233,3 +234,76 @@ def test_usr1_preemption_requeues_and_resumes_to_the_uninterrupted_result(slurm,
     assert again_done["JobState"] == "COMPLETED" and again_done["Restarts"] == "0", again_log
     assert f"run already finished (step {steps} >= train.steps {steps})" in again_log
     assert "srun" not in again_log and _losses(ref_run) == want
+
+
+# ---------------------------------------------------------------- srun alone, no batch script
+
+# What train/distributed.py derives inside an srun task, and a gloo all-reduce over that rendezvous.
+_PROBE = """
+import json, os
+import torch, torch.distributed as dist
+from train.distributed import fill_env_defaults
+fill_env_defaults()
+dist.init_process_group("gloo")
+t = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(t)
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID")
+print("PROBE " + json.dumps({**{k: os.environ[k] for k in keys}, "sum": t.item()}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.multiprocess
+def test_srun_tasks_without_wrapper_take_ranks_and_rendezvous_from_slurm(slurm, tmp_path):
+    """``srun --ntasks=2 python launch/train.py ...``: no batch script, no task.sh, no RANK/MASTER_* in
+    the environment. train/distributed.py maps SLURM_PROCID/NTASKS/LOCALID and meets on the step's first
+    node at 10000 + job id % 20000; the tiny model trains at ep_size 2 to the end and computes exactly
+    what 2 ranks started by hand compute."""
+    import torch
+
+    from tests.train_harness import read_losses, start_ranks
+
+    env = slurm.env(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    srun = [_which("srun"), "--ntasks=2", "--cpus-per-task=1", "--time=10", "--kill-on-bad-exit=1"]
+
+    p = slurm.run(*srun, "--job-name=probe", sys.executable, "-c", _PROBE, cwd=ROOT, env=env, check=False,
+                  timeout=120)
+    recs = sorted((json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("PROBE ")),
+                  key=lambda r: r["RANK"])
+    assert p.returncode == 0 and len(recs) == 2, p.stdout + p.stderr
+    job = int(recs[0]["SLURM_JOB_ID"])
+    for rank, rec in enumerate(recs):
+        assert (rec["RANK"], rec["WORLD_SIZE"], rec["LOCAL_RANK"]) == (str(rank), "2", str(rank)), rec
+        assert (rec["MASTER_ADDR"], rec["MASTER_PORT"]) == (slurm.hostname, str(10000 + job % 20000)), rec
+        assert rec["SLURM_JOB_ID"] == str(job) and rec["sum"] == 3.0, rec  # both ranks met there
+
+    syn = tmp_path / "synthetic"
+    _py("data.synthetic", "--out", str(syn), "--train", "48", "--val", "8", "--size", "64",
+        "--samples-per-shard", "16")
+    steps = 3
+    args = [f"data.train_shards={syn}/train-{{000000..000002}}.tar", f"data.val_shards={syn}/val-{{000000..000000}}.tar",
+            f"train.steps={steps}", "checkpoint.every=2", "logging.every=1", "data.num_workers=0",
+            "model.experts.ep_size=2", *TOY]
+    tiny_cfg = os.path.join(ROOT, "configs", "tiny.yaml")
+    run = str(tmp_path / "srun")
+    p = slurm.run(*srun, "--job-name=srun-train", sys.executable, "launch/train.py", "--config", tiny_cfg,
+                  f"run.dir={run}", *args, cwd=ROOT, env=env, check=False, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and f"done: step {steps}" in out, out[-4000:]
+    assert "not started by srun" not in out
+    ckpt = os.path.join(run, "tiny", "checkpoints", f"step{steps:08d}")
+    for r in range(2):  # two ranks of one world, not two single-process runs
+        state = torch.load(os.path.join(ckpt, f"train_state_rank{r}.pt"), map_location="cpu", weights_only=True)
+        assert (state["rank"], state["world_size"], state["step"]) == (r, 2, steps)
+    files = set(os.listdir(ckpt))
+    assert {f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= files
+    assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(2) for e in range(4)} <= files
+
+    by_hand = str(tmp_path / "by-hand")
+    ranks = start_ranks(2, by_hand, args, entry=os.path.join(ROOT, "launch", "train.py"), config=tiny_cfg)
+    assert ranks.wait(300) == [0, 0], ranks.output()[-4000:]
+    want = read_losses(by_hand, "tiny")
+    assert sorted(want) == list(range(1, steps + 1))
+    assert read_losses(run, "tiny") == want  # bit for bit
