@@ -72,3 +72,17 @@ def test_batch_shell_without_srun_is_one_process(monkeypatch, capsys):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
     assert os.environ["MASTER_ADDR"] == "127.0.0.1"
     assert "SLURM_NTASKS=2 but this process was not started by srun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("visible, local_rank", [("", "3"), ("0,1,2,3", "3"), ("3", "0"), ("GPU-5f2a", "0")])
+def test_srun_task_bound_to_one_gpu_uses_device_0(monkeypatch, visible, local_rank):
+    """--gpus-per-task=1 shows each task only its own GPU, numbered 0 inside the task (as task.sh does)."""
+    _clean_env(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    for key, value in [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "3"),
+                       ("SLURM_JOB_NODELIST", "n1"), ("SLURM_JOB_ID", "7")]:
+        monkeypatch.setenv(key, value)
+    fill_env_defaults()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("3", local_rank)

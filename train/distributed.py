@@ -73,7 +73,10 @@ def fill_env_defaults() -> None:
     if "RANK" not in os.environ and in_step and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        # a task bound to one GPU (--gpus-per-task=1, --gpu-bind=single:1) sees it as device 0 (as task.sh)
+        os.environ.setdefault("LOCAL_RANK", "0" if visible and "," not in visible else
+                              os.environ.get("SLURM_LOCALID", "0"))
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
         if nodelist:
             os.environ.setdefault("MASTER_ADDR", first_host(nodelist))
