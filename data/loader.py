@@ -201,7 +201,10 @@ class EditStream(IterableDataset):
         skip_raw = st.get("skip_raw", 0)  # approximate fast-forward (start_step without a state)
         pending = {tuple(p) for p in st.get("pending", [])}
         start = min([pos0] + [p for p, _ in pending])
-        if "start_epoch" in st:  # cross-configuration resume: from the start of that epoch
+        if "start_global" in st:  # cross-configuration resume: first shard position not fully consumed
+            start = max(0, -(-(st["start_global"] - slot) // n_slots))
+            pos0, off0 = start, 0
+        elif "start_epoch" in st:  # (states saved by older versions) from the start of that epoch
             start = max(0, -(-(st["start_epoch"] * len(self.urls) - slot) // n_slots))
             pos0, off0 = start, 0
         buckets: dict[tuple[int, int], list[dict]] = {}
@@ -358,28 +361,85 @@ class EditLoader:
     def load_state_dict(self, sd: dict) -> None:
         """Resume. Accepts this rank's state, or ``{"per_rank": [state of rank 0, 1, ...]}``.
 
-        Same world size, workers, batch size, seed and shards: exact. Otherwise the step, epoch and
-        sample count carry over and every slot restarts at the beginning of the saved epoch (the
-        samples of that epoch already seen are seen again, in a different order).
+        Same world size, workers, batch size, seed and shards: exact. Otherwise (e.g. a resume at
+        another GPU count) it continues from the shards consumed, not exactly: every new slot starts
+        at the first position of the global shard stream that some old slot had not finished
+        (``_first_unfinished``). No sample is skipped; the shards the old slots were in the middle
+        of (at most one per old slot) are read again, in the new split. The step and sample counts
+        carry over as totals over all old ranks, split evenly; a warning says so. Given one rank's
+        state only, its counts carry over and every slot restarts at the start of the saved epoch.
         """
-        if "per_rank" in sd:
-            per_rank = sd["per_rank"]
-            sd = per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
-        if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {sd.get('version')} != {STATE_VERSION}")
+        per_rank = sd["per_rank"] if "per_rank" in sd else [sd]
+        own = per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
+        for st in per_rank:
+            if st is not None and st.get("version") != STATE_VERSION:
+                raise ValueError(f"data loader state version {st.get('version')} != {STATE_VERSION}")
+        if own["config"] == self._config_key():
+            self._skips_done = Counter(own.get("skips_done", {}))
+            self.step, self.samples_seen = own["step"], own["samples_seen"]
+            self.epoch = own["epoch"] if self.finite else 0
+            self._workers = {int(k): v for k, v in own["workers"].items()}
+            return
+        if any(st is None for st in per_rank) or len({st["config"]["world_size"] for st in per_rank}) != 1 \
+                or len(per_rank) != per_rank[0]["config"]["world_size"]:
+            self._restart_epoch(own)  # not every old rank's state: only the epoch is known
+            return
+        start = self._first_unfinished(per_rank)
+        total_samples = sum(st["samples_seen"] for st in per_rank)
+        self.samples_seen = total_samples // self.world_size
+        self.step = self.samples_seen // self.batch_size
+        self.epoch = min(st["epoch"] for st in per_rank) if self.finite else 0
+        log.warning("data: loader state from %d rank(s) with %s, now %s: not an exact resume; continuing at "
+                    "shard position %d of the stream (epoch %d), %d samples seen before; partly read shards are "
+                    "read again", len(per_rank), own["config"], self._config_key(), start, start // len(self.urls),
+                    total_samples)
+        skips: Counter = Counter()
+        self._skips_done = Counter()
+        if self.rank == 0:  # the old counts, once
+            for st in per_rank:
+                self._skips_done.update(st.get("skips_done", {}))
+                for w in st["workers"].values():
+                    skips.update(w.get("skips", {}))
+        self._workers = {lw: dict(start_global=start) for lw in range(self.n_workers)}
+        self._workers[0]["skips"] = dict(skips)
+
+    def _restart_epoch(self, sd: dict) -> None:
+        """One old rank's state at another layout: its counts carry over, every slot restarts its epoch."""
+        self._skips_done = Counter(sd.get("skips_done", {}))
+        log.warning("data: loader state of one rank from %s, now %s: resuming at the start of epoch %d, not exactly",
+                    sd["config"], self._config_key(), sd["epoch"])
         self.step, self.samples_seen = sd["step"], sd["samples_seen"]
         self.epoch = sd["epoch"] if self.finite else 0
-        self._skips_done = Counter(sd.get("skips_done", {}))
-        if sd["config"] == self._config_key():
-            self._workers = {int(k): v for k, v in sd["workers"].items()}
-        else:
-            log.warning("data: loader state from %s, now %s: resuming at the start of epoch %d, not exactly",
-                        sd["config"], self._config_key(), sd["epoch"])
-            skips = Counter()
-            for st in sd["workers"].values():
-                skips.update(st.get("skips", {}))
-            self._workers = {lw: dict(start_epoch=sd["epoch"]) for lw in range(self.n_workers)}
-            self._workers[0]["skips"] = dict(skips)
+        skips: Counter = Counter()
+        for st in sd["workers"].values():
+            skips.update(st.get("skips", {}))
+        self._workers = {lw: dict(start_epoch=sd["epoch"]) for lw in range(self.n_workers)}
+        self._workers[0]["skips"] = dict(skips)
+
+    def _first_unfinished(self, per_rank: list[dict]) -> int:
+        """The smallest global shard position some old slot had not finished (all before it were read).
+
+        Old slot ``s`` of ``S`` read positions ``s, s + S, ...``; with next position ``pos`` (or an
+        earlier one still waiting in an aspect bucket) everything of it below ``s + pos * S`` is done.
+        """
+        if any(st["config"]["n_shards"] != len(self.urls) for st in per_rank):
+            raise ValueError(f"data: saved loader read {per_rank[0]['config']['n_shards']} shards, "
+                             f"now {len(self.urls)}: the shard stream differs, cannot continue it")
+        firsts = []
+        for st in per_rank:
+            w_old = st["config"]["num_workers"]
+            n_slots = st["config"]["world_size"] * w_old
+            for lw in range(w_old):
+                slot = st["config"]["rank"] * w_old + lw
+                ws = st["workers"].get(str(lw), {})
+                if "start_global" in ws:  # an old resume this worker had not yet moved on from
+                    firsts.append(ws["start_global"])
+                elif "start_epoch" in ws:
+                    firsts.append(ws["start_epoch"] * len(self.urls))
+                else:
+                    pos = min([ws.get("pos", 0)] + [p for p, _ in ws.get("pending", [])])
+                    firsts.append(slot + pos * n_slots)
+        return min(firsts)
 
 
 def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int,
