@@ -20,7 +20,8 @@ from train.config import ConfigError, load_config  # noqa: E402
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML recipe (may list `defaults:` to include)")
-    p.add_argument("--resume", default=None, help="'auto' (latest in the run's checkpoint dir, if any) or a path")
+    p.add_argument("--resume", default=None, help="'auto' (latest in the run's checkpoint dir, if any) or a path "
+                   "(a checkpoint of this shape, or a portable one from `python -m launch.reshape_checkpoint`)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=100 optim.lr=3e-4")
     return p.parse_args(argv)
@@ -37,12 +38,16 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
         return 2
     from train.guards import TooManySkippedSteps
     from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
+    from train.portable import ReshapeError
 
     try:
         train(cfg, resume=args.resume, **factories)
     except TooManySkippedSteps as e:
         print(f"training stopped: {e}", file=sys.stderr, flush=True)
         return 3
+    except ReshapeError as e:  # a checkpoint of another shape, or a broken portable one: the message says what to do
+        print(f"resume error: {e}", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

@@ -15,10 +15,17 @@ A kill at any point leaves ``latest`` naming the previous complete checkpoint; a
 directory is ignored and removed by the next save. The frozen backbone is not written
 (``exclude_frozen_parameters=True``); it is rebuilt from its own path, so loading is non-strict and
 we verify that every trainable key was present instead.
+
+Shape: a checkpoint resumes through DeepSpeed only at the world size, ep_size and ZeRO stage that
+wrote it (``find`` checks this before the model is built and names the conversion command
+otherwise). Each rank also records its ``layout`` (``train/layout.py``) so that
+``python -m launch.reshape_checkpoint`` can turn the checkpoint into a portable one
+(``train/portable.py``), which ``--resume`` loads at any shape (``train/portable_load.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -27,9 +34,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from train.config import checkpoint_dir, save_resolved
 from train.distributed import DistInfo, barrier
+from train.layout import capture_layout
+from train.portable import ReshapeError, is_portable, read_meta
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -70,6 +82,25 @@ def _to_tuple(x: Any) -> Any:
 class Resumed:
     step: int
     path: str
+    note: str = ""  # what a reshaped resume changed (printed by the loop)
+
+
+@dataclass
+class Found:
+    """A checkpoint chosen by ``--resume``, inspected before the model is built."""
+
+    load_dir: str
+    tag: str
+    step: int
+    portable: bool
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.load_dir, self.tag)
+
+
+def reshape_command(path: str) -> str:
+    return f"python -m launch.reshape_checkpoint --src {path}"
 
 
 class Checkpointer:
@@ -81,6 +112,7 @@ class Checkpointer:
         self.dir = checkpoint_dir(cfg)
         self.keep = int(cfg.checkpoint.keep)
         self.crash_hook = crash_hook  # test hook, called mid-save
+        self._layout: Optional[dict] = None
         os.makedirs(self.dir, exist_ok=True)
 
     # ---------------------------------------------------------------- save
@@ -93,8 +125,11 @@ class Checkpointer:
         barrier()
         engine.save_checkpoint(self.dir, tag=tmp_tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
+        if self._layout is None:  # fixed for the run: which optimizer slot holds which global parameter
+            self._layout = capture_layout(engine, self.dist.rank, self.dist.world_size,
+                                          int(self.cfg.model.experts.ep_size))
         state = {"step": step, "rank": self.dist.rank, "world_size": self.dist.world_size,
-                 "loader": loader.state_dict(), "rng": rng_state()}
+                 "loader": loader.state_dict(), "rng": rng_state(), "layout": self._layout}
         if ema is not None:
             state["ema"] = ema.state_dict()
         torch.save(state, os.path.join(tmp_path, f"train_state_rank{self.dist.rank}.pt"))
@@ -136,25 +171,56 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
 
     # ---------------------------------------------------------------- load
-    def find(self, resume: Optional[str]) -> Optional[tuple[str, str]]:
-        """(load_dir, tag) for ``--resume auto|PATH``; None for a fresh start (auto with nothing saved)."""
+    def find(self, resume: Optional[str]) -> Optional[Found]:
+        """The checkpoint for ``--resume auto|PATH`` (None: fresh start), inspected: cheap, before the model exists.
+
+        A native checkpoint must match this run's world size, ep_size and ZeRO stage; otherwise this
+        stops with the conversion command. A portable checkpoint (``launch.reshape_checkpoint``) fits any.
+        """
         if not resume:
             return None
         if resume == "auto":
-            return read_latest(self.dir)
-        path = os.path.abspath(resume)
-        if os.path.isfile(os.path.join(path, LATEST)):
-            found = read_latest(path)
-            if found is None:
-                raise FileNotFoundError(f"--resume {resume}: 'latest' names no checkpoint")
-            return found
-        if os.path.isfile(os.path.join(path, "train_state_rank0.pt")):
-            return os.path.dirname(path), os.path.basename(path)
-        raise FileNotFoundError(f"--resume {resume}: neither a checkpoint nor a directory with a 'latest' file")
+            where = read_latest(self.dir)
+        else:
+            path = os.path.abspath(resume)
+            if os.path.isfile(os.path.join(path, LATEST)):
+                where = read_latest(path)
+                if where is None:
+                    raise FileNotFoundError(f"--resume {resume}: 'latest' names no checkpoint")
+            elif os.path.isfile(os.path.join(path, "train_state_rank0.pt")) or is_portable(path):
+                where = os.path.dirname(path), os.path.basename(path)
+            else:
+                raise FileNotFoundError(f"--resume {resume}: neither a checkpoint nor a directory with a 'latest' file")
+        if where is None:
+            return None
+        path = os.path.join(*where)
+        if is_portable(path):
+            return Found(where[0], where[1], int(read_meta(path)["step"]), portable=True)
+        return Found(where[0], where[1], self._check_shape(path), portable=False)
 
-    def load(self, engine: Any, where: tuple[str, str], loader: Any, ema: Any = None) -> Resumed:
-        load_dir, tag = where
-        path = os.path.join(load_dir, tag)
+    def _check_shape(self, path: str) -> int:
+        """The step of native checkpoint ``path`` if this run can load it as is; else a ReshapeError."""
+        state = torch.load(os.path.join(path, "train_state_rank0.pt"), map_location="cpu", weights_only=True)
+        layout = state.get("layout")
+        if layout is not None:
+            ep, zero = int(layout["ep_size"]), int(layout["zero_stage"])
+        else:  # written before layouts were recorded: its config says what it was
+            saved = OmegaConf.load(os.path.join(path, "config.yaml"))
+            ep, zero = int(saved.model.experts.ep_size), int(saved.train.zero_stage)
+        saved_shape = (int(state["world_size"]), ep, zero)
+        shape = (self.dist.world_size, int(self.cfg.model.experts.ep_size), int(self.cfg.train.zero_stage))
+        if saved_shape != shape:
+            raise ReshapeError(
+                f"checkpoint {path} was written by {saved_shape[0]} ranks at ep_size {saved_shape[1]}, ZeRO "
+                f"{saved_shape[2]}; this run has {shape[0]} ranks at ep_size {shape[1]}, ZeRO {shape[2]}. DeepSpeed "
+                f"cannot load it at another shape: convert it once with `{reshape_command(path)}` and resume with "
+                f"--resume <the directory it prints>")
+        return int(state["step"])
+
+    def load(self, engine: Any, found: Found, loader: Any, ema: Any = None) -> Resumed:
+        if found.portable:
+            return self._load_portable(engine, found, loader, ema)
+        path = found.path
         state_file = os.path.join(path, f"train_state_rank{self.dist.rank}.pt")
         if not os.path.isfile(state_file):
             raise FileNotFoundError(f"{state_file} missing: checkpoint written by a run with fewer ranks?")
@@ -162,7 +228,7 @@ class Checkpointer:
         if state["world_size"] != self.dist.world_size:
             raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
                                f"{self.dist.world_size}; exact resume needs the same layout")
-        missing = _load_engine_checkpoint(engine, load_dir, tag)
+        missing = _load_engine_checkpoint(engine, found.load_dir, found.tag)
         trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
         lost = sorted(trainable & missing)
         if lost:
@@ -174,6 +240,36 @@ class Checkpointer:
             ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         return Resumed(step=int(state["step"]), path=path)
+
+    def _load_portable(self, engine: Any, found: Found, loader: Any, ema: Any) -> Resumed:
+        """Any shape. The loader gets every source rank's state and decides (see ``EditLoader.load_state_dict``).
+
+        The RNG streams are per rank, so they continue only at the source's world size; otherwise each
+        rank is reseeded from (run.seed, step, rank), which is deterministic but not the uninterrupted
+        run's noise.
+        """
+        from train.portable_load import load_portable
+
+        meta = load_portable(engine, found.path, ema)
+        src = meta["source"]
+        loader.load_state_dict({"per_rank": meta["loaders"]})
+        notes = [f"portable checkpoint from {src['world_size']} ranks at ep_size {src['ep_size']}, "
+                 f"ZeRO {src['zero_stage']}"]
+        if src["world_size"] == self.dist.world_size:
+            set_rng_state(meta["rng"][self.dist.rank])
+        else:
+            seed = int(self.cfg.run.seed) * 1_000_003 + found.step * 1_009 + self.dist.rank + 1
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            notes.append("RNG reseeded from (run.seed, step, rank): the noise differs from an uninterrupted run")
+        batch = int(engine.train_batch_size())
+        if batch != src["train_batch_size"]:
+            notes.append(f"global batch {src['train_batch_size']} -> {batch}: set train.grad_accum to keep it")
+        note = "; ".join(notes)
+        if self.dist.is_main:
+            log.warning("resume: %s", note)
+        return Resumed(step=int(meta["step"]), path=found.path, note=note)
 
 
 def read_latest(ckpt_dir: str) -> Optional[tuple[str, str]]:

@@ -67,6 +67,9 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     os.makedirs(run_dir(cfg), exist_ok=True)
     if dist.is_main:
         save_resolved(cfg, os.path.join(run_dir(cfg), "config.yaml"))
+    # ---- which checkpoint to resume, checked against this run's shape before the (costly) model exists
+    ckpt = Checkpointer(cfg, dist, crash_hook=_crash_hook(cfg, dist))
+    found = ckpt.find(resume)
 
     # ---- model + engine (same seed on every rank: identical dense init, identical frozen weights)
     seed_everything(cfg.run.seed)
@@ -77,13 +80,14 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     engine = eng.engine
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
 
-    # ---- resume: find the checkpoint, position the loader, load everything
-    ckpt = Checkpointer(cfg, dist, crash_hook=_crash_hook(cfg, dist))
-    where = ckpt.find(resume)
-    start_step = _peek_step(where, dist) if where else 0
+    # ---- resume: position the loader, load everything
+    start_step = found.step if found else 0
     loader = loader_factory(data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=start_step)
-    if where:
-        start_step = ckpt.load(engine, where, loader, eng.ema).step
+    resumed = ckpt.load(engine, found, loader, eng.ema) if found else None
+    start_step = resumed.step if resumed else 0
+    reshaped_ckpt = None
+    if found and found.portable:  # a native checkpoint of the new shape at once: `--resume auto` works from here
+        reshaped_ckpt = ckpt.save(engine, start_step, loader, eng.ema)
     val_batch = val_batch_factory(data_cfg, cfg.logging.num_images).to(dist.device, eng.dtype) \
         if cfg.logging.images_every else None
 
@@ -91,13 +95,14 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
                           start_step, _flops_per_token(engine.module))
     logger.print(f"run dir {os.path.abspath(run_dir(cfg))} | tensorboard --logdir {os.path.abspath(tensorboard_dir(cfg))}"
                  f" | checkpoints {os.path.abspath(checkpoint_dir(cfg))}"
-                 + (f" | resumed from {where[1]} at step {start_step}" if where else ""))
+                 + (f" | resumed from {found.tag} at step {start_step}" if found else "")
+                 + (f" ({resumed.note})" if resumed and resumed.note else ""))
     losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
     guard = StepGuard(cfg.guards.max_consecutive_skips)
     preempt = PreemptionFlag()
     nan_steps = set(cfg.debug.nan_at_steps)
     gas = cfg.train.grad_accum
-    step, last_ckpt, preempted = start_step, None, False
+    step, last_ckpt, preempted = start_step, reshaped_ckpt, False
     batches = iter(loader)
     try:
         while step < cfg.train.steps:
@@ -209,11 +214,6 @@ def _skip_stats(loader: Any) -> dict[str, int]:
 
 def _flops_per_token(model: torch.nn.Module) -> float:
     return float(model.flops_per_token()) if hasattr(model, "flops_per_token") else 0.0
-
-
-def _peek_step(where: tuple[str, str], dist: DistInfo) -> int:
-    path = os.path.join(where[0], where[1], f"train_state_rank{dist.rank}.pt")
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
 def _crash_hook(cfg: Any, dist: DistInfo) -> Optional[Callable[[int], None]]:
