@@ -3,15 +3,16 @@
     python -m launch.reshape_checkpoint --src runs/flux/checkpoints            # follows 'latest'
     python -m launch.reshape_checkpoint --src runs/flux/checkpoints/step00040000 [--dst DIR]
         [--world-size 2 --ep-size 2]                                          # optional: check a target shape
-    deepspeed --num_gpus 2 launch/train.py --config ... model.experts.ep_size=2 \\
-        --resume runs/flux/checkpoints/portable/step00040000
+    deepspeed --num_gpus 2 launch/train.py --config ... model.experts.ep_size=2 --resume auto
+        # or --resume runs/flux/checkpoints/portable/step00040000
 
 Runs on one CPU process (no GPU, no process group). It reads the DeepSpeed shards of every rank
 and writes a portable checkpoint (``train/portable.py``): fp32 master weights, Adam moments and
 step counts, the lr schedule, DeepSpeed's counters, EMA, loader and RNG states, with experts
 under global ids. Every file it needs is checked before any tensor is read, so a missing shard
 stops it at once, naming the file. The default destination ``<checkpoints>/portable/<tag>`` is
-outside keep-last-K pruning.
+outside keep-last-K pruning, and ``--resume auto`` at another shape uses it when ``latest`` names
+``<tag>`` (so a requeued SLURM job needs no new argument).
 """
 
 from __future__ import annotations
@@ -59,18 +60,19 @@ def check_target(num_experts: list[int], world_size: Optional[int], ep_size: Opt
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion needs no GPU
-    from train.portable import ReshapeError, convert, read_layouts
+    from train.portable import PORTABLE_DIR, ReshapeError, convert, read_layouts
 
     try:
         src = resolve_src(args.src)
-        dst = args.dst or os.path.join(os.path.dirname(src), "portable", os.path.basename(src))
+        dst = args.dst or os.path.join(os.path.dirname(src), PORTABLE_DIR, os.path.basename(src))
         if args.world_size is not None or args.ep_size is not None:
             check_target(read_layouts(src)[0]["layout"]["num_experts"], args.world_size, args.ep_size)
         convert(src, dst)
     except (ReshapeError, FileNotFoundError, ValueError) as e:
         print(f"reshape_checkpoint: {e}", file=sys.stderr)
         return 2
-    print(f"resume at any world size / ep_size / ZeRO stage with: --resume {dst}")
+    print(f"resume at any world size / ep_size / ZeRO stage with: --resume {dst}"
+          + (" (or --resume auto while 'latest' names this checkpoint)" if args.dst is None else ""))
     return 0
 
 

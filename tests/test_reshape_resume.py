@@ -160,6 +160,25 @@ def test_reshape_command_writes_portable_checkpoint_and_checks_target(native_ep2
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+def test_resume_auto_at_another_shape_uses_the_conversion_of_latest(native_ep2, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(native_ep2, run, ignore=shutil.ignore_patterns("portable"))  # another test converts there
+    ckpt_dir = os.path.join(run, "toy", "checkpoints")
+    from launch.reshape_checkpoint import main as reshape
+
+    assert reshape(["--src", ckpt_dir]) == 0  # latest: step 6 -> checkpoints/portable/step00000006
+    ranks = _run(1, run, ["model.experts.ep_size=1", "train.zero_stage=0", "train.grad_accum=2"], resume="auto",
+                 tag="auto")
+    assert "resumed from step00000006 at step 6" in ranks.output()
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        assert f.read() == "step00000006"
+    state = torch.load(os.path.join(ckpt_dir, "step00000006", "train_state_rank0.pt"), weights_only=True)
+    assert state["layout"]["world_size"] == 1 and state["layout"]["ep_size"] == 1  # the new shape, saved at once
+    again = _run(1, run, ["model.experts.ep_size=1", "train.zero_stage=0", "train.grad_accum=2"], resume="auto",
+                 tag="again")  # now a native checkpoint of this shape: no conversion involved
+    assert "portable" not in again.output()
+
+
 @pytest.mark.parametrize("victim", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "train_state_rank1.pt"])
 def test_missing_shard_stops_conversion_naming_it(native_ep2, tmp_path, victim):
     from train.portable import ReshapeError

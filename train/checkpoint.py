@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from train.config import checkpoint_dir, save_resolved
 from train.distributed import DistInfo, barrier
 from train.layout import capture_layout
-from train.portable import ReshapeError, is_portable, read_meta
+from train.portable import PORTABLE_DIR, ReshapeError, is_portable, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,10 @@ class Checkpointer:
     def find(self, resume: Optional[str]) -> Optional[Found]:
         """The checkpoint for ``--resume auto|PATH`` (None: fresh start), inspected: cheap, before the model exists.
 
-        A native checkpoint must match this run's world size, ep_size and ZeRO stage; otherwise this
-        stops with the conversion command. A portable checkpoint (``launch.reshape_checkpoint``) fits any.
+        A native checkpoint must match this run's world size, ep_size and ZeRO stage; otherwise its
+        conversion at ``<dir>/portable/<tag>`` is used if ``launch.reshape_checkpoint`` wrote one (so
+        ``--resume auto``, e.g. in a requeued SLURM job, needs no new argument), else this stops with
+        the conversion command. A portable checkpoint fits any shape.
         """
         if not resume:
             return None
@@ -196,7 +198,15 @@ class Checkpointer:
         path = os.path.join(*where)
         if is_portable(path):
             return Found(where[0], where[1], int(read_meta(path)["step"]), portable=True)
-        return Found(where[0], where[1], self._check_shape(path), portable=False)
+        try:
+            return Found(where[0], where[1], self._check_shape(path), portable=False)
+        except ReshapeError:
+            converted = os.path.join(where[0], PORTABLE_DIR, where[1])  # launch.reshape_checkpoint's default --dst
+            if not is_portable(converted):
+                raise
+            if self.dist.is_main:
+                log.warning("resume: %s is of another shape; using its conversion %s", path, converted)
+            return Found(os.path.dirname(converted), where[1], int(read_meta(converted)["step"]), portable=True)
 
     def _check_shape(self, path: str) -> int:
         """The step of native checkpoint ``path`` if this run can load it as is; else a ReshapeError."""
@@ -213,8 +223,8 @@ class Checkpointer:
             raise ReshapeError(
                 f"checkpoint {path} was written by {saved_shape[0]} ranks at ep_size {saved_shape[1]}, ZeRO "
                 f"{saved_shape[2]}; this run has {shape[0]} ranks at ep_size {shape[1]}, ZeRO {shape[2]}. DeepSpeed "
-                f"cannot load it at another shape: convert it once with `{reshape_command(path)}` and resume with "
-                f"--resume <the directory it prints>")
+                f"cannot load it at another shape: convert it once with `{reshape_command(path)}`, then resume "
+                f"again (--resume auto uses the conversion of its 'latest')")
         return int(state["step"])
 
     def load(self, engine: Any, found: Found, loader: Any, ema: Any = None) -> Resumed:

@@ -49,6 +49,7 @@ import torch
 
 from train.layout import LAYOUT_VERSION, expert_id
 
+PORTABLE_DIR = "portable"  # default place of conversions: <checkpoint dir>/portable/<tag>, outside pruning
 FORMAT = "care-edit-portable"
 VERSION = 1
 META = "portable.pt"
