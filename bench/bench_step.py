@@ -13,7 +13,9 @@ Prints one JSON line per case, a step breakdown (torch profiler, device time by 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,15 +52,44 @@ def cached_batch(size: int, text_len: int, cfg, device) -> EditBatch:
     )
 
 
-def breakdown(step, names: list[str]) -> dict:
+def _device_ms(e) -> float:
+    return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
+
+
+def breakdown(step, names: list[str], top: int = 12) -> tuple[dict, dict]:
+    """Device ms per named range, and kernel statistics (count, busy time, the most expensive kernels)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if e.key in names:
-            out[e.key] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
-    return out
+    out = {e.key: _device_ms(e) for e in prof.key_averages() if e.key in names}
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = {}
+    for k in kernels:
+        by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    stats = {
+        "kernels": len(kernels),
+        "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
+        "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 2)} for n, v in ranked],
+    }
+    return out, stats
+
+
+def host_issue_ms(step, iters: int = 3) -> dict:
+    """Host time to issue one step vs device time of it: a ratio near 1 means the step is bound by the
+    Python/launch side (the GPU waits for kernels), not by the GPU."""
+    host, device = [], []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        device.append(start.elapsed_time(end))
+    return {"host_issue_ms": statistics.median(host), "device_ms": statistics.median(device)}
 
 
 def main() -> None:
@@ -67,6 +98,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both models (regional)")
     args, overrides = p.parse_known_args()
     from moe.backbone import FluxBackbone
     from moe.config import LoraConfig
@@ -77,7 +109,7 @@ def main() -> None:
     dev = torch.device("cuda")
     env = environment()
     env["matmul_bf16_tflops"] = measure_matmul_peak()
-    emit({"env": env, "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts)})
+    emit({"env": env, "compile": args.compile, "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts)})
 
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
@@ -86,6 +118,9 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     model.to(torch.bfloat16)  # peft keeps adapters in fp32 unless cast, as DeepSpeed's bf16 mode does
     bare.transformer.enable_gradient_checkpointing()
+    if args.compile:  # both sides in the same execution mode: the ratio compares like with like
+        model.compile_regions()
+        bare.compile_blocks()
     model.train()
     batch = cached_batch(args.size, args.text_len, cfg, dev)
     trainable = [p for _, p in model.trainable_named_parameters()]
@@ -147,10 +182,13 @@ def main() -> None:
 
     names = ["care/forward", "care/backward", "care/optimizer", "care/encode", "care/router_contexts",
              "care/repaint", "care/router", "care/mixture", "care/experts", "care/frozen_ffn", "care/losses"]
-    parts = breakdown(care_step, names)
+    emit({"case": "host_vs_device", "bare": host_issue_ms(bare_step), "care": host_issue_ms(care_step)})
+    parts, kstats = breakdown(care_step, names)
     inner = sum(parts.get(n, 0) for n in names[3:])
     parts["backbone_forward_other"] = parts.get("care/forward", 0) - inner
+    _, bare_kstats = breakdown(bare_step, [])
     emit({"breakdown_device_ms": parts, "trainable_params": n_trainable})
+    emit({"kernels_care": kstats, "kernels_bare": bare_kstats})
     print("\n| case | median ms | x bare | model TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|")
     for name, t in res.items():

@@ -179,6 +179,14 @@ class FluxBackbone(nn.Module):
                 txt, img = run(block, img, txt)
         return img
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` each transformer block in place (regional compilation: blocks of one kind
+        share a graph, parameter names stay as they are for checkpoints). Blocks holding an expert
+        layer break the graph at it: the layer compiles its own math (``ExpertFeedForward``)."""
+        tr = self.transformer
+        for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
+            block.compile(**compile_kwargs)
+
     def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:
         tr = self.transformer
         return tr.proj_out(tr.norm_out(hidden, temb))

@@ -13,7 +13,9 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
 * :class:`AllToAllDispatcher` groups the (token, expert) assignments by expert, exchanges them with
   the ranks that hold those experts through a variable-size all-to-all (no capacity, no dropped
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
-  outputs back and combines. With ep_size 1 it is a plain gather/scatter.
+  outputs back and combines. With ep_size 1 it is a plain gather/scatter. FFN experts in bf16 run
+  as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), and at ep_size 1 without any host
+  synchronisation (so the layer can be compiled whole).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .experts import LoraExpert, fused_lora_forward
+from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_supported
 from .router import dense_weights
 
 
@@ -99,6 +101,12 @@ class AllToAllDispatcher:
         token, flat_expert, flat_weight = token[order], flat_expert[order], flat_weight[order]
         counts = torch.bincount(flat_expert, minlength=n_total)
         rows = packed.index_select(0, token)
+        grouped_gemm = grouped_ffn_supported(list(experts), rows)
+
+        if self.ep_size == 1 and grouped_gemm:  # no host round trip: split sizes stay on the device
+            out_rows = grouped_ffn_forward(list(experts), rows, flat_expert, counts)
+            combined = out_rows.new_zeros((s, out_rows.shape[1]))
+            return combined.index_add(0, token, out_rows * flat_weight[:, None].to(out_rows.dtype))
 
         if self.ep_size > 1:
             recv_counts = _exchange_counts(counts, self.ep_size, group)  # [ep, n_local]
@@ -118,8 +126,15 @@ class AllToAllDispatcher:
             local_counts = counts.tolist()
 
         grouped = rows if by_expert is None else rows.index_select(0, by_expert)
-        outputs = [expert(chunk) for expert, chunk in zip(experts, grouped.split(local_counts, dim=0))]
-        out_rows = torch.cat(outputs, dim=0)
+        if grouped_gemm:
+            local = torch.tensor(local_counts, device=rows.device)
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(n_local, device=rows.device), local, output_size=grouped.shape[0]
+            )
+            out_rows = grouped_ffn_forward(list(experts), grouped, expert_of_row, local)
+        else:
+            outputs = [expert(chunk) for expert, chunk in zip(experts, grouped.split(local_counts, dim=0))]
+            out_rows = torch.cat(outputs, dim=0)
         if by_expert is not None:
             out_rows = torch.empty_like(out_rows).index_copy(0, by_expert, out_rows)
             out_rows = _VariableAllToAll.apply(out_rows, send_splits, recv_splits, group)

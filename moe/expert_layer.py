@@ -170,50 +170,90 @@ class ExpertFeedForward(nn.Module):
         dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank)
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
         self.packed_width = packed_width(dim, c)
+        self._route_fn, self._mix_fn = self.route, self.mix  # eager unless enable_compile()
 
+    # -- execution ----------------------------------------------------------------------------
+    def enable_compile(self, **compile_kwargs) -> None:
+        """Run the layer's tensor math through ``torch.compile`` (fused kernels, far fewer launches).
+
+        Only the pure stages are compiled: :meth:`route` and, with the dense dispatcher, :meth:`mix`.
+        :meth:`forward` stays eager (it reads and writes the per-forward context, whose Python
+        objects change every step and would make a compiled graph recompile), and so does an
+        all-to-all dispatch (its split sizes are data-dependent host values). All expert layers share
+        one compiled graph per stage: nothing position-specific is traced.
+        """
+        self._route_fn = torch.compile(self.route, **compile_kwargs)
+        if self.moe.deepspeed_moe.dispatcher.name == "dense":
+            self._mix_fn = torch.compile(self.mix, **compile_kwargs)
+
+    @torch.compiler.disable  # bookkeeping on the per-forward context; the math inside is compiled apart
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [B, N_img, D]: the normed image-stream tokens (target first) -> FFN output, same shape."""
         ctx = self.holder.ctx
         if ctx is None:
             raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")
-        n = ctx.num_target
-        b, _, d = hidden.shape
-        x = hidden[:, :n]
-        ref = hidden[:, ctx.ref_span[0] : ctx.ref_span[1]] if ctx.ref_span is not None else None
-        mask_tokens = hidden[:, ctx.mask_span[0] : ctx.mask_span[1]]
-        with record_function("care/router_contexts"):
-            contexts = self.router.contexts(x, ctx.text, ctx.text_mask, ref, ctx.has_ref, mask_tokens)
-        prior = ctx.prior(self.position)
+        gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
+        packed, index, weight, routing, gate, refined_logits, refined = self._route_fn(
+            hidden, ctx.text, ctx.text_mask, ctx.has_ref, ctx.temb, ctx.presence, ctx.available, ctx.coarse,
+            ctx.prior(self.position), gt, ctx.num_target, ctx.grid, ctx.mask_span, ctx.ref_span,
+        )
+        if refined is not None:
+            ctx.refined[self.position] = refined
+        ctx.records[self.position] = LayerRecord(routing=Routing(*routing), gate=gate, refined_logits=refined_logits)
+        return self._mix_fn(hidden, packed, index, weight)
 
-        refined_logits = None
+    def route(
+        self, hidden: Tensor, text: Tensor, text_mask: Optional[Tensor], has_ref: Tensor, temb: Tensor,
+        presence: Tensor, available: Tensor, coarse: Tensor, prior: Tensor, gt_mask: Optional[Tensor],
+        n: int, grid: tuple[int, int], mask_span: tuple[int, int], ref_span: Optional[tuple[int, int]],
+    ) -> tuple:
+        """Condition read-outs -> Mask Repaint -> router -> Latent Mixture -> packed tokens.
+
+        A pure function of tensors (compilable), S = B * N target tokens. Returns: packed [S, W];
+        the index/weight [S, K'] to dispatch (the router's top-K, plus Base's Latent Mixture share
+        when the mixture is on); the router's own (probs, index, weight, logits); the mixture gate [B]
+        (or None); the refined-mask logits and mask [B, N] (or None).
+        """
+        b = hidden.shape[0]
+        x = hidden[:, :n]
+        ref = hidden[:, ref_span[0] : ref_span[1]] if ref_span is not None else None
+        mask_tokens = hidden[:, mask_span[0] : mask_span[1]]
+        with record_function("care/router_contexts"):
+            contexts = self.router.contexts(x, text, text_mask, ref, has_ref, mask_tokens)
+
+        refined_logits = refined = None
         if self.repaint is not None:
             inputs = (x, contexts[1], prior)
             if self.decoupled:  # AdaptEdit: the mask head learns from its own loss only
                 inputs = tuple(t.detach() for t in inputs)
             with record_function("care/repaint"):
-                refined_logits = self.repaint(*inputs, ctx.coarse, ctx.grid)
+                refined_logits = self.repaint(*inputs, coarse, grid)
             refined = torch.sigmoid(refined_logits)
-            ctx.refined[self.position] = refined
             edit_mask = refined.detach() if self.decoupled else refined
-            if self.decoupled and self.use_gt_mask and self.training and ctx.gt_mask is not None:
-                edit_mask = ctx.gt_mask
+            if gt_mask is not None:
+                edit_mask = gt_mask
         else:
-            edit_mask = ctx.coarse
+            edit_mask = coarse
 
         with record_function("care/router"):
-            routing = self.router(x, contexts, prior, ctx.temb, ctx.presence, ctx.available)
-        index, weight = routing.index, routing.weight
-        gate = None
+            routing = self.router(x, contexts, prior, temb, presence, available)
+        index, weight, gate = routing.index, routing.weight, None
         if self.mixture is not None:
             with record_function("care/mixture"):
-                gate = self.mixture(ctx.temb)
+                gate = self.mixture(temb)
                 index, weight = LatentMixture.blend(index, weight, gate.repeat_interleave(n), self.base_id)
-        ctx.records[self.position] = LayerRecord(routing=routing, gate=gate, refined_logits=refined_logits)
-
         packed = torch.cat([x, *contexts, edit_mask[..., None].to(x.dtype)], dim=-1).reshape(b * n, -1)
+        routed = (routing.probs, routing.index, routing.weight, routing.logits)
+        return packed, index, weight, routed, gate, refined_logits, refined
+
+    def mix(self, hidden: Tensor, packed: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        """Experts on the target tokens (weighted by the routing), the frozen FFN on the rest."""
+        b, n_img, d = hidden.shape
+        n = packed.shape[0] // b
         with record_function("care/experts"):
             y = self.moe(packed, index, weight).view(b, n, d)
         with record_function("care/frozen_ffn"):
-            if self.kind == "lora":
-                return self.frozen_ff(hidden) + torch.cat([y, y.new_zeros(b, hidden.shape[1] - n, d)], dim=1)
+            if self.kind == "lora":  # a residual on the frozen FFN's output
+                frozen = self.frozen_ff(hidden)
+                return torch.cat([frozen[:, :n] + y, frozen[:, n:]], dim=1)
             return torch.cat([y, self.frozen_ff(hidden[:, n:])], dim=1)

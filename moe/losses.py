@@ -33,9 +33,10 @@ def load_balance_loss(probs: Tensor, index: Tensor, num_experts: int) -> Tensor:
 
     probs [S, E], index [S, K] (-1 = empty slot). Equals 1 when routing is uniform, grows as it collapses.
     """
-    valid = index >= 0
-    counts = torch.zeros(num_experts, device=probs.device, dtype=torch.float32)
-    counts = counts.index_add(0, index[valid], torch.ones_like(index[valid], dtype=torch.float32))
+    # count assignments with a discard column for empty slots (no boolean indexing: no host sync)
+    slot = torch.where(index >= 0, index, torch.full_like(index, num_experts)).reshape(-1)
+    counts = torch.zeros(num_experts + 1, device=probs.device, dtype=torch.float32)
+    counts = counts.index_add(0, slot, torch.ones_like(slot, dtype=torch.float32))[:num_experts]
     f = counts / counts.sum().clamp_min(1)
     p = probs.float().mean(dim=0)
     return num_experts * (f * p).sum()

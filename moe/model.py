@@ -117,6 +117,23 @@ class CareEditModel(nn.Module):
             self.tag_embed = nn.Embedding(cfg.num_tags, d)
             self.tag_predictor = nn.Sequential(nn.Linear(len(self.expert_names), d), nn.GELU(), nn.Linear(d, d))
         self._last_seq_len = 0
+        self._loss_terms_fn = self.loss_terms  # eager unless compile_regions()
+
+    def compile_regions(self, **compile_kwargs) -> None:
+        """Compile the backbone block by block and each expert layer's tensor math (``torch.compile``
+        keyword arguments, e.g. ``backend``). Numerically the same model; the training step on a GPU
+        is otherwise bound by launching thousands of small kernels from Python (docs/PERF.md).
+
+        The block graphs specialise on a few legitimate variants (first block without input gradients,
+        batches with and without an attention mask, reference tokens present or not, resolution
+        buckets), more than dynamo's default of 8 per code object: the limit is raised so they stay
+        compiled instead of falling back to eager."""
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        self.backbone.compile_blocks(**compile_kwargs)
+        for layer in self.expert_layers:
+            layer.enable_compile(**compile_kwargs)
+        self._loss_terms_fn = torch.compile(self.loss_terms, **compile_kwargs)
 
     # -- parameters ---------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -236,62 +253,72 @@ class CareEditModel(nn.Module):
             return self._losses(batch, pred, velocity, ctx)
 
     def _losses(self, batch: EditBatch, pred: Tensor, velocity: Tensor, ctx: ExpertContext) -> ModelOutput:
-        lc = self.cfg.loss
-        b = pred.shape[0]
-        terms: dict[str, Tensor] = {}
-        gh, gw = ctx.grid
-        weight = region_weight(ctx.gt_mask, lc.region_alpha) if lc.region_alpha > 0 else None
-        terms["diffusion"] = flow_matching_loss(
-            pack_latents(pred), pack_latents(velocity), weight
-        )
         records = [ctx.records[p] for p in sorted(ctx.records)]
-        learned = self.cfg.router.kind == "learned"
-        e = len(self.expert_names)
-        if lc.load_balance > 0 and learned and records:
-            terms["load_balance"] = torch.stack(
-                [load_balance_loss(r.routing.probs, r.routing.index, e) for r in records]
-            ).mean()
-        refined = [r.refined_logits for r in records if r.refined_logits is not None]
-        if lc.mask_boundary > 0 and refined:
-            fine = ctx.gt_mask.reshape(b, gh, gw)
-            terms["mask_boundary"] = torch.stack(
-                [mask_boundary_loss(lg.reshape(b, gh, gw), fine, lc.boundary_band, lc.boundary_weight) for lg in refined]
-            ).mean()
-        if lc.mixture_smoothness > 0 and learned and records:
-            terms["mixture_smoothness"] = torch.stack(
-                [
-                    mixture_smoothness_loss(dense_weights(r.routing.index, r.routing.weight, e).reshape(b, gh, gw, e))
-                    for r in records
-                ]
-            ).mean()
-        if lc.tag_alignment > 0 and records:
-            signature = torch.stack([r.routing.probs.reshape(b, -1, e).mean(dim=1) for r in records]).mean(dim=0)
-            tags = batch.tag_ids.to(pred.device)
-            valid = (tags >= 0).unsqueeze(-1)
-            task = (self.tag_embed(tags.clamp(min=0)) * valid).sum(dim=1)
-            terms["tag_alignment"] = tag_alignment_loss(self.tag_predictor(signature.to(self.dtype)), task)
-
+        terms, util, gates = self._loss_terms_fn(
+            pred, velocity, ctx.gt_mask, ctx.grid,
+            [r.routing.probs for r in records], [r.routing.index for r in records],
+            [r.routing.weight for r in records], [r.refined_logits for r in records if r.refined_logits is not None],
+            [r.gate for r in records if r.gate is not None], batch.tag_ids.to(pred.device),
+        )
+        lc = self.cfg.loss
         weights = {
             "diffusion": lc.diffusion, "load_balance": lc.load_balance, "mask_boundary": lc.mask_boundary,
             "mixture_smoothness": lc.mixture_smoothness, "tag_alignment": lc.tag_alignment,
         }
         loss = sum(weights[k] * v for k, v in terms.items())
         return ModelOutput(
-            loss=loss, terms=terms, stats=self._routing_stats(records, ctx), num_tokens=b * self._last_seq_len,
-            prediction=pred,
+            loss=loss, terms=terms, stats=self._routing_stats(sorted(ctx.records), util, gates),
+            num_tokens=pred.shape[0] * self._last_seq_len, prediction=pred,
         )
 
-    @torch.no_grad()
-    def _routing_stats(self, records: list, ctx: ExpertContext) -> dict[str, Tensor]:
-        stats: dict[str, Tensor] = {}
+    def loss_terms(
+        self, pred: Tensor, velocity: Tensor, gt_mask: Optional[Tensor], grid: tuple[int, int],
+        probs: list[Tensor], index: list[Tensor], weight: list[Tensor], refined: list[Tensor],
+        gates: list[Tensor], tag_ids: Tensor,
+    ) -> tuple[dict[str, Tensor], Optional[Tensor], Optional[Tensor]]:
+        """Every loss term (unweighted; only those with a non-zero weight), and the detached routing
+        statistics: utilisation [L, E] (share of tokens selecting each expert, per expert layer) and the
+        mean mixture gate [L]. A pure function of tensors (compiled by :meth:`compile_regions`); nothing
+        in it waits for the GPU. probs [S, E], index/weight [S, K] and refined [B, N] per expert layer."""
+        lc = self.cfg.loss
+        b = pred.shape[0]
+        terms: dict[str, Tensor] = {}
+        gh, gw = grid
         e = len(self.expert_names)
-        for position, record in zip(sorted(ctx.records), records):
+        learned = self.cfg.router.kind == "learned"
+        region = region_weight(gt_mask, lc.region_alpha) if lc.region_alpha > 0 else None
+        terms["diffusion"] = flow_matching_loss(pack_latents(pred), pack_latents(velocity), region)
+        if lc.load_balance > 0 and learned and probs:
+            terms["load_balance"] = torch.stack([load_balance_loss(p, i, e) for p, i in zip(probs, index)]).mean()
+        if lc.mask_boundary > 0 and refined:
+            fine = gt_mask.reshape(b, gh, gw)
+            terms["mask_boundary"] = torch.stack(
+                [mask_boundary_loss(lg.reshape(b, gh, gw), fine, lc.boundary_band, lc.boundary_weight) for lg in refined]
+            ).mean()
+        if lc.mixture_smoothness > 0 and learned and index:
+            terms["mixture_smoothness"] = torch.stack(
+                [mixture_smoothness_loss(dense_weights(i, w, e).reshape(b, gh, gw, e)) for i, w in zip(index, weight)]
+            ).mean()
+        if lc.tag_alignment > 0 and probs:
+            signature = torch.stack([p.reshape(b, -1, e).mean(dim=1) for p in probs]).mean(dim=0)
+            valid = (tag_ids >= 0).unsqueeze(-1)
+            task = (self.tag_embed(tag_ids.clamp(min=0)) * valid).sum(dim=1)
+            terms["tag_alignment"] = tag_alignment_loss(self.tag_predictor(signature.to(self.dtype)), task)
+        with torch.no_grad():
+            util = torch.stack([dense_weights(i, (i >= 0).float(), e).mean(dim=0) for i in index]) if index else None
+            gate_means = torch.stack([g.float().mean() for g in gates]) if gates else None
+        return terms, util, gate_means
+
+    def _routing_stats(self, positions: list[int], util: Optional[Tensor], gates: Optional[Tensor]) -> dict[str, Tensor]:
+        """Views into the two statistics tensors, named for the logs (no kernels, no waiting)."""
+        stats: dict[str, Tensor] = {}
+        for row, position in enumerate(positions):
             block = self.expert_blocks[position]
-            util = dense_weights(record.routing.index, (record.routing.index >= 0).float(), e).mean(dim=0)
-            for name, value in zip(self.expert_names, util):
-                stats[f"util/block{block}/{name}"] = value.detach()
-            if record.gate is not None:
-                stats[f"gate/block{block}"] = record.gate.detach().float().mean()
+            if util is not None:
+                for col, name in enumerate(self.expert_names):
+                    stats[f"util/block{block}/{name}"] = util[row, col]
+            if gates is not None and row < gates.shape[0]:
+                stats[f"gate/block{block}"] = gates[row]
         return stats
 
     # -- FLOPs ------------------------------------------------------------------------------------

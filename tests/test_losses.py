@@ -58,10 +58,18 @@ def test_mask_boundary_zero_at_the_fine_mask_and_band_weighting():
 
 
 def test_mask_boundary_with_soft_targets_is_minimal_at_the_target():
-    soft = torch.rand(1, 6, 6)
-    at = mask_boundary_loss(torch.logit(soft), soft)
-    off = mask_boundary_loss(torch.logit(soft) + 0.5, soft)
-    assert off > at
+    # a box whose boundary tokens are partly covered (area fractions), as the token grid sees a fine mask
+    g = torch.Generator().manual_seed(0)
+    soft = torch.zeros(1, 8, 8)
+    soft[:, 2:6, 2:6] = 1.0
+    ring = torch.zeros(1, 8, 8, dtype=torch.bool)
+    ring[:, 1:7, 1:7] = True
+    ring[:, 2:6, 2:6] = False
+    soft[ring] = 0.1 + 0.8 * torch.rand(int(ring.sum()), generator=g)
+    logits = torch.logit(soft.clamp(1e-4, 1 - 1e-4))
+    at = mask_boundary_loss(logits, soft)
+    for shift in (-0.5, 0.5):
+        assert mask_boundary_loss(logits + shift, soft) > at
 
 
 def test_mixture_smoothness_zero_for_constant_routing():
