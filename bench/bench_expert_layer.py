@@ -70,12 +70,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our layers and the dense / plain-LoRA references alike (stock DeepSpeed stays eager)")
     args = p.parse_args()
+    mc = (lambda f: torch.compile(f)) if args.compile else (lambda f: f)  # noqa: E731
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     _init_dist()
     env = environment()
-    emit({"env": env})
+    emit({"env": env, "compile": args.compile})
     rows = []
     for s in args.tokens:
         torch.manual_seed(0)
@@ -85,19 +88,20 @@ def main() -> None:
 
         def ours(experts, dispatcher):
             layer = CareMoE(experts, E, 1, 0, dispatcher).to(dev, dtype)
-            return lambda inp: layer(inp, r.index, r.weight)
+            return mc(lambda inp: layer(inp, r.index, r.weight))
 
         # FFN-sized experts
         frozen = Mlp(D, FFN)
         ffn_experts = [FfnExpert(n, D, CTX, frozen.proj_in, frozen.proj_out) for n in NAMES]
         cases = {
-            "dense_same_flops": (fwd_bwd(Mlp(D, K * FFN).to(dev, dtype), x), None),
+            "dense_same_flops": (fwd_bwd(mc(Mlp(D, K * FFN).to(dev, dtype)), x), None),
             "ours_ffn_alltoall": (fwd_bwd(ours(ffn_experts, AllToAllDispatcher(1, 0)), packed), None),
+            "ours_ffn_grouped_gemm": (fwd_bwd(ours([_copy(e) for e in ffn_experts], AllToAllDispatcher(1, 0, True)), packed), None),
             "deepspeed_stock_ffn": (fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]), None),
         }
         res = {name: time_ms(fn, iters=args.iters) for name, (fn, _) in cases.items()}
         for name, t in res.items():
-            rec = {"case": name, "experts": "ffn", "tokens": s, **t,
+            rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
                    "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
             emit(rec)
             rows.append(rec)
@@ -110,14 +114,14 @@ def main() -> None:
             for ex in lora_experts:
                 nn.init.normal_(ex.up.weight, std=0.01)
             cases = {
-                "plain_lora_same_total_rank": fwd_bwd(LoraMlp(D, E * rank).to(dev, dtype), x),
+                "plain_lora_same_total_rank": fwd_bwd(mc(LoraMlp(D, E * rank).to(dev, dtype)), x),
                 "ours_lora_dense": fwd_bwd(ours(lora_experts, DenseDispatcher()), packed),
                 "ours_lora_alltoall": fwd_bwd(ours([_copy(e) for e in lora_experts], AllToAllDispatcher(1, 0)), packed),
                 "deepspeed_stock_lora": fwd_bwd(stock_moe(LoraMlp(D, rank)).to(dev, dtype), x[None]),
             }
             res = {name: time_ms(fn, iters=args.iters) for name, fn in cases.items()}
             for name, t in res.items():
-                rec = {"case": name, "experts": f"lora{rank}", "tokens": s, **t,
+                rec = {"case": name, "experts": f"lora{rank}", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
                        "ratio_vs_plain_lora": t["median_ms"] / res["plain_lora_same_total_rank"]["median_ms"]}
                 emit(rec)
                 rows.append(rec)

@@ -67,7 +67,10 @@ def breakdown(step, names: list[str], top: int = 12) -> tuple[dict, dict]:
     for k in kernels:
         by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     stats = {
+        "host_top": [{"op": e.key[:60], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
+                     for e in cpu],
         "kernels": len(kernels),
         "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
         "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 2)} for n, v in ranked],
@@ -99,6 +102,8 @@ def main() -> None:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both models (regional)")
+    p.add_argument("--block-mode", default=None,
+                   help="torch.compile mode for the backbone blocks of both models (e.g. reduce-overhead: CUDA graphs)")
     args, overrides = p.parse_known_args()
     from moe.backbone import FluxBackbone
     from moe.config import LoraConfig
@@ -109,7 +114,7 @@ def main() -> None:
     dev = torch.device("cuda")
     env = environment()
     env["matmul_bf16_tflops"] = measure_matmul_peak()
-    emit({"env": env, "compile": args.compile, "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts)})
+    emit({"env": env, "compile": args.compile, "block_mode": args.block_mode, "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts)})
 
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
@@ -120,7 +125,9 @@ def main() -> None:
     bare.transformer.enable_gradient_checkpointing()
     if args.compile:  # both sides in the same execution mode: the ratio compares like with like
         model.compile_regions()
-        bare.compile_blocks()
+        if args.block_mode:
+            model.backbone.compile_blocks(mode=args.block_mode)
+        bare.compile_blocks(**({"mode": args.block_mode} if args.block_mode else {}))
     model.train()
     batch = cached_batch(args.size, args.text_len, cfg, dev)
     trainable = [p for _, p in model.trainable_named_parameters()]

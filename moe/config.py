@@ -104,6 +104,9 @@ class ExpertsConfig:
     rank: int = 64  # rank of `lora` experts
     ep_size: int = 1  # expert-parallel ranks (must divide the number of enabled experts)
     dispatch: str = "auto"  # auto | dense (every expert on every token, sparse weights) | alltoall
+    # ffn experts in bf16 as torch._grouped_mm products (no per-expert loop, no host sync at ep_size 1);
+    # off by default: slower than the loop on the H100 in bench/bench_expert_layer.py (docs/PERF.md)
+    grouped_gemm: bool = False
     blocks: Optional[list[int]] = None  # dual-stream block indices; None = the last `num_blocks`
     num_blocks: int = 4
 

@@ -13,9 +13,9 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
 * :class:`AllToAllDispatcher` groups the (token, expert) assignments by expert, exchanges them with
   the ranks that hold those experts through a variable-size all-to-all (no capacity, no dropped
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
-  outputs back and combines. With ep_size 1 it is a plain gather/scatter. FFN experts in bf16 run
-  as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), and at ep_size 1 without any host
-  synchronisation (so the layer can be compiled whole).
+  outputs back and combines. With ep_size 1 it is a plain gather/scatter. With ``grouped_gemm``,
+  FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1
+  without any host synchronisation; measured slower than the per-expert loop on the H100 so far.
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ def _exchange_counts(counts: Tensor, ep_size: int, group) -> Tensor:
 class AllToAllDispatcher:
     name = "alltoall"
 
-    def __init__(self, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, ep_size: int = 1, ep_rank: int = 0, grouped_gemm: bool = False):
         self.ep_size = ep_size
         self.ep_rank = ep_rank
+        self.grouped_gemm = grouped_gemm  # opt-in: slower than the per-expert loop on the H100 (docs/PERF.md)
 
     def __call__(
         self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group: Optional[Any] = None
@@ -101,7 +102,7 @@ class AllToAllDispatcher:
         token, flat_expert, flat_weight = token[order], flat_expert[order], flat_weight[order]
         counts = torch.bincount(flat_expert, minlength=n_total)
         rows = packed.index_select(0, token)
-        grouped_gemm = grouped_ffn_supported(list(experts), rows)
+        grouped_gemm = self.grouped_gemm and grouped_ffn_supported(list(experts), rows)
 
         if self.ep_size == 1 and grouped_gemm:  # no host round trip: split sizes stay on the device
             out_rows = grouped_ffn_forward(list(experts), rows, flat_expert, counts)
@@ -143,10 +144,10 @@ class AllToAllDispatcher:
         return combined.index_add(0, token, out_rows * flat_weight[:, None].to(out_rows.dtype))
 
 
-def build_dispatcher(mode: str, expert_kind: str, ep_size: int, ep_rank: int):
+def build_dispatcher(mode: str, expert_kind: str, ep_size: int, ep_rank: int, grouped_gemm: bool = False):
     """``auto``: dense for low-rank experts on one rank, all-to-all otherwise (DESIGN.md section 4)."""
     if mode == "auto":
         mode = "dense" if (expert_kind == "lora" and ep_size == 1) else "alltoall"
     if mode == "dense":
         return DenseDispatcher()
-    return AllToAllDispatcher(ep_size, ep_rank)
+    return AllToAllDispatcher(ep_size, ep_rank, grouped_gemm)

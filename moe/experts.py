@@ -89,13 +89,18 @@ class FfnExpert(_Expert):
 def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor) -> Tensor:
     """All low-rank experts as one rank-(E*r) product, each expert's hidden units scaled by its weight.
 
-    The same function as ``sum_e dense[:, e] * expert_e(packed)`` (tests compare them), in 2 large
-    matmuls instead of 2E small ones: low-rank experts are too small to launch one by one.
+    The same function as ``sum_e dense[:, e] * expert_e(packed)`` (tests compare them), in 3 matmuls
+    (down, all conditions, up) instead of 3E small ones: low-rank experts are too small to launch one
+    by one.
     packed [S, W], dense [S, E] -> [S, D].
     """
     d, r = experts[0].dim, experts[0].down.out_features
-    h = F.linear(packed[:, :d], torch.cat([e.down.weight for e in experts]), torch.cat([e.down.bias for e in experts]))
-    h = h + torch.cat([e.cond(e.condition(packed)) for e in experts], dim=1)  # [S, E*r]
+    cond_in, width = _aligned_condition_columns(packed, d)
+    cond_w, cond_b = _condition_weights(experts, width)  # [E, width, r], [E, r]
+    down_w = torch.cat([e.down.weight for e in experts])  # [E*r, D]
+    down_b = torch.cat([e.down.bias for e in experts]) + cond_b.reshape(-1)
+    # every expert's condition read in one product over all condition columns
+    h = F.linear(packed[:, :d], down_w, down_b) + cond_in @ cond_w.permute(1, 0, 2).reshape(width, -1)  # [S, E*r]
     h = F.gelu(h) * dense.repeat_interleave(r, dim=1)
     out = F.linear(h, torch.cat([e.up.weight for e in experts], dim=1))
     return out + dense @ torch.stack([e.up.bias for e in experts])
@@ -113,16 +118,16 @@ def grouped_ffn_supported(experts: list, rows: Tensor) -> bool:
     )
 
 
-def _condition_weights(experts: list[FfnExpert], width: int) -> tuple[Tensor, Tensor]:
-    """Every expert's condition projection as one [E, width, D] stack over all condition columns of the
-    packed token (zeros outside the expert's own slice), plus a per-expert bias [E, D]: the Base
+def _condition_weights(experts: list, width: int) -> tuple[Tensor, Tensor]:
+    """Every expert's condition projection as one [E, width, out] stack over all condition columns of
+    the packed token (zeros outside the expert's own slice), plus a per-expert bias [E, out]: the Base
     expert reads 1 - m, i.e. W (1 - m) = W - W m, a bias W and a weight -W on the m column."""
     d = experts[0].dim
     stacked, biases = [], []
     for e in experts:
-        w = e.cond.weight  # [D, slice width]
+        w = e.cond.weight  # [out, slice width]
         lo, hi = e.cond_start - d, e.cond_end - d
-        bias = torch.zeros(d, dtype=w.dtype, device=w.device)
+        bias = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         if e.name == "base":
             w, bias = -w, w[:, 0]
         stacked.append(F.pad(w, (lo, width - hi)).t())
@@ -130,26 +135,34 @@ def _condition_weights(experts: list[FfnExpert], width: int) -> tuple[Tensor, Te
     return torch.stack(stacked), torch.stack(biases)
 
 
+def _aligned_condition_columns(packed: Tensor, dim: int) -> tuple[Tensor, int]:
+    """The condition columns of the packed tokens, zero-padded to a multiple of 8 (16-byte rows)."""
+    cols = packed.shape[1] - dim
+    width = -(-cols // 8) * 8
+    return F.pad(packed[:, dim:], (0, width - cols)), width
+
+
 def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
     """All FFN experts in three grouped GEMMs (``torch._grouped_mm``) instead of 3 per expert.
 
     rows [T, W] packed tokens sorted by expert, expert_of_row [T] (local ids, sorted), counts [E] rows
     per expert (on the device: no host synchronisation) -> [T, D]. The same function as running
-    ``experts[e]`` on its rows (tests compare them).
+    ``experts[e]`` on its rows (tests compare them). Per-expert biases are added as one-hot [T, E]
+    products: their gradients are then [E, T] x [T, F] products, where gathering the biases by row
+    would scatter-add T rows into E rows with atomics.
     """
     d = experts[0].dim
     offs = counts.cumsum(0).to(torch.int32)
-    cond_cols = rows.shape[1] - d
-    width = -(-cond_cols // 8) * 8  # grouped GEMM operands need 16-byte aligned rows
+    onehot = F.one_hot(expert_of_row, len(experts)).to(rows.dtype)  # [T, E]
+    cond_in, width = _aligned_condition_columns(rows, d)
     cond_w, cond_b = _condition_weights(experts, width)
-    cond_in = F.pad(rows[:, d:], (0, width - cond_cols))
-    h = rows[:, :d] + torch._grouped_mm(cond_in, cond_w, offs=offs) + cond_b[expert_of_row]
+    h = torch.addmm(rows[:, :d] + torch._grouped_mm(cond_in, cond_w, offs=offs), onehot, cond_b)
     w_in = torch.stack([e.proj_in.weight.t() for e in experts])  # [E, D, F]
     b_in = torch.stack([e.proj_in.bias for e in experts])
-    h = F.gelu(torch._grouped_mm(h, w_in, offs=offs) + b_in[expert_of_row], approximate="tanh")
+    h = F.gelu(torch.addmm(torch._grouped_mm(h, w_in, offs=offs), onehot, b_in), approximate="tanh")
     w_out = torch.stack([e.proj_out.weight.t() for e in experts])  # [E, F, D]
     b_out = torch.stack([e.proj_out.bias for e in experts])
-    return torch._grouped_mm(h, w_out, offs=offs) + b_out[expert_of_row]
+    return torch.addmm(torch._grouped_mm(h, w_out, offs=offs), onehot, b_out)
 
 
 def plain_linears_of_feed_forward(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:

@@ -61,7 +61,7 @@ def test_grouped_ffn_matches_reference_at_ep1():
     fast = [copy.deepcopy(e).to(torch.bfloat16) for e in experts]
     x = packed.to(torch.bfloat16).requires_grad_()
     assert grouped_ffn_supported(fast, x)
-    out = AllToAllDispatcher()(x, routing.index, routing.weight, fast)
+    out = AllToAllDispatcher(grouped_gemm=True)(x, routing.index, routing.weight, fast)
     out.float().square().sum().backward()
     ref_out, ref_dx, ref_experts = _reference(experts, packed, routing)
     assert _rel(out, ref_out) < BF16_TOL
@@ -89,7 +89,7 @@ def _worker(rank: int, port: int) -> None:
     packed, routing = _routing(40, seed=10 + rank)  # each rank routes its own tokens
     local = [copy.deepcopy(e).to(torch.bfloat16) for e in experts[2 * rank : 2 * rank + 2]]
     x = packed.to(torch.bfloat16).requires_grad_()
-    out = AllToAllDispatcher(ep_size=2, ep_rank=rank)(x, routing.index, routing.weight, local, dist.group.WORLD)
+    out = AllToAllDispatcher(ep_size=2, ep_rank=rank, grouped_gemm=True)(x, routing.index, routing.weight, local, dist.group.WORLD)
     out.float().square().sum().backward()
     ref_out, ref_dx, ref_experts = _reference(experts, packed, routing)
     assert _rel(out, ref_out) < BF16_TOL
