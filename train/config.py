@@ -53,6 +53,9 @@ class StepsConfig:
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     zero_stage: int = 0  # 0, 1 or 2 (3 is not supported with the frozen backbone + MoE here)
+    # torch.compile the backbone block by block, the expert layers' math and the losses
+    # (CareEditModel.compile_regions): the full-size step is bound by kernel launches otherwise
+    compile: bool = False
 
 
 @dataclass

@@ -76,6 +76,8 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     model_cfg = OmegaConf.to_object(cfg.model)
     data_cfg = OmegaConf.to_object(cfg.data)
     model = model_factory(model_cfg)
+    if cfg.train.compile and hasattr(model, "compile_regions"):
+        model.compile_regions()  # in place: parameter names (checkpoints) do not change
     eng = build_engine(cfg, model, dist)
     engine = eng.engine
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
