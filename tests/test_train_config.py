@@ -45,6 +45,17 @@ def test_ep_size_must_divide_world(monkeypatch):
         load_config(TINY, ["model.experts.ep_size=4"])
 
 
+def test_ep_size_counts_slurm_tasks_only_inside_an_srun_step(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key in ("SLURM_STEP_ID", "SLURM_STEPID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # a batch script's own shell: this process runs alone
+    with pytest.raises(ConfigError, match=r"must divide the number of processes \(1\)"):
+        load_config(TINY, ["model.experts.ep_size=2"])
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # one of 2 srun tasks
+    assert load_config(TINY, ["model.experts.ep_size=2"]).model.experts.ep_size == 2
+
+
 @pytest.mark.parametrize("recipe, world", [("mid.yaml", "2"), ("flux_full.yaml", "8")])
 def test_gpu_recipes_validate(recipe, world, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world)

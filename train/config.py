@@ -170,7 +170,10 @@ def validate_config(cfg: Any) -> None:
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
     _check(cfg.guards.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))  # before any launcher env
+    # before any launcher env; SLURM_NTASKS counts only inside an srun step (a batch script's own shell
+    # carries it too, but a process started there without srun is alone: train.distributed)
+    in_srun_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1") if in_srun_step else "1"))
     ep = cfg.model.experts.ep_size
     _check(world % ep == 0, "model.experts.ep_size", f"{ep} must divide the number of processes ({world})")
     for section, dc in (("model", ModelConfig), ("data", DataConfig)):
