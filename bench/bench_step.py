@@ -62,7 +62,9 @@ def breakdown(step, names: list[str], top: int = 12) -> tuple[dict, dict]:
         step()
         torch.cuda.synchronize()
     out = {e.key: _device_ms(e) for e in prof.key_averages() if e.key in names}
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    # device-side events, without the GPU spans of record_function ranges (user annotations)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
+               and not getattr(e, "is_user_annotation", False) and not e.name.startswith("care/")]
     by_name: dict[str, list[float]] = {}
     for k in kernels:
         by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)

@@ -9,7 +9,7 @@ vocabulary file.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,19 @@ class ByteTokenizer:
         return ids, ids != self.pad_id
 
 
+def _local_or_random(model_cls, path: Optional[str], subfolder: Optional[str], tokenizer_subfolder: Optional[str],
+                     random_config, seed: int):
+    """A text encoder and its tokenizer from a local folder, or a random-init model (seeded) with no
+    tokenizer (the byte tokenizer stands in). Never downloads."""
+    if path is None:
+        with seeded(seed):
+            return model_cls(random_config()), None
+    from transformers import AutoTokenizer
+
+    model = model_cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder, local_files_only=True)
+
+
 class FrozenTextEncoders(nn.Module):
     """T5 sequence embeddings (FLUX's ``encoder_hidden_states``) and CLIP pooled embeddings."""
 
@@ -144,28 +157,14 @@ class FrozenTextEncoders(nn.Module):
         from transformers import CLIPTextModel, T5EncoderModel
 
         self.max_length = cfg.max_length
-        if cfg.t5_path is not None:
-            from transformers import AutoTokenizer
-
-            self.t5 = T5EncoderModel.from_pretrained(cfg.t5_path, subfolder=cfg.t5_subfolder, local_files_only=True)
-            self.t5_tokenizer = AutoTokenizer.from_pretrained(
-                cfg.t5_path, subfolder=cfg.t5_tokenizer_subfolder, local_files_only=True
-            )
-        else:
-            self.t5_tokenizer = None
-            with seeded(init_seed + 1):
-                self.t5 = T5EncoderModel(_tiny_t5_config(cfg))
-        if cfg.clip_path is not None:
-            from transformers import AutoTokenizer
-
-            self.clip = CLIPTextModel.from_pretrained(cfg.clip_path, subfolder=cfg.clip_subfolder, local_files_only=True)
-            self.clip_tokenizer = AutoTokenizer.from_pretrained(
-                cfg.clip_path, subfolder=cfg.clip_tokenizer_subfolder, local_files_only=True
-            )
-        else:
-            self.clip_tokenizer = None
-            with seeded(init_seed + 2):
-                self.clip = CLIPTextModel(_tiny_clip_config(cfg))
+        self.t5, self.t5_tokenizer = _local_or_random(
+            T5EncoderModel, cfg.t5_path, cfg.t5_subfolder, cfg.t5_tokenizer_subfolder,
+            lambda: _tiny_t5_config(cfg), init_seed + 1,
+        )
+        self.clip, self.clip_tokenizer = _local_or_random(
+            CLIPTextModel, cfg.clip_path, cfg.clip_subfolder, cfg.clip_tokenizer_subfolder,
+            lambda: _tiny_clip_config(cfg), init_seed + 2,
+        )
         self.byte_tokenizer = ByteTokenizer(cfg.max_length)
         freeze(self.t5)
         freeze(self.clip)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .router import dense_weights
+
 
 def flow_matching_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """Mean squared error of the predicted velocity; pred/target [B, N, C], weight [B, N] (region loss)."""
@@ -33,10 +35,8 @@ def load_balance_loss(probs: Tensor, index: Tensor, num_experts: int) -> Tensor:
 
     probs [S, E], index [S, K] (-1 = empty slot). Equals 1 when routing is uniform, grows as it collapses.
     """
-    # count assignments with a discard column for empty slots (no boolean indexing: no host sync)
-    slot = torch.where(index >= 0, index, torch.full_like(index, num_experts)).reshape(-1)
-    counts = torch.zeros(num_experts + 1, device=probs.device, dtype=torch.float32)
-    counts = counts.index_add(0, slot, torch.ones_like(slot, dtype=torch.float32))[:num_experts]
+    # assignments per expert; empty slots fall in dense_weights' discard column (no host sync)
+    counts = dense_weights(index, torch.ones_like(index, dtype=torch.float32), num_experts).sum(dim=0)
     f = counts / counts.sum().clamp_min(1)
     p = probs.float().mean(dim=0)
     return num_experts * (f * p).sum()
