@@ -242,7 +242,10 @@ class ExpertFeedForward(nn.Module):
             with record_function("care/mixture"):
                 gate = self.mixture(temb)
                 index, weight = LatentMixture.blend(index, weight, gate.repeat_interleave(n), self.base_id)
-        packed = torch.cat([x, *contexts, edit_mask[..., None].to(x.dtype)], dim=-1).reshape(b * n, -1)
+        columns = [x, *contexts, edit_mask[..., None].to(x.dtype)]
+        pad = self.packed_width - sum(t.shape[-1] for t in columns)  # aligned rows (experts.packed_width)
+        columns.append(x.new_zeros(b, n, pad))
+        packed = torch.cat(columns, dim=-1).reshape(b * n, -1)  # [S, W]
         routed = (routing.probs, routing.index, routing.weight, routing.logits)
         return packed, index, weight, routed, gate, refined_logits, refined
 

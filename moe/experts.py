@@ -2,7 +2,8 @@
 
 Every expert receives the same *packed token* (what is dispatched, possibly to another rank):
 
-    [ x (D) | text_ctx (c) | ref_ctx (c) | mask_ctx (c) | m (1) ]      width D + 3c + 1
+    [ x (D) | text_ctx (c) | ref_ctx (c) | mask_ctx (c) | m (1) | 0 ... ]    width D + 3c + 1, padded
+                                                                               to a multiple of 8
 
 and reads the token plus its own condition slice:
 
@@ -29,7 +30,9 @@ from torch import Tensor, nn
 
 
 def packed_width(dim: int, ctx_dim: int) -> int:
-    return dim + 3 * ctx_dim + 1
+    """Width of a packed token: D + 3c + 1 condition columns, zero-padded to a multiple of 8 so that
+    every row starts on a 16-byte boundary in bf16 (cuBLAS reads strided rows in place only then)."""
+    return -(-(dim + 3 * ctx_dim + 1) // 8) * 8
 
 
 def condition_slice(name: str, dim: int, ctx_dim: int) -> tuple[int, int]:
@@ -51,10 +54,32 @@ class _Expert(nn.Module):
         self.cond_start, self.cond_end = condition_slice(name, dim, ctx_dim)
 
     def condition(self, packed: Tensor) -> Tensor:
+        """The expert's condition read plainly from its slice (the definition; tests only)."""
         cond = packed[:, self.cond_start : self.cond_end]
         if self.name == "base":
             cond = 1.0 - cond  # the Base expert reads "how much of this token is to be kept"
         return cond
+
+    def condition_projection(self, packed: Tensor) -> Tensor:
+        """``self.cond(self.condition(packed))`` computed over all condition columns at once.
+
+        The expert's own slice has odd width and an unaligned start; a product over all condition
+        columns (zero weight outside the slice) reads the packed rows in place and is aligned.
+        [T, W] -> [T, out].
+        """
+        w, b = self.full_condition_weight(packed.shape[1] - self.dim)
+        return F.linear(packed[:, self.dim :], w, b)
+
+    def full_condition_weight(self, width: int) -> tuple[Tensor, Tensor]:
+        """The condition projection over all ``width`` condition columns: weight [out, width] (zero
+        outside the expert's slice) and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m,
+        a bias W and a weight -W on the m column."""
+        w = self.cond.weight  # [out, slice width]
+        lo, hi = self.cond_start - self.dim, self.cond_end - self.dim
+        bias = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        if self.name == "base":
+            w, bias = -w, w[:, 0]
+        return F.pad(w, (lo, width - hi)), bias
 
 
 class LoraExpert(_Expert):
@@ -69,7 +94,7 @@ class LoraExpert(_Expert):
     def forward(self, packed: Tensor) -> Tensor:
         """[T, W] packed tokens -> [T, D] residual added to the frozen FFN output."""
         x = packed[:, : self.dim]
-        return self.up(F.gelu(self.down(x) + self.cond(self.condition(packed))))
+        return self.up(F.gelu(self.down(x) + self.condition_projection(packed)))
 
 
 class FfnExpert(_Expert):
@@ -82,7 +107,7 @@ class FfnExpert(_Expert):
 
     def forward(self, packed: Tensor) -> Tensor:
         """[T, W] packed tokens -> [T, D] replacement of the frozen FFN output."""
-        x = packed[:, : self.dim] + self.cond(self.condition(packed))
+        x = packed[:, : self.dim] + self.condition_projection(packed)
         return self.proj_out(F.gelu(self.proj_in(x), approximate="tanh"))
 
 
@@ -119,27 +144,19 @@ def grouped_ffn_supported(experts: list, rows: Tensor) -> bool:
 
 
 def _condition_weights(experts: list, width: int) -> tuple[Tensor, Tensor]:
-    """Every expert's condition projection as one [E, width, out] stack over all condition columns of
-    the packed token (zeros outside the expert's own slice), plus a per-expert bias [E, out]: the Base
-    expert reads 1 - m, i.e. W (1 - m) = W - W m, a bias W and a weight -W on the m column."""
-    d = experts[0].dim
-    stacked, biases = [], []
-    for e in experts:
-        w = e.cond.weight  # [out, slice width]
-        lo, hi = e.cond_start - d, e.cond_end - d
-        bias = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        if e.name == "base":
-            w, bias = -w, w[:, 0]
-        stacked.append(F.pad(w, (lo, width - hi)).t())
-        biases.append(bias)
-    return torch.stack(stacked), torch.stack(biases)
+    """Every expert's full condition projection (:meth:`_Expert.full_condition_weight`) stacked:
+    weights [E, width, out], biases [E, out]."""
+    weights, biases = zip(*(e.full_condition_weight(width) for e in experts))
+    return torch.stack([w.t() for w in weights]), torch.stack(biases)
 
 
 def _aligned_condition_columns(packed: Tensor, dim: int) -> tuple[Tensor, int]:
-    """The condition columns of the packed tokens, zero-padded to a multiple of 8 (16-byte rows)."""
+    """The condition columns of the packed tokens, zero-padded to a multiple of 8 (16-byte rows) unless
+    they already are (:func:`packed_width` pads them when packing)."""
     cols = packed.shape[1] - dim
     width = -(-cols // 8) * 8
-    return F.pad(packed[:, dim:], (0, width - cols)), width
+    cond = packed[:, dim:]
+    return (cond if width == cols else F.pad(cond, (0, width - cols))), width
 
 
 def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
@@ -156,7 +173,7 @@ def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: T
     onehot = F.one_hot(expert_of_row, len(experts)).to(rows.dtype)  # [T, E]
     cond_in, width = _aligned_condition_columns(rows, d)
     cond_w, cond_b = _condition_weights(experts, width)
-    h = torch.addmm(rows[:, :d] + torch._grouped_mm(cond_in, cond_w, offs=offs), onehot, cond_b)
+    h = torch.addmm(rows[:, :d] + torch._grouped_mm(cond_in.contiguous(), cond_w, offs=offs), onehot, cond_b)
     w_in = torch.stack([e.proj_in.weight.t() for e in experts])  # [E, D, F]
     b_in = torch.stack([e.proj_in.bias for e in experts])
     h = F.gelu(torch.addmm(torch._grouped_mm(h, w_in, offs=offs), onehot, b_in), approximate="tanh")

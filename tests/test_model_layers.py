@@ -149,6 +149,44 @@ def test_dispatchers_match_the_per_token_reference(kind, dispatcher):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_alltoall_dispatch_moves_rows_by_permutations_without_scatter_add():
+    """Rows go to their experts and back by permutations: forward and backward have no scatter-add
+    (atomic adds on a GPU, slow in bf16 and run-to-run nondeterministic), and unassigned slots
+    (index -1) are neither computed nor counted."""
+    experts = _experts("ffn")
+    torch.manual_seed(4)
+    s = 32
+    packed = torch.randn(s, packed_width(D, C), requires_grad=True)
+    r = topk_routing(torch.randn(s, 4), torch.rand(s, 4) > 0.3, 3)
+    assert (r.index < 0).any()
+    seen = []
+    hooks = [e.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0])) for e in experts]
+    with torch.profiler.profile() as prof:
+        out = AllToAllDispatcher(1, 0)(packed, r.index, r.weight, experts)
+        (out * torch.randn_like(out)).sum().backward()
+    for h in hooks:
+        h.remove()
+    ops = {e.key for e in prof.key_averages()}
+    atomic = {"aten::index_add", "aten::index_add_", "aten::scatter_add", "aten::scatter_add_", "aten::index_put_",
+              "aten::_index_put_impl_", "aten::index_put"}
+    assert not ops & atomic, ops & atomic
+    assert sum(seen) == int((r.index >= 0).sum())
+
+
+def test_packed_rows_are_aligned_and_experts_read_only_their_condition():
+    """Packed tokens are padded to 16-byte rows; each expert's full-width condition product equals its
+    plain slice read (Base reads 1 - m) and ignores the padding."""
+    assert packed_width(D, C) % 8 == 0 and packed_width(D, C) >= D + 3 * C + 1
+    torch.manual_seed(5)
+    packed = torch.randn(7, packed_width(D, C))
+    for expert in _experts("lora"):
+        plain = expert.cond(expert.condition(packed))
+        torch.testing.assert_close(expert.condition_projection(packed), plain, rtol=1e-6, atol=1e-6)
+        padded = packed.clone()
+        padded[:, D + 3 * C + 1 :] = 9.0
+        torch.testing.assert_close(expert.condition_projection(padded), plain, rtol=1e-6, atol=1e-6)
+
+
 def test_latent_mixture_is_convex_and_gives_base_the_rest():
     index = torch.tensor([[0, 1, -1], [3, 2, 1]])
     weight = torch.tensor([[0.6, 0.4, 0.0], [0.5, 0.3, 0.2]])
