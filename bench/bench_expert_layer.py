@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import emit, environment, time_ms  # noqa: E402
+from bench.common import emit, environment, kernel_stats, time_ms  # noqa: E402
 from moe.dispatch import AllToAllDispatcher, DenseDispatcher  # noqa: E402
 from moe.expert_layer import CareMoE  # noqa: E402
 from moe.experts import FfnExpert, LoraExpert, packed_width  # noqa: E402
@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our layers and the dense / plain-LoRA references alike (stock DeepSpeed stays eager)")
+    p.add_argument("--profile", action="store_true", help="also print each case's kernel statistics (one profiled call)")
     args = p.parse_args()
     mc = (lambda f: torch.compile(f)) if args.compile else (lambda f: f)  # noqa: E731
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,6 +101,7 @@ def main() -> None:
             "deepspeed_stock_ffn": (fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]), None),
         }
         res = {name: time_ms(fn, iters=args.iters) for name, (fn, _) in cases.items()}
+        _profile(args, cases={n: fn for n, (fn, _) in cases.items()}, tokens=s, experts="ffn")
         for name, t in res.items():
             rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
                    "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
@@ -120,6 +122,7 @@ def main() -> None:
                 "deepspeed_stock_lora": fwd_bwd(stock_moe(LoraMlp(D, rank)).to(dev, dtype), x[None]),
             }
             res = {name: time_ms(fn, iters=args.iters) for name, fn in cases.items()}
+            _profile(args, cases, tokens=s, experts=f"lora{rank}")
             for name, t in res.items():
                 rec = {"case": name, "experts": f"lora{rank}", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
                        "ratio_vs_plain_lora": t["median_ms"] / res["plain_lora_same_total_rank"]["median_ms"]}
@@ -130,6 +133,12 @@ def main() -> None:
     for rec in rows:
         ratio = rec.get("ratio_vs_dense", rec.get("ratio_vs_plain_lora"))
         print(f"| {rec['experts']} | {rec['tokens']} | {rec['case']} | {rec['median_ms']:.3f} | {ratio:.2f} |")
+
+
+def _profile(args, cases: dict, tokens: int, experts: str) -> None:
+    if args.profile and torch.cuda.is_available():
+        for name, fn in cases.items():
+            emit({"profile": name, "experts": experts, "tokens": tokens, **kernel_stats(fn, top=8)})
 
 
 class LoraMlp(nn.Module):

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from bench.common import emit, environment, measure_matmul_peak, time_ms  # noqa: E402
+from bench.common import emit, environment, kernel_stats, measure_matmul_peak, time_ms  # noqa: E402
 from data.batch import EditBatch  # noqa: E402
 
 DEFAULT_OVERRIDES = [
@@ -57,27 +57,12 @@ def _device_ms(e) -> float:
 
 
 def breakdown(step, names: list[str], top: int = 12) -> tuple[dict, dict]:
-    """Device ms per named range, and kernel statistics (count, busy time, the most expensive kernels)."""
+    """Device ms per named range (one profiled step), and kernel statistics of another."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     out = {e.key: _device_ms(e) for e in prof.key_averages() if e.key in names}
-    # device-side events, without the GPU spans of record_function ranges (user annotations)
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
-               and not getattr(e, "is_user_annotation", False) and not e.name.startswith("care/")]
-    by_name: dict[str, list[float]] = {}
-    for k in kernels:
-        by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    stats = {
-        "host_top": [{"op": e.key[:60], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
-                     for e in cpu],
-        "kernels": len(kernels),
-        "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
-        "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 2)} for n, v in ranked],
-    }
-    return out, stats
+    return out, kernel_stats(step, top)
 
 
 def host_issue_ms(step, iters: int = 3) -> dict:
@@ -105,7 +90,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both models (regional)")
     p.add_argument("--block-mode", default=None,
-                   help="torch.compile mode for the backbone blocks of both models (e.g. reduce-overhead: CUDA graphs)")
+                   help="torch.compile mode for the blocks without an expert layer, in both models "
+                        "(reduce-overhead: CUDA graphs)")
     args, overrides = p.parse_known_args()
     from moe.backbone import FluxBackbone
     from moe.config import LoraConfig
@@ -124,12 +110,11 @@ def main() -> None:
         bare = FluxBackbone(cfg.backbone, LoraConfig(rank=0), cfg.init_seed)
     torch.set_default_dtype(torch.float32)
     model.to(torch.bfloat16)  # peft keeps adapters in fp32 unless cast, as DeepSpeed's bf16 mode does
-    bare.transformer.enable_gradient_checkpointing()
+    bare.gradient_checkpointing = cfg.backbone.gradient_checkpointing  # same block machinery as the model's
     if args.compile:  # both sides in the same execution mode: the ratio compares like with like
-        model.compile_regions()
-        if args.block_mode:
-            model.backbone.compile_blocks(mode=args.block_mode)
-        bare.compile_blocks(**({"mode": args.block_mode} if args.block_mode else {}))
+        mode = {"mode": args.block_mode} if args.block_mode else {}
+        model.compile_regions(**mode)  # the mode reaches the blocks without an expert layer only
+        bare.compile_blocks(**mode)
     model.train()
     batch = cached_batch(args.size, args.text_len, cfg, dev)
     trainable = [p for _, p in model.trainable_named_parameters()]
@@ -145,13 +130,20 @@ def main() -> None:
     img_ids[:, 2] = torch.arange(tokens_img, device=dev) % (args.size // 16)
     txt_ids = torch.zeros(args.text_len, 3, device=dev)
 
+    timestep = torch.full((1,), 0.5, device=dev)
+    graphs = args.block_mode == "reduce-overhead"
+
     def bare_step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = hidden.clone().requires_grad_(True)
-        with bare.attention_context():  # around backward too: checkpoint recomputation runs there
-            out = bare.transformer(x, enc, pooled, torch.full((1,), 0.5, device=dev), img_ids, txt_ids).sample
-            out.float().square().mean().backward()
+        temb = bare.embed_time(timestep, pooled)
+        img = bare.run_blocks(bare.embed_image(x), bare.embed_text(enc), temb, img_ids, txt_ids)
+        bare.project_out(img, temb).float().square().mean().backward()
 
     def care_fwd_bwd():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with record_function("care/forward"):
             out = model(batch)
         with record_function("care/backward"):

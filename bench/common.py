@@ -55,3 +55,27 @@ def measure_matmul_peak(n: int = 8192) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     t = time_ms(lambda: a @ b, warmup=3, iters=20)["median_ms"]
     return 2 * n**3 / (t * 1e-3) / 1e12
+
+
+def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/") -> dict:
+    """One profiled call of ``fn``: device kernel count, busy time, the most expensive kernels, and the
+    host ops that took the most self time. GPU spans of ``record_function`` ranges are not kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
+               and not getattr(e, "is_user_annotation", False) and not e.name.startswith(skip_prefix)]
+    by_name: dict[str, list[float]] = {}
+    for k in kernels:
+        by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {
+        "host_top": [{"op": e.key[:60], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
+                     for e in cpu],
+        "kernels": len(kernels),
+        "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
+        "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 3)} for n, v in ranked],
+    }

@@ -61,6 +61,28 @@ def flux_arch_kwargs(a: FluxArch) -> dict:
     return kwargs
 
 
+class CheckpointedBlock(nn.Module):
+    """One transformer block called under activation checkpointing, as one module to compile.
+
+    Compiled, the checkpoint becomes part of the graph: the forward keeps only the block's inputs and
+    the compiled backward recomputes what it needs. Held outside the model's module tree (the block
+    keeps its own place and parameter names); every instance shares one compiled graph per block kind.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict]) -> tuple[Tensor, Tensor]:
+        return checkpoint(self._call, img, txt, temb, rope, kwargs, use_reentrant=False)
+
+    def _call(self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict]) -> tuple[Tensor, Tensor]:
+        return self.block(
+            hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
+            joint_attention_kwargs=kwargs,
+        )
+
+
 class FluxBackbone(nn.Module):
     """diffusers ``FluxTransformer2DModel``, frozen, with peft LoRA on the configured projections."""
 
@@ -77,6 +99,8 @@ class FluxBackbone(nn.Module):
                 self.transformer = FluxTransformer2DModel(**flux_arch_kwargs(cfg.arch))
         freeze(self.transformer)
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        # id(block) -> compiled CheckpointedBlock (compile_blocks); a plain dict: not part of the state
+        self._whole_blocks: dict[int, nn.Module] = {}
         self.attention_backend = cfg.attention_backend
         if lora.rank > 0:
             self._add_lora(lora)
@@ -173,19 +197,36 @@ class FluxBackbone(nn.Module):
 
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
-            if use_ckpt:
+            whole = self._whole_blocks.get(id(block)) if use_ckpt else None
+            if whole is not None:  # compiled with its checkpoint inside (compile_blocks)
+                with self.attention_context():
+                    txt, img = whole(img, txt, temb, rope, kwargs)
+            elif use_ckpt:
                 txt, img = checkpoint(run, block, img, txt, use_reentrant=False)
             else:
                 txt, img = run(block, img, txt)
         return img
 
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """``torch.compile`` each transformer block in place (regional compilation: blocks of one kind
-        share a graph, parameter names stay as they are for checkpoints). Blocks holding an expert
-        layer break the graph at it: the layer compiles its own math (``ExpertFeedForward``)."""
+    def compile_blocks(self, whole: Optional[Callable[[nn.Module], bool]] = None, **compile_kwargs) -> None:
+        """``torch.compile`` each transformer block (regional compilation: blocks of one kind share a
+        graph; parameter names stay as they are, for checkpoints).
+
+        With gradient checkpointing, a block for which ``whole(block)`` holds (default: every block) is
+        compiled together with its checkpoint (:class:`CheckpointedBlock`): the recomputation then
+        runs inside the compiled backward instead of as a second compiled forward called from Python,
+        and ``mode="reduce-overhead"`` (CUDA graphs) becomes possible for it. Blocks that break the
+        graph (those holding an expert layer: pass ``whole`` to exclude them) are compiled in place and
+        checkpointed from outside, always with the default mode.
+        """
         tr = self.transformer
+        self._whole_blocks.clear()
+        mode_free = {k: v for k, v in compile_kwargs.items() if k != "mode"}
         for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
-            block.compile(**compile_kwargs)
+            if self.gradient_checkpointing and (whole is None or whole(block)):
+                wrapper = CheckpointedBlock(block)
+                wrapper.compile(**compile_kwargs)
+                self._whole_blocks[id(block)] = wrapper
+            block.compile(**mode_free)  # calls without checkpointing (no gradient, or checkpointing off)
 
     def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:
         tr = self.transformer

@@ -127,13 +127,16 @@ class CareEditModel(nn.Module):
         The block graphs specialise on a few legitimate variants (first block without input gradients,
         batches with and without an attention mask, reference tokens present or not, resolution
         buckets), more than dynamo's default of 8 per code object: the limit is raised so they stay
-        compiled instead of falling back to eager."""
+        compiled instead of falling back to eager. ``mode`` (e.g. ``"reduce-overhead"``: CUDA graphs)
+        applies only to the blocks without an expert layer (``FluxBackbone.compile_blocks``)."""
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-        self.backbone.compile_blocks(**compile_kwargs)
+        holds_expert_layer = lambda block: any(isinstance(m, ExpertFeedForward) for m in block.modules())  # noqa: E731
+        self.backbone.compile_blocks(whole=lambda block: not holds_expert_layer(block), **compile_kwargs)
+        plain = {k: v for k, v in compile_kwargs.items() if k != "mode"}  # CUDA graphs: whole blocks only
         for layer in self.expert_layers:
-            layer.enable_compile(**compile_kwargs)
-        self._loss_terms_fn = torch.compile(self.loss_terms, **compile_kwargs)
+            layer.enable_compile(**plain)
+        self._loss_terms_fn = torch.compile(self.loss_terms, **plain)
 
     # -- parameters ---------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
