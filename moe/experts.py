@@ -114,21 +114,24 @@ class FfnExpert(_Expert):
 def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor) -> Tensor:
     """All low-rank experts as one rank-(E*r) product, each expert's hidden units scaled by its weight.
 
-    The same function as ``sum_e dense[:, e] * expert_e(packed)`` (tests compare them), in 3 matmuls
-    (down, all conditions, up) instead of 3E small ones: low-rank experts are too small to launch one
-    by one.
+    The same function as ``sum_e dense[:, e] * expert_e(packed)`` (tests compare them), in 2 matmuls
+    instead of 3E small ones (low-rank experts are too small to launch one by one):
+    * in: one product over the whole packed row, ``[down | all conditions]`` stacked for all experts,
+      so the gradient of the packed rows is one product too (no slice, zero fill and add);
+    * out: the up projections with the weighted up biases as E more input columns.
     packed [S, W], dense [S, E] -> [S, D].
     """
-    d, r = experts[0].dim, experts[0].down.out_features
-    cond_in, width = _aligned_condition_columns(packed, d)
+    d, r, n = experts[0].dim, experts[0].down.out_features, len(experts)
+    rows, width = _aligned_rows(packed, d)
     cond_w, cond_b = _condition_weights(experts, width)  # [E, width, r], [E, r]
-    down_w = torch.cat([e.down.weight for e in experts])  # [E*r, D]
-    down_b = torch.cat([e.down.bias for e in experts]) + cond_b.reshape(-1)
-    # every expert's condition read in one product over all condition columns
-    h = F.linear(packed[:, :d], down_w, down_b) + cond_in @ cond_w.permute(1, 0, 2).reshape(width, -1)  # [S, E*r]
-    h = F.gelu(h) * dense.repeat_interleave(r, dim=1)
-    out = F.linear(h, torch.cat([e.up.weight for e in experts], dim=1))
-    return out + dense @ torch.stack([e.up.bias for e in experts])
+    w_in = torch.cat([torch.cat([e.down.weight for e in experts]),  # [E*r, D]
+                      cond_w.transpose(1, 2).reshape(n * r, width)], dim=1)  # [E*r, D + width]
+    b_in = torch.cat([e.down.bias for e in experts]) + cond_b.reshape(-1)
+    h = F.gelu(F.linear(rows, w_in, b_in)) * dense.repeat_interleave(r, dim=1)  # [S, E*r]
+    pad = -(-(n * r + n) // 8) * 8 - (n * r + n)  # keep the inner dimension 16-byte aligned
+    h = torch.cat([h, dense, h.new_zeros(h.shape[0], pad)], dim=1)
+    up = [e.up.weight for e in experts] + [torch.stack([e.up.bias for e in experts], dim=1)]  # [D, r] x E, [D, E]
+    return F.linear(h, torch.cat(up + [up[-1].new_zeros(d, pad)], dim=1))
 
 
 def grouped_ffn_supported(experts: list, rows: Tensor) -> bool:
@@ -151,12 +154,17 @@ def _condition_weights(experts: list, width: int) -> tuple[Tensor, Tensor]:
 
 
 def _aligned_condition_columns(packed: Tensor, dim: int) -> tuple[Tensor, int]:
-    """The condition columns of the packed tokens, zero-padded to a multiple of 8 (16-byte rows) unless
-    they already are (:func:`packed_width` pads them when packing)."""
+    """The condition columns of the packed tokens, zero-padded to a multiple of 8 (16-byte rows)."""
+    rows, width = _aligned_rows(packed, dim)
+    return rows[:, dim:], width
+
+
+def _aligned_rows(packed: Tensor, dim: int) -> tuple[Tensor, int]:
+    """The packed tokens with their condition columns padded to a multiple of 8 (16-byte rows), and
+    that padded condition width. :func:`packed_width` already pads when packing: no copy then."""
     cols = packed.shape[1] - dim
     width = -(-cols // 8) * 8
-    cond = packed[:, dim:]
-    return (cond if width == cols else F.pad(cond, (0, width - cols))), width
+    return (packed if width == cols else F.pad(packed, (0, width - cols))), width
 
 
 def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:

@@ -43,6 +43,14 @@ def test_compiled_model_equals_eager(kind):
     backend = CountingBackend()
     compiled.compile_regions(backend=backend)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their names
+    # blocks without an expert layer are compiled with their checkpoint inside; expert blocks are not
+    whole = compiled.backbone._whole_blocks
+    tr = compiled.backbone.transformer
+    blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
+    assert whole and len(whole) < len(blocks)
+    for b in blocks:
+        holds = any(type(m).__name__ == "ExpertFeedForward" for m in b.modules())
+        assert (id(b) in whole) != holds
     eager.train()
     compiled.train()
     graphs_after = []
@@ -67,6 +75,8 @@ def test_compiled_model_equals_eager(kind):
         compiled.zero_grad(set_to_none=True)
         graphs_after.append(len(backend.graphs))
     assert graphs_after[2] == graphs_after[1], "a batch of a seen structure recompiled"
+    # the recomputation of whole blocks is part of their compiled graph (a checkpoint region in it)
+    assert any("checkpoint" in g for g in backend.graphs)
     # the three expert layers share their routing graph (variants: with/without a reference span,
     # prior with/without gradient)
     routing_graphs = [g for g in backend.graphs if "to_logits" in g]
