@@ -199,7 +199,7 @@ class FluxBackbone(nn.Module):
         for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
             whole = self._whole_blocks.get(id(block)) if use_ckpt else None
             if whole is not None:  # compiled with its checkpoint inside (compile_blocks)
-                with self.attention_context():
+                with self.attention_context(), scope():
                     txt, img = whole(img, txt, temb, rope, kwargs)
             elif use_ckpt:
                 txt, img = checkpoint(run, block, img, txt, use_reentrant=False)

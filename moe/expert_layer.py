@@ -170,25 +170,37 @@ class ExpertFeedForward(nn.Module):
         dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank, ex.grouped_gemm)
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
         self.packed_width = packed_width(dim, c)
-        self._route_fn, self._mix_fn = self.route, self.mix  # eager unless enable_compile()
+        self._route_fn, self._mix_fn = self.route, self.mix  # compiled apart by enable_compile()
+        self._eager_forward = None  # set by enable_compile(): a graph break around the bookkeeping
 
     # -- execution ----------------------------------------------------------------------------
-    def enable_compile(self, **compile_kwargs) -> None:
-        """Run the layer's tensor math through ``torch.compile`` (fused kernels, far fewer launches).
+    @property
+    def traceable(self) -> bool:
+        """Whether the whole layer, context bookkeeping included, can be traced into its block's graph:
+        yes unless its dispatch needs host values (the all-to-all's split sizes)."""
+        return self.moe.deepspeed_moe.dispatcher.name == "dense"
 
-        Only the pure stages are compiled: :meth:`route` and, with the dense dispatcher, :meth:`mix`.
-        :meth:`forward` stays eager (it reads and writes the per-forward context, whose Python
-        objects change every step and would make a compiled graph recompile), and so does an
-        all-to-all dispatch (its split sizes are data-dependent host values). All expert layers share
-        one compiled graph per stage: nothing position-specific is traced.
+    def enable_compile(self, **compile_kwargs) -> None:
+        """For a layer that is not :attr:`traceable`: compile its pure routing stage apart.
+
+        Such a layer breaks its block's graph: :meth:`forward` then runs eagerly (its dispatch
+        synchronises with the host) and :meth:`route` (read-outs, repaint, router, mixture, packing) is
+        compiled on its own, one graph shared by all layers (and :meth:`mix` too when it has no host
+        synchronisation). A traceable layer is normally compiled as part of its block instead
+        (``CareEditModel.compile_regions``).
         """
         self._route_fn = torch.compile(self.route, **compile_kwargs)
-        if self.moe.deepspeed_moe.dispatcher.name == "dense":
+        if self.traceable:
             self._mix_fn = torch.compile(self.mix, **compile_kwargs)
+        self._eager_forward = torch.compiler.disable(self._forward)
 
-    @torch.compiler.disable  # bookkeeping on the per-forward context; the math inside is compiled apart
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [B, N_img, D]: the normed image-stream tokens (target first) -> FFN output, same shape."""
+        if self._eager_forward is not None:
+            return self._eager_forward(hidden)
+        return self._forward(hidden)
+
+    def _forward(self, hidden: Tensor) -> Tensor:
         ctx = self.holder.ctx
         if ctx is None:
             raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")

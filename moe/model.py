@@ -127,15 +127,29 @@ class CareEditModel(nn.Module):
         The block graphs specialise on a few legitimate variants (first block without input gradients,
         batches with and without an attention mask, reference tokens present or not, resolution
         buckets), more than dynamo's default of 8 per code object: the limit is raised so they stay
-        compiled instead of falling back to eager. ``mode`` (e.g. ``"reduce-overhead"``: CUDA graphs)
-        applies only to the blocks without an expert layer (``FluxBackbone.compile_blocks``)."""
+        compiled instead of falling back to eager.
+
+        Blocks whose expert layers can be traced (dense dispatch, no host synchronisation) compile
+        whole, gradient checkpoint included; blocks with an all-to-all expert layer break the graph at
+        the layer, whose routing stage compiles apart. ``mode`` (e.g. ``"reduce-overhead"``: CUDA
+        graphs) applies only to the blocks without an expert layer (``FluxBackbone.compile_blocks``)."""
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-        holds_expert_layer = lambda block: any(isinstance(m, ExpertFeedForward) for m in block.modules())  # noqa: E731
-        self.backbone.compile_blocks(whole=lambda block: not holds_expert_layer(block), **compile_kwargs)
-        plain = {k: v for k, v in compile_kwargs.items() if k != "mode"}  # CUDA graphs: whole blocks only
+        # A traceable expert layer writes its routing record into the per-forward context. Compiled
+        # under a checkpoint, that write happens in the forward and is not replayed by the recompute,
+        # which is what the model needs: the losses read the records of the forward.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        graphs = "mode" in compile_kwargs  # CUDA graphs: only for blocks without an expert layer
+
+        def whole(block: nn.Module) -> bool:
+            layers = [m for m in block.modules() if isinstance(m, ExpertFeedForward)]
+            return not layers if graphs else all(layer.traceable for layer in layers)
+
+        self.backbone.compile_blocks(whole=whole, **compile_kwargs)
+        plain = {k: v for k, v in compile_kwargs.items() if k != "mode"}
         for layer in self.expert_layers:
-            layer.enable_compile(**plain)
+            if not layer.traceable or graphs:
+                layer.enable_compile(**plain)
         self._loss_terms_fn = torch.compile(self.loss_terms, **plain)
 
     # -- parameters ---------------------------------------------------------------------------
