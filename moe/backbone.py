@@ -207,7 +207,7 @@ class FluxBackbone(nn.Module):
                 txt, img = run(block, img, txt)
         return img
 
-    def compile_blocks(self, whole: Optional[Callable[[nn.Module], bool]] = None, **compile_kwargs) -> None:
+    def compile_blocks(self, whole: Optional[Callable[[nn.Module], bool]] = None, **compile_kwargs) -> int:
         """``torch.compile`` each transformer block (regional compilation: blocks of one kind share a
         graph; parameter names stay as they are, for checkpoints).
 
@@ -216,7 +216,7 @@ class FluxBackbone(nn.Module):
         runs inside the compiled backward instead of as a second compiled forward called from Python,
         and ``mode="reduce-overhead"`` (CUDA graphs) becomes possible for it. Blocks that break the
         graph (those holding an expert layer: pass ``whole`` to exclude them) are compiled in place and
-        checkpointed from outside, always with the default mode.
+        checkpointed from outside, always with the default mode. Returns how many blocks compiled whole.
         """
         tr = self.transformer
         self._whole_blocks.clear()
@@ -227,6 +227,7 @@ class FluxBackbone(nn.Module):
                 wrapper.compile(**compile_kwargs)
                 self._whole_blocks[id(block)] = wrapper
             block.compile(**mode_free)  # calls without checkpointing (no gradient, or checkpointing off)
+        return len(self._whole_blocks)
 
     def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:
         tr = self.transformer

@@ -180,6 +180,11 @@ class ExpertFeedForward(nn.Module):
         yes unless its dispatch needs host values (the all-to-all's split sizes)."""
         return self.moe.deepspeed_moe.dispatcher.name == "dense"
 
+    @property
+    def compiled_apart(self) -> bool:
+        """True after :meth:`enable_compile`: the layer breaks its block's graph."""
+        return self._eager_forward is not None
+
     def enable_compile(self, **compile_kwargs) -> None:
         """For a layer that is not :attr:`traceable`: compile its pure routing stage apart.
 

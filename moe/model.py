@@ -119,7 +119,7 @@ class CareEditModel(nn.Module):
         self._last_seq_len = 0
         self._loss_terms_fn = self.loss_terms  # eager unless compile_regions()
 
-    def compile_regions(self, **compile_kwargs) -> None:
+    def compile_regions(self, **compile_kwargs) -> str:
         """Compile the backbone block by block and each expert layer's tensor math (``torch.compile``
         keyword arguments, e.g. ``backend``). Numerically the same model; the training step on a GPU
         is otherwise bound by launching thousands of small kernels from Python (docs/PERF.md).
@@ -132,7 +132,8 @@ class CareEditModel(nn.Module):
         Blocks whose expert layers can be traced (dense dispatch, no host synchronisation) compile
         whole, gradient checkpoint included; blocks with an all-to-all expert layer break the graph at
         the layer, whose routing stage compiles apart. ``mode`` (e.g. ``"reduce-overhead"``: CUDA
-        graphs) applies only to the blocks without an expert layer (``FluxBackbone.compile_blocks``)."""
+        graphs) applies only to the blocks without an expert layer (``FluxBackbone.compile_blocks``).
+        Returns a one-line summary for the log."""
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
         # A traceable expert layer writes its routing record into the per-forward context. Compiled
@@ -145,12 +146,16 @@ class CareEditModel(nn.Module):
             layers = [m for m in block.modules() if isinstance(m, ExpertFeedForward)]
             return not layers if graphs else all(layer.traceable for layer in layers)
 
-        self.backbone.compile_blocks(whole=whole, **compile_kwargs)
+        n_whole = self.backbone.compile_blocks(whole=whole, **compile_kwargs)
         plain = {k: v for k, v in compile_kwargs.items() if k != "mode"}
         for layer in self.expert_layers:
             if not layer.traceable or graphs:
                 layer.enable_compile(**plain)
         self._loss_terms_fn = torch.compile(self.loss_terms, **plain)
+        tr = self.backbone.transformer
+        apart = sum(1 for layer in self.expert_layers if layer.compiled_apart)
+        return (f"{n_whole} of {len(tr.transformer_blocks) + len(tr.single_transformer_blocks)} "
+                f"blocks whole with their checkpoint, {apart} of {len(self.expert_layers)} expert layers apart")
 
     # -- parameters ---------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -32,10 +32,11 @@ def test_tiny_merges_base_and_overrides():
     ("model.experts.ep_size=3", "model.experts.ep_size"),
     ("model.router.top_k=9", "model.router.top_k"),
     ("data.image_size=60", "data.image_size"),
+    ("train.compile=true train.compile_backend=nope", "train.compile_backend"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(TINY, [override])
+        load_config(TINY, override.split())
     assert not torch_dist.is_initialized()
 
 

@@ -55,6 +55,25 @@ def test_tiny_real_model_single_process_trains_and_writes_everything(tmp_path, s
     assert size < frozen_bytes, size
 
 
+def test_tiny_real_model_trains_the_same_compiled(tmp_path, shards):
+    """``train.compile`` under the DeepSpeed engine: blocks compiled whole with their gradient checkpoint,
+    the expert layers (dense dispatch) traced inside them, the losses compiled. Backend aot_eager runs
+    those graphs with eager kernels, so the losses must match the eager run's to float32 rounding."""
+    common = shards + ["train.steps=4", "checkpoint.every=4", "logging.every=2", "logging.images_every=0",
+                       "data.num_workers=0", "model.backbone.gradient_checkpointing=true"]
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    r = _start(eager, common)
+    assert r.wait(240) == [0], r.output()[-3000:]
+    r = _start(compiled, common + ["train.compile=true", "train.compile_backend=aot_eager"])
+    assert r.wait(480) == [0], r.output()[-3000:]
+    # tiny.yaml: 4 double blocks, 2 of them with a (dense, traceable) expert layer
+    assert "compiled (aot_eager): 4 of 4 blocks whole with their checkpoint, 0 of 2 expert layers apart" in r.output()
+    a, b = read_losses(eager, "tiny"), read_losses(compiled, "tiny")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
 @pytest.mark.slow
 def test_tiny_real_model_resume_is_exact(tmp_path, shards):
     common = shards + ["train.steps=6", "checkpoint.every=3", "logging.images_every=0", "data.num_workers=1"]

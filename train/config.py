@@ -56,6 +56,9 @@ class StepsConfig:
     # torch.compile the backbone block by block, the expert layers' math and the losses
     # (CareEditModel.compile_regions): the full-size step is bound by kernel launches otherwise
     compile: bool = False
+    # torch.compile backend when compile is on: inductor (the fast one) or a debugging backend such as
+    # aot_eager (same graphs with eager kernels: how the CPU tests check compiled training)
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -158,6 +161,12 @@ def validate_config(cfg: Any) -> None:
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"'{t.precision}' is not auto, bf16 or fp32")
     _check(t.zero_stage in (0, 1, 2), "train.zero_stage", f"{t.zero_stage} is not 0, 1 or 2")
+    if t.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        _check(t.compile_backend in backends, "train.compile_backend",
+               f"'{t.compile_backend}' is not a torch.compile backend ({', '.join(backends)})")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -76,8 +76,9 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     model_cfg = OmegaConf.to_object(cfg.model)
     data_cfg = OmegaConf.to_object(cfg.data)
     model = model_factory(model_cfg)
-    if cfg.train.compile and hasattr(model, "compile_regions"):
-        model.compile_regions()  # in place: parameter names (checkpoints) do not change
+    compiled = None
+    if cfg.train.compile and hasattr(model, "compile_regions"):  # in place: parameter names do not change
+        compiled = model.compile_regions(backend=cfg.train.compile_backend)
     eng = build_engine(cfg, model, dist)
     engine = eng.engine
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
@@ -98,6 +99,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     logger.print(f"run dir {os.path.abspath(run_dir(cfg))} | tensorboard --logdir {os.path.abspath(tensorboard_dir(cfg))}"
                  f" | checkpoints {os.path.abspath(checkpoint_dir(cfg))}"
                  + (f" | resumed from {found.tag} at step {start_step}" if found else "")
+                 + (f" | compiled ({cfg.train.compile_backend}): {compiled}" if compiled else "")
                  + (f" ({resumed.note})" if resumed and resumed.note else ""))
     losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
     guard = StepGuard(cfg.guards.max_consecutive_skips)
