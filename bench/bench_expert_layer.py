@@ -1,9 +1,11 @@
 """Expert layer speed, side by side in one process: ours vs a dense layer of the same FLOPs vs stock
 DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX width).
 
-    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10]
+    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10] [--compile] [--profile]
 
 Prints one JSON line per case and a short table last. Ratios are measured in the same run.
+``--profile`` adds each case's kernel statistics: the device-busy time (no host launch gaps) and
+the kernel count, which tell a GPU-bound gap from a host-bound one.
 """
 
 from __future__ import annotations

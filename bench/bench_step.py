@@ -1,13 +1,16 @@
 """The CARE-Edit training step at full FLUX scale against the bare frozen backbone, side by side.
 
-    python bench/bench_step.py [--config configs/flux_full.yaml] [--size 512] [--iters 5] [key=value ...]
+    python bench/bench_step.py [--config configs/flux_full.yaml] [--size 512] [--iters 5] [--compile]
+                               [--block-mode reduce-overhead] [key=value ...]
 
 Random weights built directly on the GPU (no paths), cached-mode inputs (random latents and text
 embeddings of the real shapes: a 512x512 edit gives 1024 target + 1024 base + 1024 reference + 1024
 mask tokens, and 512 text tokens). Default experts: LoRA rank 64 in the configured blocks (FFN
 experts at ep_size 1 do not fit one GPU with Adam state: DESIGN.md section 4).
 
-Prints one JSON line per case, a step breakdown (torch profiler, device time by range), and a table.
+Prints one JSON line per case, host issue time against device time, kernel statistics of both sides,
+a step breakdown (torch profiler, device time by range), and a table. Both sides run the same block
+loop (``FluxBackbone.run_blocks``) in the same execution mode.
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ class FluxBackbone(nn.Module):
         """Pins torch SDPA's backends for everything attention-shaped in the model.
 
         ``attention_backend`` names one; unset, every backend but cuDNN is allowed (cuDNN's failed
-        on a FLUX backward on the H100 here: DESIGN.md section 6). It must be entered again around
-        recomputation (gradient checkpointing), or the recomputed attention may take another backend
+        on a FLUX backward on the H100 here: DESIGN.md section 6). It must be entered again around an
+        eager recomputation (gradient checkpointing), or the recomputed attention may take another backend
         and no longer match what the forward saved.
         """
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -181,8 +181,10 @@ class FluxBackbone(nn.Module):
         attention_mask: Optional[Tensor] = None,  # [B, 1, 1, L + N_img] bool, True = attend
         block_scope: Optional[Callable[[], ContextManager]] = None,
     ) -> Tensor:
-        """``block_scope`` is entered around every block call, including the recomputation that
-        gradient checkpointing runs during backward (that is how expert layers see their context)."""
+        """``block_scope`` is entered around every block call, including the eager recomputation that
+        gradient checkpointing runs during backward (that is how expert layers see their context). A
+        block compiled whole (:meth:`compile_blocks`) recomputes inside its compiled backward, from the
+        inputs its graph saved, and needs neither the scope nor the attention context again."""
         tr = self.transformer
         rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else None
@@ -216,17 +218,26 @@ class FluxBackbone(nn.Module):
         runs inside the compiled backward instead of as a second compiled forward called from Python,
         and ``mode="reduce-overhead"`` (CUDA graphs) becomes possible for it. Blocks that break the
         graph (those holding an expert layer: pass ``whole`` to exclude them) are compiled in place and
-        checkpointed from outside, always with the default mode. Returns how many blocks compiled whole.
+        checkpointed from outside, always with the default mode. Without gradient checkpointing every
+        block compiles in place, with ``mode`` where ``whole`` holds. Returns how many blocks compiled
+        whole with their checkpoint.
+
+        A whole block is compiled with ``fullgraph=True``: were it to fall back to eager, its
+        recomputation would run outside the scope that binds the expert layers' context, so an
+        unexpected graph break must fail at once instead.
         """
         tr = self.transformer
         self._whole_blocks.clear()
         mode_free = {k: v for k, v in compile_kwargs.items() if k != "mode"}
         for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
-            if self.gradient_checkpointing and (whole is None or whole(block)):
+            ok = whole is None or whole(block)
+            if self.gradient_checkpointing and ok:
                 wrapper = CheckpointedBlock(block)
-                wrapper.compile(**compile_kwargs)
+                wrapper.compile(fullgraph=True, **compile_kwargs)
                 self._whole_blocks[id(block)] = wrapper
-            block.compile(**mode_free)  # calls without checkpointing (no gradient, or checkpointing off)
+                block.compile(**mode_free)  # calls without gradient (no checkpoint then)
+            else:
+                block.compile(**(compile_kwargs if ok else mode_free))
         return len(self._whole_blocks)
 
     def project_out(self, hidden: Tensor, temb: Tensor) -> Tensor:

@@ -13,8 +13,9 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
 * :class:`AllToAllDispatcher` groups the (token, expert) assignments by expert, exchanges them with
   the ranks that hold those experts through a variable-size all-to-all (no capacity, no dropped
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
-  outputs back and combines. With ep_size 1 it is a plain gather/scatter. With ``grouped_gemm``,
-  FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1
+  outputs back and combines. Rows move by permutations in both directions (no atomic scatter-add);
+  with ep_size 1 that is one gather, the experts, one permutation back and an elementwise combine.
+  With ``grouped_gemm``, FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1
   without any host synchronisation; measured slower than the per-expert loop on the H100 so far.
 """
 
@@ -102,14 +103,14 @@ class _GatherSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(inverse)
-        ctx.k = k
+        ctx.k, ctx.tokens = k, x.shape[0]
         return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         (inverse,) = ctx.saved_tensors
         slots = grad.index_select(0, inverse)
-        return slots.view(-1, ctx.k, slots.shape[1]).sum(1), None, None, None
+        return slots.view(ctx.tokens, ctx.k, slots.shape[1]).sum(1), None, None, None
 
 
 def _inverse_permutation(perm: Tensor) -> Tensor:
@@ -131,7 +132,7 @@ def _slots_by_expert(index: Tensor, n_total: int) -> tuple[Tensor, Tensor, Tenso
 def _combine(out_rows: Tensor, order: Tensor, inverse: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """Expert outputs [S*K, D] in expert order -> y [S, D] = sum_k weight[s, k] * out(slot s*K + k)."""
     s, k = index.shape
-    y = _PermuteRows.apply(out_rows, inverse, order).view(s, k, -1)  # back to slot order
+    y = _PermuteRows.apply(out_rows, inverse, order).view(s, k, out_rows.shape[1])  # back to slot order
     w = torch.where(index >= 0, weight, 0).to(y.dtype)
     # elementwise, not bmm: a [S, 1, K] x [S, K, D] batch of tiny products (and its gradient) takes
     # cuBLAS's slow batched path, 3.3 ms at 16K tokens on the H100 for ~0.3 ms of memory traffic
@@ -178,8 +179,9 @@ class AllToAllDispatcher:
         rows = rows[:n_assigned]
         if self.ep_size > 1:
             recv_counts = _exchange_counts(counts[:n_total], self.ep_size, group)  # [ep, n_local]
+            recv_host = recv_counts.tolist()  # the one host round trip for what arrives
             send_splits = [sum(host_counts[r * n_local : (r + 1) * n_local]) for r in range(self.ep_size)]
-            recv_splits = recv_counts.sum(1).tolist()
+            recv_splits = [sum(row) for row in recv_host]
             rows = _VariableAllToAll.apply(rows, recv_splits, send_splits, group)
             # rows arrive grouped by source rank, then by local expert: regroup by local expert
             src_chunks = recv_counts.reshape(-1)
@@ -189,8 +191,9 @@ class AllToAllDispatcher:
             inverse_by_expert = _inverse_permutation(by_expert)
             rows = _PermuteRows.apply(rows, by_expert, inverse_by_expert)
             local_counts = recv_counts.sum(0)
+            local_host = [sum(col) for col in zip(*recv_host)]
         else:
-            local_counts = counts[:n_local]
+            local_counts, local_host = counts[:n_local], host_counts[:n_local]
 
         if grouped_gemm:
             expert_of_row = torch.repeat_interleave(
@@ -198,7 +201,7 @@ class AllToAllDispatcher:
             )
             out_rows = grouped_ffn_forward(list(experts), rows, expert_of_row, local_counts)
         else:
-            chunks = rows.split(local_counts.tolist() if self.ep_size > 1 else host_counts[:n_local], dim=0)
+            chunks = rows.split(local_host, dim=0)
             out_rows = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)], dim=0)
         if self.ep_size > 1:
             out_rows = _PermuteRows.apply(out_rows, inverse_by_expert, by_expert)

@@ -125,7 +125,8 @@ class ContextHolder:
     """Shared slot through which the model hands the per-forward context to its expert layers.
 
     It is bound around each block call (``bind``), also when gradient checkpointing recomputes a
-    block during backward, so the context never outlives the call that needs it.
+    block eagerly during backward, so the context never outlives the call that needs it. (A block
+    compiled whole recomputes inside its compiled backward and reads no context there.)
     """
 
     def __init__(self) -> None:
@@ -141,6 +142,13 @@ class ContextHolder:
 
 
 class ExpertFeedForward(nn.Module):
+    """The expert layer in place of one block's image-stream FFN (see the module docstring).
+
+    Compiled (``CareEditModel.compile_regions``), a :attr:`traceable` layer (dense dispatch) is traced
+    into its block's graph, context reads and writes included; any other layer breaks the block's
+    graph and compiles its routing stage apart (:meth:`enable_compile`).
+    """
+
     def __init__(
         self, cfg: ModelConfig, frozen_ff: nn.Module, dim: int, position: int, holder: ContextHolder,
         ep_rank: int = 0, expert_seed: int = 0,

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 
 def packed_width(dim: int, ctx_dim: int) -> int:
-    """Width of a packed token: D + 3c + 1 condition columns, zero-padded to a multiple of 8 so that
-    every row starts on a 16-byte boundary in bf16 (cuBLAS reads strided rows in place only then)."""
+    """Width of a packed token: D + 3c + 1 columns, zero-padded to a multiple of 8 so that every row
+    starts on a 16-byte boundary in bf16 (cuBLAS reads strided rows in place only then). The condition
+    columns start aligned too when D is a multiple of 8 (FLUX: 3072)."""
     return -(-(dim + 3 * ctx_dim + 1) // 8) * 8
 
 
@@ -142,6 +143,7 @@ def grouped_ffn_supported(experts: list, rows: Tensor) -> bool:
         and rows.dtype == torch.bfloat16
         and len(experts) > 0
         and all(isinstance(e, FfnExpert) for e in experts)
+        and experts[0].dim % 8 == 0  # grouped GEMM operands need 16-byte strides
         and (rows.device.type == "cpu" or torch.cuda.get_device_capability(rows.device)[0] >= 9)
     )
 
@@ -160,8 +162,8 @@ def _aligned_condition_columns(packed: Tensor, dim: int) -> tuple[Tensor, int]:
 
 
 def _aligned_rows(packed: Tensor, dim: int) -> tuple[Tensor, int]:
-    """The packed tokens with their condition columns padded to a multiple of 8 (16-byte rows), and
-    that padded condition width. :func:`packed_width` already pads when packing: no copy then."""
+    """The packed tokens with their condition columns padded to a multiple of 8, and that padded
+    condition width. Rows packed by :func:`packed_width` with D a multiple of 8 need no copy."""
     cols = packed.shape[1] - dim
     width = -(-cols // 8) * 8
     return (packed if width == cols else F.pad(packed, (0, width - cols))), width

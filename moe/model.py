@@ -138,9 +138,11 @@ class CareEditModel(nn.Module):
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
         # A traceable expert layer writes its routing record into the per-forward context. Compiled
         # under a checkpoint, that write happens in the forward and is not replayed by the recompute,
-        # which is what the model needs: the losses read the records of the forward.
+        # which is what the model needs: the losses read the records of the forward. The flag is
+        # dynamo's, process-wide, and read when a graph is traced (so it cannot be reset afterwards).
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-        graphs = "mode" in compile_kwargs  # CUDA graphs: only for blocks without an expert layer
+        # CUDA graphs: only for blocks without an expert layer
+        graphs = compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
 
         def whole(block: nn.Module) -> bool:
             layers = [m for m in block.modules() if isinstance(m, ExpertFeedForward)]

@@ -36,6 +36,7 @@ def _routing(tokens: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     available = torch.ones(tokens, 4, dtype=torch.bool)
     available[: tokens // 3, 2] = False  # some tokens cannot use the Reference expert
+    available[: tokens // 6, 1] = False  # ... nor the Mask expert: a top-3 slot stays unassigned (-1)
     packed = torch.randn(tokens, packed_width(D, CTX), generator=g)
     packed[:, -1] = torch.rand(tokens, generator=g)  # the refined mask column lies in [0, 1]
     return packed, topk_routing(torch.randn(tokens, 4, generator=g), available, 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -149,28 +151,46 @@ def test_dispatchers_match_the_per_token_reference(kind, dispatcher):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_alltoall_dispatch_moves_rows_by_permutations_without_scatter_add():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_alltoall_dispatch_moves_rows_by_permutations_without_scatter_add(grouped):
     """Rows go to their experts and back by permutations: forward and backward have no scatter-add
-    (atomic adds on a GPU, slow in bf16 and run-to-run nondeterministic), and unassigned slots
-    (index -1) are neither computed nor counted."""
+    (atomic adds on a GPU, slow in bf16 and run-to-run nondeterministic). The per-expert loop neither
+    computes nor counts unassigned slots (index -1); the grouped GEMM path (bf16) zeroes them."""
     experts = _experts("ffn")
+    dtype = torch.bfloat16 if grouped else torch.float32
+    if grouped:
+        experts = [e.to(dtype) for e in experts]
     torch.manual_seed(4)
     s = 32
-    packed = torch.randn(s, packed_width(D, C), requires_grad=True)
+    packed = torch.randn(s, packed_width(D, C), dtype=dtype, requires_grad=True)
     r = topk_routing(torch.randn(s, 4), torch.rand(s, 4) > 0.3, 3)
     assert (r.index < 0).any()
     seen = []
     hooks = [e.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0])) for e in experts]
     with torch.profiler.profile() as prof:
-        out = AllToAllDispatcher(1, 0)(packed, r.index, r.weight, experts)
-        (out * torch.randn_like(out)).sum().backward()
+        out = AllToAllDispatcher(1, 0, grouped_gemm=grouped)(packed, r.index, r.weight, experts)
+        (out.float() * torch.randn(out.shape)).sum().backward()
     for h in hooks:
         h.remove()
     ops = {e.key for e in prof.key_averages()}
     atomic = {"aten::index_add", "aten::index_add_", "aten::scatter_add", "aten::scatter_add_", "aten::index_put_",
               "aten::_index_put_impl_", "aten::index_put"}
     assert not ops & atomic, ops & atomic
-    assert sum(seen) == int((r.index >= 0).sum())
+    assert sum(seen) == (0 if grouped else int((r.index >= 0).sum()))
+    ref = reference_combine(packed.detach().float(), r.index, r.weight, [copy.deepcopy(e).float() for e in experts])
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffn"])
+@pytest.mark.parametrize("dispatcher", [DenseDispatcher(), AllToAllDispatcher(1, 0)])
+def test_dispatchers_take_an_empty_batch(kind, dispatcher):
+    experts = _experts(kind)
+    packed = torch.randn(0, packed_width(D, C), requires_grad=True)
+    index, weight = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    out = dispatcher(packed, index, weight, experts)
+    assert out.shape == (0, D)
+    out.sum().backward()
+    assert packed.grad.shape == packed.shape
 
 
 def test_packed_rows_are_aligned_and_experts_read_only_their_condition():
