@@ -88,7 +88,12 @@ class ConditionRouter(nn.Module):
         xn = self.norm(x)
         text_ctx = self.text_readout(xn, self.norm(text), text_mask)
         if ref is None:
-            ref_ctx = torch.zeros_like(text_ctx)
+            # No reference in this batch. The read-out still enters the graph with weight zero: its
+            # parameters then get (zero) gradients on every rank. ZeRO-2 reduces gradient buckets
+            # that must hold the same parameters on all ranks, and another rank's batch may have a
+            # reference: without this, the ranks' reductions differ in size (gloo fails, NCCL hangs).
+            touch = sum(p.sum() for p in self.ref_readout.parameters())
+            ref_ctx = torch.zeros_like(text_ctx) + 0.0 * touch
         else:
             ref_mask = has_ref[:, None].expand(-1, ref.shape[1])
             ref_ctx = self.ref_readout(xn, self.norm(ref), ref_mask)

@@ -299,3 +299,22 @@ def test_pixel_unshuffle_codec_is_lossless_and_trains():
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match=r"vae\.latent_channels"):
         build_model(tiny_model_config(**{"vae.kind": "pixel_unshuffle", "vae.latent_channels": 4}))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"experts.kind": "ffn"},
+    {"repaint.mode": "decoupled", "loss.tag_alignment": 0.1},
+])
+def test_every_trainable_parameter_gets_a_gradient_from_any_batch(overrides):
+    """ZeRO-2 reduces gradient buckets that must hold the same parameters on every rank: a batch
+    without any reference (on one rank) must still give every trainable parameter a gradient, zero
+    where the batch cannot reach it (tests/test_train_real_model.py runs 2 ranks under ZeRO 2)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(**overrides))
+    model.train()
+    for has_ref in ([False, False], [True, False]):
+        model.zero_grad(set_to_none=True)
+        model(make_batch(seed=1, has_ref=has_ref)).loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, (has_ref, missing)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.train_harness import ROOT, read_losses, wait_for_step, Ranks
+from tests.train_harness import ROOT, read_losses, start_ranks, wait_for_step, Ranks
 
 pytestmark = pytest.mark.multiprocess
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
@@ -72,6 +72,19 @@ def test_tiny_real_model_trains_the_same_compiled(tmp_path, shards):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_tiny_real_model_two_ranks_zero2_expert_parallel(tmp_path, shards):
+    """2 gloo ranks, ZeRO 2, ep_size 2: ZeRO-2's gradient buckets must hold the same parameters on both
+    ranks even when one rank's batch has no reference image (micro-batch 1: some batches have none)."""
+    run = str(tmp_path)
+    r = start_ranks(2, run, shards + ["train.steps=4", "train.micro_batch=1", "train.zero_stage=2",
+                                      "model.experts.ep_size=2", "checkpoint.every=4", "logging.every=1",
+                                      "logging.images_every=0", "data.num_workers=0", "logging.progress_bar=false"],
+                    entry=LAUNCH, config=TINY)
+    assert r.wait(300) == [0, 0], r.output()[-3000:]
+    losses = read_losses(run, "tiny")
+    assert sorted(losses) == [1, 2, 3, 4] and all(0 < v < 10 for v in losses.values()), losses
 
 
 @pytest.mark.slow
