@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
 
-from bench.common import emit, environment, kernel_stats, measure_matmul_peak, time_ms  # noqa: E402
+from bench.common import emit, environment, kernel_stats, measure_matmul_peak, profiled, time_ms  # noqa: E402
 from data.batch import EditBatch  # noqa: E402
 
 DEFAULT_OVERRIDES = [
@@ -60,12 +60,10 @@ def _device_ms(e) -> float:
 
 
 def breakdown(step, names: list[str], top: int = 12) -> tuple[dict, dict]:
-    """Device ms per named range (one profiled step), and kernel statistics of another."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
+    """Device ms per named range and kernel statistics, from one profiled step."""
+    prof = profiled(step)
     out = {e.key: _device_ms(e) for e in prof.key_averages() if e.key in names}
-    return out, kernel_stats(step, top)
+    return out, kernel_stats(step, top, prof=prof)
 
 
 def host_issue_ms(step, iters: int = 3) -> dict:

@@ -57,14 +57,21 @@ def measure_matmul_peak(n: int = 8192) -> float:
     return 2 * n**3 / (t * 1e-3) / 1e12
 
 
-def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/") -> dict:
-    """One profiled call of ``fn``: device kernel count, busy time, the most expensive kernels, and the
-    host ops that took the most self time. GPU spans of ``record_function`` ranges are not kernels."""
+def profiled(fn: Callable[[], object]):
+    """One call of ``fn`` under the torch profiler (CPU and CUDA activity); returns the profile."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/", prof=None) -> dict:
+    """One profiled call of ``fn`` (or the given profile): device kernel count, busy time, the most
+    expensive kernels, and the host ops that took the most self time. GPU spans of
+    ``record_function`` ranges are not kernels."""
+    prof = prof if prof is not None else profiled(fn)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
                and not getattr(e, "is_user_annotation", False) and not e.name.startswith(skip_prefix)]
     by_name: dict[str, list[float]] = {}

@@ -36,12 +36,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def resolve_src(src: str) -> str:
     """The tag directory: ``src`` itself, or what its ``latest`` names."""
+    from train.checkpoint import read_latest
+
     src = os.path.abspath(src)
-    latest = os.path.join(src, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        src = os.path.join(src, tag)
+    named = read_latest(src)
+    if named is not None:
+        src = os.path.join(*named)
     if not os.path.isfile(os.path.join(src, "train_state_rank0.pt")):
         raise FileNotFoundError(f"{src}: not a training checkpoint (no train_state_rank0.pt)")
     return src

@@ -59,7 +59,8 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
     from train.config import load_config
     from train.distributed import init_distributed
     from train.engine import build_engine
-    from train.export import _global_expert_name, seed_everything
+    from train.checkpoint import seed_everything
+    from train.export import _global_expert_name
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides(run_dir, ep_size))
     dist = init_distributed()

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests.train_harness import read_losses, run_ranks
+from train.portable import load_pt
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -42,7 +43,7 @@ def _ckpt(run: str, step: int) -> str:
 
 
 def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_pt(path, deepspeed_classes=True)
 
 
 def _ema(run: str, step: int, rank: int) -> dict[str, torch.Tensor]:

@@ -27,11 +27,9 @@ import sys
 import pytest
 import torch
 
-from tests.train_harness import ROOT, free_port, read_losses, start_ranks
+from tests.train_harness import LAUNCH, ROOT, TINY_CONFIG as TINY, free_port, read_losses, start_ranks, tiny_shards
 
 pytestmark = pytest.mark.multiprocess
-LAUNCH = os.path.join(ROOT, "launch", "train.py")
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 STEPS = 3
 ARGS = [f"train.steps={STEPS}", "checkpoint.every=2", "logging.every=1", "logging.images_every=0",
         "logging.progress_bar=false", "data.num_workers=0", "model.experts.ep_size=2"]
@@ -39,10 +37,7 @@ ARGS = [f"train.steps={STEPS}", "checkpoint.every=2", "logging.every=1", "loggin
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--train", "48", "--val", "8",
-                    "--size", "64", "--samples-per-shard", "16"], check=True, cwd=ROOT, capture_output=True)
-    return [f"data.train_shards={out}/train-{{000000..000002}}.tar", f"data.val_shards={out}/val-{{000000..000000}}.tar"]
+    return tiny_shards(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,14 @@ import sys
 
 import pytest
 
-from tests.train_harness import ROOT, read_losses, start_ranks, wait_for_step, Ranks
+from tests.train_harness import LAUNCH, ROOT, TINY_CONFIG as TINY, Ranks, read_losses, start_ranks, tiny_shards, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
-LAUNCH = os.path.join(ROOT, "launch", "train.py")
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--train", "48", "--val", "8",
-                    "--size", "64", "--samples-per-shard", "16"], check=True, cwd=ROOT, capture_output=True)
-    return [f"data.train_shards={out}/train-{{000000..000002}}.tar", f"data.val_shards={out}/val-{{000000..000000}}.tar"]
+    return tiny_shards(tmp_path_factory.mktemp("synthetic"))
 
 
 def _start(run_dir, overrides, resume=None, log="run.log"):

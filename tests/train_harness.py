@@ -13,6 +13,15 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "train_entry.py")
 TOY_CONFIG = os.path.join(ROOT, "configs", "toy_test.yaml")
+LAUNCH = os.path.join(ROOT, "launch", "train.py")
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def tiny_shards(out: str) -> list[str]:
+    """Synthetic 64x64 shards (3 train, 1 val) in ``out``; the overrides that point tiny.yaml at them."""
+    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--train", "48", "--val", "8",
+                    "--size", "64", "--samples-per-shard", "16"], check=True, cwd=ROOT, capture_output=True)
+    return [f"data.train_shards={out}/train-{{000000..000002}}.tar", f"data.val_shards={out}/val-{{000000..000000}}.tar"]
 
 
 def free_port() -> int:

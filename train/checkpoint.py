@@ -65,6 +65,13 @@ def rng_state() -> dict:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (all ranks, all processes of the project)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
@@ -210,7 +217,9 @@ class Checkpointer:
 
     def _check_shape(self, path: str) -> int:
         """The step of native checkpoint ``path`` if this run can load it as is; else a ReshapeError."""
-        state = torch.load(os.path.join(path, "train_state_rank0.pt"), map_location="cpu", weights_only=True)
+        # mmap: only the few scalars below are read from a file that also holds EMA and loader state
+        state = torch.load(os.path.join(path, "train_state_rank0.pt"), map_location="cpu", weights_only=True,
+                           mmap=True)
         layout = state.get("layout")
         if layout is not None:
             ep, zero = int(layout["ep_size"]), int(layout["zero_stage"])
@@ -268,10 +277,7 @@ class Checkpointer:
         if src["world_size"] == self.dist.world_size:
             set_rng_state(meta["rng"][self.dist.rank])
         else:
-            seed = int(self.cfg.run.seed) * 1_000_003 + found.step * 1_009 + self.dist.rank + 1
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            seed_everything(int(self.cfg.run.seed) * 1_000_003 + found.step * 1_009 + self.dist.rank + 1)
             notes.append("RNG reseeded from (run.seed, step, rank): the noise differs from an uninterrupted run")
         batch = int(engine.train_batch_size())
         if batch != src["train_batch_size"]:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import glob
 import os
-import random
 import re
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from train.checkpoint import seed_everything
 
 EXPORT_FORMAT = "care-edit-trained-weights"
 EXPORT_VERSION = "1"
@@ -144,13 +144,6 @@ def _read_ema(tag_dir: str, ep_size: int, num_local: int) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ model
-def seed_everything(seed: int) -> None:
-    """The seeding ``train.loop`` does before building the model (random-init frozen weights)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def build_inference_model(cfg: DictConfig, device: str = "cpu") -> nn.Module:
     """The model of ``cfg`` at ep_size 1, frozen weights as training built them, on ``device``."""
     from moe.model import build_model

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, seed_everything
 from train.config import checkpoint_dir, run_dir, save_resolved, tensorboard_dir
 from train.distributed import DistInfo, init_distributed
 from train.engine import build_engine
@@ -39,12 +37,6 @@ class TrainResult:
     skipped_steps: int
     preempted: bool
     checkpoint: Optional[str]  # last checkpoint written
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def default_factories() -> tuple[ModelFactory, LoaderFactory, Callable[[Any, int], Any]]:
