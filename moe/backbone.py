@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BackboneConfig, FluxArch, LoraConfig
 from .encoders import freeze, seeded
+from .lora_siblings import share_down
 
 _SDPA_BACKENDS = {
     "flash": "FLASH_ATTENTION",
@@ -113,6 +114,23 @@ class FluxBackbone(nn.Module):
             r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)
         )
         inject_adapter_in_model(peft_cfg, self.transformer)  # lora_B starts at zero: output unchanged
+        if lora.shared_down:
+            self.share_lora_down()
+
+    def share_lora_down(self) -> int:
+        """Let the LoRA'd projections that read the same tokens share one down projection product
+        (:mod:`moe.lora_siblings`): in a single block q, k, v and the MLP input read the normed tokens;
+        in a dual block q, k, v read the image stream and the added projections the text stream.
+        Returns how many groups were formed."""
+        tr = self.transformer
+        groups = []
+        for block in tr.single_transformer_blocks:
+            groups.append([block.proj_mlp, block.attn.to_q, block.attn.to_k, block.attn.to_v])
+        for block in tr.transformer_blocks:
+            a = block.attn
+            groups.append([a.to_q, a.to_k, a.to_v])
+            groups.append([a.add_q_proj, a.add_k_proj, a.add_v_proj])
+        return sum(share_down(g) is not None for g in groups)
 
     # -- shape facts -------------------------------------------------------------------------
     @property
@@ -226,6 +244,11 @@ class FluxBackbone(nn.Module):
         recomputation would run outside the scope that binds the expert layers' context, so an
         unexpected graph break must fail at once instead.
         """
+        # Python state written inside a block (shared LoRA down products, expert layers' routing
+        # records) is written in the forward; a whole block's recomputation replays its tensor ops
+        # only, which is what both need. The flag is dynamo's, process-wide, and read when a graph is
+        # traced (so it cannot be reset afterwards).
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         tr = self.transformer
         self._whole_blocks.clear()
         mode_free = {k: v for k, v in compile_kwargs.items() if k != "mode"}

@@ -47,6 +47,10 @@ class LoraConfig:
     targets: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
     )
+    # sibling projections that read one tensor (q, k, v and the MLP input of a block) compute their
+    # down projections as one product: the same function and parameters, fewer passes over the
+    # tokens (moe/lora_siblings.py). false: peft's per-projection products.
+    shared_down: bool = True
 
 
 @dataclass

@@ -136,11 +136,9 @@ class CareEditModel(nn.Module):
         Returns a one-line summary for the log."""
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-        # A traceable expert layer writes its routing record into the per-forward context. Compiled
-        # under a checkpoint, that write happens in the forward and is not replayed by the recompute,
-        # which is what the model needs: the losses read the records of the forward. The flag is
-        # dynamo's, process-wide, and read when a graph is traced (so it cannot be reset afterwards).
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        # A traceable expert layer writes its routing record into the per-forward context: compiled
+        # under a checkpoint, that write happens in the forward only (compile_blocks sets dynamo's
+        # flag), which is what the model needs: the losses read the records of the forward.
         # CUDA graphs: only for blocks without an expert layer
         graphs = compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
 
