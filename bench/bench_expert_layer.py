@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--kinds", nargs="+", default=["ffn", "lora"], choices=["ffn", "lora"])
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our layers and the dense / plain-LoRA references alike (stock DeepSpeed stays eager)")
     p.add_argument("--profile", action="store_true", help="also print each case's kernel statistics (one profiled call)")
@@ -93,25 +94,10 @@ def main() -> None:
             layer = CareMoE(experts, E, 1, 0, dispatcher).to(dev, dtype)
             return mc(lambda inp: layer(inp, r.index, r.weight))
 
-        # FFN-sized experts
-        frozen = Mlp(D, FFN)
-        ffn_experts = [FfnExpert(n, D, CTX, frozen.proj_in, frozen.proj_out) for n in NAMES]
-        cases = {
-            "dense_same_flops": (fwd_bwd(mc(Mlp(D, K * FFN).to(dev, dtype)), x), None),
-            "ours_ffn_alltoall": (fwd_bwd(ours(ffn_experts, AllToAllDispatcher(1, 0)), packed), None),
-            "ours_ffn_grouped_gemm": (fwd_bwd(ours([_copy(e) for e in ffn_experts], AllToAllDispatcher(1, 0, True)), packed), None),
-            "deepspeed_stock_ffn": (fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]), None),
-        }
-        res = {name: time_ms(fn, iters=args.iters) for name, (fn, _) in cases.items()}
-        _profile(args, cases={n: fn for n, (fn, _) in cases.items()}, tokens=s, experts="ffn")
-        for name, t in res.items():
-            rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
-                   "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
-            emit(rec)
-            rows.append(rec)
-        del ffn_experts, cases
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
-
+        if "ffn" in args.kinds:
+            rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype)
+        if "lora" not in args.kinds:
+            continue
         # LoRA-sized experts
         for rank in args.ranks:
             lora_experts = [LoraExpert(n, D, CTX, rank) for n in NAMES]
@@ -135,6 +121,38 @@ def main() -> None:
     for rec in rows:
         ratio = rec.get("ratio_vs_dense", rec.get("ratio_vs_plain_lora"))
         print(f"| {rec['experts']} | {rec['tokens']} | {rec['case']} | {rec['median_ms']:.3f} | {ratio:.2f} |")
+
+
+def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
+    """FFN-sized experts: ours (loop and grouped GEMM), the dense layer of the same FLOPs, stock
+    DeepSpeed, and the floor of the per-expert loop: the same expert GEMMs on equal contiguous
+    slices of S*K rows, without routing, gathers, conditions or the combine."""
+    frozen = Mlp(D, FFN)
+    ffn_experts = [FfnExpert(n, D, CTX, frozen.proj_in, frozen.proj_out) for n in NAMES]
+    floor_mlps = [Mlp(D, FFN).to(dev, dtype) for _ in NAMES]
+    slots = torch.randn(s * K, D, device=dev, dtype=dtype, requires_grad=True)
+
+    def floor(rows):
+        return torch.cat([m(c) for m, c in zip(floor_mlps, rows.chunk(E))])
+
+    cases = {
+        "dense_same_flops": fwd_bwd(mc(Mlp(D, K * FFN).to(dev, dtype)), x),
+        "ours_ffn_alltoall": fwd_bwd(ours(ffn_experts, AllToAllDispatcher(1, 0)), packed),
+        "ours_ffn_grouped_gemm": fwd_bwd(ours([_copy(e) for e in ffn_experts], AllToAllDispatcher(1, 0, True)), packed),
+        "floor_expert_gemms_only": fwd_bwd(mc(floor), slots),
+        "deepspeed_stock_ffn": fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]),
+    }
+    res = {name: time_ms(fn, iters=args.iters) for name, fn in cases.items()}
+    _profile(args, cases, tokens=s, experts="ffn")
+    rows = []
+    for name, t in res.items():
+        rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
+               "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
+        emit(rec)
+        rows.append(rec)
+    del ffn_experts, floor_mlps, cases
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return rows
 
 
 def _profile(args, cases: dict, tokens: int, experts: str) -> None:
