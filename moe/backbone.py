@@ -197,34 +197,35 @@ class FluxBackbone(nn.Module):
         img_ids: Tensor,  # [N_img, 3]
         txt_ids: Tensor,  # [L, 3]
         attention_mask: Optional[Tensor] = None,  # [B, 1, 1, L + N_img] bool, True = attend
-        block_scope: Optional[Callable[[], ContextManager]] = None,
+        block_scope: Optional[Callable[[int], ContextManager]] = None,
     ) -> Tensor:
-        """``block_scope`` is entered around every block call, including the eager recomputation that
-        gradient checkpointing runs during backward (that is how expert layers see their context). A
-        block compiled whole (:meth:`compile_blocks`) recomputes inside its compiled backward, from the
-        inputs its graph saved, and needs neither the scope nor the attention context again."""
+        """``block_scope(i)`` is entered around the call of block ``i`` (dual blocks first, then single),
+        including the eager recomputation that gradient checkpointing runs during backward (that is how
+        expert layers see their context). A block compiled whole (:meth:`compile_blocks`) recomputes
+        inside its compiled backward, from the inputs its graph saved, and needs neither the scope nor
+        the attention context again."""
         tr = self.transformer
         rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else None
-        scope = block_scope or contextlib.nullcontext
+        scope = block_scope or (lambda i: contextlib.nullcontext())
 
-        def run(block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
-            with self.attention_context(), scope():
+        def run(i: int, block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+            with self.attention_context(), scope(i):
                 return block(
                     hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
                     joint_attention_kwargs=kwargs,
                 )
 
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
+        for i, block in enumerate(list(tr.transformer_blocks) + list(tr.single_transformer_blocks)):
             whole = self._whole_blocks.get(id(block)) if use_ckpt else None
             if whole is not None:  # compiled with its checkpoint inside (compile_blocks)
-                with self.attention_context(), scope():
+                with self.attention_context(), scope(i):
                     txt, img = whole(img, txt, temb, rope, kwargs)
             elif use_ckpt:
-                txt, img = checkpoint(run, block, img, txt, use_reentrant=False)
+                txt, img = checkpoint(run, i, block, img, txt, use_reentrant=False)
             else:
-                txt, img = run(block, img, txt)
+                txt, img = run(i, block, img, txt)
         return img
 
     def compile_blocks(self, whole: Optional[Callable[[nn.Module], bool]] = None, **compile_kwargs) -> int:

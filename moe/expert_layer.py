@@ -99,8 +99,20 @@ class LayerRecord:
 
 
 @dataclass
+class LayerSlot:
+    """What one expert layer reads and writes in one forward: the mask it starts from, what it refines
+    it to, and what it reports. The layer finds its slot through the :class:`ContextHolder`, not by
+    its position, so every expert block traces the same graph (a position read in the trace would be
+    a constant, and each block would compile its own)."""
+
+    prior: Optional[Tensor] = None  # [B, N] set when the layer's block is entered (ExpertContext.enter)
+    refined: Optional[Tensor] = None  # [B, N] refined mask in [0, 1] (Mask Repaint on)
+    record: Optional[LayerRecord] = None
+
+
+@dataclass
 class ExpertContext:
-    """Per-forward inputs shared by all expert layers, and what they report back (by layer position)."""
+    """Per-forward inputs shared by all expert layers, and what they report back (one slot per layer)."""
 
     num_target: int
     grid: tuple[int, int]
@@ -114,11 +126,25 @@ class ExpertContext:
     available: Tensor  # [B, E] bool
     coarse: Tensor  # [B, N] coarse box on the token grid (area fraction)
     gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (decoupled repaint, training)
-    records: dict[int, LayerRecord] = field(default_factory=dict)
-    refined: dict[int, Tensor] = field(default_factory=dict)  # position -> refined mask [B, N] in [0, 1]
+    slots: list[LayerSlot] = field(default_factory=list)  # by layer position
 
-    def prior(self, position: int) -> Tensor:
-        return self.refined.get(position - 1, self.coarse)
+    def enter(self, position: int) -> LayerSlot:
+        """The slot of the layer at ``position``, its prior set: the refined mask of the layer before
+        it, or the coarse box for the first (or when Mask Repaint is off)."""
+        slot = self.slots[position]
+        before = self.slots[position - 1].refined if position > 0 else None
+        slot.prior = before if before is not None else self.coarse
+        return slot
+
+    @property
+    def records(self) -> dict[int, LayerRecord]:
+        """position -> what the layer reported (layers that ran)."""
+        return {p: s.record for p, s in enumerate(self.slots) if s.record is not None}
+
+    @property
+    def refined(self) -> dict[int, Tensor]:
+        """position -> refined mask [B, N] in [0, 1] (Mask Repaint on)."""
+        return {p: s.refined for p, s in enumerate(self.slots) if s.refined is not None}
 
 
 class ContextHolder:
@@ -126,19 +152,22 @@ class ContextHolder:
 
     It is bound around each block call (``bind``), also when gradient checkpointing recomputes a
     block eagerly during backward, so the context never outlives the call that needs it. (A block
-    compiled whole recomputes inside its compiled backward and reads no context there.)
+    compiled whole recomputes inside its compiled backward and reads no context there.) ``slot`` is
+    the :class:`LayerSlot` of the expert layer inside the bound block, if it has one.
     """
 
     def __init__(self) -> None:
         self.ctx: Optional[ExpertContext] = None
+        self.slot: Optional[LayerSlot] = None
 
     @contextlib.contextmanager
-    def bind(self, ctx: ExpertContext) -> Iterator[None]:
-        previous, self.ctx = self.ctx, ctx
+    def bind(self, ctx: ExpertContext, position: Optional[int] = None) -> Iterator[None]:
+        previous = self.ctx, self.slot
+        self.ctx, self.slot = ctx, (ctx.enter(position) if position is not None else None)
         try:
             yield
         finally:
-            self.ctx = previous
+            self.ctx, self.slot = previous
 
 
 class ExpertFeedForward(nn.Module):
@@ -214,17 +243,17 @@ class ExpertFeedForward(nn.Module):
         return self._forward(hidden)
 
     def _forward(self, hidden: Tensor) -> Tensor:
-        ctx = self.holder.ctx
-        if ctx is None:
+        ctx, slot = self.holder.ctx, self.holder.slot
+        if ctx is None or slot is None:
             raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")
         gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
         packed, index, weight, routing, gate, refined_logits, refined = self._route_fn(
             hidden, ctx.text, ctx.text_mask, ctx.has_ref, ctx.temb, ctx.presence, ctx.available, ctx.coarse,
-            ctx.prior(self.position), gt, ctx.num_target, ctx.grid, ctx.mask_span, ctx.ref_span,
+            slot.prior, gt, ctx.num_target, ctx.grid, ctx.mask_span, ctx.ref_span,
         )
         if refined is not None:
-            ctx.refined[self.position] = refined
-        ctx.records[self.position] = LayerRecord(routing=Routing(*routing), gate=gate, refined_logits=refined_logits)
+            slot.refined = refined
+        slot.record = LayerRecord(routing=Routing(*routing), gate=gate, refined_logits=refined_logits)
         return self._mix_fn(hidden, packed, index, weight)
 
     def route(

@@ -25,7 +25,7 @@ from data.batch import EditBatch
 from .backbone import build_backbone, grid_position_ids, pack_latents, unpack_latents
 from .config import ModelConfig
 from .encoders import FrozenTextEncoders, FrozenVAE, MaskEncoder, mask_to_grid
-from .expert_layer import ContextHolder, ExpertContext, ExpertFeedForward
+from .expert_layer import ContextHolder, ExpertContext, ExpertFeedForward, LayerSlot
 from .losses import (
     flow_matching_loss,
     load_balance_loss,
@@ -244,10 +244,12 @@ class CareEditModel(nn.Module):
         ctx = ExpertContext(
             num_target=n, grid=(gh, gw), mask_span=(mask_start, mask_start + n), ref_span=ref_span,
             has_ref=cond.has_ref, text=txt, text_mask=cond.text_mask, temb=temb, presence=presence,
-            available=available, coarse=coarse, gt_mask=gt,
+            available=available, coarse=coarse, gt_mask=gt, slots=[LayerSlot() for _ in self.expert_layers],
         )
+        position_of_block = {block_id: p for p, block_id in enumerate(self.expert_blocks)}  # dual blocks come first
         hidden = bb.run_blocks(
-            img, txt, temb, img_ids, txt_ids, attention_mask, block_scope=lambda: self.holder.bind(ctx)
+            img, txt, temb, img_ids, txt_ids, attention_mask,
+            block_scope=lambda i: self.holder.bind(ctx, position_of_block.get(i)),
         )
         self._last_seq_len = txt.shape[1] + img.shape[1]
         pred = bb.project_out(hidden[:, :n], temb)

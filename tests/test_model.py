@@ -157,6 +157,28 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(results[1][1][n], g, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_recomputation_reads_its_own_forwards_context():
+    """Two forwards, then the first one's backward: the eager recomputation of the first forward's
+    expert blocks must read that forward's refined masks (the prior chain), not the second's."""
+    model = _model(**{"backbone.gradient_checkpointing": True, "experts.num_blocks": 3})
+    model.train()
+    with torch.no_grad():  # non-zero experts, so the prior chain reaches the loss
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(11)
+    alone = model(make_batch(seed=1))
+    alone.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.trainable_named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    first = model(make_batch(seed=1))
+    model(make_batch(seed=2, has_ref=[False, True]))  # a second forward before the first's backward
+    first.loss.backward()
+    for n, p in model.trainable_named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_decoupled_repaint_keeps_the_mask_loss_out_of_the_editing_path():
     model = _model(**{"repaint.mode": "decoupled"})
     model.train()
