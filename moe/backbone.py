@@ -103,6 +103,7 @@ class FluxBackbone(nn.Module):
         # id(block) -> compiled CheckpointedBlock (compile_blocks); a plain dict: not part of the state
         self._whole_blocks: dict[int, nn.Module] = {}
         self.attention_backend = cfg.attention_backend
+        self._shared_down: list[list] = []  # share_lora_down
         if lora.rank > 0:
             self._add_lora(lora)
 
@@ -121,16 +122,24 @@ class FluxBackbone(nn.Module):
         """Let the LoRA'd projections that read the same tokens share one down projection product
         (:mod:`moe.lora_siblings`): in a single block q, k, v and the MLP input read the normed tokens;
         in a dual block q, k, v read the image stream and the added projections the text stream.
-        Returns how many groups were formed."""
+        ``run_blocks`` turns each block's sharing on around its call. Returns how many groups formed."""
         tr = self.transformer
-        groups = []
-        for block in tr.single_transformer_blocks:
-            groups.append([block.proj_mlp, block.attn.to_q, block.attn.to_k, block.attn.to_v])
+        self._shared_down = []  # per block, in run_blocks' order (dual blocks first); plain lists, no state
         for block in tr.transformer_blocks:
             a = block.attn
-            groups.append([a.to_q, a.to_k, a.to_v])
-            groups.append([a.add_q_proj, a.add_k_proj, a.add_v_proj])
-        return sum(share_down(g) is not None for g in groups)
+            siblings = [[a.to_q, a.to_k, a.to_v], [a.add_q_proj, a.add_k_proj, a.add_v_proj]]
+            self._shared_down.append([g for g in map(share_down, siblings) if g is not None])
+        for block in tr.single_transformer_blocks:
+            group = share_down([block.proj_mlp, block.attn.to_q, block.attn.to_k, block.attn.to_v])
+            self._shared_down.append([group] if group is not None else [])
+        return sum(len(groups) for groups in self._shared_down)
+
+    def _sharing(self, i: int) -> ContextManager:
+        """The shared LoRA down products of block ``i`` on, for one call of it."""
+        stack = contextlib.ExitStack()
+        for group in self._shared_down[i] if i < len(self._shared_down) else ():
+            stack.enter_context(group.sharing())
+        return stack
 
     # -- shape facts -------------------------------------------------------------------------
     @property
@@ -210,7 +219,7 @@ class FluxBackbone(nn.Module):
         scope = block_scope or (lambda i: contextlib.nullcontext())
 
         def run(i: int, block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
-            with self.attention_context(), scope(i):
+            with self.attention_context(), scope(i), self._sharing(i):
                 return block(
                     hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
                     joint_attention_kwargs=kwargs,
@@ -220,7 +229,7 @@ class FluxBackbone(nn.Module):
         for i, block in enumerate(list(tr.transformer_blocks) + list(tr.single_transformer_blocks)):
             whole = self._whole_blocks.get(id(block)) if use_ckpt else None
             if whole is not None:  # compiled with its checkpoint inside (compile_blocks)
-                with self.attention_context(), scope(i):
+                with self.attention_context(), scope(i), self._sharing(i):
                     txt, img = whole(img, txt, temb, rope, kwargs)
             elif use_ckpt:
                 txt, img = checkpoint(run, i, block, img, txt, use_reentrant=False)

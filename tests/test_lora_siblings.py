@@ -5,15 +5,18 @@ and compiled."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 from torch.profiler import ProfilerActivity, profile
 
 from moe.backbone import FluxBackbone
 from moe.config import LoraConfig
-from moe.lora_siblings import SharedDown
+from moe.lora_siblings import SharedDown, SiblingLoraLinear, share_down
 from tests.model_configs import tiny_model_config
 
 
@@ -67,7 +70,7 @@ def _fewer_per_forward(model) -> int:
 
 
 def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _assert_same(a, b, tol=1e-5):
@@ -136,10 +139,82 @@ def test_merged_disabled_or_dropout_adapters_take_peft_path():
             if hasattr(m, "shared_down"):
                 m.unmerge()
         assert _rel(shared.run_blocks(*args), expected) < 1e-5
+        for model in (plain, shared):  # adapters off: both are the frozen backbone
+            for m in model.modules():
+                if isinstance(m, PeftLoraLinear):
+                    m.enable_adapters(False)
+        assert all(m.shared_down.adapter() is None for m in shared.modules() if hasattr(m, "shared_down"))
+        assert _rel(shared.run_blocks(*args), plain.run_blocks(*args)) < 1e-6
+        assert _rel(shared.run_blocks(*args), expected) > 1e-3  # the adapters were doing something
     cfg = tiny_model_config().backbone
-    torch.manual_seed(0)
-    dropout = FluxBackbone(cfg, LoraConfig(rank=4, dropout=0.5, shared_down=True))
-    group = dropout.transformer.single_transformer_blocks[0].proj_mlp.shared_down
+    models = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        models.append(FluxBackbone(cfg, LoraConfig(rank=4, dropout=0.5, shared_down=flag)).eval())
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        with torch.no_grad():
+            q.copy_(p.normal_(0, 0.3) if p.requires_grad else p)
+    group = models[1].transformer.single_transformer_blocks[0].proj_mlp.shared_down
     assert group.adapter() is None  # dropout draws a mask per projection: not one product
-    dropout.eval()
-    assert group.adapter() is None and dropout.run_blocks(*args).isfinite().all()
+    with torch.no_grad():
+        assert _rel(models[1].run_blocks(*args), models[0].run_blocks(*args)) < 1e-6
+
+
+def test_bf16_backbone_with_float32_adapters_keeps_pefts_dtypes():
+    """peft keeps adapters in float32 on a bf16 model: the sum is cast back to the layer's dtype."""
+    plain, shared = _pair(checkpointing=False)
+    for model in (plain, shared):
+        for n, p in model.named_parameters():
+            if "lora_" not in n:
+                p.data = p.data.to(torch.bfloat16)
+    args = tuple(a.to(torch.bfloat16) if a.is_floating_point() and a.dim() > 1 and i < 3 else a
+                 for i, a in enumerate(_inputs(plain)))
+    with torch.no_grad():
+        out_plain, out_shared = plain.run_blocks(*args), shared.run_blocks(*args)
+    assert out_shared.dtype == out_plain.dtype == torch.bfloat16
+    assert _rel(out_shared.float(), out_plain.float()) < 2e-2
+
+
+class Siblings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(6, 7), nn.Linear(6, 3)
+
+
+def test_uneven_ranks_outside_the_scope_and_partial_use():
+    """Direct use of a group: sharing only inside its scope; ranks of any size; a product that was not
+    taken by every sibling is dropped when the scope closes."""
+    from peft import LoraConfig as PeftConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    plain = Siblings()
+    inject_adapter_in_model(PeftConfig(r=2, target_modules=["a", "b", "c"], rank_pattern={"b": 3, "c": 1}), plain)
+    for n, p in plain.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    shared = copy.deepcopy(plain)
+    group = share_down([shared.a, shared.b, shared.c])
+    assert [m.lora_A["default"].weight.shape[0] for m in group.members] == [2, 3, 1]
+    x = torch.randn(4, 6)
+    with group.sharing():
+        got = [shared.a(x), shared.b(x), shared.c(x)]
+        assert group._h is None  # all three took their block
+    for name, y in zip("abc", got):
+        assert _rel(y, getattr(plain, name)(x)) < 1e-6
+    assert _matmul_count(lambda: [shared.a(x), shared.b(x), shared.c(x)]) == 9  # outside: the base and peft's 2 each
+    with group.sharing():
+        assert _matmul_count(lambda: [shared.a(x), shared.b(x), shared.c(x)]) == 7  # the bases, one down, three up
+        shared.b(x)  # a partial use
+        assert group._h is not None
+    assert group._h is None and group._input is None and not group.active
+    # a deepcopy and a pickle of a grouped module keep working
+    again = pickle.loads(pickle.dumps(shared))
+    assert type(again.a) is SiblingLoraLinear and again.a.shared_down is again.b.shared_down
+    with again.a.shared_down.sharing():
+        assert _rel(again.c(x), plain.c(x)) < 1e-6
+
+
+def _matmul_count(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
