@@ -85,7 +85,8 @@ class SharedDown:
         lo = sum(m.lora_A[a].weight.shape[0] for m in self.members[: member.shared_down_index])
         h = self._h[..., lo : lo + member.lora_A[a].weight.shape[0]]
         self._left -= 1
-        if self._left == 0:  # every sibling has its block: hold no activation past the group
+        if self._left == 0:  # every sibling has its block: drop it now, so that in a compiled block the
+            # final state is empty and no tensor leaves the graph as a side effect
             self._input = self._h = None
         return h
 
