@@ -109,10 +109,11 @@ def main() -> None:
                 "ours_lora_alltoall": fwd_bwd(ours([_copy(e) for e in lora_experts], AllToAllDispatcher(1, 0)), packed),
                 "deepspeed_stock_lora": fwd_bwd(stock_moe(LoraMlp(D, rank)).to(dev, dtype), x[None]),
             }
-            res = {name: time_ms(fn, iters=args.iters) for name, fn in cases.items()}
+            res, breaks = _timed(args, cases)
             _profile(args, cases, tokens=s, experts=f"lora{rank}")
             for name, t in res.items():
-                rec = {"case": name, "experts": f"lora{rank}", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
+                rec = {"case": name, "experts": f"lora{rank}", "tokens": s, "compiled": args.compile and "stock" not in name,
+                       **t, "graph_breaks": breaks[name],
                        "ratio_vs_plain_lora": t["median_ms"] / res["plain_lora_same_total_rank"]["median_ms"]}
                 emit(rec)
                 rows.append(rec)
@@ -135,6 +136,15 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
     def floor(rows):
         return torch.cat([m(c) for m, c in zip(floor_mlps, rows.chunk(E))])
 
+    # the grouped GEMMs' floor, with the weights kept stacked (no copy per call) and equal groups
+    stacked_in = nn.Parameter(torch.stack([m.proj_in.weight.detach() for m in floor_mlps]))  # [E, F, D]
+    stacked_out = nn.Parameter(torch.stack([m.proj_out.weight.detach() for m in floor_mlps]))  # [E, D, F]
+    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (s * K // E)
+
+    def floor_grouped(rows):
+        h = F.gelu(torch._grouped_mm(rows, stacked_in.transpose(1, 2), offs=offs), approximate="tanh")
+        return torch._grouped_mm(h, stacked_out.transpose(1, 2), offs=offs)
+
     cases = {
         "dense_same_flops": fwd_bwd(mc(Mlp(D, K * FFN).to(dev, dtype)), x),
         "ours_ffn_alltoall": fwd_bwd(ours(ffn_experts, AllToAllDispatcher(1, 0)), packed),
@@ -142,17 +152,29 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
         "floor_expert_gemms_only": fwd_bwd(mc(floor), slots),
         "deepspeed_stock_ffn": fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]),
     }
-    res = {name: time_ms(fn, iters=args.iters) for name, fn in cases.items()}
+    if dtype == torch.bfloat16:  # grouped GEMMs take bf16 only
+        cases["floor_grouped_gemms_stacked_weights"] = fwd_bwd(mc(floor_grouped), slots)
+    res, breaks = _timed(args, cases)
     _profile(args, cases, tokens=s, experts="ffn")
     rows = []
     for name, t in res.items():
         rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
-               "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
+               "graph_breaks": breaks[name], "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
         emit(rec)
         rows.append(rec)
     del ffn_experts, floor_mlps, cases
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return rows
+
+
+def _timed(args, cases: dict) -> tuple[dict, dict]:
+    """Each case's times, and the graph breaks torch.compile met while warming it up (0: traced whole)."""
+    res, breaks = {}, {}
+    for name, fn in cases.items():
+        before = sum(torch._dynamo.utils.counters["graph_break"].values())
+        res[name] = time_ms(fn, iters=args.iters)
+        breaks[name] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
+    return res, breaks
 
 
 def _profile(args, cases: dict, tokens: int, experts: str) -> None:

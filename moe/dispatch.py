@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_supported
+from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_runs, grouped_ffn_supported
 from .router import dense_weights
 
 
@@ -47,6 +47,10 @@ def reference_combine(packed: Tensor, index: Tensor, weight: Tensor, experts: Se
 
 class DenseDispatcher:
     name = "dense"
+
+    def host_sync_free(self, experts: Sequence[nn.Module]) -> bool:
+        """Whether dispatching to ``experts`` never waits for a host value (so it can be traced whole)."""
+        return True
 
     def __call__(self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group=None) -> Tensor:
         dense = dense_weights(index, weight, len(experts)).to(packed.dtype)  # [S, E]
@@ -156,6 +160,14 @@ class AllToAllDispatcher:
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.grouped_gemm = grouped_gemm  # opt-in: slower than the per-expert loop on the H100 (docs/PERF.md)
+
+    def host_sync_free(self, experts: Sequence[nn.Module]) -> bool:
+        """True for grouped GEMMs on one rank: the group sizes stay on the device. The per-expert loop
+        and the all-to-all need split sizes on the host."""
+        if not (self.ep_size == 1 and self.grouped_gemm):
+            return False
+        p = next(experts[0].parameters())
+        return grouped_ffn_runs(list(experts), p.dtype, p.device)
 
     def __call__(
         self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group: Optional[Any] = None

@@ -23,6 +23,7 @@ equals the frozen FFN.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,14 +139,25 @@ def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor)
 def grouped_ffn_supported(experts: list, rows: Tensor) -> bool:
     """The grouped-GEMM path needs FFN experts, bf16 rows and ``torch._grouped_mm`` (CUDA sm90+, or
     the CPU fallback); anything else takes the per-expert loop."""
+    return grouped_ffn_runs(experts, rows.dtype, rows.device)
+
+
+def grouped_ffn_runs(experts: list, dtype: torch.dtype, device: torch.device) -> bool:
+    """:func:`grouped_ffn_supported` for rows of ``dtype`` on ``device`` (known before any rows exist)."""
     return (
         hasattr(torch, "_grouped_mm")
-        and rows.dtype == torch.bfloat16
+        and dtype == torch.bfloat16
         and len(experts) > 0
         and all(isinstance(e, FfnExpert) for e in experts)
         and experts[0].dim % 8 == 0  # grouped GEMM operands need 16-byte strides
-        and (rows.device.type == "cpu" or torch.cuda.get_device_capability(rows.device)[0] >= 9)
+        and (device.type == "cpu" or (device.type == "cuda" and _cuda_major(device.index) >= 9))
     )
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index) -> int:
+    """Compute capability major of a CUDA device; a constant to torch.compile (traced layers ask it)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _condition_weights(experts: list, width: int) -> tuple[Tensor, Tensor]:
@@ -169,27 +181,53 @@ def _aligned_rows(packed: Tensor, dim: int) -> tuple[Tensor, int]:
     return (packed if width == cols else F.pad(packed, (0, width - cols))), width
 
 
+class _RowBias(torch.autograd.Function):
+    """``h + bias[group_of_row]`` for rows sorted by group: a gather-add in the forward (fused into the
+    next elementwise kernel when compiled), and in the backward the bias gradient as one [E, T] x [T, N]
+    product with the one-hot group matrix, where autograd's gradient of a gather would scatter-add T
+    rows into E (atomics)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, bias: Tensor, group_of_row: Tensor, onehot: Tensor) -> Tensor:
+        ctx.save_for_backward(onehot)
+        return h + bias.index_select(0, group_of_row)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        (onehot,) = ctx.saved_tensors
+        return grad, onehot.t().mm(grad), None, None
+
+
+def _stacked_for_grouped_mm(weights: list[Tensor]) -> Tensor:
+    """E Linear weights [out, in] -> the grouped GEMM's [E, in, out] operand, as a transposed view of their
+    plain stack: the copy keeps each weight's own layout (a transposing copy cost 2.5 ms per call on the
+    H100), and the gradient comes back in it, so each expert's slice needs no copy either."""
+    return torch.stack(weights).transpose(1, 2)
+
+
 def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
     """All FFN experts in three grouped GEMMs (``torch._grouped_mm``) instead of 3 per expert.
 
     rows [T, W] packed tokens sorted by expert, expert_of_row [T] (local ids, sorted), counts [E] rows
     per expert (on the device: no host synchronisation) -> [T, D]. The same function as running
-    ``experts[e]`` on its rows (tests compare them). Per-expert biases are added as one-hot [T, E]
-    products: their gradients are then [E, T] x [T, F] products, where gathering the biases by row
-    would scatter-add T rows into E rows with atomics.
+    ``experts[e]`` on its rows (tests compare them). Per-expert biases are added by row
+    (:class:`_RowBias`).
     """
     d = experts[0].dim
     offs = counts.cumsum(0).to(torch.int32)
-    onehot = F.one_hot(expert_of_row, len(experts)).to(rows.dtype)  # [T, E]
+    onehot = F.one_hot(expert_of_row, len(experts)).to(rows.dtype)  # [T, E], for the bias gradients
+
+    def biased(h: Tensor, biases: list[Tensor]) -> Tensor:
+        return _RowBias.apply(h, torch.stack(biases), expert_of_row, onehot)
+
     cond_in, width = _aligned_condition_columns(rows, d)
-    cond_w, cond_b = _condition_weights(experts, width)
-    h = torch.addmm(rows[:, :d] + torch._grouped_mm(cond_in.contiguous(), cond_w, offs=offs), onehot, cond_b)
-    w_in = torch.stack([e.proj_in.weight.t() for e in experts])  # [E, D, F]
-    b_in = torch.stack([e.proj_in.bias for e in experts])
-    h = F.gelu(torch.addmm(torch._grouped_mm(h, w_in, offs=offs), onehot, b_in), approximate="tanh")
-    w_out = torch.stack([e.proj_out.weight.t() for e in experts])  # [E, F, D]
-    b_out = torch.stack([e.proj_out.bias for e in experts])
-    return torch.addmm(torch._grouped_mm(h, w_out, offs=offs), onehot, b_out)
+    cond_w, cond_b = _condition_weights(experts, width)  # [E, width, D], [E, D]
+    x = rows[:, :d] + _RowBias.apply(torch._grouped_mm(cond_in.contiguous(), cond_w, offs=offs), cond_b,
+                                     expert_of_row, onehot)
+    w_in = _stacked_for_grouped_mm([e.proj_in.weight for e in experts])  # [E, D, F]
+    h = F.gelu(biased(torch._grouped_mm(x, w_in, offs=offs), [e.proj_in.bias for e in experts]), approximate="tanh")
+    w_out = _stacked_for_grouped_mm([e.proj_out.weight for e in experts])  # [E, F, D]
+    return biased(torch._grouped_mm(h, w_out, offs=offs), [e.proj_out.bias for e in experts])
 
 
 def plain_linears_of_feed_forward(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
