@@ -170,6 +170,14 @@ class ContextHolder:
             self.ctx, self.slot = previous
 
 
+# The one holder every expert layer reads, a module-level object rather than a module attribute:
+# torch.compile treats tensors reached through an nn.Module's attributes as static inputs (fixed
+# addresses, like parameters), and the context's tensors are new in every forward, so CUDA graphs of the
+# expert blocks were re-recorded at every step (10 s steps; docs/PERF.md). Binding is scoped to one block
+# call (``ContextHolder.bind``), so models in one process do not see each other's context.
+CONTEXT = ContextHolder()
+
+
 class ExpertFeedForward(nn.Module):
     """The expert layer in place of one block's image-stream FFN (see the module docstring).
 
@@ -179,13 +187,11 @@ class ExpertFeedForward(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, frozen_ff: nn.Module, dim: int, position: int, holder: ContextHolder,
-        ep_rank: int = 0, expert_seed: int = 0,
+        self, cfg: ModelConfig, frozen_ff: nn.Module, dim: int, position: int, ep_rank: int = 0, expert_seed: int = 0,
     ):
         super().__init__()
         ex = cfg.experts
         self.position = position
-        self.holder = holder
         self.kind = ex.kind
         self.expert_names = list(ex.enabled)
         self.base_id = self.expert_names.index("base") if "base" in self.expert_names else -1
@@ -214,8 +220,10 @@ class ExpertFeedForward(nn.Module):
     @property
     def traceable(self) -> bool:
         """Whether the whole layer, context bookkeeping included, can be traced into its block's graph:
-        yes unless its dispatch needs host values (the all-to-all's split sizes)."""
-        return self.moe.deepspeed_moe.dispatcher.name == "dense"
+        yes unless its dispatch needs host values (the all-to-all's split sizes, the per-expert loop's
+        row counts). Decided by the parameters' dtype and device when it is asked (compile time)."""
+        moe = self.moe.deepspeed_moe
+        return moe.dispatcher.host_sync_free(moe.experts.deepspeed_experts)
 
     @property
     def compiled_apart(self) -> bool:
@@ -243,7 +251,7 @@ class ExpertFeedForward(nn.Module):
         return self._forward(hidden)
 
     def _forward(self, hidden: Tensor) -> Tensor:
-        ctx, slot = self.holder.ctx, self.holder.slot
+        ctx, slot = CONTEXT.ctx, CONTEXT.slot
         if ctx is None or slot is None:
             raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")
         gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None

@@ -25,7 +25,7 @@ from data.batch import EditBatch
 from .backbone import build_backbone, grid_position_ids, pack_latents, unpack_latents
 from .config import ModelConfig
 from .encoders import FrozenTextEncoders, FrozenVAE, MaskEncoder, mask_to_grid
-from .expert_layer import ContextHolder, ExpertContext, ExpertFeedForward, LayerSlot
+from .expert_layer import CONTEXT, ExpertContext, ExpertFeedForward, LayerSlot
 from .losses import (
     flow_matching_loss,
     load_balance_loss,
@@ -102,13 +102,12 @@ class CareEditModel(nn.Module):
         self.mask_encoder = MaskEncoder(self.token_stride, cfg.repaint.hidden, dim)
         self.condition_embed = nn.Parameter(torch.zeros(2, dim))  # learned type embedding: base, reference
         self.expert_names = list(cfg.experts.enabled)
-        self.holder = ContextHolder()
         self.expert_blocks = expert_block_ids(cfg, self.backbone.num_expert_capable_blocks)
         seed_base = int(torch.randint(0, 2**30, (1,)).item())  # same on all ranks under a common seed
         self.expert_layers = []
         for position, block_id in enumerate(self.expert_blocks):
             layer = ExpertFeedForward(
-                cfg, self.backbone.feed_forward(block_id), dim, position, self.holder, ep_rank, seed_base + position
+                cfg, self.backbone.feed_forward(block_id), dim, position, ep_rank, seed_base + position
             )
             self.backbone.set_feed_forward(block_id, layer)
             self.expert_layers.append(layer)
@@ -132,24 +131,23 @@ class CareEditModel(nn.Module):
         Blocks whose expert layers can be traced (dense dispatch, no host synchronisation) compile
         whole, gradient checkpoint included; blocks with an all-to-all expert layer break the graph at
         the layer, whose routing stage compiles apart. ``mode`` (e.g. ``"reduce-overhead"``: CUDA
-        graphs) applies only to the blocks without an expert layer (``FluxBackbone.compile_blocks``).
+        graphs) applies to the blocks compiled whole (``FluxBackbone.compile_blocks``). The expert
+        layers read their per-forward context through a module-level holder (``expert_layer.CONTEXT``),
+        so its tensors are ordinary graph inputs and the graphs are recorded once.
         Returns a one-line summary for the log."""
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
         # A traceable expert layer writes its routing record into the per-forward context: compiled
         # under a checkpoint, that write happens in the forward only (compile_blocks sets dynamo's
         # flag), which is what the model needs: the losses read the records of the forward.
-        # CUDA graphs: only for blocks without an expert layer
-        graphs = compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
 
         def whole(block: nn.Module) -> bool:
-            layers = [m for m in block.modules() if isinstance(m, ExpertFeedForward)]
-            return not layers if graphs else all(layer.traceable for layer in layers)
+            return all(layer.traceable for layer in block.modules() if isinstance(layer, ExpertFeedForward))
 
         n_whole = self.backbone.compile_blocks(whole=whole, **compile_kwargs)
         plain = {k: v for k, v in compile_kwargs.items() if k != "mode"}
         for layer in self.expert_layers:
-            if not layer.traceable or graphs:
+            if not layer.traceable:
                 layer.enable_compile(**plain)
         self._loss_terms_fn = torch.compile(self.loss_terms, **plain)
         tr = self.backbone.transformer
@@ -249,7 +247,7 @@ class CareEditModel(nn.Module):
         position_of_block = {block_id: p for p, block_id in enumerate(self.expert_blocks)}  # dual blocks come first
         hidden = bb.run_blocks(
             img, txt, temb, img_ids, txt_ids, attention_mask,
-            block_scope=lambda i: self.holder.bind(ctx, position_of_block.get(i)),
+            block_scope=lambda i: CONTEXT.bind(ctx, position_of_block.get(i)),
         )
         self._last_seq_len = txt.shape[1] + img.shape[1]
         pred = bb.project_out(hidden[:, :n], temb)

@@ -68,11 +68,17 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     model_cfg = OmegaConf.to_object(cfg.model)
     data_cfg = OmegaConf.to_object(cfg.data)
     model = model_factory(model_cfg)
-    compiled = None
-    if cfg.train.compile and hasattr(model, "compile_regions"):  # in place: parameter names do not change
-        compiled = model.compile_regions(backend=cfg.train.compile_backend)
     eng = build_engine(cfg, model, dist)
     engine = eng.engine
+    compiled = None
+    # compiled in place (parameter names do not change) and lazily (traced at the first step), after the
+    # engine has cast the parameters: what can be traced whole depends on their dtype
+    if cfg.train.compile and hasattr(model, "compile_regions"):
+        mode = {} if cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
+        compiled = model.compile_regions(backend=cfg.train.compile_backend, **mode)
+    # CUDA graph trees are told where each optimizer step begins: the outputs of the step before (its
+    # gradients included) are dead by then; inside a step the trees track which outputs are alive
+    cuda_graphs = cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
 
     # ---- resume: position the loader, load everything
@@ -91,7 +97,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     logger.print(f"run dir {os.path.abspath(run_dir(cfg))} | tensorboard --logdir {os.path.abspath(tensorboard_dir(cfg))}"
                  f" | checkpoints {os.path.abspath(checkpoint_dir(cfg))}"
                  + (f" | resumed from {found.tag} at step {start_step}" if found else "")
-                 + (f" | compiled ({cfg.train.compile_backend}): {compiled}" if compiled else "")
+                 + (f" | compiled ({cfg.train.compile_backend}, {cfg.train.compile_mode}): {compiled}" if compiled else "")
                  + (f" ({resumed.note})" if resumed and resumed.note else ""))
     losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
     guard = StepGuard(cfg.guards.max_consecutive_skips)
@@ -108,6 +114,8 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
             t_step = time.perf_counter()
             # ---- one optimizer step: gas micro-batches, each forward -> agreed loss check -> backward
             skipped, reason, stepped_micro, scalars, samples, tokens = False, "", 0, {}, 0, 0
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 for micro in range(gas):
                     batch = _next_batch(batches)
