@@ -33,6 +33,8 @@ def test_tiny_merges_base_and_overrides():
     ("model.router.top_k=9", "model.router.top_k"),
     ("data.image_size=60", "data.image_size"),
     ("train.compile=true train.compile_backend=nope", "train.compile_backend"),
+    ("train.compile=true train.compile_mode=fast", "train.compile_mode"),
+    ("train.compile=true train.compile_backend=aot_eager train.compile_mode=reduce-overhead", "train.compile_mode"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

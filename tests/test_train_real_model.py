@@ -62,7 +62,7 @@ def test_tiny_real_model_trains_the_same_compiled(tmp_path, shards):
     r = _start(compiled, common + ["train.compile=true", "train.compile_backend=aot_eager"])
     assert r.wait(480) == [0], r.output()[-3000:]
     # tiny.yaml: 4 double blocks, 2 of them with a (dense, traceable) expert layer
-    assert "compiled (aot_eager): 4 of 4 blocks whole with their checkpoint, 0 of 2 expert layers apart" in r.output()
+    assert "compiled (aot_eager, default): 4 of 4 blocks whole with their checkpoint, 0 of 2 expert layers apart" in r.output()
     a, b = read_losses(eager, "tiny"), read_losses(compiled, "tiny")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:

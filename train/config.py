@@ -59,6 +59,10 @@ class StepsConfig:
     # torch.compile backend when compile is on: inductor (the fast one) or a debugging backend such as
     # aot_eager (same graphs with eager kernels: how the CPU tests check compiled training)
     compile_backend: str = "inductor"
+    # inductor's mode for the blocks compiled whole: default | reduce-overhead (CUDA graphs: the step is
+    # otherwise bound by the host issuing ~10K kernels, docs/PERF.md) | max-autotune |
+    # max-autotune-no-cudagraphs
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -153,6 +157,9 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate_config(cfg: Any) -> None:
     """Reject impossible values (ours, then ModelConfig's and DataConfig's), naming the key."""
     t, o, s = cfg.train, cfg.optim, cfg.schedule
@@ -167,6 +174,10 @@ def validate_config(cfg: Any) -> None:
         backends = torch._dynamo.list_backends(exclude_tags=())
         _check(t.compile_backend in backends, "train.compile_backend",
                f"'{t.compile_backend}' is not a torch.compile backend ({', '.join(backends)})")
+        _check(t.compile_mode in COMPILE_MODES, "train.compile_mode",
+               f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
+        _check(t.compile_mode == "default" or t.compile_backend == "inductor", "train.compile_mode",
+               f"'{t.compile_mode}' is a mode of the inductor backend, not of '{t.compile_backend}'")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
