@@ -16,6 +16,7 @@ loop (``FluxBackbone.run_blocks``) in the same execution mode.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.profiler import record_function  # noqa: E402
 
-from bench.common import emit, environment, kernel_stats, measure_matmul_peak, profiled, time_ms  # noqa: E402
+from bench.common import emit, environment, gap_stats, kernel_stats, measure_matmul_peak, profiled, time_ms  # noqa: E402
 from data.batch import EditBatch  # noqa: E402
 
 DEFAULT_OVERRIDES = [
@@ -60,10 +61,60 @@ def _device_ms(e) -> float:
 
 
 def breakdown(step, names: list[str], top: int = 12) -> tuple[dict, dict]:
-    """Device ms per named range and kernel statistics, from one profiled step."""
+    """Device ms per named range, kernel statistics and the GPU's idle gaps, from one profiled step."""
     prof = profiled(step)
     out = {e.key: _device_ms(e) for e in prof.key_averages() if e.key in names}
-    return out, kernel_stats(step, top, prof=prof)
+    stats = kernel_stats(step, top, prof=prof)
+    stats["idle"] = gap_stats(prof, phases=("care/forward", "care/backward", "care/optimizer"))
+    return out, stats
+
+
+class CudaGraphLog(logging.Handler):
+    """Counts what CUDA graph trees do (recordings, re-recordings and why, warm-up and eager runs)."""
+
+    KINDS = ("Re-recording", "Recording function", "Running warmup", "Running eager", "skipping cudagraph")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts = {k: 0 for k in self.KINDS}
+        self.statuses: dict[str, int] = {}  # why a recorded graph did not match (a match may follow)
+        self.examples: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        for k in self.KINDS:
+            if k in msg:
+                self.counts[k] += 1
+        if "Re-recording" in msg or "skipping cudagraph" in msg:
+            status = msg.split("reason=")[-1].split(".")[0][:80]
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if "StaticInputIdxMismatch" not in status and len(self.examples) < 4:
+                self.examples.append(msg[:700])
+
+    def snapshot(self) -> dict:
+        return {"counts": dict(self.counts), "statuses": dict(self.statuses), "examples": list(self.examples)}
+
+    @classmethod
+    def install(cls) -> "CudaGraphLog":
+        import torch._inductor.cudagraph_trees as trees
+
+        original = trees.log_data_ptr_mismatch
+
+        def tolerant(placeholders, inputs, recorded, target_idxs, mismatch) -> str:
+            try:  # torch's own message asserts one placeholder per input, which graph partitions break
+                return original(placeholders, inputs, recorded, target_idxs, mismatch)
+            except AssertionError:
+                moved = [i for i in target_idxs if torch.is_tensor(inputs[i]) and inputs[i].data_ptr() != recorded[i]]
+                shapes = [tuple(inputs[i].shape) for i in moved[:4]]
+                return f"{mismatch}. {len(moved)} of {len(target_idxs)} inputs moved: {moved[:4]} {shapes}"
+
+        trees.log_data_ptr_mismatch = tolerant
+        handler = cls()
+        for name in ("torch._inductor.cudagraph_trees", "torch._inductor.cudagraph_utils"):
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(handler)
+        return handler
 
 
 def host_issue_ms(step, iters: int = 3) -> dict:
@@ -91,8 +142,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both models (regional)")
     p.add_argument("--block-mode", default=None,
-                   help="torch.compile mode for the blocks without an expert layer, in both models "
-                        "(reduce-overhead: CUDA graphs)")
+                   help="torch.compile mode for the blocks compiled whole, in both models "
+                        "(reduce-overhead: CUDA graphs; what CUDA graph trees record is logged)")
     args, overrides = p.parse_known_args()
     from moe.backbone import FluxBackbone
     from moe.config import LoraConfig
@@ -114,7 +165,7 @@ def main() -> None:
     bare.gradient_checkpointing = cfg.backbone.gradient_checkpointing  # same block machinery as the model's
     if args.compile:  # both sides in the same execution mode: the ratio compares like with like
         mode = {"mode": args.block_mode} if args.block_mode else {}
-        model.compile_regions(**mode)  # the mode reaches the blocks without an expert layer only
+        model.compile_regions(**mode)
         bare.compile_blocks(**mode)
     model.train()
     batch = cached_batch(args.size, args.text_len, cfg, dev)
@@ -157,12 +208,19 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    graph_log = CudaGraphLog.install() if args.block_mode == "reduce-overhead" else None
     torch.cuda.reset_peak_memory_stats()
     res = {"bare_backbone_fwd_bwd": time_ms(bare_step, iters=args.iters)}
     bare_peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
+    if graph_log:
+        emit({"cudagraphs_after": "bare", **graph_log.snapshot()})
     res["care_fwd_bwd"] = time_ms(lambda: (care_fwd_bwd(), opt.zero_grad(set_to_none=True)), iters=args.iters)
+    if graph_log:
+        emit({"cudagraphs_after": "care_fwd_bwd", **graph_log.snapshot()})
     res["care_step_with_optimizer"] = time_ms(care_step, iters=args.iters)
+    if graph_log:
+        emit({"cudagraphs_after": "care_step", **graph_log.snapshot()})
     care_peak = torch.cuda.max_memory_allocated() / 2**30
 
     seq = args.text_len + tokens_img

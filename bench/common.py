@@ -86,3 +86,34 @@ def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "ca
         "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
         "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 3)} for n, v in ranked],
     }
+
+
+def gap_stats(prof, phases: tuple[str, ...] = (), top: int = 8, min_us: float = 20.0) -> dict:
+    """Where the GPU sat idle in one profiled call: the gaps between kernels (a host that issues too
+    slowly, or a synchronisation), summed per phase (the GPU span of each named ``record_function``
+    range) and the largest ones with the kernels on either side. ``min_us``: gaps counted apart."""
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    kernels = sorted((e for e in events if not getattr(e, "is_user_annotation", False)
+                      and not e.name.startswith("care/")), key=lambda e: e.time_range.start)
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.name in phases]
+    gaps = []
+    end, prev = None, None
+    for k in kernels:
+        if end is not None and k.time_range.start > end:
+            gaps.append((k.time_range.start - end, end, prev, k.name))
+        if end is None or k.time_range.end > end:
+            end, prev = k.time_range.end, k.name
+    per_phase: dict[str, float] = {}
+    for g, at, _, _ in gaps:
+        phase = next((n for n, a, b in spans if a <= at + g / 2 <= b), "other")
+        per_phase[phase] = per_phase.get(phase, 0.0) + g / 1e3
+    big = [g for g in gaps if g[0] >= min_us]
+    return {
+        "gap_ms": round(sum(g[0] for g in gaps) / 1e3, 3),
+        "gaps": len(gaps),
+        f"gaps_over_{min_us:g}us": len(big),
+        f"gap_ms_over_{min_us:g}us": round(sum(g[0] for g in big) / 1e3, 3),
+        "gap_ms_by_phase": {k: round(v, 3) for k, v in per_phase.items()},
+        "largest": [{"us": round(g, 1), "after": a[:50], "before": b[:50]}
+                    for g, _, a, b in sorted(gaps, key=lambda x: -x[0])[:top]],
+    }
