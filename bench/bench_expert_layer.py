@@ -136,10 +136,11 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
     def floor(rows):
         return torch.cat([m(c) for m, c in zip(floor_mlps, rows.chunk(E))])
 
-    # the grouped GEMMs' floor, with the weights kept stacked (no copy per call) and equal groups
+    # the grouped GEMMs' floor, with the weights kept stacked (no copy per call) and equal groups; no
+    # biases (the loop floor's Linear layers have them)
     stacked_in = nn.Parameter(torch.stack([m.proj_in.weight.detach() for m in floor_mlps]))  # [E, F, D]
     stacked_out = nn.Parameter(torch.stack([m.proj_out.weight.detach() for m in floor_mlps]))  # [E, D, F]
-    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (s * K // E)
+    offs = (torch.arange(1, E + 1, device=dev) * (s * K) // E).to(torch.int32)  # E near-equal groups of all rows
 
     def floor_grouped(rows):
         h = F.gelu(torch._grouped_mm(rows, stacked_in.transpose(1, 2), offs=offs), approximate="tanh")

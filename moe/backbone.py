@@ -245,7 +245,7 @@ class FluxBackbone(nn.Module):
         compiled together with its checkpoint (:class:`CheckpointedBlock`): the recomputation then
         runs inside the compiled backward instead of as a second compiled forward called from Python,
         and ``mode="reduce-overhead"`` (CUDA graphs) becomes possible for it. Blocks that break the
-        graph (those holding an expert layer: pass ``whole`` to exclude them) are compiled in place and
+        graph (those holding an expert layer that is not traceable: ``whole`` excludes them) are compiled in place and
         checkpointed from outside, always with the default mode. Without gradient checkpointing every
         block compiles in place, with ``mode`` where ``whole`` holds. Returns how many blocks compiled
         whole with their checkpoint.

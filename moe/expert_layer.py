@@ -174,14 +174,15 @@ class ContextHolder:
 # torch.compile treats tensors reached through an nn.Module's attributes as static inputs (fixed
 # addresses, like parameters), and the context's tensors are new in every forward, so CUDA graphs of the
 # expert blocks were re-recorded at every step (10 s steps; docs/PERF.md). Binding is scoped to one block
-# call (``ContextHolder.bind``), so models in one process do not see each other's context.
+# call (``ContextHolder.bind``, restored after), so models called one after another, or one inside another,
+# do not see each other's context. Not for models running forward in several threads at once.
 CONTEXT = ContextHolder()
 
 
 class ExpertFeedForward(nn.Module):
     """The expert layer in place of one block's image-stream FFN (see the module docstring).
 
-    Compiled (``CareEditModel.compile_regions``), a :attr:`traceable` layer (dense dispatch) is traced
+    Compiled (``CareEditModel.compile_regions``), a :attr:`traceable` layer (no host value needed) is traced
     into its block's graph, context reads and writes included; any other layer breaks the block's
     graph and compiles its routing stage apart (:meth:`enable_compile`).
     """
@@ -236,8 +237,8 @@ class ExpertFeedForward(nn.Module):
         Such a layer breaks its block's graph: :meth:`forward` then runs eagerly (its dispatch
         synchronises with the host) and :meth:`route` (read-outs, repaint, router, mixture, packing) is
         compiled on its own, one graph shared by all layers (and :meth:`mix` too when it has no host
-        synchronisation). A traceable layer is normally compiled as part of its block instead
-        (``CareEditModel.compile_regions``).
+        synchronisation; only for direct callers). A traceable layer is normally compiled as part of its
+        block instead (``CareEditModel.compile_regions``).
         """
         self._route_fn = torch.compile(self.route, **compile_kwargs)
         if self.traceable:

@@ -195,7 +195,8 @@ class _RowBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         (onehot,) = ctx.saved_tensors
-        return grad, onehot.t().mm(grad), None, None
+        grad_bias = onehot.t().to(grad.dtype).mm(grad) if ctx.needs_input_grad[1] else None
+        return grad, grad_bias, None, None
 
 
 def _stacked_for_grouped_mm(weights: list[Tensor]) -> Tensor:

@@ -128,10 +128,13 @@ class CareEditModel(nn.Module):
         buckets), more than dynamo's default of 8 per code object: the limit is raised so they stay
         compiled instead of falling back to eager.
 
-        Blocks whose expert layers can be traced (dense dispatch, no host synchronisation) compile
-        whole, gradient checkpoint included; blocks with an all-to-all expert layer break the graph at
-        the layer, whose routing stage compiles apart. ``mode`` (e.g. ``"reduce-overhead"``: CUDA
-        graphs) applies to the blocks compiled whole (``FluxBackbone.compile_blocks``). The expert
+        Blocks whose expert layers can be traced (no host synchronisation: dense dispatch, or grouped-GEMM
+        FFN experts at ep_size 1 in bf16) compile whole, gradient checkpoint included; a block whose
+        expert layer needs host values (the all-to-all's split sizes, the per-expert loop's row counts)
+        breaks the graph at the layer, whose routing stage compiles apart. Call it after the parameters
+        have their final dtype and device (traceability is decided from them, here). ``mode`` (e.g. ``"reduce-overhead"``: CUDA
+        graphs) applies to the blocks compiled whole, and without gradient checkpointing to every block
+        that can be traced (``FluxBackbone.compile_blocks``). The expert
         layers read their per-forward context through a module-level holder (``expert_layer.CONTEXT``),
         so its tensors are ordinary graph inputs and the graphs are recorded once.
         Returns a one-line summary for the log."""

@@ -105,12 +105,18 @@ def test_context_tensors_are_not_static_inputs():
     torch._dynamo.reset()
     torch.manual_seed(0)
     seen: dict[str, object] = {}
+    static_params: list[str] = []  # the probe itself must see parameters as static
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         for node in gm.graph.nodes:
             arg = node.meta.get("grapharg") if node.op == "placeholder" else None
-            if arg is not None and arg.source is not None and (".ctx." in arg.source.name or ".slot." in arg.source.name):
-                seen[arg.source.name] = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+            if arg is None or arg.source is None:
+                continue
+            static = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+            if ".ctx." in arg.source.name or ".slot." in arg.source.name:
+                seen[arg.source.name] = static
+            elif "_parameters" in arg.source.name and static is not None:
+                static_params.append(arg.source.name)
         return aot_eager(gm, example_inputs)
 
     cfg = tiny_model_config(**{"backbone.gradient_checkpointing": True, "experts.num_blocks": 3, "experts.kind": "lora"})
@@ -120,4 +126,5 @@ def test_context_tensors_are_not_static_inputs():
     model(make_batch(seed=0, has_ref=[True, True])).loss.backward()
     names = {name.rsplit(".", 1)[-1] for name in seen}
     assert {"text", "coarse", "prior"} <= names, names  # the context was traced into the expert blocks
+    assert static_params  # so a missing flag below means "not static", not "not found"
     assert not {n: s for n, s in seen.items() if s is not None}, seen

@@ -34,6 +34,7 @@ def test_tiny_merges_base_and_overrides():
     ("data.image_size=60", "data.image_size"),
     ("train.compile=true train.compile_backend=nope", "train.compile_backend"),
     ("train.compile=true train.compile_mode=fast", "train.compile_mode"),
+    ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile: a silent no-op
     ("train.compile=true train.compile_backend=aot_eager train.compile_mode=reduce-overhead", "train.compile_mode"),
 ])
 def test_bad_config_names_the_key(override, key):

@@ -158,6 +158,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
 
 
 def validate_config(cfg: Any) -> None:
@@ -174,10 +175,10 @@ def validate_config(cfg: Any) -> None:
         backends = torch._dynamo.list_backends(exclude_tags=())
         _check(t.compile_backend in backends, "train.compile_backend",
                f"'{t.compile_backend}' is not a torch.compile backend ({', '.join(backends)})")
-        _check(t.compile_mode in COMPILE_MODES, "train.compile_mode",
-               f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
         _check(t.compile_mode == "default" or t.compile_backend == "inductor", "train.compile_mode",
                f"'{t.compile_mode}' is a mode of the inductor backend, not of '{t.compile_backend}'")
+    _check(t.compile_mode in COMPILE_MODES, "train.compile_mode", f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
+    _check(t.compile or t.compile_mode == "default", "train.compile_mode", "needs train.compile=true")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from train.checkpoint import Checkpointer, seed_everything
-from train.config import checkpoint_dir, run_dir, save_resolved, tensorboard_dir
+from train.config import CUDA_GRAPH_MODES, checkpoint_dir, run_dir, save_resolved, tensorboard_dir
 from train.distributed import DistInfo, init_distributed
 from train.engine import build_engine
 from train.guards import StepGuard, discard_step, is_oom, oom_advice
@@ -78,7 +78,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
         compiled = model.compile_regions(backend=cfg.train.compile_backend, **mode)
     # CUDA graph trees are told where each optimizer step begins: the outputs of the step before (its
     # gradients included) are dead by then; inside a step the trees track which outputs are alive
-    cuda_graphs = cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+    cuda_graphs = cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
 
     # ---- resume: position the loader, load everything
@@ -175,6 +175,8 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
                 extra.update({f"data/{k}": float(v) for k, v in _skip_stats(loader).items()})
                 logger.flush(step, extra)
             if val_batch is not None and step % cfg.logging.images_every == 0:
+                if cuda_graphs:  # sampling runs its own forwards (graphs, without checkpointing)
+                    torch.compiler.cudagraph_mark_step_begin()
                 grid = edit_grid(engine.module, val_batch, cfg.logging.edit_steps, seed=cfg.run.seed)
                 logger.image_grid(step, grid)
             if step % cfg.checkpoint.every == 0:
