@@ -33,6 +33,15 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+class _AlwaysEval(nn.Module):
+    """A frozen part that stays in eval mode when the model around it is put in training mode:
+    ``model.train()`` reaches every submodule, and T5's dropout (rate 0.1 in its configs) would then
+    noise the text conditioning of every training step, unlike at inference."""
+
+    def train(self, mode: bool = True) -> "_AlwaysEval":
+        return super().train(False)
+
+
 class PixelUnshuffleCodec(nn.Module):
     """Lossless space-to-depth "VAE" with no weights: decode(encode(x)) == x."""
 
@@ -52,7 +61,7 @@ class PixelUnshuffleCodec(nn.Module):
         return F.pixel_shuffle(latents.to(self.dtype), self.factor)
 
 
-class FrozenVAE(nn.Module):
+class FrozenVAE(_AlwaysEval):
     """The frozen image codec; ``encode`` returns FLUX-normalised latents ((z - shift) * scale).
 
     diffusers AutoencoderKL (from a local folder, or random init), or :class:`PixelUnshuffleCodec`.
@@ -149,7 +158,7 @@ def _local_or_random(model_cls, path: Optional[str], subfolder: Optional[str], t
     return model, AutoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder, local_files_only=True)
 
 
-class FrozenTextEncoders(nn.Module):
+class FrozenTextEncoders(_AlwaysEval):
     """T5 sequence embeddings (FLUX's ``encoder_hidden_states``) and CLIP pooled embeddings."""
 
     def __init__(self, cfg: TextConfig, init_seed: int = 0):

@@ -340,3 +340,16 @@ def test_every_trainable_parameter_gets_a_gradient_from_any_batch(overrides):
         model(make_batch(seed=1, has_ref=has_ref)).loss.backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, (has_ref, missing)
+
+
+def test_frozen_encoders_stay_in_eval_mode():
+    """``model.train()`` must not switch on the frozen T5's dropout (nor anything else in the frozen
+    VAE and text encoders); the trainable parts do switch."""
+    model = build_model(tiny_model_config())
+    model.train()
+    frozen = list(model.vae.modules()) + list(model.text_encoders.modules())
+    assert frozen and not any(m.training for m in frozen)
+    assert model.mask_encoder.training and model.expert_layers[0].router.training
+    model.eval()
+    model.train()
+    assert not any(m.training for m in frozen)

@@ -69,6 +69,22 @@ def test_tiny_real_model_trains_the_same_compiled(tmp_path, shards):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
+def test_logging_images_does_not_change_training(tmp_path, shards):
+    """Drawing the validation batch and sampling its edits leave the training run as it was: same losses
+    with images every 2 steps as without. (Both had changed it: the batch and the sampler drew from the
+    global generators, and ``model.train()`` after sampling put the frozen T5 back in training mode,
+    so its dropout noised the text conditioning from the first image on.)"""
+    common = shards + ["train.steps=5", "checkpoint.every=100", "logging.every=5", "data.num_workers=0"]
+    plain, images = str(tmp_path / "plain"), str(tmp_path / "images")
+    for run, every in ((plain, 0), (images, 2)):
+        r = _start(run, common + [f"logging.images_every={every}"])
+        assert r.wait(240) == [0], r.output()[-3000:]
+    assert os.path.isfile(os.path.join(images, "tiny", "images", "step00000004.png"))
+    a, b = read_losses(plain, "tiny"), read_losses(images, "tiny")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert a == b, (a, b)
+
+
 def test_tiny_real_model_two_ranks_zero2_expert_parallel(tmp_path, shards):
     """2 gloo ranks, ZeRO 2, ep_size 2: ZeRO-2's gradient buckets must hold the same parameters on both
     ranks even when one rank's batch has no reference image (micro-batch 1: some batches have none)."""

@@ -25,12 +25,13 @@ otherwise). Each rank also records its ``layout`` (``train/layout.py``) so that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -70,6 +71,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Whatever runs inside leaves Python's, numpy's and torch's generators as it found them. For
+    logging: drawing the validation batch and sampling its edits must not change the training run's
+    noise, or a run's losses would depend on how often it logs images."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def set_rng_state(state: dict) -> None:

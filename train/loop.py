@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from train.checkpoint import Checkpointer, seed_everything
+from train.checkpoint import Checkpointer, rng_untouched, seed_everything
 from train.config import CUDA_GRAPH_MODES, checkpoint_dir, run_dir, save_resolved, tensorboard_dir
 from train.distributed import DistInfo, init_distributed
 from train.engine import build_engine
@@ -89,8 +89,10 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
     reshaped_ckpt = None
     if found and found.portable:  # a native checkpoint of the new shape at once: `--resume auto` works from here
         reshaped_ckpt = ckpt.save(engine, start_step, loader, eng.ema)
-    val_batch = val_batch_factory(data_cfg, cfg.logging.num_images).to(dist.device, eng.dtype) \
-        if cfg.logging.images_every else None
+    val_batch = None
+    if cfg.logging.images_every:
+        with rng_untouched():
+            val_batch = val_batch_factory(data_cfg, cfg.logging.num_images).to(dist.device, eng.dtype)
 
     logger = MetricLogger(cfg, dist, tensorboard_dir(cfg), os.path.join(run_dir(cfg), "images"), cfg.train.steps,
                           start_step, _flops_per_token(engine.module))
@@ -177,7 +179,8 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
             if val_batch is not None and step % cfg.logging.images_every == 0:
                 if cuda_graphs:  # sampling runs its own forwards (graphs, without checkpointing)
                     torch.compiler.cudagraph_mark_step_begin()
-                grid = edit_grid(engine.module, val_batch, cfg.logging.edit_steps, seed=cfg.run.seed)
+                with rng_untouched():
+                    grid = edit_grid(engine.module, val_batch, cfg.logging.edit_steps, seed=cfg.run.seed)
                 logger.image_grid(step, grid)
             if step % cfg.checkpoint.every == 0:
                 last_ckpt = ckpt.save(engine, step, loader, eng.ema)
