@@ -136,8 +136,11 @@ class FluxBackbone(nn.Module):
 
     def _sharing(self, i: int) -> ContextManager:
         """The shared LoRA down products of block ``i`` on, for one call of it."""
+        groups = self._shared_down[i] if i < len(self._shared_down) else ()
+        if not groups:
+            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        for group in self._shared_down[i] if i < len(self._shared_down) else ():
+        for group in groups:
             stack.enter_context(group.sharing())
         return stack
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_runs, grouped_ffn_supported
+from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_supported
 from .router import dense_weights
 
 
@@ -167,7 +167,7 @@ class AllToAllDispatcher:
         if not (self.ep_size == 1 and self.grouped_gemm):
             return False
         p = next(experts[0].parameters())
-        return grouped_ffn_runs(list(experts), p.dtype, p.device)
+        return grouped_ffn_supported(list(experts), p.dtype, p.device)
 
     def __call__(
         self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group: Optional[Any] = None
@@ -177,7 +177,7 @@ class AllToAllDispatcher:
         s, k = index.shape
         order, inverse, expert_of_slot, counts = _slots_by_expert(index, n_total)
         rows = _GatherSlots.apply(packed, order, inverse, k)  # [S*K, W], unassigned slots last
-        grouped_gemm = self.grouped_gemm and grouped_ffn_supported(list(experts), rows)
+        grouped_gemm = self.grouped_gemm and grouped_ffn_supported(list(experts), rows.dtype, rows.device)
 
         if self.ep_size == 1 and grouped_gemm:  # no host round trip: group sizes stay on the device
             # unassigned slots ride along in the last group and are zeroed after

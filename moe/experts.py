@@ -136,14 +136,10 @@ def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor)
     return F.linear(h, torch.cat(up + [up[-1].new_zeros(d, pad)], dim=1))
 
 
-def grouped_ffn_supported(experts: list, rows: Tensor) -> bool:
+def grouped_ffn_supported(experts: list, dtype: torch.dtype, device: torch.device) -> bool:
     """The grouped-GEMM path needs FFN experts, bf16 rows and ``torch._grouped_mm`` (CUDA sm90+, or
-    the CPU fallback); anything else takes the per-expert loop."""
-    return grouped_ffn_runs(experts, rows.dtype, rows.device)
-
-
-def grouped_ffn_runs(experts: list, dtype: torch.dtype, device: torch.device) -> bool:
-    """:func:`grouped_ffn_supported` for rows of ``dtype`` on ``device`` (known before any rows exist)."""
+    the CPU fallback); anything else takes the per-expert loop. Asked with the rows' dtype and device,
+    or before any rows exist with the parameters' (whether a layer can be traced)."""
     return (
         hasattr(torch, "_grouped_mm")
         and dtype == torch.bfloat16

@@ -103,6 +103,8 @@ class CareEditModel(nn.Module):
         self.condition_embed = nn.Parameter(torch.zeros(2, dim))  # learned type embedding: base, reference
         self.expert_names = list(cfg.experts.enabled)
         self.expert_blocks = expert_block_ids(cfg, self.backbone.num_expert_capable_blocks)
+        # run_blocks' block index -> expert layer position (dual blocks come first in that index)
+        self._position_of_block = {block_id: p for p, block_id in enumerate(self.expert_blocks)}
         seed_base = int(torch.randint(0, 2**30, (1,)).item())  # same on all ranks under a common seed
         self.expert_layers = []
         for position, block_id in enumerate(self.expert_blocks):
@@ -247,10 +249,9 @@ class CareEditModel(nn.Module):
             has_ref=cond.has_ref, text=txt, text_mask=cond.text_mask, temb=temb, presence=presence,
             available=available, coarse=coarse, gt_mask=gt, slots=[LayerSlot() for _ in self.expert_layers],
         )
-        position_of_block = {block_id: p for p, block_id in enumerate(self.expert_blocks)}  # dual blocks come first
         hidden = bb.run_blocks(
             img, txt, temb, img_ids, txt_ids, attention_mask,
-            block_scope=lambda i: CONTEXT.bind(ctx, position_of_block.get(i)),
+            block_scope=lambda i: CONTEXT.bind(ctx, self._position_of_block.get(i)),
         )
         self._last_seq_len = txt.shape[1] + img.shape[1]
         pred = bb.project_out(hidden[:, :n], temb)

@@ -61,7 +61,7 @@ def test_grouped_ffn_matches_reference_at_ep1():
     packed, routing = _routing(48, seed=1)
     fast = [copy.deepcopy(e).to(torch.bfloat16) for e in experts]
     x = packed.to(torch.bfloat16).requires_grad_()
-    assert grouped_ffn_supported(fast, x)
+    assert grouped_ffn_supported(fast, x.dtype, x.device)
     out = AllToAllDispatcher(grouped_gemm=True)(x, routing.index, routing.weight, fast)
     out.float().square().sum().backward()
     ref_out, ref_dx, ref_experts = _reference(experts, packed, routing)
