@@ -1,9 +1,12 @@
 """Expert layer speed, side by side in one process: ours vs a dense layer of the same FLOPs vs stock
 DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX width).
 
-    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10] [--compile] [--profile]
+    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10] [--compile] [--graphs] [--profile]
 
-Prints one JSON line per case and a short table last. Ratios are measured in the same run.
+Prints one JSON line per case and a short table last. Ratios are measured in the same run, the cases
+timed in interleaved rounds (``bench.common.time_interleaved``). ``--graphs`` adds the cases that trace
+whole as CUDA graphs, compared with the graphed dense layer: without launch gaps, and without the
+caching allocator's work (graphs replay in their own memory pool), they are the cleanest ratios.
 ``--profile`` adds each case's kernel statistics: the device-busy time (no host launch gaps) and
 the kernel count, which tell a GPU-bound gap from a host-bound one.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import emit, environment, kernel_stats, time_ms  # noqa: E402
+from bench.common import emit, environment, kernel_stats, time_interleaved  # noqa: E402
 from moe.dispatch import AllToAllDispatcher, DenseDispatcher  # noqa: E402
 from moe.expert_layer import CareMoE  # noqa: E402
 from moe.experts import FfnExpert, LoraExpert, packed_width  # noqa: E402
@@ -76,8 +80,13 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our layers and the dense / plain-LoRA references alike (stock DeepSpeed stays eager)")
     p.add_argument("--profile", action="store_true", help="also print each case's kernel statistics (one profiled call)")
+    p.add_argument("--top", type=int, default=8, help="kernels listed per profiled case")
+    p.add_argument("--graphs", action="store_true",
+                   help="also run the cases that trace whole under CUDA graphs (compile mode reduce-overhead), "
+                        "the dense reference among them; their names end in @graphs")
     args = p.parse_args()
     mc = (lambda f: torch.compile(f)) if args.compile else (lambda f: f)  # noqa: E731
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # as the model sets it
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     _init_dist()
@@ -90,9 +99,14 @@ def main() -> None:
         packed = torch.randn(s, packed_width(D, CTX), device=dev, dtype=dtype, requires_grad=True)
         r = topk_routing(torch.randn(s, E, device=dev), torch.ones(s, E, dtype=torch.bool, device=dev), K)
 
-        def ours(experts, dispatcher):
+        def ours(experts, dispatcher, mode=None):
+            """Our layer, compiled as the model compiles it: whole (fullgraph) where the dispatch needs
+            no host value; without fullgraph, dynamo would break the graph at data-dependent shapes."""
             layer = CareMoE(experts, E, 1, 0, dispatcher).to(dev, dtype)
-            return mc(lambda inp: layer(inp, r.index, r.weight))
+            run = _own_code(lambda inp: layer(inp, r.index, r.weight))
+            if not args.compile:
+                return run
+            return torch.compile(run, mode=mode, fullgraph=dispatcher.host_sync_free(experts))
 
         if "ffn" in args.kinds:
             rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype)
@@ -155,12 +169,43 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
     }
     if dtype == torch.bfloat16:  # grouped GEMMs take bf16 only
         cases["floor_grouped_gemms_stacked_weights"] = fwd_bwd(mc(floor_grouped), slots)
+    if dev.type == "cuda":
+        # do the per-expert GEMMs leave the GPU partly idle (each GEMM's last wave)? The loop floor
+        # eager, on one stream and with the experts alternating between two streams
+        streams = [torch.cuda.Stream() for _ in range(2)]
+
+        def floor_two_streams(rows):
+            here, outs = torch.cuda.current_stream(), []
+            for i, (m, c) in enumerate(zip(floor_mlps, rows.chunk(E))):
+                streams[i % 2].wait_stream(here)
+                with torch.cuda.stream(streams[i % 2]):
+                    outs.append(m(c))
+            for st in streams:
+                here.wait_stream(st)
+            return torch.cat(outs)
+
+        cases["floor_expert_gemms_eager"] = fwd_bwd(floor, slots)
+        cases["floor_expert_gemms_two_streams_eager"] = fwd_bwd(floor_two_streams, slots)
+    if args.graphs and args.compile:
+        graphs = lambda f: torch.compile(f, mode="reduce-overhead")  # noqa: E731
+        dense = Mlp(D, K * FFN).to(dev, dtype)
+        floor_params = [q for m in floor_mlps for q in m.parameters()]
+        cases["dense_same_flops@graphs"] = fwd_bwd_graphs(graphs(dense), x, dense.parameters())
+        cases["floor_expert_gemms_only@graphs"] = fwd_bwd_graphs(graphs(floor), slots, floor_params)
+        if dtype == torch.bfloat16:
+            cases["floor_grouped_gemms_stacked_weights@graphs"] = fwd_bwd_graphs(
+                graphs(floor_grouped), slots, [stacked_in, stacked_out])
+            grouped_experts = [_copy(e) for e in ffn_experts]
+            cases["ours_ffn_grouped_gemm@graphs"] = fwd_bwd_graphs(
+                ours(grouped_experts, AllToAllDispatcher(1, 0, True), "reduce-overhead"), packed,
+                [q for e in grouped_experts for q in e.parameters()])
     res, breaks = _timed(args, cases)
     _profile(args, cases, tokens=s, experts="ffn")
     rows = []
     for name, t in res.items():
-        rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": args.compile and "stock" not in name, **t,
-               "graph_breaks": breaks[name], "ratio_vs_dense": t["median_ms"] / res["dense_same_flops"]["median_ms"]}
+        compiled = args.compile and "stock" not in name and "eager" not in name
+        rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": compiled, **t,
+               "graph_breaks": breaks[name], "ratio_vs_dense": t["median_ms"] / res[_reference("dense_same_flops", name)]["median_ms"]}
         emit(rec)
         rows.append(rec)
     del ffn_experts, floor_mlps, cases
@@ -168,20 +213,45 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
     return rows
 
 
+def _reference(reference: str, case: str) -> str:
+    """The reference a case is compared with: the graphed reference for a graphed case."""
+    return reference + "@graphs" if case.endswith("@graphs") else reference
+
+
+def fwd_bwd_graphs(fn, x, params):
+    """``fwd_bwd`` for a function compiled with CUDA graphs: each call starts a new graph step, and the
+    gradients of ``x`` and ``params`` are dropped before and after it: they live in graph memory that
+    a later replay overwrites, so accumulating into them (here or in a case sharing the tensors) would
+    read overwritten memory."""
+    inner = fwd_bwd(fn, x)
+    tensors = [x, *params]
+
+    def run():
+        torch.compiler.cudagraph_mark_step_begin()
+        for t in tensors:
+            t.grad = None
+        inner()
+        for t in tensors:
+            t.grad = None
+    return run
+
+
 def _timed(args, cases: dict) -> tuple[dict, dict]:
-    """Each case's times, and the graph breaks torch.compile met while warming it up (0: traced whole)."""
-    res, breaks = {}, {}
+    """Each case's times (interleaved, after a warm-up of each), and the graph breaks torch.compile
+    met while warming it up (0: traced whole)."""
+    breaks = {}
     for name, fn in cases.items():
         before = sum(torch._dynamo.utils.counters["graph_break"].values())
-        res[name] = time_ms(fn, iters=args.iters)
+        for _ in range(3):
+            fn()
         breaks[name] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
-    return res, breaks
+    return time_interleaved(cases, iters=args.iters), breaks
 
 
 def _profile(args, cases: dict, tokens: int, experts: str) -> None:
     if args.profile and torch.cuda.is_available():
         for name, fn in cases.items():
-            emit({"profile": name, "experts": experts, "tokens": tokens, **kernel_stats(fn, top=8)})
+            emit({"profile": name, "experts": experts, "tokens": tokens, **kernel_stats(fn, top=args.top)})
 
 
 class LoraMlp(nn.Module):
@@ -193,6 +263,13 @@ class LoraMlp(nn.Module):
 
     def forward(self, x):
         return self.up(F.gelu(self.down(x)))
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo keeps its compiled graphs per code object: the
+    cases built from one lambda share it, and once a case that breaks the graph (the per-expert loop)
+    was compiled through it, a later case compiled through it with fullgraph ran eagerly, silently."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _copy(m):

@@ -28,21 +28,41 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> dict:
     """Median / min / max milliseconds of ``fn`` (device events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    cuda = torch.cuda.is_available()
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
+    return _stats([_time_once(fn) for _ in range(iters)])
+
+
+def time_interleaved(cases: dict[str, Callable[[], object]], iters: int = 10) -> dict[str, dict]:
+    """``time_ms`` of several warmed-up cases, one call of each per round, the starting case rotating.
+
+    Timed one after another, cases meet different clock speeds: an H100 running large GEMMs
+    changes its clock within seconds (the same dense layer measured 30-38 ms of kernels in one
+    run). Interleaved, every case samples the same stretch of time, so their ratios hold.
+    """
+    names = list(cases)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            times[name].append(_time_once(cases[name]))
+    return {n: _stats(t) for n, t in times.items()}
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stats(times: list[float]) -> dict:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": len(times)}
 
 
 def emit(record: dict) -> None:
