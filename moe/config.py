@@ -109,7 +109,8 @@ class ExpertsConfig:
     ep_size: int = 1  # expert-parallel ranks (must divide the number of enabled experts)
     dispatch: str = "auto"  # auto | dense (every expert on every token, sparse weights) | alltoall
     # ffn experts in bf16 as torch._grouped_mm products (no per-expert loop, no host sync at ep_size 1);
-    # off by default: slower than the loop on the H100 in bench/bench_expert_layer.py (docs/PERF.md)
+    # off by default: on the H100 as fast as the loop at 16K tokens, slower at 4K (bench/bench_expert_layer.py,
+    # docs/PERF.md); the FFN path to take with train.compile_mode=reduce-overhead (it traces whole)
     grouped_gemm: bool = False
     blocks: Optional[list[int]] = None  # dual-stream block indices; None = the last `num_blocks`
     num_blocks: int = 4

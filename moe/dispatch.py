@@ -16,7 +16,8 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
   outputs back and combines. Rows move by permutations in both directions (no atomic scatter-add);
   with ep_size 1 that is one gather, the experts, one permutation back and an elementwise combine.
   With ``grouped_gemm``, FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1
-  without any host synchronisation; measured slower than the per-expert loop on the H100 so far.
+  without any host synchronisation, so it is the one FFN path CUDA graphs can take. On the H100 it ran as
+  fast as the loop at 16K tokens and slower at 4K (docs/PERF.md, sixth round).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class AllToAllDispatcher:
     def __init__(self, ep_size: int = 1, ep_rank: int = 0, grouped_gemm: bool = False):
         self.ep_size = ep_size
         self.ep_rank = ep_rank
-        self.grouped_gemm = grouped_gemm  # opt-in: slower than the per-expert loop on the H100 (docs/PERF.md)
+        self.grouped_gemm = grouped_gemm  # opt-in: slower than the loop at 4K tokens on the H100 (docs/PERF.md)
 
     def host_sync_free(self, experts: Sequence[nn.Module]) -> bool:
         """True for grouped GEMMs on one rank: the group sizes stay on the device. The per-expert loop
