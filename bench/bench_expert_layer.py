@@ -5,8 +5,8 @@ DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX wid
 
 Prints one JSON line per case and a short table last. Ratios are measured in the same run, the cases
 timed in interleaved rounds (``bench.common.time_interleaved``). ``--graphs`` adds the cases that trace
-whole as CUDA graphs, compared with the graphed dense layer: without launch gaps, and without the
-caching allocator's work (graphs replay in their own memory pool), they are the cleanest ratios.
+whole as CUDA graphs, compared with the graphed dense layer: without launch gaps, and replaying in
+their own memory pool, they gave the steadiest ratios (docs/PERF.md, sixth round).
 ``--profile`` adds each case's kernel statistics: the device-busy time (no host launch gaps) and
 the kernel count, which tell a GPU-bound gap from a host-bound one.
 """
