@@ -1,7 +1,8 @@
 """Expert layer speed, side by side in one process: ours vs a dense layer of the same FLOPs vs stock
 DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX width).
 
-    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10] [--compile] [--graphs] [--profile]
+    python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10] [--compile] [--graphs]
+        [--autotune] [--profile] [--only REGEX]
 
 Prints one JSON line per case and a short table last. Ratios are measured in the same run, the cases
 timed in interleaved rounds (``bench.common.time_interleaved``). ``--graphs`` adds the cases that trace
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -84,6 +86,10 @@ def main() -> None:
     p.add_argument("--graphs", action="store_true",
                    help="also run the cases that trace whole under CUDA graphs (compile mode reduce-overhead), "
                         "the dense reference among them; their names end in @graphs")
+    p.add_argument("--autotune", action="store_true",
+                   help="also compile the dense reference and the floors with max-autotune (inductor may pick "
+                        "its Triton grouped-GEMM template): @autotune, and with --graphs @autotune_graphs")
+    p.add_argument("--only", default="", help="regex: run only the cases it matches (and their references)")
     args = p.parse_args()
     mc = (lambda f: torch.compile(f)) if args.compile else (lambda f: f)  # noqa: E731
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # as the model sets it
@@ -99,14 +105,14 @@ def main() -> None:
         packed = torch.randn(s, packed_width(D, CTX), device=dev, dtype=dtype, requires_grad=True)
         r = topk_routing(torch.randn(s, E, device=dev), torch.ones(s, E, dtype=torch.bool, device=dev), K)
 
-        def ours(experts, dispatcher, mode=None):
+        def ours(experts, dispatcher, how=None):
             """Our layer, compiled as the model compiles it: whole (fullgraph) where the dispatch needs
             no host value; without fullgraph, dynamo would break the graph at data-dependent shapes."""
             layer = CareMoE(experts, E, 1, 0, dispatcher).to(dev, dtype)
             run = _own_code(lambda inp: layer(inp, r.index, r.weight))
             if not args.compile:
                 return run
-            return torch.compile(run, mode=mode, fullgraph=dispatcher.host_sync_free(experts))
+            return torch.compile(run, fullgraph=dispatcher.host_sync_free(experts), **(how or {}))
 
         if "ffn" in args.kinds:
             rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype)
@@ -123,6 +129,7 @@ def main() -> None:
                 "ours_lora_alltoall": fwd_bwd(ours([_copy(e) for e in lora_experts], AllToAllDispatcher(1, 0)), packed),
                 "deepspeed_stock_lora": fwd_bwd(stock_moe(LoraMlp(D, rank)).to(dev, dtype), x[None]),
             }
+            cases = _selected(args, cases)
             res, breaks = _timed(args, cases)
             _profile(args, cases, tokens=s, experts=f"lora{rank}")
             for name, t in res.items():
@@ -186,19 +193,27 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
 
         cases["floor_expert_gemms_eager"] = fwd_bwd(floor, slots)
         cases["floor_expert_gemms_two_streams_eager"] = fwd_bwd(floor_two_streams, slots)
-    if args.graphs and args.compile:
-        graphs = lambda f: torch.compile(f, mode="reduce-overhead")  # noqa: E731
+    for suffix, how in _extra_modes(args).items():
+        compiled = lambda f: torch.compile(f, **how)  # noqa: E731
+        # under CUDA graphs, gradients live in graph memory: each call drops them (fwd_bwd_graphs)
+        wrap = fwd_bwd_graphs if "graphs" in suffix else (lambda fn, inp, params: fwd_bwd(fn, inp))
         dense = Mlp(D, K * FFN).to(dev, dtype)
         floor_params = [q for m in floor_mlps for q in m.parameters()]
-        cases["dense_same_flops@graphs"] = fwd_bwd_graphs(graphs(dense), x, dense.parameters())
-        cases["floor_expert_gemms_only@graphs"] = fwd_bwd_graphs(graphs(floor), slots, floor_params)
+        cases[f"dense_same_flops@{suffix}"] = wrap(compiled(dense), x, dense.parameters())
+        cases[f"floor_expert_gemms_only@{suffix}"] = wrap(compiled(_own_code(floor)), slots, floor_params)
         if dtype == torch.bfloat16:
-            cases["floor_grouped_gemms_stacked_weights@graphs"] = fwd_bwd_graphs(
-                graphs(floor_grouped), slots, [stacked_in, stacked_out])
+            cases[f"floor_grouped_gemms_stacked_weights@{suffix}"] = wrap(
+                compiled(_own_code(floor_grouped)), slots, [stacked_in, stacked_out])
+            if "autotune" in suffix:
+                # torch 2.11 fails to compile it: autotuning picked a Triton kernel for a row-major
+                # weight stack, code generation froze the stack K-major, and Triton rejected the kernel
+                # ("Tensor descriptor last dim must be 1"; docs/PERF.md, seventh round)
+                continue
             grouped_experts = [_copy(e) for e in ffn_experts]
-            cases["ours_ffn_grouped_gemm@graphs"] = fwd_bwd_graphs(
-                ours(grouped_experts, AllToAllDispatcher(1, 0, True), "reduce-overhead"), packed,
+            cases[f"ours_ffn_grouped_gemm@{suffix}"] = wrap(
+                ours(grouped_experts, AllToAllDispatcher(1, 0, True), how), packed,
                 [q for e in grouped_experts for q in e.parameters()])
+    cases = _selected(args, cases)
     res, breaks = _timed(args, cases)
     _profile(args, cases, tokens=s, experts="ffn")
     rows = []
@@ -214,8 +229,32 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
 
 
 def _reference(reference: str, case: str) -> str:
-    """The reference a case is compared with: the graphed reference for a graphed case."""
-    return reference + "@graphs" if case.endswith("@graphs") else reference
+    """The reference a case is compared with: the one compiled in the same mode (``name@mode``)."""
+    return reference + case[case.index("@"):] if "@" in case else reference
+
+
+def _extra_modes(args) -> dict[str, dict]:
+    """Case-name suffix -> torch.compile arguments of the cases run in more modes than the default one
+    (the autotune modes: max-autotune's options with prologue fusion off, as measured in docs/PERF.md,
+    seventh round)."""
+    if not args.compile:
+        return {}
+    modes = {"graphs": {"mode": "reduce-overhead"}} if args.graphs else {}
+    if args.autotune:
+        from torch._inductor import list_mode_options
+
+        for suffix, mode in [("autotune", "max-autotune-no-cudagraphs")] + ([("autotune_graphs", "max-autotune")] if args.graphs else []):
+            modes[suffix] = {"options": {**list_mode_options(mode), "prologue_fusion": False}}
+    return modes
+
+
+def _selected(args, cases: dict) -> dict:
+    """The cases whose names match ``--only`` (all without it), each with its mode's reference."""
+    if not args.only:
+        return cases
+    keep = {n for n in cases if re.search(args.only, n)}
+    keep |= {_reference(r, n) for n in keep for r in ("dense_same_flops", "plain_lora_same_total_rank")}
+    return {n: fn for n, fn in cases.items() if n in keep}
 
 
 def fwd_bwd_graphs(fn, x, params):
