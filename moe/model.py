@@ -119,6 +119,10 @@ class CareEditModel(nn.Module):
             self.tag_predictor = nn.Sequential(nn.Linear(len(self.expert_names), d), nn.GELU(), nn.Linear(d, d))
         self._last_seq_len = 0
         self._loss_terms_fn = self.loss_terms  # eager unless compile_regions()
+        # one mode for the whole tree, as after any later ``train()``: freezing left the backbone's
+        # blocks in eval mode, so the first ``train()`` (after the first image step) flipped them, and
+        # the compiled blocks, whose graphs guard on it, recompiled (and re-recorded their CUDA graphs)
+        self.train()
 
     def compile_regions(self, **compile_kwargs) -> str:
         """Compile the backbone block by block and each expert layer's tensor math (``torch.compile``

@@ -15,6 +15,7 @@ import torch
 from torch._dynamo.backends.debugging import aot_eager
 
 from moe.model import build_model
+from train.logging import edit_grid
 from tests.model_configs import make_batch, tiny_model_config
 
 
@@ -128,3 +129,30 @@ def test_context_tensors_are_not_static_inputs():
     assert {"text", "coarse", "prior"} <= names, names  # the context was traced into the expert blocks
     assert static_params  # so a missing flag below means "not static", not "not found"
     assert not {n: s for n, s in seen.items() if s is not None}, seen
+
+
+def test_image_sampling_beside_compiled_training_compiles_nothing():
+    """The training loop's image grid samples eagerly: through the compiled blocks it compiled their
+    no-gradient variants at the first image step, and under CUDA graphs recorded a graph per block and
+    denoising step at every image step (docs/PERF.md, issue 7 seventh round). So sampling after a
+    compiled training step compiles no graph and samples what the eager model samples, and the next
+    training step compiles nothing either: the model as built is in the training mode that sampling
+    restores (the frozen blocks were not, and recompiled after the first image step on the H100)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = tiny_model_config(**{"backbone.gradient_checkpointing": False, "experts.num_blocks": 2, "experts.kind": "lora"})
+    eager = build_model(cfg)
+    compiled = copy.deepcopy(eager)
+    backend = CountingBackend()
+    compiled.compile_regions(backend=backend)
+    compiled(make_batch(seed=0, has_ref=[True, True])).loss.backward()  # as built: the loop sets no mode
+    trained = len(backend.graphs)
+    assert trained > 0  # the probe sees the training graphs
+    batch = make_batch(seed=1, has_ref=[True, False])
+    grids = [edit_grid(m, batch, num_steps=2, seed=3) for m in (eager, compiled)]
+    assert len(backend.graphs) == trained, "sampling compiled graphs of its own"
+    assert torch.equal(grids[0], grids[1])
+    assert compiled.training
+    # and training goes on with the graphs it has (on the H100 it recompiled after sampling)
+    compiled(make_batch(seed=2, has_ref=[True, True])).loss.backward()
+    assert len(backend.graphs) == trained, "training recompiled after sampling"

@@ -137,12 +137,19 @@ def console_line(step: int, m: dict[str, float]) -> str:
 
 @torch.no_grad()
 def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Tensor:
-    """Rows: samples; columns: source | coarse mask | refined mask | routing map | target | edit."""
+    """Rows: samples; columns: source | coarse mask | refined mask | routing map | target | edit.
+
+    Sampling runs eagerly even when training runs compiled (``torch.compiler.set_stance``). Through
+    the training's compiled blocks it compiled their no-gradient variants, and under CUDA graphs
+    without gradient checkpointing its block calls ran as graphs too. On the H100 (mid config,
+    ``reduce-overhead``) the step after each image step took 22-79 s, the later ones too (likely
+    graphs recorded for the sampler again); sampling eagerly, 2 s (docs/PERF.md, issue 7 seventh round)."""
     was_training = model.training
     model.eval()
     try:
         g = torch.Generator(device=batch.source.device).manual_seed(seed)
-        res = model.edit(batch, num_steps=num_steps, text_guidance=1.0, image_guidance=1.0, generator=g)
+        with torch.compiler.set_stance("force_eager"):
+            res = model.edit(batch, num_steps=num_steps, text_guidance=1.0, image_guidance=1.0, generator=g)
     finally:
         model.train(was_training)
 

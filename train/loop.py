@@ -177,9 +177,7 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
                 extra.update({f"data/{k}": float(v) for k, v in _skip_stats(loader).items()})
                 logger.flush(step, extra)
             if val_batch is not None and step % cfg.logging.images_every == 0:
-                if cuda_graphs:  # sampling runs its own forwards (graphs, without checkpointing)
-                    torch.compiler.cudagraph_mark_step_begin()
-                with rng_untouched():
+                with rng_untouched():  # sampling runs eagerly (edit_grid), outside the graphs
                     grid = edit_grid(engine.module, val_batch, cfg.logging.edit_steps, seed=cfg.run.seed)
                 logger.image_grid(step, grid)
             if step % cfg.checkpoint.every == 0:
