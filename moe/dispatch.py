@@ -131,7 +131,19 @@ def _slots_by_expert(index: Tensor, n_total: int) -> tuple[Tensor, Tensor, Tenso
     flat = index.reshape(-1)
     key = torch.where(flat >= 0, flat, n_total)
     order = torch.argsort(key, stable=True)
-    return order, _inverse_permutation(order), key[order], torch.bincount(key, minlength=n_total + 1)
+    return order, _inverse_permutation(order), key[order], _count_keys(key, n_total + 1)
+
+
+def _count_keys(key: Tensor, n: int) -> Tensor:
+    """How often each of 0..n-1 occurs in ``key`` -> [n] int64, a shape known before the data.
+
+    Not ``torch.bincount``: its output length depends on the data (max(key) + 1), so on CUDA it reads
+    the maximum back to the host, a device-to-host synchronisation in the middle of every expert layer,
+    and a traced graph gets a data-dependent size there (which CUDA graphs must split around). A
+    comparison with the n ids and a sum is one small reduction, without atomics.
+    """
+    ids = torch.arange(n, device=key.device, dtype=key.dtype)
+    return (key[None, :] == ids[:, None]).sum(1)
 
 
 def _combine(out_rows: Tensor, order: Tensor, inverse: Tensor, index: Tensor, weight: Tensor) -> Tensor:

@@ -24,9 +24,12 @@ class CountingBackend:
 
     def __init__(self) -> None:
         self.graphs: list[str] = []
+        self.data_dependent: list[str] = []  # nodes whose output size is read from the data (a host sync on CUDA)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.graphs.append(gm.code)
+        self.data_dependent += [n.format_node() for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+                                for n in m.graph.nodes if n.meta.get("unbacked_bindings")]  # checkpoint bodies too
         return aot_eager(gm, example_inputs)
 
 
@@ -90,6 +93,7 @@ def test_compiled_model_equals_eager(kind):
     routing_graphs = [g for g in backend.graphs if "to_logits" in g]
     if kind == "lora" or grouped:  # traced inside each expert block's graph: no graph break at the layer
         assert all("checkpoint" in g for g in routing_graphs) and routing_graphs
+        assert not backend.data_dependent, backend.data_dependent  # and no size read back from the device
         # the three expert blocks share a graph per batch structure, but for the first layer (its prior
         # is the coarse box, without gradient): 2 structures x 2, where one graph per block would be 6
         assert len(routing_graphs) == 4, len(routing_graphs)

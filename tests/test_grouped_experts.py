@@ -74,6 +74,27 @@ def test_grouped_ffn_matches_reference_at_ep1():
     assert fast[3].cond.weight.grad.abs().sum() > 0
 
 
+def test_grouped_ffn_dispatch_has_no_data_dependent_sizes():
+    """At ep_size 1 the grouped path must trace whole with every size known before the data: a size
+    read from the data (``torch.bincount`` counting the groups did) is a device-to-host synchronisation
+    on CUDA in every expert layer, and CUDA graphs split around it (docs/PERF.md, eighth round)."""
+    data_dependent = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        data_dependent.extend(n.format_node() for n in gm.graph.nodes if n.meta.get("unbacked_bindings"))
+        return gm.forward
+
+    experts = [copy.deepcopy(e).to(torch.bfloat16) for e in _experts()]
+    packed, routing = _routing(48, seed=2)
+    x = packed.to(torch.bfloat16)
+    dispatcher = AllToAllDispatcher(grouped_gemm=True)
+    assert dispatcher.host_sync_free(experts)
+    compiled = torch.compile(lambda p, i, w: dispatcher(p, i, w, experts), backend=backend, fullgraph=True)
+    out = compiled(x, routing.index, routing.weight)
+    assert not data_dependent, data_dependent
+    assert torch.equal(out, dispatcher(x, routing.index, routing.weight, experts))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
