@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import emit, environment, kernel_stats, time_interleaved  # noqa: E402
+from bench.common import emit, environment, gap_stats, kernel_stats, profiled, time_interleaved  # noqa: E402
 from moe.dispatch import AllToAllDispatcher, DenseDispatcher  # noqa: E402
 from moe.expert_layer import CareMoE  # noqa: E402
 from moe.experts import FfnExpert, LoraExpert, packed_width  # noqa: E402
@@ -290,7 +290,10 @@ def _timed(args, cases: dict) -> tuple[dict, dict]:
 def _profile(args, cases: dict, tokens: int, experts: str) -> None:
     if args.profile and torch.cuda.is_available():
         for name, fn in cases.items():
-            emit({"profile": name, "experts": experts, "tokens": tokens, **kernel_stats(fn, top=args.top)})
+            prof = profiled(fn)
+            gaps = gap_stats(prof, top=4)
+            emit({"profile": name, "experts": experts, "tokens": tokens, "gpu_idle_ms": gaps["gap_ms"],
+                  "gpu_idle_largest": gaps["largest"], **kernel_stats(fn, top=args.top, prof=prof, gemm_launches=True)})
 
 
 class LoraMlp(nn.Module):

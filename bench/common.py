@@ -87,7 +87,8 @@ def profiled(fn: Callable[[], object]):
     return prof
 
 
-def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/", prof=None) -> dict:
+def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/", prof=None,
+                 gemm_launches: bool = False) -> dict:
     """One profiled call of ``fn`` (or the given profile): device kernel count, busy time, the most
     expensive kernels, and the host ops that took the most self time. GPU spans of
     ``record_function`` ranges are not kernels."""
@@ -99,13 +100,23 @@ def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "ca
         by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return {
+    stats = {
         "host_top": [{"op": e.key[:60], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
                      for e in cpu],
         "kernels": len(kernels),
         "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
+        # copies to the host inside the call: each pageable one is a synchronisation that drains the GPU
+        "device_to_host_copies": sum(e.name.startswith("Memcpy DtoH") for e in prof.events()),
         "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 3)} for n, v in ranked],
     }
+    if gemm_launches:  # matrix products one by one, in launch order (library kernel names are too long to tell apart)
+        stats["gemm_launches_ms"] = [round(k.device_time / 1e3, 3) for k in sorted(kernels, key=lambda k: k.time_range.start)
+                                     if _is_gemm(k.name)]
+    return stats
+
+
+def _is_gemm(kernel_name: str) -> bool:
+    return any(s in kernel_name for s in ("gemm", "nvjet", "cutlass", "Kernel2", "sm90_xmma"))
 
 
 def gap_stats(prof, phases: tuple[str, ...] = (), top: int = 8, min_us: float = 20.0) -> dict:
