@@ -15,9 +15,11 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
   outputs back and combines. Rows move by permutations in both directions (no atomic scatter-add);
   with ep_size 1 that is one gather, the experts, one permutation back and an elementwise combine.
-  With ``grouped_gemm``, FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1
-  without any host synchronisation, so it is the one FFN path CUDA graphs can take. On the H100 it ran as
-  fast as the loop at 16K tokens and slower at 4K (docs/PERF.md, sixth round).
+  With ``grouped_gemm`` (the default at ep_size 1), FFN experts in bf16 run as grouped GEMMs
+  (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1 without any host synchronisation (the group
+  sizes stay on the device), so it is the one FFN path CUDA graphs can take. On one H100 the layer alone
+  ran within noise of the loop (4K and 16K tokens), and a mid training run was 1.1x (compiled) to 1.75x
+  (CUDA graphs) as fast (docs/PERF.md, eighth round).
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ class AllToAllDispatcher:
     def __init__(self, ep_size: int = 1, ep_rank: int = 0, grouped_gemm: bool = False):
         self.ep_size = ep_size
         self.ep_rank = ep_rank
-        self.grouped_gemm = grouped_gemm  # opt-in: slower than the loop at 4K tokens on the H100 (docs/PERF.md)
+        self.grouped_gemm = grouped_gemm  # where grouped_ffn_supported; the per-expert loop otherwise
 
     def host_sync_free(self, experts: Sequence[nn.Module]) -> bool:
         """True for grouped GEMMs on one rank: the group sizes stay on the device. The per-expert loop

@@ -211,7 +211,7 @@ class ExpertFeedForward(nn.Module):
             # each expert is initialised from its own seed, so any ep_size builds identical experts
             with seeded(expert_seed * 1009 + e):
                 local.append(build_expert(ex.kind, self.expert_names[e], dim, c, ex.rank, frozen_ff))
-        dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank, ex.grouped_gemm)
+        dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank, ex.use_grouped_gemm())
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
         self.packed_width = packed_width(dim, c)
         self._route_fn, self._mix_fn = self.route, self.mix  # compiled apart by enable_compile()

@@ -43,6 +43,26 @@ def test_bad_config_names_the_key(override, key):
     assert not torch_dist.is_initialized()
 
 
+@pytest.mark.parametrize("overrides, grouped", [
+    ([], True),  # auto: grouped GEMMs at ep_size 1 (no host sync there)
+    (["model.experts.ep_size=2"], False),  # auto: the per-expert loop behind the all-to-all
+    (["model.experts.grouped_gemm=false"], False),
+    (["model.experts.ep_size=2", "model.experts.grouped_gemm=true"], True),
+    (["model.experts.grouped_gemm=null"], True),
+])
+def test_grouped_gemm_auto_resolves_by_ep_size(overrides, grouped, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(TINY, overrides)
+    assert OmegaConf.to_object(cfg.model).experts.use_grouped_gemm() is grouped
+
+
+def test_grouped_gemm_rejects_a_non_boolean():
+    with pytest.raises(ConfigError, match=r"model\.experts\.grouped_gemm"):
+        load_config(TINY, ["model.experts.grouped_gemm=sometimes"])
+
+
 def test_ep_size_must_divide_world(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="model.experts.ep_size"):
