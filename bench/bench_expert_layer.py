@@ -115,7 +115,7 @@ def main() -> None:
             return torch.compile(run, fullgraph=dispatcher.host_sync_free(experts), **(how or {}))
 
         if "ffn" in args.kinds:
-            rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype)
+            rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype, r.index)
         if "lora" not in args.kinds:
             continue
         # LoRA-sized experts
@@ -145,7 +145,7 @@ def main() -> None:
         print(f"| {rec['experts']} | {rec['tokens']} | {rec['case']} | {rec['median_ms']:.3f} | {ratio:.2f} |")
 
 
-def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
+def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict]:
     """FFN-sized experts: ours (loop and grouped GEMM), the dense layer of the same FLOPs, stock
     DeepSpeed, and the floor of the per-expert loop: the same expert GEMMs on equal contiguous
     slices of S*K rows, without routing, gathers, conditions or the combine."""
@@ -162,10 +162,16 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
     stacked_in = nn.Parameter(torch.stack([m.proj_in.weight.detach() for m in floor_mlps]))  # [E, F, D]
     stacked_out = nn.Parameter(torch.stack([m.proj_out.weight.detach() for m in floor_mlps]))  # [E, D, F]
     offs = (torch.arange(1, E + 1, device=dev) * (s * K) // E).to(torch.int32)  # E near-equal groups of all rows
+    # the group sizes our layer gets from the routing: they end in partial tiles, where equal groups of
+    # S*K/E rows (3,072 or 12,288) are whole tiles
+    routed_offs = torch.stack([(index == e).sum() for e in range(E)]).cumsum(0).to(torch.int32)
 
-    def floor_grouped(rows):
+    def floor_grouped(rows, offs=offs):
         h = F.gelu(torch._grouped_mm(rows, stacked_in.transpose(1, 2), offs=offs), approximate="tanh")
         return torch._grouped_mm(h, stacked_out.transpose(1, 2), offs=offs)
+
+    def floor_grouped_routed(rows):
+        return floor_grouped(rows, routed_offs)
 
     cases = {
         "dense_same_flops": fwd_bwd(mc(Mlp(D, K * FFN).to(dev, dtype)), x),
@@ -176,6 +182,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
     }
     if dtype == torch.bfloat16:  # grouped GEMMs take bf16 only
         cases["floor_grouped_gemms_stacked_weights"] = fwd_bwd(mc(floor_grouped), slots)
+        cases["floor_grouped_gemms_routed_sizes"] = fwd_bwd(mc(floor_grouped_routed), slots)
     if dev.type == "cuda":
         # do the per-expert GEMMs leave the GPU partly idle (each GEMM's last wave)? The loop floor
         # eager, on one stream and with the experts alternating between two streams
@@ -204,6 +211,8 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype) -> list[dict]:
         if dtype == torch.bfloat16:
             cases[f"floor_grouped_gemms_stacked_weights@{suffix}"] = wrap(
                 compiled(_own_code(floor_grouped)), slots, [stacked_in, stacked_out])
+            cases[f"floor_grouped_gemms_routed_sizes@{suffix}"] = wrap(
+                compiled(_own_code(floor_grouped_routed)), slots, [stacked_in, stacked_out])
             if "autotune" in suffix:
                 # torch 2.11 fails to compile it: autotuning picked a Triton kernel for a row-major
                 # weight stack, code generation froze the stack K-major, and Triton rejected the kernel
