@@ -53,3 +53,10 @@ def make_batch(batch_size: int = 2, size: int = 32, has_ref=None, seed: int = 0)
         task=["recolor"] * batch_size, tag_ids=torch.tensor([[1, 2, -1]] * batch_size),
         keys=[f"k{i}" for i in range(batch_size)],
     )
+
+
+def data_dependent_nodes(gm: torch.fx.GraphModule) -> list[str]:
+    """Nodes of a traced graph (nested ones too: checkpoint bodies) whose output size is read from the
+    data. On CUDA each is a device-to-host synchronisation, and CUDA graphs split around it."""
+    return [n.format_node() for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes if n.meta.get("unbacked_bindings")]

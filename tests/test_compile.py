@@ -16,7 +16,7 @@ from torch._dynamo.backends.debugging import aot_eager
 
 from moe.model import build_model
 from train.logging import edit_grid
-from tests.model_configs import make_batch, tiny_model_config
+from tests.model_configs import data_dependent_nodes, make_batch, tiny_model_config
 
 
 class CountingBackend:
@@ -28,8 +28,7 @@ class CountingBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.graphs.append(gm.code)
-        self.data_dependent += [n.format_node() for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
-                                for n in m.graph.nodes if n.meta.get("unbacked_bindings")]  # checkpoint bodies too
+        self.data_dependent += data_dependent_nodes(gm)
         return aot_eager(gm, example_inputs)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from moe.dispatch import AllToAllDispatcher, reference_combine
 from moe.experts import FfnExpert, grouped_ffn_supported, packed_width
 from moe.router import topk_routing
+from tests.model_configs import data_dependent_nodes
 
 D, HIDDEN, CTX, NAMES = 32, 64, 8, ["text", "mask", "reference", "base"]
 BF16_TOL = 2e-2
@@ -81,7 +82,7 @@ def test_grouped_ffn_dispatch_has_no_data_dependent_sizes():
     data_dependent = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
-        data_dependent.extend(n.format_node() for n in gm.graph.nodes if n.meta.get("unbacked_bindings"))
+        data_dependent.extend(data_dependent_nodes(gm))
         return gm.forward
 
     experts = [copy.deepcopy(e).to(torch.bfloat16) for e in _experts()]
