@@ -11,6 +11,10 @@ unambiguous. Edits, with exact fine masks::
     add      "add a yellow circle"                mask = the new object
     style    "invert the colors of the image" / sepia / posterize      mask = the whole image
 
+Each sample's JSON also holds a ``check`` field: what the target must contain (the new colour, the
+removed object's colour, the style), which ``train.edit_success`` uses to say whether an edit
+succeeded.
+
 Everything is a function of (seed, split, index), so a sample does not depend on how many were
 generated, and the train and val splits use disjoint seeds and key prefixes.
 
@@ -111,8 +115,18 @@ def _style(img: np.ndarray, style: str) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _color_check(name: str, prefix: str = "") -> dict:
+    return {f"{prefix}color": name, f"{prefix}rgb": list(COLORS[name])}
+
+
 def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecord:
-    """The sample ``index`` of ``split``: a pure function of its arguments."""
+    """The sample ``index`` of ``split``: a pure function of its arguments.
+
+    The JSON's ``check`` field says what the target must contain, for ``train.edit_success``:
+    ``color``/``rgb`` (0..255) and ``shape`` of the object the target gains (recolor, add, replace),
+    ``old_color``/``old_rgb`` (and ``old_shape``) of the one it loses (recolor, remove, replace),
+    ``style`` for a style edit.
+    """
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     bg = background(rng, size)
     objs: list[dict] = []
@@ -137,15 +151,18 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
             mask = shape_mask(new["kind"], new["cx"], new["cy"], new["r"], size)
             instruction = f"add a {new['color']} {new['kind']}"
             pres = ["background", "layout"]
+            check = dict(_color_check(new["color"]), shape=new["kind"])
     if kind == "recolor":
         colors = [c for c in COLORS if c != target["color"] and (c, target["kind"]) not in taken]
         color = colors[int(rng.integers(len(colors)))]
         tgt = render(bg, [dict(o, color=color) if o is target else o for o in objs])
         mask, instruction = old_mask, f"make the {name} {color}"
         pres = ["background", "structure"]
+        check = dict(_color_check(color), **_color_check(target["color"], "old_"), shape=target["kind"])
     elif kind == "remove":
         tgt = render(bg, [o for o in objs if o is not target])
         mask, instruction = old_mask, f"remove the {name}"
+        check = dict(_color_check(target["color"], "old_"), old_shape=target["kind"])
     elif kind == "replace":
         choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken and s != target["kind"]]
         color, shape = choices[int(rng.integers(len(choices)))]
@@ -154,11 +171,14 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
         mask = old_mask | shape_mask(shape, new["cx"], new["cy"], new["r"], size)
         ref = render(np.full_like(bg, 255.0), [dict(new, cx=size / 2, cy=size / 2, r=size * 0.3)])
         instruction = f"replace the {name} with the object in the reference image"
+        check = dict(_color_check(color), shape=shape, **_color_check(target["color"], "old_"),
+                     old_shape=target["kind"])
     elif kind == "style":
         style = list(STYLES)[int(rng.integers(len(STYLES)))]
         tgt = _style(src, style)
         mask, instruction = np.ones((size, size), bool), STYLES[style]
         pres = ["layout", "structure"]
+        check = dict(style=style)
     return EditRecord(
         key=f"syn{seed}-{split}-{index:07d}",
         src=Image.fromarray(src),
@@ -169,6 +189,7 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
         task=kind,
         tags={"scope": "global" if kind == "style" else "local", "type": kind, "preservation": pres},
         source="synthetic",
+        extra={"check": check},
     )
 
 
