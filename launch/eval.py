@@ -4,10 +4,13 @@
 [--out DIR] [--steps N] [--limit N] [--batch-size N] [--seed N] [--device cpu|cuda] [--ema]
 [--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N]``
 
-Metrics (train/evaluation.py): L1, L2, L1 inside / outside the fine mask, refined-mask IoU, expert
-utilisation per task; CLIP-I and CLIP-T with ``--clip`` (transformers CLIPModel + CLIPProcessor),
-DINO with ``--dino`` (AutoModel + AutoImageProcessor), from local folders only. Metrics whose
-encoder is not given are listed as skipped, on the console and in the JSON.
+Metrics (train/evaluation.py): edit success per task (train/edit_success.py, for shards whose JSON
+says what the target must contain, as data/synthetic.py writes them), L1, L2, L1 inside / outside
+the fine mask, refined-mask IoU, expert utilisation per task, each beside two baselines on the same
+samples: do-nothing (the source returned) and oracle (the target returned); CLIP-I and CLIP-T
+with ``--clip`` (transformers CLIPModel + CLIPProcessor), DINO with ``--dino`` (AutoModel + AutoImageProcessor), from local folders only. Metrics whose
+encoder is not given are listed as skipped, on the console and in the JSON. Prints a table of the
+model and baseline rows; writes ``eval.json`` and the plot ``eval.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from train.evaluation import EmbeddingEncoders, EvalSettings, evaluate, iterate_heldout, plot_results
+    from train.eval_report import format_table, plot_results
+    from train.evaluation import EmbeddingEncoders, EvalSettings, evaluate, iterate_heldout
     from train.export import WeightsError, load_for_inference
 
     try:
@@ -72,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         json.dump(result, f, indent=1)
     plot_results(result, os.path.join(args.out, "eval.png"))
     print(json.dumps(result["metrics"], indent=1))
+    print(format_table(result))
     print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.png ({result['num_samples']} samples)")
     return 0
 

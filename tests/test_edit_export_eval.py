@@ -283,3 +283,10 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     assert set(result["skipped_metrics"]) == {"dino"} and "dino" not in m
     assert -1 <= m["clip_i"] <= 1 and -1 <= m["clip_t"] <= 1
     assert (out / "eval.png").stat().st_size > 0
+    # edit success beside the do-nothing and oracle rows, on the same 5 samples, and their table
+    assert result["num_checked"] == 5 and 0 <= m["success"] <= 1 and 0 <= m["success_mean_over_tasks"] <= 1
+    assert result["baselines"]["do_nothing"]["metrics"]["success"] == 0.0
+    assert result["baselines"]["oracle"]["metrics"]["success"] == 1.0
+    assert result["baselines"]["do_nothing"]["metrics"]["l1"] == pytest.approx(m["l1_source"])
+    rows = [line.split()[0] for line in stdout.splitlines() if line.split()[:1] in (["model"], ["do-nothing"], ["oracle"])]
+    assert rows == ["model", "do-nothing", "oracle"]

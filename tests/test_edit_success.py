@@ -211,3 +211,96 @@ def test_generator_records_the_check_matching_the_instruction():
         if rec.task in ("recolor", "add"):
             assert check["color"] in rec.instruction
         assert ("rgb" in check) == (rec.task != "remove") and ("old_rgb" in check) == (rec.task != "add")
+
+
+# ------------------------------------------------------------------------------------------ evaluate()
+class _CopyModel:
+    """A stand-in editor that returns the batch's target (or source): evaluate() must score it as the
+    oracle (or do-nothing) row."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def edit(self, batch, num_steps, text_guidance, image_guidance, generator):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=getattr(batch, self.field), refined_mask=batch.fine_mask,
+                               utilisation={"text": 0.25, "mask": 0.75})
+
+
+def _val_shards(tmp_path, with_checks: bool = True, n: int = 20) -> str:
+    from data.shards import write_shards
+
+    records = []
+    for i in range(n):
+        rec = make_sample(0, "val", i, 128)
+        if not with_checks:
+            rec.extra = {}
+        records.append(rec)
+    return write_shards(records, str(tmp_path), prefix="val", max_count=8, progress=False).pattern
+
+
+def _evaluate(model, pattern: str, limit: int, group_by_task: bool = True) -> dict:
+    from data.config import DataConfig
+    from train.evaluation import EvalSettings, evaluate, iterate_heldout
+
+    settings = EvalSettings(steps=1, limit=limit, batch_size=6, flow_loss=False, group_by_task=group_by_task)
+    cfg = DataConfig(image_size=32, shuffle_buffer=1)
+    return evaluate(model, iterate_heldout(cfg, pattern, settings.batch_size, limit), settings)
+
+
+def test_evaluate_reports_success_with_do_nothing_and_oracle_rows(tmp_path):
+    pattern = _val_shards(tmp_path)
+    for field, expected in (("target", 1.0), ("source", 0.0)):
+        for group_by_task in (True, False):
+            res = _evaluate(_CopyModel(field), pattern, limit=17, group_by_task=group_by_task)
+            assert res["num_samples"] == res["num_checked"] == 17 and "success" not in res["skipped_metrics"]
+            assert res["metrics"]["success"] == expected and res["metrics"]["success_mean_over_tasks"] == expected
+            assert {t: d["success"] for t, d in res["per_task"].items()} == {t: expected for t in res["per_task"]}
+            assert sum(d["count"] for d in res["per_task"].values()) == 17
+    do_nothing, oracle = res["baselines"]["do_nothing"], res["baselines"]["oracle"]
+    assert do_nothing["metrics"]["success"] == 0.0 and oracle["metrics"]["success"] == 1.0
+    assert oracle["metrics"]["l1_inside"] == 0.0 and oracle["metrics"]["l1_outside"] == 0.0
+    assert oracle["metrics"]["mask_iou"] == 1.0 and oracle["mask_iou_of"] == "fine mask"
+    # resized to 32 px, edge pixels just outside the fine mask are blends: small, not 0
+    assert do_nothing["metrics"]["l1_outside"] < 0.01 and do_nothing["metrics"]["l1_inside"] > 0.05
+    # do-nothing's IoU is the coarse box's: below 1 (objects are not boxes), above 0 (it covers them)
+    assert 0.3 < do_nothing["metrics"]["mask_iou"] < 1.0 and do_nothing["mask_iou_of"] == "coarse box"
+    # the source-copy model's row equals the do-nothing row on the metrics they share, but IoU
+    for k in ("l1", "l1_inside", "l1_outside", "success"):
+        assert res["metrics"][k] == pytest.approx(do_nothing["metrics"][k]), k
+
+
+def test_evaluate_on_shards_without_checks_reports_success_unavailable(tmp_path):
+    from train.eval_report import format_table
+
+    res = _evaluate(_CopyModel("target"), _val_shards(tmp_path, with_checks=False), limit=8)
+    assert res["num_samples"] == 8 and res["num_checked"] == 0
+    assert "'check'" in res["skipped_metrics"]["success"]
+    assert math.isnan(res["metrics"]["success"]) and math.isnan(res["baselines"]["oracle"]["metrics"]["success"])
+    assert res["metrics"]["l1"] == 0.0  # the other metrics are there
+    assert "success unavailable" in format_table(res)
+
+
+def test_report_table_and_plot(tmp_path):
+    from PIL import Image
+
+    from train.eval_report import format_table, plot_results
+
+    res = _evaluate(_CopyModel("target"), _val_shards(tmp_path), limit=12)
+    lines = format_table(res).splitlines()
+    header, rows = lines[0].split(), {ln.split()[0]: ln.split()[1:] for ln in lines[1:4]}
+    assert set(rows) == {"model", "do-nothing", "oracle"}
+    tasks = sorted(res["per_task"])
+    assert header[: 2 * len(tasks) + 2] == [w for t in tasks + ["mean"] for w in ("success", t)]
+    assert rows["oracle"][: len(tasks) + 1] == ["1.000"] * (len(tasks) + 1)
+    assert rows["do-nothing"][: len(tasks) + 1] == ["0.000"] * (len(tasks) + 1)
+    assert "coarse box" in lines[4] and "12 of 12 samples" in lines[5]
+    plot_results(res, str(tmp_path / "eval.png"))
+    img = Image.open(tmp_path / "eval.png")
+    assert img.width >= 640 and img.height > 400
+    # the oracle's success bars (green) reach the 1.0 tick; do-nothing's (grey) have no height
+    import numpy as np
+
+    arr = np.asarray(img.convert("RGB"))
+    assert (arr == (90, 170, 90)).all(-1).any() and (arr == (60, 120, 200)).all(-1).any()

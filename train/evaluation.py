@@ -14,6 +14,11 @@ every metric is computed per sample, and reduced by the caller (mean over sample
   resolution. It measures the denoiser itself, which pixel metrics of a few-step sample through a
   (possibly random, in tests and the tiny benchmark) VAE decoder may not.
 * L1 of the *source* to the target (``l1_source``): the do-nothing edit, a baseline for L1.
+* edit success (``success``): yes/no per sample from ``train.edit_success``, for samples whose
+  shard JSON says what the target must contain; reported per task, as the mean over samples and
+  as the mean over tasks (``success_mean_over_tasks``).
+* two baseline rows on the same samples: ``do_nothing`` (the source as the edit) and ``oracle``
+  (the target as the edit), each with L1 inside / outside, mask IoU and success.
 * CLIP-I / DINO: cosine of image embeddings of edit and target; CLIP-T: cosine of the edit's CLIP
   image embedding and the instruction's CLIP text embedding. Encoders load from local folders only.
 """
@@ -27,6 +32,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from train.edit_success import edit_success
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -183,47 +190,122 @@ class EvalSettings:
     group_by_task: bool = True  # one edit call per task in a batch: exact per-task utilisation, more calls
 
 
+class ShardChecks:
+    """The ``check`` dict of each held-out sample (``data.synthetic`` writes one into its JSON), by key.
+
+    Why a second read of the shards: the batch is the data layer's contract with the model and
+    carries nothing the model does not use. The JSON members are read lazily in file order, the
+    order the evaluation loader yields, so only the part of the shards that was evaluated is read.
+    A sample without the field (or a shard that cannot be read) gives None: success unavailable.
+    """
+
+    def __init__(self, urls: list[str]):
+        self._scan = self._read(urls)
+        self._ahead: dict[str, Optional[dict]] = {}
+
+    @staticmethod
+    def _read(urls: list[str]):
+        import json
+
+        import webdataset as wds
+
+        for url in urls:
+            for sample in wds.tarfile_to_samples(handler=wds.ignore_and_continue)(iter([dict(url=url)])):
+                try:
+                    check = json.loads(sample["json"]).get("check") if "json" in sample else None
+                except (ValueError, AttributeError):
+                    check = None
+                yield sample["__key__"], check if isinstance(check, dict) else None
+
+    def get(self, key: str) -> Optional[dict]:
+        if key in self._ahead:
+            return self._ahead.pop(key)
+        for k, check in self._scan:
+            if k == key:
+                return check
+            self._ahead[k] = check
+        return None
+
+
 def iterate_heldout(data_cfg: Any, shards: str, batch_size: int, limit: int):
-    """Batches of the held-out shards in file order (evaluation view, each sample once), ``limit`` samples."""
+    """Batches of the held-out shards in file order (evaluation view, each sample once), ``limit`` samples.
+
+    Each batch carries ``extras["checks"]``: ``{sample key: check dict or None}`` (see :class:`ShardChecks`).
+    """
     from data.config import DataConfig
     from data.loader import EditLoader, expand_shards
 
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
     cfg = dataclasses.replace(cfg, buckets=[], num_workers=0, cached=False)
+    urls = expand_shards(shards)
+    checks = ShardChecks(urls)
     seen = 0
-    for batch in EditLoader(cfg, expand_shards(shards), batch_size, 0, 1, exact=True):
+    for batch in EditLoader(cfg, urls, batch_size, 0, 1, exact=True):
         if seen >= limit:
             return
         take = min(batch.batch_size, limit - seen)
         if take < batch.batch_size:
             batch = batch.select(list(range(take)))
         seen += take
+        batch.extras["checks"] = {k: checks.get(k) for k in batch.keys}
         yield batch
+
+
+BASELINES = ("do_nothing", "oracle")
+# What each baseline's mask IoU compares with the fine mask (neither has a refined mask of its own).
+BASELINE_IOU_MASK = {"do_nothing": "coarse box", "oracle": "fine mask"}
+NO_CHECKS = "no evaluated sample's shard JSON has a 'check' field (data.synthetic writes one)"
+
+
+def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[dict]]) -> dict[str, Tensor]:
+    """Per-sample metrics every row of the report has: L1 inside / outside, mask IoU, success."""
+    target, source, fine = to_unit(sub.target).cpu(), to_unit(sub.source).cpu(), sub.fine_mask.float().cpu()
+    inside, outside = masked_l1_per_sample(edit, target, fine)
+    return {"l1": l1_per_sample(edit, target), "l1_inside": inside, "l1_outside": outside,
+            "mask_iou": mask_iou_per_sample(iou_mask.float().cpu(), fine),
+            "success": edit_success(edit, source, target, fine, list(sub.task), checks)}
+
+
+def _reduce(per_sample: dict[str, list[float]], per_task: dict[str, dict[str, list[float]]]) -> dict:
+    """Means over samples, per task, and success averaged over tasks (each task weighs the same)."""
+    tasks = {t: {k: nanmean(v) for k, v in d.items()} | {"count": len(next(iter(d.values())))}
+             for t, d in per_task.items()}
+    metrics = {k: nanmean(v) for k, v in per_sample.items()}
+    if "success" in metrics:
+        metrics["success_mean_over_tasks"] = nanmean([d["success"] for d in tasks.values()])
+    return {"metrics": metrics, "per_task": tasks}
 
 
 @torch.no_grad()
 def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[EmbeddingEncoders] = None,
              device: str = "cpu", on_batch: Optional[Callable[[int], None]] = None) -> dict:
-    """Edit every held-out sample (per task group, for per-task utilisation) and reduce the metrics."""
+    """Edit every held-out sample (per task group, for per-task utilisation) and reduce the metrics.
+
+    Beside the model's row, two baselines on the same samples: ``do_nothing`` (the source returned
+    as the edit; its mask IoU is the coarse box's) and ``oracle`` (the target; IoU of the fine mask,
+    1 by definition). ``success`` (``train.edit_success``) needs the batch's ``extras["checks"]``
+    (:func:`iterate_heldout` sets it); samples without a check are left out of its means, and when
+    no sample has one, success is listed in ``skipped_metrics``.
+    """
     per_sample: dict[str, list[float]] = defaultdict(list)
     per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    base_sample = {b: defaultdict(list) for b in BASELINES}
+    base_task = {b: defaultdict(lambda: defaultdict(list)) for b in BASELINES}
     util: dict[str, dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
     g = torch.Generator(device=device).manual_seed(settings.seed)
-    n = 0
+    n = checked = 0
     for batch in batches:
         groups = sorted(set(batch.task)) if settings.group_by_task else ["all"]
+        known = batch.extras.get("checks", {})
         for task in groups:
             idx = [i for i, t in enumerate(batch.task) if t == task or task == "all"]
             sub = batch.select(idx).to(device)
+            checks = [known.get(k) for k in sub.keys]
             res = model.edit(sub, num_steps=settings.steps, text_guidance=settings.text_guidance,
                              image_guidance=settings.image_guidance, generator=g)
             edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
-            fine = sub.fine_mask.float().cpu()
-            inside, outside = masked_l1_per_sample(edit, target, fine)
-            values = {"l1": l1_per_sample(edit, target), "l2": l2_per_sample(edit, target),
-                      "l1_inside": inside, "l1_outside": outside,
-                      "mask_iou": mask_iou_per_sample(res.refined_mask.cpu(), fine),
-                      "l1_source": l1_per_sample(to_unit(sub.source).cpu(), target)}
+            values = _edit_row(edit, sub, res.refined_mask, checks)
+            values.update(l2=l2_per_sample(edit, target), l1_source=l1_per_sample(to_unit(sub.source).cpu(), target))
             if settings.flow_loss:
                 values["flow_mse"], values["flow_mse_inside"], values["flow_mse_outside"] = flow_mse_per_sample(
                     model, sub, seed=settings.seed)
@@ -233,67 +315,35 @@ def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[Emb
                 values["clip_t"] = cosine_per_sample(e_edit, encoders.clip_text(list(sub.instruction))).cpu()
             if encoders is not None and encoders.dino is not None:
                 values["dino"] = cosine_per_sample(encoders.dino_image(edit), encoders.dino_image(target)).cpu()
-            for k, v in values.items():
-                per_sample[k].extend(v.tolist())
-                per_task[task][k].extend(v.tolist())
+            baselines = {"do_nothing": _edit_row(to_unit(sub.source).cpu(), sub, sub.coarse_mask, checks),
+                         "oracle": _edit_row(target, sub, sub.fine_mask, checks)}
+            for i, t in enumerate(sub.task):
+                for k, v in values.items():
+                    per_sample[k].append(v[i].item())
+                    per_task[t][k].append(v[i].item())
+                for b, row in baselines.items():
+                    for k, v in row.items():
+                        base_sample[b][k].append(v[i].item())
+                        base_task[b][t][k].append(v[i].item())
             for name, u in res.utilisation.items():
                 util[task][name].append((u, len(idx)))
             n += len(idx)
+            checked += sum(c is not None for c in checks)
         if on_batch is not None:
             on_batch(n)
     utilisation = {task: {name: sum(u * c for u, c in vals) / sum(c for _, c in vals) for name, vals in d.items()}
                    for task, d in util.items()}
+    skipped = encoders.skipped() if encoders is not None else {
+        "clip_i": "no --clip path given", "clip_t": "no --clip path given", "dino": "no --dino path given"}
+    if checked == 0:
+        skipped["success"] = NO_CHECKS
     return {
         "num_samples": n,
-        "metrics": {k: nanmean(v) for k, v in per_sample.items()},
-        "per_task": {t: {k: nanmean(v) for k, v in d.items()} | {"count": len(next(iter(d.values())))}
-                     for t, d in per_task.items()},
+        "num_checked": checked,
+        **_reduce(per_sample, per_task),
+        "baselines": {b: _reduce(base_sample[b], base_task[b]) | {"mask_iou_of": BASELINE_IOU_MASK[b]}
+                      for b in BASELINES},
         "utilisation_per_task": utilisation,
-        "skipped_metrics": encoders.skipped() if encoders is not None else
-        {"clip_i": "no --clip path given", "clip_t": "no --clip path given", "dino": "no --dino path given"},
+        "skipped_metrics": skipped,
         "settings": dataclasses.asdict(settings),
     }
-
-
-# ------------------------------------------------------------------------------------------ the plot
-def plot_results(result: dict, path: str) -> None:
-    """PNG with PIL primitives (matplotlib is not a dependency): per-task bars of L1 inside/outside and
-    mask IoU, and per-task expert utilisation as stacked bars."""
-    from PIL import Image, ImageDraw
-
-    tasks = sorted(result["per_task"])
-    experts = sorted({e for d in result["utilisation_per_task"].values() for e in d})
-    colours = {"text": (230, 50, 50), "mask": (50, 200, 50), "reference": (50, 100, 255), "base": (150, 150, 150)}
-    bar_colours = [(240, 140, 40), (60, 120, 200), (90, 170, 90)]
-    w_task, h_plot, margin = 120, 200, 40
-    width = margin * 2 + w_task * max(len(tasks), 1)
-    img = Image.new("RGB", (width, 2 * h_plot + 4 * margin), "white")
-    d = ImageDraw.Draw(img)
-    d.text((margin, 5), "L1 inside (orange) / outside (blue) fine mask, mask IoU (green); y in [0, 1]", fill="black")
-    d.text((margin, h_plot + 2 * margin + 5), "expert utilisation per task (fraction of tokens routed)", fill="black")
-    for row in range(2):
-        y0 = margin + row * (h_plot + 2 * margin)
-        d.line([(margin, y0 + h_plot), (width - margin, y0 + h_plot)], fill="black")
-        d.line([(margin, y0), (margin, y0 + h_plot)], fill="black")
-    for i, task in enumerate(tasks):
-        x = margin + i * w_task + 10
-        m = result["per_task"][task]
-        for j, key in enumerate(("l1_inside", "l1_outside", "mask_iou")):
-            v = m.get(key, float("nan"))
-            if not math.isnan(v):
-                top = margin + h_plot - int(min(max(v, 0), 1) * h_plot)
-                d.rectangle([x + 30 * j, top, x + 30 * j + 24, margin + h_plot], fill=bar_colours[j])
-        d.text((x, margin + h_plot + 4), task, fill="black")
-        y_base = 2 * margin + 2 * h_plot + margin
-        u = result["utilisation_per_task"].get(task, {})
-        for j, e in enumerate(experts):
-            v = min(max(u.get(e, 0.0), 0.0), 1.0)
-            top = y_base - int(v * h_plot)
-            d.rectangle([x + 22 * j, top, x + 22 * j + 18, y_base], fill=colours.get(e, (0, 0, 0)))
-        d.text((x, y_base + 4), task, fill="black")
-    legend_x = width - margin - 4 * 60
-    for j, e in enumerate(experts):
-        d.rectangle([legend_x + 60 * j, h_plot + 2 * margin - 10, legend_x + 60 * j + 8, h_plot + 2 * margin - 2],
-                    fill=colours.get(e, (0, 0, 0)))
-        d.text((legend_x + 60 * j + 10, h_plot + 2 * margin - 12), e, fill="black")
-    img.save(path)
