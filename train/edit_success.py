@@ -19,6 +19,10 @@ Criteria (each task also needs ``preserved``, except style whose mask is the who
   that have the colour in the source *and* the target (a neighbour of the same colour, a
   background stripe that happens to be close) are left out: they say nothing about the edit,
   and so the do-nothing edit scores exactly 0.
+* recolor / add / replace, ``kept``: those pixels left out above, where they lie inside the fine
+  mask (a new object overlapping an old one of the same colour), must keep the colour in the
+  edit: a fraction >= 1 - :data:`MAX_LEFTOVER`. Without it, erasing a replaced object whose
+  successor of the same colour lies inside it would pass.
 * recolor / replace / remove, ``leftover``: of the pixels that have the old colour in the source
   but not in the target (the part of the old object that must change), the fraction still of the
   old colour in the edit is <= :data:`MAX_LEFTOVER`. This fails an edit that paints the new
@@ -84,6 +88,14 @@ def color_iou(edit: Tensor, source: Tensor, target: Tensor, region: Tensor, rgb:
     return torch.where(union > 0, _count(want & got) / union.clamp(min=1), torch.ones_like(union))
 
 
+def kept_fraction(edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor, rgb: Tensor) -> Tensor:
+    """[B]: of the fine mask's pixels with colour ``rgb`` in both source and target, the fraction
+    that has it in the edit; 1.0 where there is no such pixel."""
+    must_keep = (fine_mask >= 0.5) & has_color(source, rgb) & has_color(target, rgb)
+    n = _count(must_keep)
+    return torch.where(n > 0, _count(must_keep & has_color(edit, rgb)) / n.clamp(min=1), torch.ones_like(n))
+
+
 def leftover_fraction(edit: Tensor, source: Tensor, target: Tensor, region: Tensor, rgb_old: Tensor) -> Tensor:
     """[B]: of the region's pixels with colour ``rgb_old`` in the source but not in the target, the
     fraction that still has it in the edit; 0.0 where there is no such pixel."""
@@ -129,7 +141,9 @@ def task_success(task: str, edit: Tensor, source: Tensor, target: Tensor, fine_m
     inside, outside = l1_inside_outside(edit, target, fine_mask)
     ok = outside <= MAX_L1_OUTSIDE
     if task in ("recolor", "add", "replace"):
-        ok &= color_iou(edit, source, target, region, _rgb(checks, "rgb", task)) >= MIN_COLOR_IOU
+        rgb = _rgb(checks, "rgb", task)
+        ok &= color_iou(edit, source, target, region, rgb) >= MIN_COLOR_IOU
+        ok &= kept_fraction(edit, source, target, fine_mask, rgb) >= 1 - MAX_LEFTOVER
     if task in ("recolor", "replace", "remove"):
         ok &= leftover_fraction(edit, source, target, region, _rgb(checks, "old_rgb", task)) <= MAX_LEFTOVER
     if task == "remove":

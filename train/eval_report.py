@@ -109,7 +109,7 @@ def _plot_matplotlib(plt: Any, panels: list, path: str) -> None:
         ax.set_ylim(0, 1.15)
         ax.set_ylabel("value")
         ax.set_title(title)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
