@@ -4,13 +4,14 @@
 [--out DIR] [--steps N] [--limit N] [--batch-size N] [--seed N] [--device cpu|cuda] [--ema]
 [--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N]``
 
-Metrics (train/evaluation.py): edit success per task (train/edit_success.py, for shards whose JSON
+Metrics (train/evaluation.py): edit success per task (train/edit_success.py; for shards whose JSON
 says what the target must contain, as data/synthetic.py writes them), L1, L2, L1 inside / outside
-the fine mask, refined-mask IoU, expert utilisation per task, each beside two baselines on the same
-samples: do-nothing (the source returned) and oracle (the target returned); CLIP-I and CLIP-T
-with ``--clip`` (transformers CLIPModel + CLIPProcessor), DINO with ``--dino`` (AutoModel + AutoImageProcessor), from local folders only. Metrics whose
-encoder is not given are listed as skipped, on the console and in the JSON. Prints a table of the
-model and baseline rows; writes ``eval.json`` and the plot ``eval.png`` into ``--out``.
+the fine mask, refined-mask IoU, expert utilisation per task; CLIP-I and CLIP-T with ``--clip``
+(transformers CLIPModel + CLIPProcessor), DINO with ``--dino`` (AutoModel + AutoImageProcessor),
+from local folders only. Metrics whose encoder is not given are listed as skipped, on the console
+and in the JSON. Success, L1 and mask IoU also come for two baselines on the same samples:
+do-nothing (the source returned) and oracle (the target returned). Prints a table of the model
+and baseline rows; writes ``eval.json`` and the plot ``eval.png`` into ``--out``.
 """
 
 from __future__ import annotations

@@ -254,7 +254,8 @@ def iterate_heldout(data_cfg: Any, shards: str, batch_size: int, limit: int):
 BASELINES = ("do_nothing", "oracle")
 # What each baseline's mask IoU compares with the fine mask (neither has a refined mask of its own).
 BASELINE_IOU_MASK = {"do_nothing": "coarse box", "oracle": "fine mask"}
-NO_CHECKS = "no evaluated sample's shard JSON has a 'check' field (data.synthetic writes one)"
+NO_CHECKS = ("no evaluated sample has a success check: a 'check' field in its shard JSON (data.synthetic "
+             "writes one) for a task train.edit_success knows")
 
 
 def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[dict]]) -> dict[str, Tensor]:
@@ -328,7 +329,7 @@ def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[Emb
             for name, u in res.utilisation.items():
                 util[task][name].append((u, len(idx)))
             n += len(idx)
-            checked += sum(c is not None for c in checks)
+            checked += int((~values["success"].isnan()).sum())
         if on_batch is not None:
             on_batch(n)
     utilisation = {task: {name: sum(u * c for u, c in vals) / sum(c for _, c in vals) for name, vals in d.items()}
