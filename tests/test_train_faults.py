@@ -1,4 +1,7 @@
-"""Failure paths: kill during a checkpoint save, preemption signal, NaN steps (gloo, 2 ranks, ep 2)."""
+"""Failure paths: kill during a checkpoint save, preemption signal, NaN steps (gloo, 2 ranks, ep 2).
+
+The faults are injected through the entry's factories and a patched save (tests/faults.py).
+"""
 
 import math
 import os
@@ -6,6 +9,7 @@ import signal
 
 import pytest
 
+from tests.faults import Faults
 from tests.train_harness import read_losses, read_records, run_ranks, start_ranks, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
@@ -23,9 +27,9 @@ def _latest(run_dir):
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     run = str(tmp_path)
-    ranks = start_ranks(2, run, EP2 + ["train.steps=6", "checkpoint.every=2", "debug.crash_in_save_at_step=4"])
+    ranks = start_ranks(2, run, EP2 + ["train.steps=6", "checkpoint.every=2"], faults=Faults(crash_in_save_at_step=4))
     codes = ranks.wait(180)
-    assert codes[0] == -signal.SIGKILL, ranks.output()[-3000:]  # rank 0 died with shards of step 4 on disk
+    assert codes == [-signal.SIGKILL] * 2, ranks.output()[-3000:]  # killed with every shard of step 4 on disk
     assert _latest(run) == "step00000002"
     names = os.listdir(_ckpt_dir(run))
     assert ".tmp-step00000004" in names and "step00000004" not in names
@@ -38,7 +42,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 
 def test_sigusr1_checkpoints_at_next_step_and_exits_cleanly(tmp_path):
     run = str(tmp_path)
-    ranks = start_ranks(2, run, EP2 + ["train.steps=200", "checkpoint.every=1000", "debug.step_sleep_s=0.5"])
+    ranks = start_ranks(2, run, EP2 + ["train.steps=200", "checkpoint.every=1000"], faults=Faults(step_sleep_s=0.5))
     wait_for_step(run, 3, ranks)
     os.kill(ranks.procs[1].pid, signal.SIGUSR1)  # only one rank gets it: the flag is agreed at the boundary
     assert ranks.wait(120) == [0, 0], ranks.output()[-3000:]
@@ -50,8 +54,8 @@ def test_sigusr1_checkpoints_at_next_step_and_exits_cleanly(tmp_path):
 
 def test_nan_loss_on_one_rank_is_skipped_on_all_and_counted(tmp_path):
     run = str(tmp_path)
-    ranks = run_ranks(2, run, EP2 + ["train.steps=5", "checkpoint.every=100", "debug.nan_at_steps=[3]",
-                                     "logging.every=5"])
+    ranks = run_ranks(2, run, EP2 + ["train.steps=5", "checkpoint.every=100", "logging.every=5"],
+                      faults=Faults(nan_at_steps=[3]))
     recs = {r["step"]: r for r in read_records(run)}
     assert [s for s, r in recs.items() if r["skipped"]] == [3]
     assert all(math.isfinite(recs[s]["loss"]) for s in (1, 2, 4, 5))  # weights not poisoned
@@ -63,8 +67,8 @@ def test_nan_loss_on_one_rank_is_skipped_on_all_and_counted(tmp_path):
 
 def test_consecutive_nans_stop_the_run_naming_the_step(tmp_path):
     run = str(tmp_path)
-    ranks = run_ranks(2, run, EP2 + ["train.steps=8", "debug.nan_at_steps=[2,3,4]", "guards.max_consecutive_skips=3"],
-                      expect_ok=False)
+    ranks = run_ranks(2, run, EP2 + ["train.steps=8", "guards.max_consecutive_skips=3"], expect_ok=False,
+                      faults=Faults(nan_at_steps=[2, 3, 4]))
     assert all(p.returncode != 0 for p in ranks.procs)
     assert "step 4: 3 consecutive steps skipped" in ranks.output(0)
     assert max(read_losses(run)) == 4

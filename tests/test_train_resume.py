@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from tests.faults import Faults
 from tests.train_harness import read_losses, run_ranks, start_ranks, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.multiprocess
 def _kill_and_resume(tmp_path, world, overrides, kill_after=4):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_ranks(world, full, overrides)
-    ranks = start_ranks(world, cut, overrides + ["debug.step_sleep_s=0.7"])
+    ranks = start_ranks(world, cut, overrides, faults=Faults(step_sleep_s=0.7))
     wait_for_step(cut, kill_after, ranks)
     ranks.kill()  # SIGKILL every rank after step 4 (last checkpoint: step 3)
     assert max(read_losses(cut)) < 6

@@ -88,8 +88,6 @@ class ToyEditModel(nn.Module):
         noisy = (1 - t) * tgt + t * noise
         v, l_aux, counts = self._velocity(noisy, src)
         diffusion = F.mse_loss(v, noise - tgt)
-        if "nan" in batch.extras:  # test hook: a batch can carry a poison flag
-            diffusion = diffusion * float("nan")
         counts = counts.float()
         util = (counts / counts.sum().clamp(min=1)).tolist()
         stats = {f"util/block0/{name}": u for name, u in zip(EXPERTS, util)}
@@ -116,7 +114,7 @@ def build_toy_model(model_cfg) -> ToyEditModel:
     return ToyEditModel(ep_size=int(model_cfg.experts.ep_size))
 
 
-def make_batch(seed: int, batch_size: int, image_size: int = 32, poison: bool = False) -> EditBatch:
+def make_batch(seed: int, batch_size: int, image_size: int = 32) -> EditBatch:
     """A deterministic synthetic edit batch: target = source with a brightened box."""
     g = torch.Generator().manual_seed(seed)
     src = torch.rand(batch_size, 3, image_size, image_size, generator=g) * 2 - 1
@@ -128,7 +126,7 @@ def make_batch(seed: int, batch_size: int, image_size: int = 32, poison: bool = 
                      has_reference=torch.zeros(batch_size, dtype=torch.bool), fine_mask=mask, coarse_mask=mask,
                      bbox=torch.tensor([[q, q, 3 * q, 3 * q]] * batch_size), instruction=["brighten"] * batch_size,
                      task=["recolor"] * batch_size, tag_ids=torch.full((batch_size, 1), -1),
-                     keys=[f"{seed}-{i}" for i in range(batch_size)], extras={"nan": True} if poison else {})
+                     keys=[f"{seed}-{i}" for i in range(batch_size)])
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""``launch/train.py`` with the stand-in model and loader (tests/toy_model.py), for subprocess tests."""
+"""``launch/train.py`` with the stand-in model and loader (tests/toy_model.py), for subprocess tests.
+
+``--real-model`` (first argument) keeps the real model, loader and validation batch instead. Either
+way the faults described in ``$CARE_TEST_FAULTS`` (tests/faults.py) are injected through the factories.
+"""
 
 import os
 import sys
@@ -7,8 +11,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from launch.train import main  # noqa: E402
-from tests.toy_model import build_toy_loader, build_toy_model, build_toy_val_batch  # noqa: E402
+from tests.faults import Faults, wrap_factories  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(model_factory=build_toy_model, loader_factory=build_toy_loader,
-                  val_batch_factory=build_toy_val_batch))
+    argv = sys.argv[1:]
+    if argv[:1] == ["--real-model"]:
+        from train.loop import default_factories
+
+        argv = argv[1:]
+        model_factory, loader_factory, val_batch_factory = default_factories()
+    else:
+        from tests.toy_model import build_toy_loader, build_toy_model, build_toy_val_batch
+
+        model_factory, loader_factory, val_batch_factory = build_toy_model, build_toy_loader, build_toy_val_batch
+    model_factory, loader_factory = wrap_factories(Faults.from_env(), model_factory, loader_factory)
+    sys.exit(main(argv, model_factory=model_factory, loader_factory=loader_factory,
+                  val_batch_factory=val_batch_factory))

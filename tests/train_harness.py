@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
+
+from tests.faults import Faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "train_entry.py")
@@ -58,28 +61,33 @@ class Ranks:
 
 
 def start_ranks(world: int, run_dir: str, overrides: list[str], resume: str | None = None,
-                entry: str = ENTRY, config: str = TOY_CONFIG, tag: str = "run") -> Ranks:
-    """Start ``world`` processes of the training entry with RANK/WORLD_SIZE/MASTER_* set (gloo on CPU)."""
+                entry: str = ENTRY, config: str = TOY_CONFIG, tag: str = "run", faults: Optional[Faults] = None,
+                env: Optional[dict[str, str]] = None) -> Ranks:
+    """Start ``world`` processes of the training entry with RANK/WORLD_SIZE/MASTER_* set (gloo on CPU).
+
+    ``faults`` reach the entry's factories (tests/faults.py); ``env`` adds variables (e.g. SLURM_JOB_ID).
+    """
     port = free_port()
     procs, logs = [], []
     os.makedirs(run_dir, exist_ok=True)
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
+        rank_env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+                    "DS_ACCELERATOR": "cpu", **(faults or Faults()).to_env(), **(env or {})}
         cmd = [sys.executable, entry, "--config", config, f"run.dir={run_dir}", *overrides]
         if resume:
             cmd += ["--resume", resume]
         log = os.path.join(run_dir, f"{tag}.rank{rank}.log")
         with open(log, "w") as out:
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=rank_env))
         logs.append(log)
     return Ranks(procs, logs)
 
 
 def run_ranks(world: int, run_dir: str, overrides: list[str], resume: str | None = None, timeout: float = 240,
-              expect_ok: bool = True, tag: str = "run") -> Ranks:
-    ranks = start_ranks(world, run_dir, overrides, resume, tag=tag)
+              expect_ok: bool = True, tag: str = "run", faults: Optional[Faults] = None,
+              env: Optional[dict[str, str]] = None) -> Ranks:
+    ranks = start_ranks(world, run_dir, overrides, resume, tag=tag, faults=faults, env=env)
     codes = ranks.wait(timeout)
     if expect_ok:
         assert codes == [0] * world, f"exit codes {codes}:\n" + ranks.output()[-4000:]

@@ -113,6 +113,7 @@ class Found:
     tag: str
     step: int
     portable: bool
+    note: str = ""  # why this one was chosen when it is not what was asked for (printed by the loop)
 
     @property
     def path(self) -> str:
@@ -124,27 +125,56 @@ def reshape_command(path: str) -> str:
 
 
 class Checkpointer:
-    """Saves and loads the whole training state; see the module docstring for the commit protocol."""
+    """Decides when to save, saves and loads the whole training state (commit protocol: module docstring).
 
-    def __init__(self, cfg: Any, dist: DistInfo, crash_hook: Optional[Callable[[int], None]] = None) -> None:
+    ``before_save(step)`` runs on every rank before anything of a checkpoint is written (the trainer
+    passes its replica-consistency check): if it raises, ``latest`` keeps naming the previous one.
+    """
+
+    def __init__(self, cfg: Any, dist: DistInfo, before_save: Optional[Callable[[int], None]] = None) -> None:
         self.cfg = cfg
         self.dist = dist
         self.dir = checkpoint_dir(cfg)
+        self.every = int(cfg.checkpoint.every)
         self.keep = int(cfg.checkpoint.keep)
-        self.crash_hook = crash_hook  # test hook, called mid-save
+        self.before_save = before_save
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
         self._layout: Optional[dict] = None
         os.makedirs(self.dir, exist_ok=True)
 
     # ---------------------------------------------------------------- save
+    def maybe_save(self, engine: Any, step: int, loader: Any, ema: Any = None) -> Optional[str]:
+        """Save at every ``checkpoint.every``-th step; the path written, or None."""
+        if step % self.every == 0:
+            return self.save(engine, step, loader, ema)
+        return None
+
+    def save_final(self, engine: Any, step: int, loader: Any, ema: Any = None) -> Optional[str]:
+        """Save at the end of a run (done or preempted) unless this step is already saved."""
+        if self.saved_step == step:
+            return None
+        return self.save(engine, step, loader, ema)
+
     def save(self, engine: Any, step: int, loader: Any, ema: Any = None) -> str:
+        """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0)."""
+        if self.before_save is not None:
+            self.before_save(step)
         tag = step_tag(step)
-        tmp_tag = TMP_PREFIX + tag
-        tmp_path = os.path.join(self.dir, tmp_tag)
+        tmp_path = os.path.join(self.dir, TMP_PREFIX + tag)
         if self.dist.is_main and os.path.exists(tmp_path):
             shutil.rmtree(tmp_path)
         barrier()
-        engine.save_checkpoint(self.dir, tag=tmp_tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
+        self._write(engine, tmp_path, step, loader, ema)
+        barrier()  # every shard of every rank is on disk
+        final = self._commit(tmp_path, tag, step)
+        barrier()
+        self.saved_step = step
+        return final
+
+    def _write(self, engine: Any, tmp_path: str, step: int, loader: Any, ema: Any) -> None:
+        """This rank's part: DeepSpeed's shards, our ``train_state_rank<r>.pt``, rank 0 the config."""
+        engine.save_checkpoint(self.dir, tag=os.path.basename(tmp_path), client_state={"step": step},
+                               save_latest=False, exclude_frozen_parameters=True)
         if self._layout is None:  # fixed for the run: which optimizer slot holds which global parameter
             self._layout = capture_layout(engine, self.dist.rank, self.dist.world_size,
                                           int(self.cfg.model.experts.ep_size))
@@ -155,9 +185,9 @@ class Checkpointer:
         torch.save(state, os.path.join(tmp_path, f"train_state_rank{self.dist.rank}.pt"))
         if self.dist.is_main:
             save_resolved(self.cfg, os.path.join(tmp_path, "config.yaml"))
-        if self.crash_hook is not None:
-            self.crash_hook(step)
-        barrier()
+
+    def _commit(self, tmp_path: str, tag: str, step: int) -> str:
+        """Rank 0: rename the complete temporary directory to ``tag``, move ``latest``, prune."""
         final = os.path.join(self.dir, tag)
         if self.dist.is_main:
             if os.path.exists(final):  # re-saving the same step (e.g. end right after a periodic save)
@@ -165,7 +195,6 @@ class Checkpointer:
             os.replace(tmp_path, final)
             self._write_latest(tag)
             self._prune()
-        barrier()
         return final
 
     def _write_latest(self, tag: str) -> None:

@@ -94,13 +94,6 @@ class GuardConfig:
 
 
 @dataclass
-class DebugConfig:
-    nan_at_steps: list[int] = field(default_factory=list)  # test hook: poison the loss at these steps
-    crash_in_save_at_step: int = -1  # test hook: SIGKILL self in the middle of this step's checkpoint save
-    step_sleep_s: float = 0.0  # test hook: slow steps down (signal tests)
-
-
-@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,7 +105,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> DictConfig:

@@ -1,0 +1,122 @@
+"""Faults injected into a training run through its seams (loader and model factories, a patched method).
+
+Why here and not in the loop: the training loop has no test switches; a subprocess test describes the
+faults it wants as JSON in ``$CARE_TEST_FAULTS`` (``tests.train_harness.start_ranks(faults=...)``) and
+``tests/train_entry.py`` wraps the factories with ``wrap_factories``:
+
+* the loader wrapper knows which optimizer step each micro-batch belongs to (the loader is built at
+  ``start_step``), sleeps where a step should be slow or stall, and tags batches in ``extras``;
+* the model's ``forward`` (patched on the instance: parameter names unchanged) acts on the tags:
+  it poisons the loss with NaN, or perturbs one parameter of this rank's replica;
+* ``Checkpointer._commit`` is patched to SIGKILL the process after every shard is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+FAULTS_ENV = "CARE_TEST_FAULTS"
+NAN_TAG = "fault_nan"
+PERTURB_TAG = "fault_perturb"
+
+
+@dataclass
+class Faults:
+    nan_at_steps: list[int] = field(default_factory=list)  # this rank's loss is NaN at these steps...
+    nan_rank: int = 0  # ...on this rank only
+    step_sleep_s: float = 0.0  # every step of every rank lasts at least this long (the loader sleeps)
+    stall_at_step: int = 0  # one rank's data stalls once, at the start of this step (0 = never)...
+    stall_rank: int = 1
+    stall_s: float = 0.0  # ...for this long
+    perturb_at_step: int = 0  # one rank's copy of a replicated parameter is nudged (0 = never)...
+    perturb_rank: int = 1
+    perturb_param: str = "adapter.weight"
+    crash_in_save_at_step: int = 0  # every rank SIGKILLs itself after writing this step's checkpoint files
+    grad_accum: int = 1  # micro-batches per step (to map loader positions to steps)
+
+    def to_env(self) -> dict[str, str]:
+        return {FAULTS_ENV: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_env(cls) -> "Faults":
+        return cls(**json.loads(os.environ.get(FAULTS_ENV, "{}")))
+
+
+class FaultyLoader:
+    """Wraps a loader: per-step sleeps and stalls, fault tags on the batches of chosen steps."""
+
+    def __init__(self, inner: Any, faults: Faults, rank: int, start_step: int) -> None:
+        self.inner, self.faults, self.rank, self.start_step = inner, faults, rank, start_step
+
+    def __iter__(self) -> Iterator[Any]:
+        f = self.faults
+        for i, batch in enumerate(self.inner):
+            step, first_micro = self.start_step + i // f.grad_accum + 1, i % f.grad_accum == 0
+            if first_micro and f.step_sleep_s:
+                time.sleep(f.step_sleep_s)
+            if first_micro and step == f.stall_at_step and self.rank == f.stall_rank:
+                time.sleep(f.stall_s)
+            if step in f.nan_at_steps and self.rank == f.nan_rank:
+                batch.extras[NAN_TAG] = True
+            if step == f.perturb_at_step and self.rank == f.perturb_rank and first_micro:
+                batch.extras[PERTURB_TAG] = f.perturb_param
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, skip_stats, ...
+        return getattr(self.inner, name)
+
+
+def patch_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` act on the fault tags its batches carry (see the module docstring)."""
+    forward = model.forward
+    params = dict(model.named_parameters())
+
+    def faulty_forward(batch: Any, *args: Any, **kwargs: Any) -> Any:
+        name = batch.extras.get(PERTURB_TAG)
+        if name:
+            with torch.no_grad():
+                params[name].view(-1)[0] += 1e-3
+        out = forward(batch, *args, **kwargs)
+        if batch.extras.get(NAN_TAG):
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = faulty_forward
+    return model
+
+
+def crash_in_save(at_step: int) -> None:
+    """Every rank SIGKILLs itself when it reaches the commit of checkpoint ``at_step`` (its files written)."""
+    from train.checkpoint import Checkpointer
+
+    commit = Checkpointer._commit
+
+    def crashing_commit(self: Checkpointer, tmp_path: str, tag: str, step: int) -> str:
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return commit(self, tmp_path, tag, step)
+
+    Checkpointer._commit = crashing_commit
+
+
+def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Callable) -> tuple[Callable, Callable]:
+    """The factories ``train()`` takes, with ``faults`` injected; also patches the save if asked."""
+    if faults.crash_in_save_at_step:
+        crash_in_save(faults.crash_in_save_at_step)
+
+    def build_model(model_cfg: Any) -> torch.nn.Module:
+        return patch_forward(model_factory(model_cfg))
+
+    def build_loader(data_cfg: Any, batch_size: int, rank: int, world_size: int, start_step: int = 0,
+                     **kw: Any) -> FaultyLoader:
+        inner = loader_factory(data_cfg, batch_size, rank, world_size, start_step=start_step, **kw)
+        return FaultyLoader(inner, faults, rank, start_step)
+
+    return build_model, build_loader
