@@ -43,7 +43,10 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    # peft target module names (suffix match). Self-attention projections + projection / MLP layers.
+    # peft target module names (suffix match: "ff.net.2" matches "...blocks.3.ff.net.2", not
+    # "...ff_context.net.2"). Self-attention projections + projection / MLP layers. The image-stream FFN
+    # of a block with an expert layer keeps no LoRA even when matched here: the expert layer strips it
+    # (moe.expert_layer.strip_lora), so no shared adapter beside the experts absorbs what they would learn.
     targets: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
     )
@@ -99,6 +102,10 @@ class RouterConfig:
     attn_dim: int = 64  # query/key width of the router's latent attention
     num_latents: int = 4  # learned latent queries summarising the task context
     noise_std: float = 0.0  # std of Gaussian noise on router logits during training (0 = off)
+    # false (default): top-K over every expert for every sample; a missing reference is a learned
+    # "absent" context that the Reference expert reads. true: experts whose condition is absent are
+    # removed before the top-K (an ablation: a sample without a reference then has K of 3 to choose)
+    mask_absent: bool = False
 
 
 @dataclass
@@ -106,6 +113,11 @@ class ExpertsConfig:
     enabled: list[str] = field(default_factory=lambda: list(EXPERT_NAMES))
     kind: str = "lora"  # lora (low-rank residual experts) | ffn (copies of the block's feed-forward)
     rank: int = 64  # rank of `lora` experts
+    # experts start different, so the diffusion loss ranks them from the first step (a router over
+    # identical experts learns only from its regularisers): `lora` up projections ~ N(0, init_std^2),
+    # `ffn` copies with their output projection perturbed by init_std x its weights' std (zero mean
+    # over the experts). The layer's output then moves by O(init_std) at initialisation. 0 = identical.
+    init_std: float = 1.0e-3
     ep_size: int = 1  # expert-parallel ranks (must divide the number of enabled experts)
     dispatch: str = "auto"  # auto | dense (every expert on every token, sparse weights) | alltoall
     # ffn experts as torch._grouped_mm products (no per-expert loop; at ep_size 1 no host sync, so their
@@ -139,14 +151,30 @@ class MixtureConfig:
 
 
 @dataclass
+class ConditionDropoutConfig:
+    """Training-time probability, per sample, of dropping each condition (0 = never): the text becomes
+    the empty prompt, the base image zero latents, the reference absent, the coarse box the whole image.
+    Drawn from the torch RNG. They put ``edit()``'s guidance passes (empty text, zero base) in distribution."""
+
+    text: float = 0.05
+    base: float = 0.05
+    reference: float = 0.05
+    mask: float = 0.05
+
+
+@dataclass
 class LossConfig:
     diffusion: float = 1.0
     region_alpha: float = 0.0  # diffusion weight 1 + alpha * fine mask (AdaptEdit uses 2)
     load_balance: float = 0.01
+    router_z: float = 1.0e-3  # ST-MoE router z-loss, mean logsumexp(logits)^2: keeps the logits small
     mask_boundary: float = 0.1
     boundary_band: int = 1  # tokens on each side of the fine-mask boundary that are up-weighted
     boundary_weight: float = 4.0
-    mixture_smoothness: float = 0.01
+    # Kept small: a router over experts that barely differ yet gets almost all its gradient from this
+    # term, and Adam follows it to one expert per sample, constant over the image (measured: the spread
+    # of routing weights over tokens fell to 1e-5 with 0.01; README, "The model")
+    mixture_smoothness: float = 1.0e-4
     tag_alignment: float = 0.0  # TAG-MoE predictive alignment (0 = off)
     tag_embed_dim: int = 64
     timestep_sampling: str = "logit_normal"  # logit_normal | uniform
@@ -164,6 +192,7 @@ class ModelConfig:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     repaint: RepaintConfig = field(default_factory=RepaintConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    condition_dropout: ConditionDropoutConfig = field(default_factory=ConditionDropoutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     use_reference: bool = True  # put reference-image tokens in the sequence when a sample has one
     # Seed of the frozen weights built at random when no path is given. Frozen weights are not saved
@@ -195,6 +224,8 @@ def validate_model_config(cfg: Any) -> None:
         _fail("experts.kind", f"'{ex.kind}' is not one of lora, ffn")
     if ex.rank < 1:
         _fail("experts.rank", "must be >= 1")
+    if ex.init_std < 0:
+        _fail("experts.init_std", "must be >= 0")
     if ex.ep_size < 1 or n % ex.ep_size != 0:
         _fail("experts.ep_size", f"{ex.ep_size} must be >= 1 and divide the number of enabled experts ({n})")
     if ex.dispatch not in ("auto", "dense", "alltoall"):
@@ -237,7 +268,12 @@ def validate_model_config(cfg: Any) -> None:
             _fail("experts.num_blocks", f"must be between 0 and backbone.arch.num_layers ({arch.num_layers})")
     if cfg.lora.rank < 0:
         _fail("lora.rank", "must be >= 0 (0 disables LoRA)")
-    for key in ("diffusion", "region_alpha", "load_balance", "mask_boundary", "mixture_smoothness", "tag_alignment"):
+    for key in ("text", "base", "reference", "mask"):
+        p = getattr(cfg.condition_dropout, key)
+        if not 0.0 <= p <= 1.0:
+            _fail(f"condition_dropout.{key}", f"{p} is not a probability in [0, 1]")
+    for key in ("diffusion", "region_alpha", "load_balance", "router_z", "mask_boundary", "mixture_smoothness",
+                "tag_alignment"):
         if getattr(cfg.loss, key) < 0:
             _fail(f"loss.{key}", "loss weights must be >= 0")
     if cfg.loss.timestep_sampling not in ("logit_normal", "uniform"):

@@ -8,7 +8,9 @@ the per-sample task context and its capacity-based dispatch drops tokens.
 
 ``ExpertFeedForward`` wraps the frozen FFN of a block. For the target tokens it runs, in order:
 condition read-outs -> Mask Repaint -> router -> Latent Mixture weights -> dispatch to experts.
-Condition tokens (base, reference, mask) pass through the frozen FFN unchanged.
+Condition tokens (base, reference, mask) pass through the frozen FFN unchanged. The frozen FFN it
+wraps carries no LoRA (:func:`strip_lora`): a shared adapter there would run beside the experts on
+every target token and could absorb what they are meant to learn.
 Nothing here is named "expert" outside ``CareMoE`` (DeepSpeed's checkpointing treats any state key
 of an MoE module containing "expert" as an expert weight).
 """
@@ -30,7 +32,18 @@ from .dispatch import build_dispatcher
 from .encoders import seeded
 from .experts import build_expert, packed_width
 from .repaint import LatentMixture, MaskRepaint
-from .router import ConditionRouter, Routing
+from .router import ConditionRouter, Routing, routing_confidence
+
+
+def strip_lora(module: nn.Module) -> nn.Module:
+    """``module`` with every peft LoRA layer inside it replaced by the frozen layer it wraps (in place)."""
+    for name, child in list(module.named_children()):
+        base = getattr(child, "base_layer", None)
+        if base is not None and hasattr(child, "lora_A"):
+            setattr(module, name, base)
+        else:
+            strip_lora(child)
+    return module
 
 
 class _ExpertStack(nn.Module):
@@ -94,7 +107,7 @@ class LayerRecord:
     """What one expert layer reports for the losses and the logs (target tokens, flattened B*N)."""
 
     routing: Routing
-    gate: Optional[Tensor]  # [B] Latent Mixture gate
+    gate: Optional[Tensor]  # [B, N] Latent Mixture gate per target token
     refined_logits: Optional[Tensor]  # [B, N]
 
 
@@ -118,12 +131,13 @@ class ExpertContext:
     grid: tuple[int, int]
     mask_span: tuple[int, int]
     ref_span: Optional[tuple[int, int]]
+    base_span: tuple[int, int]  # the base-image tokens, in the target tokens' grid order
     has_ref: Tensor  # [B] bool
     text: Tensor  # [B, L, D] embedded text tokens
     text_mask: Optional[Tensor]  # [B, L] bool
     temb: Tensor  # [B, D]
     presence: Tensor  # [B, 3] float: text, reference, mask present
-    available: Tensor  # [B, E] bool
+    available: Tensor  # [B, E] bool: experts that may be selected
     coarse: Tensor  # [B, N] coarse box on the token grid (area fraction)
     gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (decoupled repaint, training)
     slots: list[LayerSlot] = field(default_factory=list)  # by layer position
@@ -196,7 +210,7 @@ class ExpertFeedForward(nn.Module):
         self.kind = ex.kind
         self.expert_names = list(ex.enabled)
         self.base_id = self.expert_names.index("base") if "base" in self.expert_names else -1
-        self.frozen_ff = frozen_ff
+        self.frozen_ff = strip_lora(frozen_ff)
         self.decoupled = cfg.repaint.mode == "decoupled"
         self.use_gt_mask = cfg.repaint.use_gt_mask_in_training
         c = cfg.router.ctx_dim
@@ -210,7 +224,10 @@ class ExpertFeedForward(nn.Module):
             e = ep_rank * n_local + j
             # each expert is initialised from its own seed, so any ep_size builds identical experts
             with seeded(expert_seed * 1009 + e):
-                local.append(build_expert(ex.kind, self.expert_names[e], dim, c, ex.rank, frozen_ff))
+                local.append(build_expert(
+                    ex.kind, self.expert_names[e], dim, c, ex.rank, self.frozen_ff, ex.init_std, e,
+                    len(self.expert_names), seed=expert_seed * 1009 + 7919,
+                ))
         dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank, ex.use_grouped_gemm())
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
         self.packed_width = packed_width(dim, c)
@@ -258,7 +275,7 @@ class ExpertFeedForward(nn.Module):
         gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
         packed, index, weight, routing, gate, refined_logits, refined = self._route_fn(
             hidden, ctx.text, ctx.text_mask, ctx.has_ref, ctx.temb, ctx.presence, ctx.available, ctx.coarse,
-            slot.prior, gt, ctx.num_target, ctx.grid, ctx.mask_span, ctx.ref_span,
+            slot.prior, gt, ctx.num_target, ctx.grid, ctx.mask_span, ctx.ref_span, ctx.base_span,
         )
         if refined is not None:
             slot.refined = refined
@@ -269,24 +286,27 @@ class ExpertFeedForward(nn.Module):
         self, hidden: Tensor, text: Tensor, text_mask: Optional[Tensor], has_ref: Tensor, temb: Tensor,
         presence: Tensor, available: Tensor, coarse: Tensor, prior: Tensor, gt_mask: Optional[Tensor],
         n: int, grid: tuple[int, int], mask_span: tuple[int, int], ref_span: Optional[tuple[int, int]],
+        base_span: tuple[int, int],
     ) -> tuple:
         """Condition read-outs -> Mask Repaint -> router -> Latent Mixture -> packed tokens.
 
         A pure function of tensors (compilable), S = B * N target tokens. Returns: packed [S, W];
-        the index/weight [S, K'] to dispatch (the router's top-K, plus Base's Latent Mixture share
-        when the mixture is on); the router's own (probs, index, weight, logits); the mixture gate [B]
-        (or None); the refined-mask logits and mask [B, N] (or None).
+        the index/weight [S, K+1] to dispatch (the router's top-K, Base's Latent Mixture share merged
+        into its slot or in the extra one) or [S, K] with the mixture off; the router's own (probs,
+        index, weight, logits); the mixture gate [B, N] (or None); the refined-mask logits and mask
+        [B, N] (or None).
         """
         b = hidden.shape[0]
         x = hidden[:, :n]
         ref = hidden[:, ref_span[0] : ref_span[1]] if ref_span is not None else None
         mask_tokens = hidden[:, mask_span[0] : mask_span[1]]
+        base_tokens = hidden[:, base_span[0] : base_span[1]]  # [B, N, D], same grid order as x
         with record_function("care/router_contexts"):
-            contexts = self.router.contexts(x, text, text_mask, ref, has_ref, mask_tokens)
+            contexts = self.router.contexts(x, text, text_mask, ref, has_ref, mask_tokens, base_tokens)
 
         refined_logits = refined = None
         if self.repaint is not None:
-            inputs = (x, contexts[1], prior)
+            inputs = (x, contexts[1], contexts[3], prior)
             if self.decoupled:  # AdaptEdit: the mask head learns from its own loss only
                 inputs = tuple(t.detach() for t in inputs)
             with record_function("care/repaint"):
@@ -299,13 +319,15 @@ class ExpertFeedForward(nn.Module):
             edit_mask = coarse
 
         with record_function("care/router"):
-            routing = self.router(x, contexts, prior, temb, presence, available)
+            # decoupled: the previous layer's refined mask reaches the router as a value, not a path back
+            router_prior = prior.detach() if self.decoupled else prior
+            routing = self.router(x, contexts, router_prior, temb, presence, available)
         index, weight, gate = routing.index, routing.weight, None
         if self.mixture is not None:
             with record_function("care/mixture"):
-                gate = self.mixture(temb)
-                index, weight = LatentMixture.blend(index, weight, gate.repeat_interleave(n), self.base_id)
-        columns = [x, *contexts, edit_mask[..., None].to(x.dtype)]
+                gate = self.mixture(temb, routing_confidence(routing.probs).view(b, n, 2))  # [B, N]
+                index, weight = LatentMixture.blend(index, weight, gate.reshape(-1), self.base_id)
+        columns = [x, *contexts, edit_mask[..., None].to(x.dtype)]  # the layout of moe.experts.packed_width
         pad = self.packed_width - sum(t.shape[-1] for t in columns)  # aligned rows (experts.packed_width)
         columns.append(x.new_zeros(b, n, pad))
         packed = torch.cat(columns, dim=-1).reshape(b * n, -1)  # [S, W]

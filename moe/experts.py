@@ -2,50 +2,66 @@
 
 Every expert receives the same *packed token* (what is dispatched, possibly to another rank):
 
-    [ x (D) | text_ctx (c) | ref_ctx (c) | mask_ctx (c) | m (1) | 0 ... ]    width D + 3c + 1, padded
-                                                                               to a multiple of 8
+    [ x (D) | text_ctx (c) | ref_ctx (c) | mask_ctx (c) | base_ctx (c) | m (1) | 0 ... ]
+                                                         width D + 4c + 1, padded to a multiple of 8
 
-and reads the token plus its own condition slice:
+and reads the token plus its own condition columns:
 
-| expert    | condition it reads                                 |
-|-----------|----------------------------------------------------|
-| text      | the text read-out                                  |
-| reference | the reference-image read-out                       |
-| mask      | the mask-token context and the refined mask m      |
-| base      | 1 - m (it keeps what lies outside the edit region) |
+| expert    | condition it reads                                                      |
+|-----------|-------------------------------------------------------------------------|
+| text      | the text read-out                                                       |
+| reference | the reference-image read-out (a learned "absent" vector without one)    |
+| mask      | the mask-token context and the refined mask m                           |
+| base      | the base-image token at the same grid position and 1 - m (what to keep) |
 
-Two sizes. ``lora``: a low-rank residual ``up(gelu(down(x) + cond(c)))`` with ``up`` zero-initialised,
-added to the frozen FFN's output. ``ffn``: a full copy of the block's feed-forward, initialised from
-it, applied to ``x + cond(c)`` with ``cond`` zero-initialised, so that at initialisation every expert
-equals the frozen FFN.
+Two sizes. ``lora``: a low-rank residual ``up(gelu(down(x) + cond(c)))`` added to the frozen FFN's
+output. ``ffn``: a full copy of the block's feed-forward, initialised from it, applied to
+``x + cond(c)`` with ``cond`` zero-initialised. Either way the experts start (almost) where the
+frozen path is, but not identical: the ``lora`` up projections and the ``ffn`` output projections
+carry a small random perturbation, zero-mean over the experts (:func:`zero_mean_perturbation`),
+so the diffusion loss can tell the router which expert helps where from the first step.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NUM_CONDITION_COLUMNS = 4  # context blocks of width c in a packed token: text, reference, mask, base
+
 
 def packed_width(dim: int, ctx_dim: int) -> int:
-    """Width of a packed token: D + 3c + 1 columns, zero-padded to a multiple of 8 so that every row
+    """Width of a packed token: D + 4c + 1 columns, zero-padded to a multiple of 8 so that every row
     starts on a 16-byte boundary in bf16 (cuBLAS reads strided rows in place only then). The condition
     columns start aligned too when D is a multiple of 8 (FLUX: 3072)."""
-    return -(-(dim + 3 * ctx_dim + 1) // 8) * 8
+    return -(-(dim + NUM_CONDITION_COLUMNS * ctx_dim + 1) // 8) * 8
 
 
-def condition_slice(name: str, dim: int, ctx_dim: int) -> tuple[int, int]:
-    """(start, end) columns of an expert's condition inside the packed token."""
+def condition_columns(name: str, dim: int, ctx_dim: int) -> list[tuple[int, int]]:
+    """The (start, end) column ranges of an expert's condition inside the packed token, ascending.
+    The mask column m is the last of the Mask and of the Base expert's condition."""
     c = ctx_dim
+    m = (dim + 4 * c, dim + 4 * c + 1)
     return {
-        "text": (dim, dim + c),
-        "reference": (dim + c, dim + 2 * c),
-        "mask": (dim + 2 * c, dim + 3 * c + 1),
-        "base": (dim + 3 * c, dim + 3 * c + 1),
+        "text": [(dim, dim + c)],
+        "reference": [(dim + c, dim + 2 * c)],
+        "mask": [(dim + 2 * c, dim + 3 * c), m],
+        "base": [(dim + 3 * c, dim + 4 * c + 1)],  # base read-out and m, adjacent
     }[name]
+
+
+def zero_mean_perturbation(shape: tuple[int, ...], expert_id: int, num_experts: int, seed: int,
+                           device: Optional[torch.device] = None) -> Tensor:
+    """``R_e - mean_j R_j`` with ``R_j ~ N(0, 1)`` drawn from ``seed + j``: a perturbation per expert
+    that sums to zero over the experts (so a uniform mixture of perturbed copies equals the copy to first
+    order), and is the same for a given expert id on any expert-parallel layout."""
+    draws = [torch.randn(shape, generator=torch.Generator(device=device or "cpu").manual_seed(seed + j),
+                         device=device) for j in range(num_experts)]
+    return draws[expert_id] - torch.stack(draws).mean(0)
 
 
 class _Expert(nn.Module):
@@ -53,45 +69,54 @@ class _Expert(nn.Module):
         super().__init__()
         self.name = name
         self.dim = dim
-        self.cond_start, self.cond_end = condition_slice(name, dim, ctx_dim)
+        self.cond_ranges = condition_columns(name, dim, ctx_dim)
+        self.cond_width = sum(hi - lo for lo, hi in self.cond_ranges)
 
     def condition(self, packed: Tensor) -> Tensor:
-        """The expert's condition read plainly from its slice (the definition; tests only)."""
-        cond = packed[:, self.cond_start : self.cond_end]
-        if self.name == "base":
-            cond = 1.0 - cond  # the Base expert reads "how much of this token is to be kept"
+        """The expert's condition read plainly from its columns (the definition; tests only)."""
+        cond = torch.cat([packed[:, lo:hi] for lo, hi in self.cond_ranges], dim=1)
+        if self.name == "base":  # the Base expert reads "how much of this token is to be kept"
+            cond = torch.cat([cond[:, :-1], 1.0 - cond[:, -1:]], dim=1)
         return cond
 
     def condition_projection(self, packed: Tensor) -> Tensor:
         """``self.cond(self.condition(packed))`` computed over all condition columns at once.
 
-        The expert's own slice has odd width and an unaligned start; a product over all condition
-        columns (zero weight outside the slice) reads the packed rows in place and is aligned.
-        [T, W] -> [T, out].
+        The expert's own columns have odd widths and unaligned starts; a product over all condition
+        columns (zero weight outside them) reads the packed rows in place and is aligned. [T, W] -> [T, out].
         """
         w, b = self.full_condition_weight(packed.shape[1] - self.dim)
         return F.linear(packed[:, self.dim :], w, b)
 
     def full_condition_weight(self, width: int) -> tuple[Tensor, Tensor]:
         """The condition projection over all ``width`` condition columns: weight [out, width] (zero
-        outside the expert's slice) and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m,
+        outside the expert's columns) and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m,
         a bias W and a weight -W on the m column."""
-        w = self.cond.weight  # [out, slice width]
-        lo, hi = self.cond_start - self.dim, self.cond_end - self.dim
+        w = self.cond.weight  # [out, cond_width]
         bias = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         if self.name == "base":
-            w, bias = -w, w[:, 0]
-        return F.pad(w, (lo, width - hi)), bias
+            w, bias = torch.cat([w[:, :-1], -w[:, -1:]], dim=1), w[:, -1]
+        pieces, pos, col = [], 0, 0
+        for lo, hi in self.cond_ranges:
+            lo, hi = lo - self.dim, hi - self.dim
+            pieces += [w.new_zeros(w.shape[0], lo - pos), w[:, col : col + hi - lo]]
+            col, pos = col + hi - lo, hi
+        pieces.append(w.new_zeros(w.shape[0], width - pos))
+        return torch.cat(pieces, dim=1), bias
 
 
 class LoraExpert(_Expert):
-    def __init__(self, name: str, dim: int, ctx_dim: int, rank: int):
+    def __init__(self, name: str, dim: int, ctx_dim: int, rank: int, perturbation: Optional[Tensor] = None):
+        """``perturbation`` [dim, rank]: the up projection's start (zero when None)."""
         super().__init__(name, dim, ctx_dim)
         self.down = nn.Linear(dim, rank)
-        self.cond = nn.Linear(self.cond_end - self.cond_start, rank, bias=False)
+        self.cond = nn.Linear(self.cond_width, rank, bias=False)
         self.up = nn.Linear(rank, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        if perturbation is not None:
+            with torch.no_grad():
+                self.up.weight.copy_(perturbation)
 
     def forward(self, packed: Tensor) -> Tensor:
         """[T, W] packed tokens -> [T, D] residual added to the frozen FFN output."""
@@ -100,12 +125,17 @@ class LoraExpert(_Expert):
 
 
 class FfnExpert(_Expert):
-    def __init__(self, name: str, dim: int, ctx_dim: int, proj_in: nn.Linear, proj_out: nn.Linear):
+    def __init__(self, name: str, dim: int, ctx_dim: int, proj_in: nn.Linear, proj_out: nn.Linear,
+                 perturbation: Optional[Tensor] = None):
+        """``perturbation`` [dim, F]: added to the copied output projection's weight (None: an exact copy)."""
         super().__init__(name, dim, ctx_dim)
         self.proj_in = copy.deepcopy(proj_in).requires_grad_(True)
         self.proj_out = copy.deepcopy(proj_out).requires_grad_(True)
-        self.cond = nn.Linear(self.cond_end - self.cond_start, dim, bias=False)
+        self.cond = nn.Linear(self.cond_width, dim, bias=False)
         nn.init.zeros_(self.cond.weight)
+        if perturbation is not None:
+            with torch.no_grad():
+                self.proj_out.weight.add_(perturbation.to(self.proj_out.weight.dtype))
 
     def forward(self, packed: Tensor) -> Tensor:
         """[T, W] packed tokens -> [T, D] replacement of the frozen FFN output."""
@@ -240,11 +270,25 @@ def plain_linears_of_feed_forward(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     return proj_in, proj_out
 
 
-def build_expert(kind: str, name: str, dim: int, ctx_dim: int, rank: int, frozen_ff: nn.Module) -> _Expert:
+def build_expert(
+    kind: str, name: str, dim: int, ctx_dim: int, rank: int, frozen_ff: nn.Module, init_std: float = 0.0,
+    expert_id: int = 0, num_experts: int = 1, seed: int = 0,
+) -> _Expert:
+    """One expert; ``init_std`` > 0 starts it apart from the others (see the module docstring):
+    ``lora`` up weights ``init_std * P``, ``ffn`` output weights ``+ init_std * std(W_out) * P``, with P
+    the expert's :func:`zero_mean_perturbation` among ``num_experts`` drawn from ``seed``."""
     if kind == "lora":
-        return LoraExpert(name, dim, ctx_dim, rank)
+        pert = None
+        if init_std > 0:
+            pert = init_std * zero_mean_perturbation((dim, rank), expert_id, num_experts, seed)
+        return LoraExpert(name, dim, ctx_dim, rank, pert)
     proj_in, proj_out = plain_linears_of_feed_forward(frozen_ff)
-    return FfnExpert(name, dim, ctx_dim, proj_in, proj_out)
+    pert = None
+    if init_std > 0:
+        w = proj_out.weight
+        scale = init_std * float(w.detach().float().std())
+        pert = scale * zero_mean_perturbation(tuple(w.shape), expert_id, num_experts, seed, w.device)
+    return FfnExpert(name, dim, ctx_dim, proj_in, proj_out, pert)
 
 
 @torch.no_grad()

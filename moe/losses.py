@@ -1,7 +1,7 @@
 """Loss terms. Each is a plain function of tensors, returned separately so it can be logged.
 
 Ideal inputs: flow matching 0 at the true velocity; load balance 1 (its minimum) for uniform
-routing; mask boundary 0 when the refined mask equals a binary fine mask; mixture smoothness 0 for
+routing; router z-loss 0 for zero logits; mask boundary 0 when the refined mask equals a binary fine mask; mixture smoothness 0 for
 routing weights constant over the grid; tag alignment 0 when the prediction points along the task
 embedding.
 """
@@ -34,12 +34,37 @@ def load_balance_loss(probs: Tensor, index: Tensor, num_experts: int) -> Tensor:
     """Switch-style E * sum_e f_e * P_e over tokens: f = share of top-K assignments, P = mean probability.
 
     probs [S, E], index [S, K] (-1 = empty slot). Equals 1 when routing is uniform, grows as it collapses.
+    The gradient reaches the router through the soft probabilities P (f is a count); it is zero only
+    where the assignments are already balanced (or, with experts removed before the top-K, where every
+    remaining expert is always selected: the reason the router does not remove absent experts).
     """
     # assignments per expert; empty slots fall in dense_weights' discard column (no host sync)
     counts = dense_weights(index, torch.ones_like(index, dtype=torch.float32), num_experts).sum(dim=0)
     f = counts / counts.sum().clamp_min(1)
     p = probs.float().mean(dim=0)
     return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE's z-loss: mean over tokens of logsumexp(logits)^2 ([S, E] -> scalar); keeps logits small,
+    so the softmax stays responsive and bf16 round-off in it stays small."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def routing_spread(weights: Tensor) -> Tensor:
+    """How much routing varies over a sample's tokens: the standard deviation over tokens of each
+    expert's combine weight, averaged over experts and samples. weights [B, N, E] -> scalar. About 0
+    when every token of a sample is routed alike (a collapsed router); ~0.1-0.4 when tokens differ."""
+    if weights.shape[1] < 2:
+        return weights.new_zeros(())
+    return weights.float().std(dim=1).mean()
+
+
+def routing_entropy(probs: Tensor) -> Tensor:
+    """Mean entropy of the router's probabilities over tokens, divided by log E (1 = uniform, 0 = one
+    expert with certainty). probs [S, E] -> scalar."""
+    p = probs.float()
+    return (-(p * torch.log(p.clamp_min(1e-12))).sum(-1)).mean() / torch.log(torch.tensor(float(max(p.shape[-1], 2))))
 
 
 def boundary_band(mask: Tensor, width: int) -> Tensor:

@@ -2,7 +2,8 @@
 
 One training forward, top to bottom (:meth:`CareEditModel.forward`):
 
-1. encode conditions with frozen encoders (or take cached latents / text embeddings from the batch);
+1. encode conditions with frozen encoders (or take cached latents / text embeddings from the batch),
+   and drop each condition of each sample with its configured probability (``model.condition_dropout``);
 2. sample a flow-matching time t and noise, build the noisy target latent and its velocity target;
 3. assemble the image stream  [ target | base | reference (if any sample has one) | coarse-mask ]
    tokens, each condition with its own RoPE offset, and run the frozen backbone; expert layers in
@@ -32,6 +33,9 @@ from .losses import (
     mask_boundary_loss,
     mixture_smoothness_loss,
     region_weight,
+    router_z_loss,
+    routing_entropy,
+    routing_spread,
     tag_alignment_loss,
 )
 from .router import dense_weights
@@ -54,6 +58,7 @@ class Conditions:
     pooled: Tensor  # [B, D_clip]
     coarse: Tensor  # [B, 1, H, W] coarse box in pixels
     fine: Optional[Tensor]  # [B, 1, H, W] fine mask (training and evaluation only)
+    has_mask: Optional[Tensor] = None  # [B] bool; None = every sample has its box (False: dropped in training)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class EditResult:
     refined_mask: Tensor  # [B, 1, H, W] in [0, 1] (last expert layer; the coarse box without repaint)
     routing_map: Tensor  # [B, 3, H, W] colour of the dominant expert per token (last expert layer)
     utilisation: dict[str, float] = field(default_factory=dict)
+    guidance: dict[str, float] = field(default_factory=dict)  # the text and image guidance scales used
 
 
 def expert_block_ids(cfg: ModelConfig, num_blocks: int) -> list[int]:
@@ -244,12 +250,15 @@ class CareEditModel(nn.Module):
         coarse = mask_to_grid(cond.coarse, (gh, gw)).reshape(b, n).to(noisy.dtype)
         gt = mask_to_grid(cond.fine, (gh, gw)).reshape(b, n).to(noisy.dtype) if cond.fine is not None else None
         has_text = cond.text_mask.any(dim=1)
-        presence = torch.stack([has_text, cond.has_ref, torch.ones_like(has_text)], dim=1).float()
+        has_mask = cond.has_mask if cond.has_mask is not None else torch.ones_like(has_text)
+        presence = torch.stack([has_text, cond.has_ref, has_mask], dim=1).float()
+        # every expert may be selected; an absent reference is a context the Reference expert reads
         available = torch.ones(b, len(self.expert_names), dtype=torch.bool, device=dev)
-        if "reference" in self.expert_names:
+        if self.cfg.router.mask_absent and "reference" in self.expert_names:  # the ablation
             available[:, self.expert_names.index("reference")] = cond.has_ref & (ref_span is not None)
         ctx = ExpertContext(
             num_target=n, grid=(gh, gw), mask_span=(mask_start, mask_start + n), ref_span=ref_span,
+            base_span=(n, 2 * n),
             has_ref=cond.has_ref, text=txt, text_mask=cond.text_mask, temb=temb, presence=presence,
             available=available, coarse=coarse, gt_mask=gt, slots=[LayerSlot() for _ in self.expert_layers],
         )
@@ -268,6 +277,50 @@ class CareEditModel(nn.Module):
             return torch.rand(batch_size, device=device)
         return torch.sigmoid(lc.logit_mean + lc.logit_std * torch.randn(batch_size, device=device))
 
+    def drop_conditions(self, cond: Conditions) -> Conditions:
+        """Condition dropout for training: each sample loses each condition with its probability
+        (``model.condition_dropout``), drawn from the torch RNG (seeded runs repeat). Dropped means what
+        ``edit()``'s guidance passes and an absent input look like: the empty prompt's encoding, zero base
+        latents, no reference, and a box over the whole image (its presence flag off)."""
+        p = self.cfg.condition_dropout
+        rates = [p.text, p.base, p.reference, p.mask]
+        if max(rates) <= 0:
+            return cond
+        b, dev = cond.base.shape[0], cond.base.device
+        drop = torch.rand(b, 4, device=dev) < torch.tensor(rates, device=dev)  # [B, 4]
+        text, text_mask, pooled = cond.text, cond.text_mask, cond.pooled
+        if p.text > 0:
+            e_text, e_mask, e_pooled = self._empty_prompt(text.shape[1], dev, text.dtype)
+            d = drop[:, 0]
+            text = torch.where(d[:, None, None], e_text, text)
+            text_mask = torch.where(d[:, None], e_mask, text_mask)
+            pooled = torch.where(d[:, None], e_pooled, pooled)
+        base = cond.base * (~drop[:, 1]).to(cond.base.dtype)[:, None, None, None]
+        has_ref, reference = cond.has_ref & ~drop[:, 2], cond.reference
+        if reference is not None:
+            reference = reference * has_ref.to(reference.dtype)[:, None, None, None]
+        keep_mask = ~drop[:, 3] & (cond.has_mask if cond.has_mask is not None else True)
+        coarse = torch.where(keep_mask[:, None, None, None], cond.coarse, torch.ones_like(cond.coarse))
+        return Conditions(base=base, reference=reference, has_ref=has_ref, text=text, text_mask=text_mask,
+                          pooled=pooled, coarse=coarse, fine=cond.fine, has_mask=keep_mask)
+
+    @torch.no_grad()
+    def _empty_prompt(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The empty prompt's encoding ([1, length, D], [1, length], [1, D_pooled]), as ``edit()``'s
+        unconditional passes encode it; computed once per device and dtype and kept."""
+        key = (length, str(device), dtype)
+        cached = getattr(self, "_empty_cache", None)
+        if cached is None or cached[0] != key:
+            text, mask, pooled = self.text_encoders.encode([""], device)
+            text, mask = text[:, :length], mask[:, :length].bool()
+            if text.shape[1] < length:  # cached embeddings longer than the encoder's max_length
+                pad = length - text.shape[1]
+                text = torch.nn.functional.pad(text, (0, 0, 0, pad))
+                mask = torch.nn.functional.pad(mask, (0, pad))
+            self._empty_cache = (key, (text.to(dtype), mask, pooled.to(dtype)))
+            cached = self._empty_cache
+        return cached[1]
+
     def forward(self, batch: EditBatch) -> ModelOutput:
         with record_function("care/encode"):
             x0 = self.encode_target(batch)
@@ -278,38 +331,45 @@ class CareEditModel(nn.Module):
         tt = t.to(x0.dtype)[:, None, None, None]
         noisy = (1 - tt) * x0 + tt * noise
         velocity = noise - x0
+        if self.training:
+            cond = self.drop_conditions(cond)
         pred, ctx = self.predict_velocity(noisy, t, cond)
         with record_function("care/losses"):
             return self._losses(batch, pred, velocity, ctx)
 
     def _losses(self, batch: EditBatch, pred: Tensor, velocity: Tensor, ctx: ExpertContext) -> ModelOutput:
         records = [ctx.records[p] for p in sorted(ctx.records)]
-        terms, util, gates = self._loss_terms_fn(
+        terms, layer_stats = self._loss_terms_fn(
             pred, velocity, ctx.gt_mask, ctx.grid,
             [r.routing.probs for r in records], [r.routing.index for r in records],
             [r.routing.weight for r in records], [r.refined_logits for r in records if r.refined_logits is not None],
             [r.gate for r in records if r.gate is not None], batch.tag_ids.to(pred.device),
+            [r.routing.logits for r in records if r.routing.logits is not None],
         )
         lc = self.cfg.loss
         weights = {
-            "diffusion": lc.diffusion, "load_balance": lc.load_balance, "mask_boundary": lc.mask_boundary,
-            "mixture_smoothness": lc.mixture_smoothness, "tag_alignment": lc.tag_alignment,
+            "diffusion": lc.diffusion, "load_balance": lc.load_balance, "router_z": lc.router_z,
+            "mask_boundary": lc.mask_boundary, "mixture_smoothness": lc.mixture_smoothness,
+            "tag_alignment": lc.tag_alignment,
         }
         loss = sum(weights[k] * v for k, v in terms.items())
         return ModelOutput(
-            loss=loss, terms=terms, stats=self._routing_stats(sorted(ctx.records), util, gates),
+            loss=loss, terms=terms, stats=self._routing_stats(sorted(ctx.records), layer_stats),
             num_tokens=pred.shape[0] * self._last_seq_len, prediction=pred,
         )
 
     def loss_terms(
         self, pred: Tensor, velocity: Tensor, gt_mask: Optional[Tensor], grid: tuple[int, int],
         probs: list[Tensor], index: list[Tensor], weight: list[Tensor], refined: list[Tensor],
-        gates: list[Tensor], tag_ids: Tensor,
-    ) -> tuple[dict[str, Tensor], Optional[Tensor], Optional[Tensor]]:
+        gates: list[Tensor], tag_ids: Tensor, logits: Optional[list[Tensor]] = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Every loss term (unweighted; only those with a non-zero weight), and the detached routing
-        statistics: utilisation [L, E] (share of tokens selecting each expert, per expert layer) and the
-        mean mixture gate [L]. A pure function of tensors (compiled by :meth:`compile_regions`); nothing
-        in it waits for the GPU. probs [S, E], index/weight [S, K] and refined [B, N] per expert layer."""
+        statistics per expert layer: ``util`` [L, E] (share of tokens selecting each expert), ``spread``
+        [L] and ``entropy`` [L] (:func:`moe.losses.routing_spread`, :func:`moe.losses.routing_entropy`:
+        the signs of a collapsed router), and ``gate`` [L] (mean mixture gate) and ``gate_spread`` [L] (its
+        standard deviation over tokens). A pure function of tensors (compiled by :meth:`compile_regions`);
+        nothing in it waits for the GPU. probs/logits [S, E], index/weight [S, K], refined and gates [B, N]
+        per expert layer."""
         lc = self.cfg.loss
         b = pred.shape[0]
         terms: dict[str, Tensor] = {}
@@ -320,6 +380,8 @@ class CareEditModel(nn.Module):
         terms["diffusion"] = flow_matching_loss(pack_latents(pred), pack_latents(velocity), region)
         if lc.load_balance > 0 and learned and probs:
             terms["load_balance"] = torch.stack([load_balance_loss(p, i, e) for p, i in zip(probs, index)]).mean()
+        if lc.router_z > 0 and learned and logits:
+            terms["router_z"] = torch.stack([router_z_loss(lg) for lg in logits]).mean()
         if lc.mask_boundary > 0 and refined:
             fine = gt_mask.reshape(b, gh, gw)
             terms["mask_boundary"] = torch.stack(
@@ -334,22 +396,40 @@ class CareEditModel(nn.Module):
             valid = (tag_ids >= 0).unsqueeze(-1)
             task = (self.tag_embed(tag_ids.clamp(min=0)) * valid).sum(dim=1)
             terms["tag_alignment"] = tag_alignment_loss(self.tag_predictor(signature.to(self.dtype)), task)
+        layer_stats: dict[str, Tensor] = {}
         with torch.no_grad():
-            util = torch.stack([dense_weights(i, (i >= 0).float(), e).mean(dim=0) for i in index]) if index else None
-            gate_means = torch.stack([g.float().mean() for g in gates]) if gates else None
-        return terms, util, gate_means
+            if index:
+                layer_stats["util"] = torch.stack([dense_weights(i, (i >= 0).float(), e).mean(dim=0) for i in index])
+                layer_stats["spread"] = torch.stack(
+                    [routing_spread(dense_weights(i, w, e).reshape(b, -1, e)) for i, w in zip(index, weight)])
+                layer_stats["entropy"] = torch.stack([routing_entropy(p) for p in probs])
+            if gates:
+                layer_stats["gate"] = torch.stack([g.float().mean() for g in gates])
+                layer_stats["gate_spread"] = torch.stack([g.float().reshape(b, -1).std(dim=1).mean() for g in gates])
+        return terms, layer_stats
 
-    def _routing_stats(self, positions: list[int], util: Optional[Tensor], gates: Optional[Tensor]) -> dict[str, Tensor]:
-        """Views into the two statistics tensors, named for the logs (no kernels, no waiting)."""
+    def _routing_stats(self, positions: list[int], layer_stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Views into the statistics tensors, named for the logs (no kernels, no waiting):
+        ``util/block<i>/<expert>``, ``routing_spread/block<i>``, ``routing_entropy/block<i>``,
+        ``gate/block<i>``, ``gate_spread/block<i>``."""
         stats: dict[str, Tensor] = {}
+        names = {"spread": "routing_spread", "entropy": "routing_entropy", "gate": "gate", "gate_spread": "gate_spread"}
         for row, position in enumerate(positions):
             block = self.expert_blocks[position]
-            if util is not None:
+            if "util" in layer_stats:
                 for col, name in enumerate(self.expert_names):
-                    stats[f"util/block{block}/{name}"] = util[row, col]
-            if gates is not None and row < gates.shape[0]:
-                stats[f"gate/block{block}"] = gates[row]
+                    stats[f"util/block{block}/{name}"] = layer_stats["util"][row, col]
+            for key, label in names.items():
+                if key in layer_stats and row < layer_stats[key].shape[0]:
+                    stats[f"{label}/block{block}"] = layer_stats[key][row]
         return stats
+
+    def routing_warnings(self, stats: dict, min_spread: float = 0.01, min_entropy: float = 0.05) -> list[str]:
+        """Warnings for the log where a learned router has collapsed (:func:`routing_collapse_warnings`);
+        none for the uniform and static ablations, which route alike on purpose."""
+        if self.cfg.router.kind != "learned":
+            return []
+        return routing_collapse_warnings(stats, min_spread, min_entropy)
 
     # -- FLOPs ------------------------------------------------------------------------------------
     def flops_per_token(self) -> float:
@@ -409,7 +489,9 @@ class CareEditModel(nn.Module):
             x = scheduler.step(v.float(), t, x).prev_sample
         images = self.vae.decode(x.to(self.dtype)).float()
         self.train(was_training)
-        return self._edit_result(images, ctx, cond)
+        result = self._edit_result(images, ctx, cond)
+        result.guidance = {"text": float(text_guidance), "image": float(image_guidance)}
+        return result
 
     def _edit_result(self, images: Tensor, ctx: Optional[ExpertContext], cond: Conditions) -> EditResult:
         b, _, hh, ww = images.shape
@@ -432,6 +514,22 @@ class CareEditModel(nn.Module):
             images=images, refined_mask=refined, routing_map=up(colours) * 2 - 1,
             utilisation={nm: float(u) for nm, u in zip(self.expert_names, util)},
         )
+
+
+def routing_collapse_warnings(stats: dict, min_spread: float = 0.01, min_entropy: float = 0.05) -> list[str]:
+    """One line per expert layer whose routing looks collapsed, from :attr:`ModelOutput.stats` (tensors
+    or floats): the routing weights barely vary over a sample's tokens (``routing_spread`` below
+    ``min_spread``: every token of a sample goes the same way) or the router is all but certain
+    everywhere (``routing_entropy`` below ``min_entropy``). A healthy tiny run keeps spread ~0.1."""
+    out = []
+    for key, value in stats.items():
+        kind, _, block = key.partition("/")
+        v = float(value)
+        if kind == "routing_spread" and v < min_spread:
+            out.append(f"routing collapsed in {block}: token spread of routing weights {v:.2e} < {min_spread}")
+        elif kind == "routing_entropy" and v < min_entropy:
+            out.append(f"routing collapsed in {block}: routing entropy {v:.3f} < {min_entropy} (one expert)")
+    return out
 
 
 def build_model(cfg: ModelConfig, ep_rank: Optional[int] = None) -> CareEditModel:

@@ -13,7 +13,8 @@ def _logit(p: Tensor, eps: float = 0.02) -> Tensor:
 
 
 class MaskRepaint(nn.Module):
-    """Refines the mask on the token grid from the current target tokens and the reference read-out.
+    """Refines the mask on the token grid from the current target tokens, the reference read-out and the
+    base read-out (the base token at the same position: the object's shape when there is no reference).
 
     It predicts a correction to the logit of the previous mask (the coarse box for the first expert
     layer), through a 3x3 convolution on the token grid so that it sees the neighbourhood a boundary
@@ -23,42 +24,59 @@ class MaskRepaint(nn.Module):
     def __init__(self, dim: int, ctx_dim: int, hidden: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.inp = nn.Linear(dim + ctx_dim + 2, hidden)
+        self.inp = nn.Linear(dim + 2 * ctx_dim + 2, hidden)
         self.conv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
         self.out = nn.Conv2d(hidden, 1, kernel_size=3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, ref_ctx: Tensor, prior: Tensor, coarse: Tensor, grid: tuple[int, int]) -> Tensor:
-        """x [B, N, D], ref_ctx [B, N, c], prior/coarse [B, N] -> refined-mask logits [B, N]."""
+    def forward(
+        self, x: Tensor, ref_ctx: Tensor, base_ctx: Tensor, prior: Tensor, coarse: Tensor, grid: tuple[int, int],
+    ) -> Tensor:
+        """x [B, N, D], ref_ctx/base_ctx [B, N, c], prior/coarse [B, N] -> refined-mask logits [B, N]."""
         b, n, _ = x.shape
-        h = F.gelu(self.inp(torch.cat([self.norm(x), ref_ctx, prior[..., None], coarse[..., None]], dim=-1)))
+        feats = [self.norm(x), ref_ctx, base_ctx, prior[..., None], coarse[..., None]]
+        h = F.gelu(self.inp(torch.cat(feats, dim=-1)))
         h = h.transpose(1, 2).reshape(b, -1, *grid)
         h = F.gelu(self.conv(h)) + h
         return _logit(prior) + self.out(h).reshape(b, n)
 
 
 class LatentMixture(nn.Module):
-    """Timestep-dependent gate g(t) in (0, 1) that blends the experts' mixture with the Base expert.
+    """Gate g in (0, 1) per token, from the timestep and the token's routing confidence, that blends the
+    experts' mixture with the Base expert: y = g * sum_k w_k y_k + (1 - g) * y_base.
 
-    y = g * sum_k w_k y_k + (1 - g) * y_base. Because the blend is linear in the expert outputs, it is
-    applied to the routing weights (Base gets an extra 1 - g on every token), so the dispatcher
-    computes it in the same pass and Base may live on any expert-parallel rank.
+    The confidence (max probability and normalised entropy of the token's routing, detached: the gate
+    reads the router, it does not train it) lets the gate trust the routed experts where the router is
+    sure and fall back to Base where it is not; the timestep lets it lean on Base where the sample is
+    mostly noise. Because the blend is linear in the expert outputs it is applied to the routing
+    weights (:meth:`blend`), so the dispatcher computes it in the same pass and Base may live on any
+    expert-parallel rank.
     """
 
     def __init__(self, temb_dim: int):
         super().__init__()
         self.gate = nn.Linear(temb_dim, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)  # g = 0.5 at initialisation
+        self.confidence = nn.Linear(2, 1, bias=False)
+        for p in (self.gate.weight, self.gate.bias, self.confidence.weight):
+            nn.init.zeros_(p)  # g = 0.5 at initialisation
 
-    def forward(self, temb: Tensor) -> Tensor:
-        """[B, D_t] -> [B] gate."""
-        return torch.sigmoid(self.gate(temb.to(self.gate.weight.dtype)).float())[:, 0]
+    def forward(self, temb: Tensor, confidence: Tensor) -> Tensor:
+        """temb [B, D_t], confidence [B, N, 2] (``router.routing_confidence``) -> gate [B, N]."""
+        t = self.gate(temb.to(self.gate.weight.dtype)).float()  # [B, 1]
+        c = self.confidence(confidence.detach().to(self.confidence.weight.dtype)).float()[..., 0]  # [B, N]
+        return torch.sigmoid(t + c)
 
     @staticmethod
     def blend(index: Tensor, weight: Tensor, gate: Tensor, base_id: int) -> tuple[Tensor, Tensor]:
-        """Routing (index/weight [S, K], gate [S]) -> (index/weight [S, K+1]) with Base's extra share."""
-        index = torch.cat([index, torch.full_like(index[:, :1], base_id)], dim=1)
-        weight = torch.cat([weight * gate[:, None], (1 - gate)[:, None]], dim=1)
-        return index, weight
+        """Routing (index/weight [S, K], gate [S]) -> index/weight [S, K+1] with Base's 1 - g share.
+
+        Base is computed once per token: where the router selected it, its share is added to that slot
+        and the extra slot is empty (-1); otherwise the extra slot is Base's."""
+        is_base = index == base_id  # [S, K]
+        selected = is_base.any(dim=1, keepdim=True)  # [S, 1]
+        rest = (1 - gate)[:, None]
+        weight = weight * gate[:, None] + is_base.to(weight.dtype) * rest
+        extra_index = torch.where(selected, torch.full_like(index[:, :1], -1), torch.full_like(index[:, :1], base_id))
+        extra_weight = torch.where(selected, torch.zeros_like(rest), rest)
+        return torch.cat([index, extra_index], dim=1), torch.cat([weight, extra_weight], dim=1)

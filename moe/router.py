@@ -3,15 +3,20 @@
 Two jobs, both per target token:
 
 1. *Condition contexts* that the heterogeneous experts read: an attention read-out of the text
-   tokens (for the Text expert), of the reference-image tokens (Reference expert) and a projection
-   of the mask tokens (Mask expert). They are computed once here, before dispatch, so that they can
-   travel with the token to whichever rank holds the expert (DESIGN.md section 4).
+   tokens (for the Text expert), of the reference-image tokens (Reference expert), a projection of
+   the mask tokens (Mask expert) and of the base-image token at the same grid position (Base
+   expert and Mask Repaint: what is to be kept, and the object's shape when there is no reference).
+   They are computed once here, before dispatch, so that they can travel with the token to
+   whichever rank holds the expert (DESIGN.md section 4). A sample without a reference reads a
+   learned "absent" vector instead of the reference read-out.
 2. *Routing*: a latent-attention router. Learned latent queries, modulated by the global task
    context (timestep embedding, pooled text, which conditions are present), form a small set of
    task latents; every token (its content, its condition contexts and the refined mask of the
    previous expert layer) attends over them, and the read-out gives the logits over experts.
-   Experts whose condition is absent (no reference image) are masked out; top-K is taken over the
-   rest and the weights are renormalised over the selected experts.
+   Top-K is taken over all experts for every sample (an absent reference is a context like any
+   other: the Reference expert may be picked and learns what to add then), and the weights are
+   renormalised over the selected experts. ``router.mask_absent`` restores the removal of experts
+   whose condition is absent before the top-K, as an ablation.
 
 Ablations: ``uniform`` picks K available experts at random per token with equal weights;
 ``static`` uses every available expert with equal weights (static fusion).
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import RouterConfig
+
+NUM_CONTEXTS = 4  # per-token condition contexts: text, reference, mask, base
 
 
 @dataclass
@@ -72,42 +79,49 @@ class ConditionRouter(nn.Module):
         self.text_readout = CrossAttentionReadout(dim, a, c)
         self.ref_readout = CrossAttentionReadout(dim, a, c)
         self.mask_proj = nn.Linear(dim, c)
+        self.base_proj = nn.Linear(dim, c)
+        # what the Reference expert reads for a sample without a reference (learned; small at start)
+        self.absent_ref = nn.Parameter(0.02 * torch.randn(c))
         if self.kind == "learned":
             # global task context: timestep embedding (carries pooled text in FLUX) + condition presence
             self.task = nn.Sequential(nn.Linear(temb_dim + 3, a), nn.SiLU(), nn.Linear(a, 2 * a))
             self.latents = nn.Parameter(torch.randn(cfg.num_latents, a) / math.sqrt(a))
-            self.token_query = nn.Linear(dim + 3 * c + 1, a)
+            self.token_query = nn.Linear(dim + NUM_CONTEXTS * c + 1, a)
             self.latent_value = nn.Linear(a, a)
             self.to_logits = nn.Linear(a, num_experts)
 
     def contexts(
         self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], ref: Optional[Tensor],
-        has_ref: Tensor, mask_tokens: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-token condition contexts [B, N, c] each: text, reference (zero without one), mask."""
+        has_ref: Tensor, mask_tokens: Tensor, base_tokens: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-token condition contexts [B, N, c] each: text, reference (the learned absent vector
+        without one), mask, base (the base token at the token's grid position; base_tokens [B, N, D])."""
         xn = self.norm(x)
         text_ctx = self.text_readout(xn, self.norm(text), text_mask)
+        absent = self.absent_ref.to(text_ctx.dtype).expand_as(text_ctx)
         if ref is None:
             # No reference in this batch. The read-out still enters the graph with weight zero: its
             # parameters then get (zero) gradients on every rank. ZeRO-2 reduces gradient buckets
             # that must hold the same parameters on all ranks, and another rank's batch may have a
             # reference: without this, the ranks' reductions differ in size (gloo fails, NCCL hangs).
             touch = sum(p.sum() for p in self.ref_readout.parameters())
-            ref_ctx = torch.zeros_like(text_ctx) + 0.0 * touch
+            ref_ctx = absent + 0.0 * touch
         else:
             ref_mask = has_ref[:, None].expand(-1, ref.shape[1])
-            ref_ctx = self.ref_readout(xn, self.norm(ref), ref_mask)
+            read = self.ref_readout(xn, self.norm(ref), ref_mask)
+            ref_ctx = torch.where(has_ref[:, None, None], read, absent)
         mask_ctx = self.mask_proj(self.norm(mask_tokens))
-        return text_ctx, ref_ctx, mask_ctx
+        base_ctx = self.base_proj(self.norm(base_tokens))
+        return text_ctx, ref_ctx, mask_ctx, base_ctx
 
     def forward(
         self,
         x: Tensor,  # [B, N, D] target tokens
-        contexts: tuple[Tensor, Tensor, Tensor],
+        contexts: tuple[Tensor, ...],  # NUM_CONTEXTS x [B, N, c]
         prev_mask: Tensor,  # [B, N] refined mask of the previous expert layer (coarse box for the first)
         temb: Tensor,  # [B, D_t]
         presence: Tensor,  # [B, 3] float: has text, has reference, has mask
-        available: Tensor,  # [B, E] bool: experts whose condition is present
+        available: Tensor,  # [B, E] bool: experts that may be selected (all, unless router.mask_absent)
     ) -> Routing:
         b, n, _ = x.shape
         avail = available[:, None, :].expand(b, n, -1).reshape(b * n, -1)
@@ -125,7 +139,9 @@ class ConditionRouter(nn.Module):
 
 
 def topk_routing(logits: Tensor, available: Tensor, k: int, noise_std: float = 0.0) -> Routing:
-    """Softmax over available experts, top-K, renormalised weights. logits/available: [S, E]."""
+    """Softmax over available experts, top-K, renormalised weights. logits/available: [S, E].
+
+    ``logits`` in the result are the (noised) logits before masking: the z-loss reads them."""
     if noise_std > 0:
         logits = logits + noise_std * torch.randn_like(logits)
     masked = logits.masked_fill(~available, float("-inf"))
@@ -154,3 +170,12 @@ def dense_weights(index: Tensor, weight: Tensor, num_experts: int) -> Tensor:
     slot = torch.where(index >= 0, index, torch.full_like(index, num_experts))  # -1 -> a discarded column
     dense = torch.zeros(index.shape[0], num_experts + 1, dtype=weight.dtype, device=weight.device)
     return dense.scatter_add(1, slot, weight)[:, :num_experts]
+
+
+def routing_confidence(probs: Tensor) -> Tensor:
+    """How sure the router is per token: [S, E] probabilities -> [S, 2] (max probability, entropy / log E),
+    both in [0, 1]. The Latent Mixture gate reads them."""
+    e = probs.shape[-1]
+    p = probs.float()
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1) / math.log(max(e, 2))
+    return torch.stack([p.max(dim=-1).values, entropy], dim=-1)

@@ -12,6 +12,7 @@ from omegaconf.errors import ConfigKeyError
 from moe.backbone import FluxBackbone, pack_latents, unpack_latents
 from moe.config import LoraConfig, ModelConfig
 from moe.model import build_model
+from moe.router import dense_weights
 from tests.model_configs import make_batch, tiny_model_config
 
 
@@ -110,14 +111,21 @@ def test_layer_with_only_base_enabled_reproduces_the_base_path():
     torch.testing.assert_close(seen["layer_out"][:, :n], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_ffn_experts_start_equal_to_the_frozen_path():
-    model = _model(**{"experts.kind": "ffn", "lora.rank": 0})
+@pytest.mark.parametrize("init_std", [0.0, 1e-3])
+def test_ffn_experts_start_equal_to_the_frozen_path(init_std):
+    """Identical copies (init_std 0) reproduce the frozen path; the default start, perturbed so the
+    router can tell the experts apart, moves the prediction by O(init_std) only."""
+    model = _model(**{"experts.kind": "ffn", "lora.rank": 0, "experts.init_std": init_std})
     batch = make_batch()
     with_experts, _ = _velocity(model, batch)
     for layer in model.expert_layers:  # put the original feed-forwards back
         model.backbone.set_feed_forward(model.expert_blocks[layer.position], layer.frozen_ff)
     without, _ = _velocity(model, batch)
-    torch.testing.assert_close(with_experts, without, rtol=1e-4, atol=1e-5)
+    if init_std == 0:
+        torch.testing.assert_close(with_experts, without, rtol=1e-4, atol=1e-5)
+    else:
+        diff = (with_experts - without).abs().max()
+        assert 0 < diff < 10 * init_std * without.abs().max(), diff
 
 
 def test_missing_reference_changes_only_what_it_should():
@@ -129,11 +137,10 @@ def test_missing_reference_changes_only_what_it_should():
     # the sample without a reference is computed as if alone (its zero reference tokens are masked out)
     torch.testing.assert_close(both[1:], alone_without, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both[:1], alone_with, rtol=1e-4, atol=1e-5)
-    # and it never routes to the Reference expert, while the sample with one may
-    ref_id = model.expert_names.index("reference")
+    # it still chooses K of all four experts: its Reference expert reads the learned "absent" context
     for record in ctx.records.values():
         idx = record.routing.index.view(2, -1, record.routing.index.shape[-1])
-        assert not (idx[1] == ref_id).any()
+        assert ((idx[1] >= 0).sum(-1) == 3).all()
     # giving it a reference does change its prediction
     with_ref = copy.deepcopy(batch)
     with_ref.has_reference = torch.tensor([True, True])
@@ -226,6 +233,176 @@ def test_ablation_switches_change_the_computed_terms(overrides, present, absent)
     torch.testing.assert_close(out.loss, total)
 
 
+def test_top3_of_4_without_references_and_load_balance_has_a_gradient():
+    """A batch without any reference still chooses 3 of the 4 experts per token (the Reference expert
+    among them, reading the absent context), so K=3 and K=4 differ and the load-balance loss pulls on
+    the router. (With absent experts removed before the top-K, K=3 of the 3 left and K=4 gave identical
+    weights, and the load balance was a constant 4/3 without gradient: kept as the mask_absent ablation.)"""
+    batch = make_batch(has_ref=[False, False])
+    model = _model(**{"router.top_k": 3})
+    model.train()
+    torch.manual_seed(3)
+    out = model(batch)
+    ref_id = model.expert_names.index("reference")
+    _, ctx = _velocity(model, batch)
+    chosen_ref = 0
+    for record in ctx.records.values():
+        idx = record.routing.index
+        assert ((idx >= 0).sum(1) == 3).all() and (idx.sort(1).values.diff(1) > 0).all()  # 3 distinct of 4
+        chosen_ref += int((idx == ref_id).sum())
+    assert chosen_ref > 0
+    router_params = [p for n, p in model.trainable_named_parameters() if ".router.to_logits" in n]
+    grads = torch.autograd.grad(out.terms["load_balance"], router_params)
+    assert max(g.abs().max() for g in grads) > 1e-6
+    k4 = _model(**{"router.top_k": 4})
+    _, ctx4 = _velocity(k4, batch)
+    w3 = dense_weights(ctx.records[0].routing.index, ctx.records[0].routing.weight, 4)
+    w4 = dense_weights(ctx4.records[0].routing.index, ctx4.records[0].routing.weight, 4)
+    assert (w3 - w4).abs().max() > 1e-3
+    # the ablation that removes absent experts: 3 of the 3 left, a load balance without gradient
+    old = _model(**{"router.top_k": 3, "router.mask_absent": True})
+    old.train()
+    torch.manual_seed(3)
+    out_old = old(batch)
+    _, ctx_old = _velocity(old, batch)
+    assert not any((r.routing.index == ref_id).any() for r in ctx_old.records.values())
+    torch.testing.assert_close(out_old.terms["load_balance"], torch.tensor(4 / 3))
+    params_old = [p for n, p in old.trainable_named_parameters() if ".router.to_logits" in n]
+    assert max(g.abs().max() for g in torch.autograd.grad(out_old.terms["load_balance"], params_old)) < 1e-6
+
+
+def test_router_gets_a_diffusion_gradient_at_initialisation():
+    """The experts start apart, so the diffusion loss alone tells the router which expert helps where
+    from the first step (with identical experts its only gradient came from the regularisers)."""
+    for init_std, expect in ((1e-3, True), (0.0, False)):
+        model = _model(**{"experts.init_std": init_std, "router.noise_std": 0.0})
+        model.train()
+        torch.manual_seed(3)
+        out = model(make_batch())
+        params = [p for n, p in model.trainable_named_parameters() if ".router.to_logits" in n]
+        g = max(t.abs().max() for t in torch.autograd.grad(out.terms["diffusion"], params))
+        assert (g > 1e-9) == expect, (init_std, float(g))
+
+
+def test_mixture_gate_varies_per_token():
+    model = _model()
+    for layer in model.expert_layers:
+        torch.nn.init.normal_(layer.mixture.confidence.weight)
+    _, ctx = _velocity(model, make_batch())
+    for record in ctx.records.values():
+        assert record.gate.shape == (2, 16)
+        assert record.gate.std(dim=1).min() > 1e-4
+
+
+def test_base_is_computed_once_per_token():
+    """The Latent Mixture's Base share joins Base's routing slot when the router chose Base: counted in
+    the per-expert loop, Base sees every token once, and all experts together see the distinct
+    (token, expert) pairs only."""
+    model = _model(**{"experts.kind": "ffn", "experts.dispatch": "alltoall", "experts.grouped_gemm": False})
+    seen = {name: 0 for name in model.expert_names}
+    for layer in model.expert_layers:
+        for expert in layer.moe.deepspeed_moe.experts.deepspeed_experts:
+            expert.register_forward_hook(lambda m, i, o: seen.__setitem__(m.name, seen[m.name] + i[0].shape[0]))
+    _, ctx = _velocity(model, make_batch())
+    tokens = sum(r.routing.index.shape[0] for r in ctx.records.values())
+    assert seen["base"] == tokens
+    pairs = sum(int((r.routing.index >= 0).sum()) + int((r.routing.index != 3).all(1).sum()) for r in ctx.records.values())
+    assert sum(seen.values()) == pairs < 4 * tokens
+
+
+def _counted_dropout(model, steps=300, b=8):
+    from moe.model import Conditions
+
+    counts = torch.zeros(4)
+    first = None
+    for step in range(steps):
+        cond = Conditions(
+            base=torch.ones(b, 4, 8, 8), reference=torch.ones(b, 4, 8, 8), has_ref=torch.ones(b, dtype=torch.bool),
+            text=torch.ones(b, 16, 32), text_mask=torch.ones(b, 16, dtype=torch.bool), pooled=torch.ones(b, 32),
+            coarse=torch.zeros(b, 1, 32, 32), fine=None,
+        )
+        out = model.drop_conditions(cond)
+        empty_text, _, _ = model._empty_prompt(16, torch.device("cpu"), torch.float32)
+        dropped = torch.stack([
+            (out.text != 1).flatten(1).any(1), out.base.flatten(1).eq(0).all(1), ~out.has_ref,
+            torch.zeros(b, dtype=torch.bool) if out.has_mask is None else ~out.has_mask,
+        ], 1)
+        # what a drop means: the empty prompt, zero base latents, no reference (zeroed), a whole-image box
+        assert torch.equal(out.text[dropped[:, 0]], empty_text.expand(int(dropped[:, 0].sum()), -1, -1))
+        assert out.reference[dropped[:, 2]].abs().sum() == 0 and out.coarse[dropped[:, 3]].eq(1).all()
+        assert out.coarse[~dropped[:, 3]].eq(0).all() and out.base[~dropped[:, 1]].eq(1).all()
+        counts += dropped.float().sum(0)
+        first = dropped if first is None else first
+    return counts / (steps * b), first
+
+
+def test_condition_dropout_rates_are_honoured_and_seeded():
+    rates = {"text": 0.1, "base": 0.25, "reference": 0.05, "mask": 0.5}
+    model = _model(**{f"condition_dropout.{k}": v for k, v in rates.items()})
+    torch.manual_seed(0)
+    freq, first = _counted_dropout(model)
+    n = 300 * 8
+    for i, p in enumerate(rates.values()):  # 2400 draws each: within 4 binomial standard deviations
+        assert abs(float(freq[i]) - p) < 4 * (p * (1 - p) / n) ** 0.5, (i, float(freq[i]), p)
+    torch.manual_seed(0)
+    _, again = _counted_dropout(model, steps=1)
+    assert torch.equal(first, again)  # the torch RNG: a seeded run repeats
+    off = _model(**{f"condition_dropout.{k}": 0.0 for k in rates})
+    freq_off, _ = _counted_dropout(off, steps=20)
+    assert freq_off.sum() == 0
+    # training forwards drop, evaluation forwards do not
+    always = _model(**{"condition_dropout.base": 1.0})
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(noisy, t, cond):
+        seen.append(cond.base.abs().sum())
+        raise Seen
+
+    always.predict_velocity = record
+    always.train()
+    with pytest.raises(Seen):
+        always(make_batch())
+    always.eval()
+    with pytest.raises(Seen):
+        always(make_batch())
+    assert seen[0] == 0 and seen[1] > 0
+
+
+def test_routing_stats_and_collapse_warning():
+    from moe.model import routing_collapse_warnings
+
+    model = _model()
+    model.train()
+    out = model(make_batch())
+    for block in model.expert_blocks:
+        assert 0 <= float(out.stats[f"routing_entropy/block{block}"]) <= 1
+        assert float(out.stats[f"routing_spread/block{block}"]) >= 0
+        assert f"gate_spread/block{block}" in out.stats
+    assert "router_z" in out.terms
+    stats = {"routing_spread/block2": torch.tensor(1e-5), "routing_entropy/block2": torch.tensor(0.6),
+             "routing_spread/block3": torch.tensor(0.2), "routing_entropy/block3": torch.tensor(0.001)}
+    warnings = routing_collapse_warnings(stats)
+    assert len(warnings) == 2 and "block2" in warnings[0] and "block3" in warnings[1]
+    assert not _model(**{"router.kind": "static"}).routing_warnings(stats)
+
+
+def test_lora_is_stripped_from_the_ffn_the_experts_replace():
+    """A shared LoRA on the image-stream FFN an expert layer wraps would run beside the experts on every
+    target token; the layer strips it, whatever lora.targets matches. Other blocks keep theirs."""
+    model = _model(**{"lora.targets": "[to_q,ff.net.0.proj,ff.net.2]"})
+    names = [n for n, _ in model.named_parameters()]
+    experts_blocks = set(model.expert_blocks)
+    for n in names:
+        if ".ff." in n and "lora" in n:
+            block = int(n.split("transformer_blocks.")[1].split(".")[0])
+            assert block not in experts_blocks, n
+    assert any(".ff.net.0.proj.lora_A" in n for n in names)  # blocks without experts keep theirs
+    assert not any("ff_context" in n and "lora" in n for n in names)  # "ff.net.2" does not match ff_context
+
+
 def test_static_fusion_and_mixture_off_weights():
     model = _model(**{"router.kind": "static", "mixture.enabled": False})
     _, ctx = _velocity(model, make_batch(has_ref=[True, True]))
@@ -245,6 +422,7 @@ def test_edit_is_deterministic_for_a_seed_and_returns_maps():
     assert a.refined_mask.shape == (2, 1, 32, 32) and 0 <= a.refined_mask.min() <= a.refined_mask.max() <= 1
     g = model.edit(batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(g.images, a.images)
+    assert g.guidance == {"text": 2.0, "image": 1.5} and a.guidance == {"text": 1.0, "image": 1.0}
 
 
 def test_weights_load_from_a_local_folder(tmp_path):
@@ -277,6 +455,9 @@ def test_weights_load_from_a_local_folder(tmp_path):
         ({"experts.blocks": "[7]"}, "experts.blocks"),
         ({"repaint.mode": "both"}, "repaint.mode"),
         ({"loss.mask_boundary": -1.0}, "loss.mask_boundary"),
+        ({"loss.router_z": -1.0}, "loss.router_z"),
+        ({"condition_dropout.text": 1.5}, "condition_dropout.text"),
+        ({"experts.init_std": -0.1}, "experts.init_std"),
     ],
 )
 def test_bad_configs_fail_before_anything_is_built(overrides, key, monkeypatch):

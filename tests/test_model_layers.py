@@ -12,7 +12,7 @@ from moe.config import RouterConfig
 from moe.dispatch import AllToAllDispatcher, DenseDispatcher, reference_combine
 from moe.experts import FfnExpert, LoraExpert, build_expert, packed_width, reference_feed_forward
 from moe.repaint import LatentMixture, MaskRepaint
-from moe.router import ConditionRouter, dense_weights, topk_routing
+from moe.router import ConditionRouter, dense_weights, routing_confidence, topk_routing
 
 D, C = 16, 4
 
@@ -65,17 +65,41 @@ def _router_inputs(b=2, n=6, kind="learned", k=2):
     torch.manual_seed(0)
     router = ConditionRouter(RouterConfig(kind=kind, top_k=k, ctx_dim=C, attn_dim=8, num_latents=2), D, 4, temb_dim=D)
     x, text, ref, masks = torch.randn(b, n, D), torch.randn(b, 5, D), torch.randn(b, n, D), torch.randn(b, n, D)
+    base = torch.randn(b, n, D)
     has_ref = torch.tensor([True, False])
-    ctxs = router.contexts(x, text, torch.ones(b, 5, dtype=torch.bool), ref, has_ref, masks)
+    ctxs = router.contexts(x, text, torch.ones(b, 5, dtype=torch.bool), ref, has_ref, masks, base)
     available = torch.ones(b, 4, dtype=torch.bool)
-    available[1, 2] = False
+    available[1, 2] = False  # as the router.mask_absent ablation passes it
     return router, x, ctxs, available, has_ref
 
 
-def test_router_reference_context_is_zero_without_reference():
-    _, _, (text_ctx, ref_ctx, _), _, _ = _router_inputs()
-    assert ref_ctx[1].abs().max() == 0 and ref_ctx[0].abs().max() > 0
+def test_router_reference_context_is_the_absent_vector_without_reference():
+    router, _, (text_ctx, ref_ctx, _, _), _, _ = _router_inputs()
+    torch.testing.assert_close(ref_ctx[1], router.absent_ref.expand(6, -1), rtol=0, atol=0)
+    assert (ref_ctx[0] - router.absent_ref).abs().min() > 0  # the read-out where there is a reference
     assert text_ctx[1].abs().max() > 0  # text is present for both samples
+    # a batch without any reference reads the absent vector too, and it is learned (gets a gradient)
+    x, text = torch.randn(2, 6, D), torch.randn(2, 5, D)
+    ctxs = router.contexts(x, text, None, None, torch.tensor([False, False]), torch.randn(2, 6, D), torch.randn(2, 6, D))
+    torch.testing.assert_close(ctxs[1], router.absent_ref.expand(2, 6, -1), rtol=0, atol=0)
+    (ctxs[1] * torch.randn_like(ctxs[1])).sum().backward()
+    assert router.absent_ref.grad.abs().max() > 0
+
+
+def test_base_context_reads_the_base_token_at_the_same_grid_position():
+    """The base read-out of target token i is a projection of base token i alone: preservation outside
+    the mask is then a per-position copy the Base expert can learn."""
+    router, x, _, _, _ = _router_inputs()
+    text, masks, base = torch.randn(2, 5, D), torch.randn(2, 6, D), torch.randn(2, 6, D)
+    args = (x, text, None, None, torch.tensor([False, False]), masks)
+    before = router.contexts(*args, base)[3]
+    changed = base.clone()
+    changed[1, 4] += torch.randn(D)
+    after = router.contexts(*args, changed)[3]
+    delta = (after - before).abs().amax(-1)  # [B, N]
+    assert delta[1, 4] > 0 and delta.sum() == delta[1, 4]
+    plain = router.base_proj(torch.nn.functional.layer_norm(base, (D,), eps=1e-6))
+    torch.testing.assert_close(before, plain, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["learned", "uniform", "static"])
@@ -104,10 +128,34 @@ def test_router_depends_on_task_context_and_previous_mask():
     assert (base - other_m).abs().max() > 1e-4
 
 
+def test_experts_start_apart_by_a_zero_mean_perturbation():
+    """With init_std > 0 the experts differ at initialisation (so the diffusion loss can rank them),
+    by init_std-sized, zero-mean-over-experts perturbations: the mean of the four FFN copies' outputs
+    equals the frozen FFN to first order, and each LoRA expert is O(init_std)."""
+    ff = _ff()
+    torch.manual_seed(0)
+    packed = torch.randn(10, packed_width(D, C))
+    names = ["text", "mask", "reference", "base"]
+    std = 1e-2
+    ffn = [build_expert("ffn", n, D, C, 3, ff, std, e, 4, seed=11) for e, n in enumerate(names)]
+    frozen = reference_feed_forward(ff, packed[:, :D])
+    outs = torch.stack([e(packed) for e in ffn])  # [4, T, D]
+    spread = (outs - frozen).abs().max()
+    assert 0 < spread < 10 * std * frozen.abs().max()
+    torch.testing.assert_close(outs.mean(0), frozen, rtol=0, atol=1e-6)  # linear in the perturbation
+    again = build_expert("ffn", "mask", D, C, 3, ff, std, 1, 4, seed=11)  # any layout builds the same expert
+    assert torch.equal(again.proj_out.weight, ffn[1].proj_out.weight)
+    lora = [build_expert("lora", n, D, C, 3, ff, std, e, 4, seed=11) for e, n in enumerate(names)]
+    ups = torch.stack([e.up.weight for e in lora])
+    torch.testing.assert_close(ups.sum(0), torch.zeros(D, 3), rtol=0, atol=1e-7)
+    y = torch.stack([e(packed) for e in lora])
+    assert 0 < y.abs().max() < 10 * std and (y[0] - y[1]).abs().max() > 0
+
+
 def test_ffn_experts_start_equal_to_the_frozen_ffn():
     ff = _ff()
     x = torch.randn(10, D)
-    packed = torch.cat([x, torch.randn(10, 3 * C + 1)], dim=1)
+    packed = torch.cat([x, torch.randn(10, packed_width(D, C) - D)], dim=1)
     for name in ["text", "mask", "reference", "base"]:
         expert = build_expert("ffn", name, D, C, rank=3, frozen_ff=ff)
         assert isinstance(expert, FfnExpert)
@@ -123,7 +171,7 @@ def test_lora_experts_start_at_zero_and_read_their_own_condition():
     nn.init.normal_(expert.up.weight)
     out = expert(packed)
     changed = packed.clone()
-    changed[:, D + 2 * C :] += 1  # mask context and mask: not the Reference expert's
+    changed[:, D + 2 * C :] += 1  # mask and base contexts and the mask: not the Reference expert's
     assert torch.allclose(out, expert(changed))
     changed = packed.clone()
     changed[:, D + C : D + 2 * C] += 1  # its own reference read-out
@@ -140,6 +188,7 @@ def test_dispatchers_match_the_per_token_reference(kind, dispatcher):
     r = topk_routing(torch.randn(s, 4), torch.rand(s, 4) > 0.2, 3)
     gate = torch.rand(s)
     index, weight = LatentMixture.blend(r.index, r.weight, gate, base_id=3)
+    assert ((index == 3).sum(1) == 1).all()  # Base once per token
     weight = weight.detach().requires_grad_(True)
     out = dispatcher(packed, index, weight, experts)
     ref = reference_combine(packed, index, weight, experts)
@@ -195,19 +244,26 @@ def test_dispatchers_take_an_empty_batch(kind, dispatcher):
 
 def test_packed_rows_are_aligned_and_experts_read_only_their_condition():
     """Packed tokens are padded to 16-byte rows; each expert's full-width condition product equals its
-    plain slice read (Base reads 1 - m) and ignores the padding."""
-    assert packed_width(D, C) % 8 == 0 and packed_width(D, C) >= D + 3 * C + 1
+    plain read of its columns (Base reads its base context and 1 - m) and ignores the padding."""
+    assert packed_width(D, C) % 8 == 0 and packed_width(D, C) >= D + 4 * C + 1
     torch.manual_seed(5)
     packed = torch.randn(7, packed_width(D, C))
+    m = packed[:, D + 4 * C : D + 4 * C + 1]
+    spelled = {  # the layout [x | text | reference | mask ctx | base ctx | m], written out
+        "text": packed[:, D : D + C], "reference": packed[:, D + C : D + 2 * C],
+        "mask": torch.cat([packed[:, D + 2 * C : D + 3 * C], m], 1),
+        "base": torch.cat([packed[:, D + 3 * C : D + 4 * C], 1 - m], 1),
+    }
     for expert in _experts("lora"):
+        torch.testing.assert_close(expert.condition(packed), spelled[expert.name], rtol=0, atol=0)
         plain = expert.cond(expert.condition(packed))
         torch.testing.assert_close(expert.condition_projection(packed), plain, rtol=1e-6, atol=1e-6)
         padded = packed.clone()
-        padded[:, D + 3 * C + 1 :] = 9.0
+        padded[:, D + 4 * C + 1 :] = 9.0
         torch.testing.assert_close(expert.condition_projection(padded), plain, rtol=1e-6, atol=1e-6)
 
 
-def test_latent_mixture_is_convex_and_gives_base_the_rest():
+def test_latent_mixture_is_convex_and_gives_base_the_rest_in_one_slot():
     index = torch.tensor([[0, 1, -1], [3, 2, 1]])
     weight = torch.tensor([[0.6, 0.4, 0.0], [0.5, 0.3, 0.2]])
     gate = torch.tensor([0.25, 0.8])
@@ -216,19 +272,46 @@ def test_latent_mixture_is_convex_and_gives_base_the_rest():
     assert torch.allclose(dense.sum(1), torch.ones(2))
     assert torch.allclose(dense[0], torch.tensor([0.15, 0.1, 0.0, 0.75]))
     assert torch.allclose(dense[1], torch.tensor([0.0, 0.16, 0.24, 0.4 + 0.2]))
+    # Base selected by the router (row 1): its share joins that slot and the extra slot stays empty
+    assert idx.tolist() == [[0, 1, -1, 3], [3, 2, 1, -1]]
+    torch.testing.assert_close(w[1], torch.tensor([0.6, 0.24, 0.16, 0.0]))
+
+
+def test_latent_mixture_gate_is_per_token_from_time_and_routing_confidence():
+    torch.manual_seed(0)
+    mix = LatentMixture(D)
+    probs = torch.softmax(3 * torch.randn(2 * 5, 4), -1)
+    conf = routing_confidence(probs).view(2, 5, 2)
+    # the confidence features: max probability and entropy / log E
+    p = probs.view(2, 5, 4)
+    torch.testing.assert_close(conf[..., 0], p.max(-1).values)
+    torch.testing.assert_close(conf[..., 1], -(p * p.log()).sum(-1) / torch.log(torch.tensor(4.0)))
+    temb = torch.randn(2, D)
+    assert torch.equal(mix(temb, conf), torch.full((2, 5), 0.5))  # 0.5 at initialisation
+    nn.init.normal_(mix.confidence.weight)
+    nn.init.normal_(mix.gate.weight, std=0.1)
+    g = mix(temb, conf)
+    assert g.shape == (2, 5) and g.std(dim=1).min() > 1e-3  # varies over a sample's tokens
+    expected = torch.sigmoid(mix.gate(temb)[:, None] + conf @ mix.confidence.weight.t())[..., 0]
+    torch.testing.assert_close(g, expected)
+    assert (mix(temb + 1, conf) - g).abs().max() > 1e-4  # and with the timestep embedding
 
 
 def test_mask_repaint_starts_at_its_prior_and_sees_neighbours():
     torch.manual_seed(0)
     head = MaskRepaint(D, C, hidden=8)
-    x, ref = torch.randn(2, 16, D), torch.randn(2, 16, C)
+    x, ref, base = torch.randn(2, 16, D), torch.randn(2, 16, C), torch.randn(2, 16, C)
     prior = torch.zeros(2, 16)
     prior[:, 5] = 1
-    logits = head(x, ref, prior, prior, (4, 4))
+    logits = head(x, ref, base, prior, prior, (4, 4))
     torch.testing.assert_close(torch.sigmoid(logits), prior.clamp(0.02, 0.98), rtol=1e-5, atol=1e-6)
     nn.init.normal_(head.out.weight)
     x2 = x.clone()
     x2[:, 0] += torch.randn(D)  # token (0, 0): affects its 3x3 conv neighbourhood (two convs: up to 2 tokens away)
-    delta = (head(x2, ref, prior, prior, (4, 4)) - head(x, ref, prior, prior, (4, 4))).abs().reshape(2, 4, 4)
+    delta = (head(x2, ref, base, prior, prior, (4, 4)) - head(x, ref, base, prior, prior, (4, 4))).abs().reshape(2, 4, 4)
     assert delta[:, 0, 0].min() > 0 and delta[:, 1, 1].min() > 0
     assert delta[:, 3, 3].max() == 0
+    # it reads the base read-out too (the object's shape when there is no reference)
+    base2 = base.clone()
+    base2[:, 0] += 1.0
+    assert (head(x, ref, base2, prior, prior, (4, 4)) - head(x, ref, base, prior, prior, (4, 4))).abs().max() > 0
