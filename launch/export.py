@@ -20,18 +20,48 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
+def _check_paths(checkpoint: str, out: str) -> Optional[str]:
+    """One line saying what is wrong with the paths before anything is read, or None."""
+    if os.path.isfile(checkpoint):
+        return (f"--checkpoint {checkpoint}: is a file; export reads a training checkpoint directory "
+                "(RUN/checkpoints or one of its tag dirs). An export is already usable as launch/edit.py --checkpoint")
+    if os.path.isdir(out):
+        return f"--out {out}: is a directory; give the .safetensors file to write"
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {out}: {parent} is a file, not a directory"
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run checkpoint dir (uses 'latest') or a tag dir")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (error if the run kept none)")
     args = p.parse_args(argv)
+    from train.config import ConfigError
     from train.export import WeightsError, export_checkpoint
 
+    problem = _check_paths(args.checkpoint, args.out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         tensors = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: --checkpoint {args.checkpoint}: its config does not validate: {first}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing --out (permission denied, disk full, ...) or reading a checkpoint file
+        if e.filename is None or str(e.filename).startswith(args.out):
+            print(f"error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        else:
+            print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in tensors.values())
     print(f"wrote {args.out}: {len(tensors)} tensors, {n:,} parameters{' (EMA)' if args.ema else ''}")
