@@ -98,10 +98,10 @@ def crash_in_save(at_step: int) -> None:
 
     commit = Checkpointer._commit
 
-    def crashing_commit(self: Checkpointer, tmp_path: str, tag: str, step: int) -> str:
+    def crashing_commit(self: Checkpointer, tmp_path: str, tag: str, step: int, *args: Any) -> str:
         if step == at_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return commit(self, tmp_path, tag, step)
+        return commit(self, tmp_path, tag, step, *args)
 
     Checkpointer._commit = crashing_commit
 

@@ -42,4 +42,4 @@ def test_sigkill_then_resume_reproduces_losses(tmp_path, world, ep, zero):
     files = set(os.listdir(ckpt))
     assert {f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)} <= files  # per-expert files
     assert {f"train_state_rank{r}.pt" for r in range(world)} <= files
-    assert "config.yaml" in files
+    assert "config.yaml" in files and "complete.json" in files

@@ -6,15 +6,22 @@ barrier, i.e. while other ranks may still be writing, and non-atomically (a kill
 write leaves an empty pointer). So we pass ``save_latest=False`` and commit ourselves:
 
 1. all ranks save under a temporary tag ``.tmp-<tag>`` (DeepSpeed shards + our per-rank
-   ``train_state_rank<r>.pt``: step, loader position, RNG states, EMA; rank 0 adds ``config.yaml``);
-2. barrier (every shard of every rank is on disk);
-3. rank 0 renames ``.tmp-<tag>`` to ``<tag>`` (atomic on POSIX), writes ``latest.tmp``, fsyncs and
-   ``os.replace``-s it onto ``latest`` (atomic), then deletes checkpoints beyond the last K.
+   ``train_state_rank<r>.pt``: step, loader position, RNG states, EMA; rank 0 adds ``config.yaml``),
+   and fsync every file they wrote (DeepSpeed's go through ``engine.checkpoint_engine.save``, which
+   we wrap to fsync and record each file's size);
+2. the ranks gather {file: size} of everything written (this is also the barrier: every shard of
+   every rank is on disk);
+3. rank 0 writes the completeness marker ``complete.json`` (step, world size, every file and its
+   size), fsyncs it and the directory, renames ``.tmp-<tag>`` to ``<tag>`` (atomic on POSIX), fsyncs
+   the checkpoint directory, writes ``latest.tmp``, fsyncs and ``os.replace``-s it onto ``latest``
+   (atomic), fsyncs again, then deletes checkpoints beyond the last K.
 
 A kill at any point leaves ``latest`` naming the previous complete checkpoint; a stale ``.tmp-*``
-directory is ignored and removed by the next save. The frozen backbone is not written
-(``exclude_frozen_parameters=True``); it is rebuilt from its own path, so loading is non-strict and
-we verify that every trainable key was present instead.
+directory is ignored and removed by the next save. Resume checks the marker (every file present at
+its recorded size): ``--resume PATH`` refuses an incomplete checkpoint with the reason, and
+``--resume auto`` falls back to the newest complete one before it, saying so. The frozen backbone is
+not written (``exclude_frozen_parameters=True``); it is rebuilt from its own path, so loading is
+non-strict and we verify that every trainable key was present instead.
 
 Shape: a checkpoint resumes through DeepSpeed only at the world size, ep_size and ZeRO stage that
 wrote it (``find`` checks this before the model is built and names the conversion command
@@ -26,18 +33,21 @@ otherwise). Each rank also records its ``layout`` (``train/layout.py``) so that
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
-from train.config import checkpoint_dir, save_resolved
+from train.config import checkpoint_dir
 from train.distributed import DistInfo, barrier
 from train.layout import capture_layout
 from train.portable import PORTABLE_DIR, ReshapeError, is_portable, read_meta
@@ -46,10 +56,84 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+COMPLETE = "complete.json"  # written last, before the rename: {step, world_size, files: {name: size}}
+STEP_TAG = re.compile(r"^step\d{8}$")
 
 
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
+
+
+def _fsync(f: Any) -> int:
+    """Flush and fsync an open file; its size."""
+    f.flush()
+    os.fsync(f.fileno())
+    return os.fstat(f.fileno()).st_size
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync a directory, so the names created or renamed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _recording_saves(engine: Any, root: str, written: dict[str, int]) -> Iterator[None]:
+    """Every file DeepSpeed writes goes through ``engine.checkpoint_engine.save``: fsync each one and
+    record its size (a later truncation is then detectable)."""
+    ce = engine.checkpoint_engine
+    original = ce.save
+
+    def save(state_dict: Any, path: str) -> Any:
+        result = original(state_dict, path)
+        with open(path, "rb+") as f:
+            written[os.path.relpath(path, root)] = _fsync(f)
+        return result
+
+    ce.save = save
+    try:
+        yield
+    finally:
+        del ce.save
+
+
+def _gather_files(written: dict[str, int]) -> dict[str, int]:
+    """Collective: the union of every rank's {file: size}."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return dict(written)
+    parts: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, written)
+    files: dict[str, int] = {}
+    for part in parts:
+        files.update(part)
+    return files
+
+
+def verify_complete(path: str) -> Optional[str]:
+    """None if checkpoint ``path`` is complete; else what is wrong with it (one line)."""
+    marker = os.path.join(path, COMPLETE)
+    if not os.path.isfile(marker):
+        return f"no {COMPLETE} (its save did not finish, or it predates completeness markers)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {COMPLETE} ({e})"
+    for name, size in sorted(files.items()):
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            return f"file {name} is missing"
+        actual = os.path.getsize(p)
+        if actual != size:
+            return f"file {name} has {actual} bytes, {size} were written (truncated or overwritten)"
+    return None
+
+
+class IncompleteCheckpoint(FileNotFoundError):
+    """A checkpoint that resume must not load (missing or truncated files); the message says which."""
 
 
 def rng_state() -> dict:
@@ -164,17 +248,20 @@ class Checkpointer:
         if self.dist.is_main and os.path.exists(tmp_path):
             shutil.rmtree(tmp_path)
         barrier()
-        self._write(engine, tmp_path, step, loader, ema)
-        barrier()  # every shard of every rank is on disk
-        final = self._commit(tmp_path, tag, step)
+        written = self._write(engine, tmp_path, step, loader, ema)
+        files = _gather_files(written)  # also the barrier: every shard of every rank is on disk
+        final = self._commit(tmp_path, tag, step, files)
         barrier()
         self.saved_step = step
         return final
 
-    def _write(self, engine: Any, tmp_path: str, step: int, loader: Any, ema: Any) -> None:
-        """This rank's part: DeepSpeed's shards, our ``train_state_rank<r>.pt``, rank 0 the config."""
-        engine.save_checkpoint(self.dir, tag=os.path.basename(tmp_path), client_state={"step": step},
-                               save_latest=False, exclude_frozen_parameters=True)
+    def _write(self, engine: Any, tmp_path: str, step: int, loader: Any, ema: Any) -> dict[str, int]:
+        """This rank's part, every file fsynced: DeepSpeed's shards, ``train_state_rank<r>.pt``, rank 0 the
+        config. Returns {file name: size} of what this rank wrote."""
+        written: dict[str, int] = {}
+        with _recording_saves(engine, tmp_path, written):
+            engine.save_checkpoint(self.dir, tag=os.path.basename(tmp_path), client_state={"step": step},
+                                   save_latest=False, exclude_frozen_parameters=True)
         if self._layout is None:  # fixed for the run: which optimizer slot holds which global parameter
             self._layout = capture_layout(engine, self.dist.rank, self.dist.world_size,
                                           int(self.cfg.model.experts.ep_size))
@@ -182,19 +269,31 @@ class Checkpointer:
                  "loader": loader.state_dict(), "rng": rng_state(), "layout": self._layout}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        torch.save(state, os.path.join(tmp_path, f"train_state_rank{self.dist.rank}.pt"))
+        name = f"train_state_rank{self.dist.rank}.pt"
+        with open(os.path.join(tmp_path, name), "wb") as f:
+            torch.save(state, f)
+            written[name] = _fsync(f)
         if self.dist.is_main:
-            save_resolved(self.cfg, os.path.join(tmp_path, "config.yaml"))
+            with open(os.path.join(tmp_path, "config.yaml"), "w") as f:
+                f.write(OmegaConf.to_yaml(self.cfg, resolve=True))
+                written["config.yaml"] = _fsync(f)
+        _fsync_dir(tmp_path)
+        return written
 
-    def _commit(self, tmp_path: str, tag: str, step: int) -> str:
-        """Rank 0: rename the complete temporary directory to ``tag``, move ``latest``, prune."""
+    def _commit(self, tmp_path: str, tag: str, step: int, files: dict[str, int]) -> str:
+        """Rank 0: the completeness marker, then rename the directory to ``tag``, move ``latest``, prune."""
         final = os.path.join(self.dir, tag)
         if self.dist.is_main:
+            with open(os.path.join(tmp_path, COMPLETE), "w") as f:
+                json.dump({"step": step, "world_size": self.dist.world_size, "files": files}, f, indent=0)
+                _fsync(f)
+            _fsync_dir(tmp_path)
             if os.path.exists(final):  # re-saving the same step (e.g. end right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp_path, final)
+            _fsync_dir(self.dir)
             self._write_latest(tag)
-            self._prune()
+            self._prune(step)
         return final
 
     def _write_latest(self, tag: str) -> None:
@@ -204,15 +303,13 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.dir, LATEST))
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # make the rename itself durable
-        finally:
-            os.close(fd)
+        _fsync_dir(self.dir)  # make the rename itself durable
 
-    def _prune(self) -> None:
-        tags = sorted(t for t in os.listdir(self.dir) if t.startswith("step") and os.path.isdir(
-            os.path.join(self.dir, t)))
+    def _prune(self, step: int) -> None:
+        """Keep the last K checkpoints up to ``step`` (later ones, left by a run that resumed from an
+        earlier checkpoint, are overwritten as this run reaches their steps)."""
+        tags = sorted(t for t in os.listdir(self.dir) if STEP_TAG.match(t) and int(t[4:]) <= step
+                      and os.path.isdir(os.path.join(self.dir, t)))
         for t in tags[:-self.keep]:
             shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
         for t in os.listdir(self.dir):  # stale temporaries from killed saves
@@ -230,32 +327,66 @@ class Checkpointer:
         """
         if not resume:
             return None
+        note = ""
         if resume == "auto":
-            where = read_latest(self.dir)
+            where = self._latest_complete()
+            if where is None:
+                return None
+            where, note = where
         else:
             path = os.path.abspath(resume)
             if os.path.isfile(os.path.join(path, LATEST)):
                 where = read_latest(path)
                 if where is None:
                     raise FileNotFoundError(f"--resume {resume}: 'latest' names no checkpoint")
-            elif os.path.isfile(os.path.join(path, "train_state_rank0.pt")) or is_portable(path):
+            elif os.path.isfile(os.path.join(path, "train_state_rank0.pt")) or is_portable(path) \
+                    or os.path.isfile(os.path.join(path, COMPLETE)):
                 where = os.path.dirname(path), os.path.basename(path)
             else:
                 raise FileNotFoundError(f"--resume {resume}: neither a checkpoint nor a directory with a 'latest' file")
-        if where is None:
-            return None
+            problem = None if is_portable(os.path.join(*where)) else verify_complete(os.path.join(*where))
+            if problem:
+                raise IncompleteCheckpoint(
+                    f"--resume {resume}: checkpoint {os.path.join(*where)} is incomplete: {problem}. Resume from an "
+                    f"earlier checkpoint, or with --resume auto (it falls back to the newest complete one)")
         path = os.path.join(*where)
         if is_portable(path):
-            return Found(where[0], where[1], int(read_meta(path)["step"]), portable=True)
+            return Found(where[0], where[1], int(read_meta(path)["step"]), portable=True, note=note)
         try:
-            return Found(where[0], where[1], self._check_shape(path), portable=False)
+            return Found(where[0], where[1], self._check_shape(path), portable=False, note=note)
         except ReshapeError:
             converted = os.path.join(where[0], PORTABLE_DIR, where[1])  # launch.reshape_checkpoint's default --dst
             if not is_portable(converted):
                 raise
             if self.dist.is_main:
                 log.warning("resume: %s is of another shape; using its conversion %s", path, converted)
-            return Found(os.path.dirname(converted), where[1], int(read_meta(converted)["step"]), portable=True)
+            return Found(os.path.dirname(converted), where[1], int(read_meta(converted)["step"]), portable=True,
+                         note=note)
+
+    def _latest_complete(self) -> Optional[tuple[tuple[str, str], str]]:
+        """((dir, tag), note) for ``--resume auto``: what ``latest`` names if complete, else the newest
+        complete checkpoint before it (the note says which was refused and why); None: fresh start."""
+        p = os.path.join(self.dir, LATEST)
+        if not os.path.isfile(p):
+            return None
+        with open(p) as f:
+            tag = f.read().strip()
+        path = os.path.join(self.dir, tag)
+        problem = "its directory is missing" if not os.path.isdir(path) else (
+            None if is_portable(path) else verify_complete(path))
+        if problem is None:
+            return (os.path.abspath(self.dir), tag), ""
+        step = int(tag[4:]) if STEP_TAG.match(tag) else 1 << 62
+        earlier = sorted((t for t in os.listdir(self.dir) if STEP_TAG.match(t) and int(t[4:]) < step), reverse=True)
+        for t in earlier:
+            if verify_complete(os.path.join(self.dir, t)) is None:
+                note = f"checkpoint {tag} is incomplete ({problem}): fell back to {t}, the newest complete one"
+                if self.dist.is_main:
+                    log.warning("resume: %s", note)
+                return (os.path.abspath(self.dir), t), note
+        raise IncompleteCheckpoint(
+            f"--resume auto: {path} (named by {p}) is incomplete ({problem}) and {self.dir} holds no earlier "
+            f"complete checkpoint. Start afresh without --resume after moving {self.dir} away")
 
     def _check_shape(self, path: str) -> int:
         """The step of native checkpoint ``path`` if this run can load it as is; else a ReshapeError."""

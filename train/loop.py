@@ -27,6 +27,7 @@ from train.distributed import init_distributed
 from train.engine import build_engine
 from train.guards import StepGuard, discard_step, is_oom, oom_advice
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
+from train.runlock import acquire_run_lock
 from train.signals import PreemptionFlag
 
 ModelFactory = Callable[[Any], torch.nn.Module]
@@ -83,10 +84,19 @@ class Trainer:
                  val_batch_factory: ValBatchFactory) -> None:
         self.cfg = cfg
         self.dist = dist = init_distributed()
-        os.makedirs(run_dir(cfg), exist_ok=True)
+        self.lock = acquire_run_lock(run_dir(cfg), dist)  # before anything is written to the run dir
         self.preempt = PreemptionFlag()
         self.logger: Optional[MetricLogger] = None
         self.losses_file = None
+        try:
+            self._build(resume, model_factory, loader_factory, val_batch_factory)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: Optional[str], model_factory: ModelFactory, loader_factory: LoaderFactory,
+               val_batch_factory: ValBatchFactory) -> None:
+        cfg, dist = self.cfg, self.dist
         if dist.is_main:
             save_resolved(cfg, os.path.join(run_dir(cfg), "config.yaml"))
         # ---- which checkpoint to resume, checked against this run's shape before the (costly) model exists
@@ -129,6 +139,7 @@ class Trainer:
         self.logger.print(
             f"run dir {os.path.abspath(run_dir(cfg))} | tensorboard --logdir {os.path.abspath(tensorboard_dir(cfg))}"
             f" | checkpoints {os.path.abspath(checkpoint_dir(cfg))}"
+            + (f" | {self.lock.note}" if self.lock.note else "")
             + (f" | resumed from {found.tag} at step {self.step}" if found else "")
             + (f" ({found.note})" if found and found.note else "")
             + (f" | compiled ({cfg.train.compile_backend}, {cfg.train.compile_mode}): {compiled}" if compiled else "")
@@ -244,6 +255,7 @@ class Trainer:
             self.logger.close()
         if self.losses_file:
             self.losses_file.close()
+        self.lock.release()
 
 
 def _next_batch(batches: Any) -> Any:
