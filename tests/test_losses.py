@@ -11,6 +11,9 @@ from moe.losses import (
     mask_boundary_loss,
     mixture_smoothness_loss,
     region_weight,
+    router_z_loss,
+    routing_entropy,
+    routing_spread,
     tag_alignment_loss,
 )
 
@@ -39,6 +42,44 @@ def test_load_balance_is_one_when_uniform_and_grows_with_collapse():
     # empty slots (-1) are ignored
     with_empty = torch.cat([index[:, :2], torch.full((s, 1), -1)], dim=1)
     assert torch.isfinite(load_balance_loss(probs, with_empty, e))
+
+
+def test_load_balance_gradient_pulls_towards_the_under_used_experts():
+    """Top-3 of 4: the load balance has a gradient through the soft probabilities that lowers the
+    over-used expert's logit, and none once the assignments are balanced."""
+    s, e = 64, 4
+    logits = torch.zeros(s, e)
+    logits[:, 0] = 2.0
+    logits.requires_grad_(True)
+    probs = torch.softmax(logits, -1)
+    index = probs.topk(3, -1).indices  # expert 0 always in, 1-3 by tie order
+    (g,) = torch.autograd.grad(load_balance_loss(probs, index, e), logits)
+    assert g[:, 0].min() > 0  # descent lowers the favourite
+    balanced = torch.arange(s * 3).remainder(e).view(s, 3)  # each expert 1/4 of the assignments
+    uniform = torch.zeros(s, e, requires_grad=True)
+    (g0,) = torch.autograd.grad(load_balance_loss(torch.softmax(uniform, -1), balanced, e), uniform)
+    assert g0.abs().max() < 1e-7
+
+
+def test_router_z_loss_is_logsumexp_squared():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    expected = (torch.log(torch.tensor(4.0)) ** 2 + torch.logsumexp(logits[1], 0) ** 2) / 2
+    torch.testing.assert_close(router_z_loss(logits), expected)
+    assert router_z_loss(logits / 10) < router_z_loss(logits)  # flatter logits, smaller loss
+
+
+def test_routing_spread_and_entropy_tell_collapse_from_token_wise_routing():
+    b, n, e = 2, 16, 4
+    constant = torch.tensor([0.7, 0.3, 0.0, 0.0]).expand(b, n, e)  # every token alike: a collapsed router
+    assert routing_spread(constant) == 0
+    tokenwise = torch.zeros(b, n, e)
+    tokenwise[:, : n // 2, 0] = 1.0
+    tokenwise[:, n // 2 :, 1] = 1.0
+    # experts 0 and 1: std over tokens of a half-ones column; experts 2, 3: 0
+    half = torch.tensor([1.0] * (n // 2) + [0.0] * (n // 2)).std()
+    torch.testing.assert_close(routing_spread(tokenwise), half / 2)
+    assert torch.isclose(routing_entropy(torch.full((5, e), 0.25)), torch.tensor(1.0))
+    assert routing_entropy(torch.tensor([[1.0, 0.0, 0.0, 0.0]])) < 1e-6
 
 
 def test_mask_boundary_zero_at_the_fine_mask_and_band_weighting():
