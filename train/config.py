@@ -63,6 +63,10 @@ class StepsConfig:
     # otherwise bound by the host issuing ~10K kernels, docs/PERF.md) | max-autotune |
     # max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # ZeRO 1/2 gradient buckets (elements) and overlap of their reduction with the backward; null = on with GPUs
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    overlap_comm: Optional[bool] = None
 
 
 @dataclass
@@ -91,6 +95,14 @@ class LoggingConfig:
 @dataclass
 class GuardConfig:
     max_consecutive_skips: int = 5  # non-finite loss / grad norm steps in a row that stop the run
+    # hang watchdog (train/watchdog.py): a step running longer than max(hang_min_s, hang_factor x the median
+    # of the recent steps) dumps every thread's stack and exits with code 75 (requeue); hang_factor 0 = off
+    hang_factor: float = 20.0
+    hang_min_s: float = 600.0
+    hang_warmup_steps: int = 5  # steps timed before the watchdog arms (compilation, warm-up)
+    # replica-consistency check (train/replica_check.py) every N steps (0 = only before checkpoints: it
+    # always runs before a checkpoint is written)
+    replica_check_every: int = 200
 
 
 @dataclass
@@ -182,7 +194,14 @@ def validate_config(cfg: Any) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
-    _check(cfg.guards.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
+    g = cfg.guards
+    _check(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
+    _check(g.hang_factor == 0 or g.hang_factor > 1, "guards.hang_factor", "must be > 1 (0 = off)")
+    _check(g.hang_min_s > 0, "guards.hang_min_s", "must be > 0")
+    _check(g.hang_warmup_steps >= 1, "guards.hang_warmup_steps", "must be >= 1")
+    _check(g.replica_check_every >= 0, "guards.replica_check_every", "must be >= 0 (0 = only before checkpoints)")
+    _check(t.reduce_bucket_size >= 1, "train.reduce_bucket_size", "must be >= 1 (elements)")
+    _check(t.allgather_bucket_size >= 1, "train.allgather_bucket_size", "must be >= 1 (elements)")
     # before any launcher env; SLURM_NTASKS counts only inside an srun step (a batch script's own shell
     # carries it too, but a process started there without srun is alone: train.distributed)
     in_srun_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
@@ -222,8 +241,10 @@ def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool) -> dict:
         "checkpoint": {"load_universal": False},
     }
     if t.zero_stage > 0:
-        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": on_gpu,
-                                        "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+        overlap = on_gpu if t.overlap_comm is None else bool(t.overlap_comm)
+        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": overlap,
+                                        "reduce_bucket_size": int(t.reduce_bucket_size),
+                                        "allgather_bucket_size": int(t.allgather_bucket_size)})
     return ds
 
 

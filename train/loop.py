@@ -29,6 +29,7 @@ from train.guards import StepGuard, discard_step, is_oom, oom_advice
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.runlock import acquire_run_lock
 from train.signals import PreemptionFlag
+from train.watchdog import HangWatchdog
 
 ModelFactory = Callable[[Any], torch.nn.Module]
 LoaderFactory = Callable[..., Any]
@@ -85,6 +86,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist = init_distributed()
         self.lock = acquire_run_lock(run_dir(cfg), dist)  # before anything is written to the run dir
+        g = cfg.guards
+        self.watchdog = HangWatchdog(g.hang_factor, g.hang_min_s, g.hang_warmup_steps, rank=dist.rank)
         self.preempt = PreemptionFlag()
         self.logger: Optional[MetricLogger] = None
         self.losses_file = None
@@ -152,10 +155,12 @@ class Trainer:
     def train(self) -> TrainResult:
         preempted = False
         while self.step < self.cfg.train.steps:
-            if self.preempt.should_stop(self.dist.device):  # collective: every rank stops at the same boundary
-                preempted = True
-                break
-            result = self.train_step()
+            with self.watchdog.step(self.step + 1):
+                self.watchdog.phase("all-reduce: preemption flag")
+                if self.preempt.should_stop(self.dist.device):  # collective: every rank stops at the same boundary
+                    preempted = True
+                    break
+                result = self.train_step()
             self.step = result.step
             self.record(result)
             self.last_ckpt = self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
@@ -171,7 +176,7 @@ class Trainer:
         A non-finite loss (on any rank) or gradient norm skips the whole step on every rank; the
         remaining micro-batches are still drawn so data positions stay deterministic.
         """
-        cfg, engine, phase = self.cfg, self.engine, _no_phase
+        cfg, engine, phase = self.cfg, self.engine, self.watchdog.phase
         gas = cfg.train.grad_accum
         res = StepResult(step=self.step + 1, loss=float("nan"), skipped=False)
         stepped_micro = 0
@@ -184,7 +189,7 @@ class Trainer:
                 if res.skipped:
                     continue
                 batch = batch.to(self.dist.device, self.eng.dtype)
-                phase("forward")
+                phase("forward (expert all-to-alls)")
                 out = engine(batch)
                 phase("all-reduce: loss check")
                 if self.guard.loss_is_bad(out.loss):
@@ -240,6 +245,7 @@ class Trainer:
             extra.update({f"data/{k}": float(v) for k, v in _skip_stats(self.loader).items()})
             self.logger.flush(step, extra)
         if self.val_batch is not None and step % cfg.logging.images_every == 0:
+            self.watchdog.phase(f"step {step}: image grid")
             with rng_untouched():  # sampling runs eagerly (edit_grid), outside the graphs
                 grid = edit_grid(self.engine.module, self.val_batch, cfg.logging.edit_steps, seed=cfg.run.seed)
             self.logger.image_grid(step, grid)
@@ -250,6 +256,7 @@ class Trainer:
             self.replicas.check(step)
 
     def close(self) -> None:
+        self.watchdog.close()
         self.preempt.restore()
         if self.logger is not None:
             self.logger.close()
@@ -285,7 +292,3 @@ def _skip_stats(loader: Any) -> dict[str, int]:
 
 def _flops_per_token(model: torch.nn.Module) -> float:
     return float(model.flops_per_token()) if hasattr(model, "flops_per_token") else 0.0
-
-
-def _no_phase(name: str) -> None:
-    pass

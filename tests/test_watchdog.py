@@ -1,0 +1,46 @@
+"""The hang watchdog: one rank's data stalls (injected through the loader seam) -> every rank dumps its
+stacks and the phase it was in, and exits with HANG_EXIT_CODE long before the stall would end."""
+
+import os
+import time
+
+import pytest
+
+from tests.faults import Faults
+from tests.train_harness import start_ranks
+from train.watchdog import HANG_EXIT_CODE, HangWatchdog
+
+
+def test_limit_is_off_during_warm_up_then_the_larger_of_floor_and_factor_x_median():
+    w = HangWatchdog(factor=10, min_s=1.0, warmup_steps=3, poll_s=60)
+    for d in (5.0, 0.2):
+        w.durations.append(d)
+        assert w.limit() is None  # compiling / warming up: no deadline yet
+    w.durations.append(0.3)
+    assert w.limit() == pytest.approx(3.0)  # 10 x median(5, 0.2, 0.3)
+    w.durations.extend([0.01] * 10)
+    assert w.limit() == 1.0  # the floor
+    w.close()
+    assert HangWatchdog(factor=0, min_s=1.0, warmup_steps=1)._thread is None  # off: no thread at all
+
+
+@pytest.mark.multiprocess
+def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path):
+    run = str(tmp_path)
+    overrides = ["model.experts.ep_size=2", "logging.images_every=0", "train.steps=50", "checkpoint.every=2",
+                 "guards.hang_factor=5", "guards.hang_min_s=1.5", "guards.hang_warmup_steps=2"]
+    t0 = time.time()
+    ranks = start_ranks(2, run, overrides, faults=Faults(stall_at_step=5, stall_rank=1, stall_s=120))
+    codes = ranks.wait(60)
+    assert codes == [HANG_EXIT_CODE] * 2, ranks.output(0)[-3000:] + ranks.output(1)[-3000:]
+    assert time.time() - t0 < 60
+    waiting, stalled = ranks.output(0), ranks.output(1)
+    assert "hang watchdog: rank 0: step 5 has run" in waiting
+    assert "last phase entered: 'forward (expert all-to-alls)'" in waiting  # waiting for rank 1's tokens...
+    assert "in all_to_all_single" in waiting  # ...in the MoE layer's all-to-all, as its stack shows
+    assert "hang watchdog: rank 1: step 5" in stalled and "last phase entered: 'data'" in stalled
+    for out in (waiting, stalled):
+        assert "Thread" in out and "train/loop.py" in out and "in train_step" in out  # faulthandler's stacks
+    assert 'tests/faults.py", line' in stalled  # where rank 1 really is: the injected sleep
+    with open(os.path.join(run, "toy", "checkpoints", "latest")) as f:
+        assert f.read() == "step00000004"
