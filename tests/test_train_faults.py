@@ -54,7 +54,8 @@ def test_sigusr1_checkpoints_at_next_step_and_exits_cleanly(tmp_path):
 
 def test_nan_loss_on_one_rank_is_skipped_on_all_and_counted(tmp_path):
     run = str(tmp_path)
-    ranks = run_ranks(2, run, EP2 + ["train.steps=5", "checkpoint.every=100", "logging.every=5"],
+    ranks = run_ranks(2, run, EP2 + ["train.steps=5", "checkpoint.every=100", "logging.every=5",
+                                     "guards.replica_check_every=1"],  # the replicas stay identical throughout
                       faults=Faults(nan_at_steps=[3]))
     recs = {r["step"]: r for r in read_records(run)}
     assert [s for s, r in recs.items() if r["skipped"]] == [3]

@@ -27,6 +27,7 @@ from train.distributed import init_distributed
 from train.engine import build_engine
 from train.guards import StepGuard, discard_step, is_oom, oom_advice
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
+from train.replica_check import ReplicaCheck
 from train.runlock import acquire_run_lock
 from train.signals import PreemptionFlag
 from train.watchdog import HangWatchdog
@@ -112,6 +113,7 @@ class Trainer:
         model = model_factory(OmegaConf.to_object(cfg.model))
         self.eng = build_engine(cfg, model, dist)
         self.engine = self.eng.engine
+        self.replicas = ReplicaCheck(self.engine.module, cfg.guards.replica_check_every)
         compiled = None
         # compiled in place (parameter names do not change) and lazily (traced at the first step), after the
         # engine has cast the parameters: what can be traced whole depends on their dtype
@@ -163,6 +165,8 @@ class Trainer:
                 result = self.train_step()
             self.step = result.step
             self.record(result)
+            self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
+            self.replicas.maybe_check(self.step)
             self.last_ckpt = self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
         self.last_ckpt = self.ckpt.save_final(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
         self.logger.print(("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
