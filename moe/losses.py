@@ -1,9 +1,9 @@
 """Loss terms. Each is a plain function of tensors, returned separately so it can be logged.
 
 Ideal inputs: flow matching 0 at the true velocity; load balance 1 (its minimum) for uniform
-routing; router z-loss 0 for zero logits; mask boundary 0 when the refined mask equals a binary fine mask; mixture smoothness 0 for
-routing weights constant over the grid; tag alignment 0 when the prediction points along the task
-embedding.
+routing; router z-loss 0 where logsumexp(logits) = 0; mask boundary 0 when the refined mask equals
+a binary fine mask; mixture smoothness 0 for routing weights constant over the grid; tag alignment
+0 when the prediction points along the task embedding.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Expert parallelism: ep_size=2 under 2 gloo processes computes what ep_size=1 computes."""
+"""Expert parallelism: ep_size=2 (4) under 2 (4) gloo processes computes what ep_size=1 computes.
+
+Every sample routes top-3 of all four experts (also without a reference), and the Latent Mixture's
+Base share joins Base's slot: the all-to-all moves exactly the slots in use."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def _perturb_experts(model, ep_rank: int, n_local: int) -> None:
 
 
 def _worker(rank: int, world: int, port: int, kind: str) -> None:
+    """ep_size = world: each rank holds 4 / world experts of every expert layer."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -41,13 +45,14 @@ def _worker(rank: int, world: int, port: int, kind: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     overrides = {"experts.kind": kind, "experts.dispatch": "alltoall", "router.noise_std": 0.0}
     torch.manual_seed(0)
-    ep2 = build_model(tiny_model_config(**overrides, **{"experts.ep_size": 2}))
+    n_local = 4 // world
+    ep2 = build_model(tiny_model_config(**overrides, **{"experts.ep_size": world}))
     for module in ep2.modules():
         if isinstance(module, MoE):
             module.set_deepspeed_parallelism()
     torch.manual_seed(0)
     ep1 = build_model(tiny_model_config(**overrides), ep_rank=0)
-    _perturb_experts(ep2, rank, 2)
+    _perturb_experts(ep2, rank, n_local)
     _perturb_experts(ep1, 0, 4)
 
     batch = make_batch(seed=rank, has_ref=[rank == 0, True])  # ranks see different data
@@ -73,7 +78,7 @@ def _worker(rank: int, world: int, port: int, kind: str) -> None:
             continue
         head, tail = name.split(marker)
         local, rest = tail.split(".", 1)
-        global_name = f"{head}{marker}{rank * 2 + int(local)}.{rest}"
+        global_name = f"{head}{marker}{rank * n_local + int(local)}.{rest}"
         torch.testing.assert_close(p.grad, g1[global_name], rtol=1e-4, atol=1e-6, msg=name)
         checked_experts += 1
     assert checked_experts > 0
@@ -84,3 +89,8 @@ def _worker(rank: int, world: int, port: int, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["ffn", "lora"])
 def test_expert_parallel_matches_single_rank(kind):
     mp.spawn(_worker, args=(2, _free_port(), kind), nprocs=2, join=True)
+
+
+def test_expert_parallel_4_matches_single_rank():
+    """ep_size 4: one expert per rank, 4 processes (12.5 s on 2 cores)."""
+    mp.spawn(_worker, args=(4, _free_port(), "ffn"), nprocs=4, join=True)
