@@ -4,7 +4,9 @@ All dispatchers compute the same function
 
     y[s] = sum_k weight[s, k] * expert_{index[s, k]}(packed[s])        (index -1 contributes nothing)
 
-and are interchangeable (tests compare them against :func:`reference_combine`):
+and are interchangeable (tests compare them against :func:`reference_combine`). With the Latent
+Mixture on, a token has K+1 slots: its top-K and Base's share, merged into Base's slot where the
+router chose Base (the extra slot is then empty, -1), so each expert appears once per token:
 
 * :class:`DenseDispatcher` runs every local expert on every token and weights the outputs by the
   sparse routing weights. For low-rank experts this is the fast path (DESIGN.md section 4): the math
@@ -17,8 +19,10 @@ and are interchangeable (tests compare them against :func:`reference_combine`):
   with ep_size 1 that is one gather, the experts, one permutation back and an elementwise combine.
   With ``grouped_gemm`` (the default at ep_size 1), FFN experts in bf16 run as grouped GEMMs
   (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1 without any host synchronisation (the group
-  sizes stay on the device), so it is the one FFN path CUDA graphs can take. On one H100 the layer alone
-  ran 1.25-1.31x a dense layer of the same FLOPs at 4K tokens (the loop 1.26x) and 1.09-1.12x at 16K
+  sizes stay on the device), so it is the one FFN path CUDA graphs can take. Its shapes are static, so
+  empty slots are computed (by the last local expert) and zeroed: S*(K+1) rows where the per-expert
+  loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). On one H100 the
+  layer alone ran 1.25-1.31x a dense layer of the same FLOPs at 4K tokens (the loop 1.26x) and 1.09-1.12x at 16K
   (the loop 1.12x); a mid training run was 1.1x (compiled) to 1.75x (CUDA graphs) as fast as with the
   loop (docs/PERF.md, eighth round).
 """
