@@ -25,6 +25,7 @@ import torch
 FAULTS_ENV = "CARE_TEST_FAULTS"
 NAN_TAG = "fault_nan"
 PERTURB_TAG = "fault_perturb"
+UNUSED_TAG = "fault_unused"
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Faults:
     perturb_at_step: int = 0  # one rank's copy of a replicated parameter is nudged (0 = never)...
     perturb_rank: int = 1
     perturb_param: str = "adapter.weight"
+    unused_at_step: int = 0  # one rank runs a submodule without autograd, so its weights get no gradient...
+    unused_rank: int = 1
+    unused_module: str = "head"  # ...(what a condition absent from one rank's batch can do to its path)
     crash_in_save_at_step: int = 0  # every rank SIGKILLs itself after writing this step's checkpoint files
     grad_accum: int = 1  # micro-batches per step (to map loader positions to steps)
 
@@ -67,6 +71,8 @@ class FaultyLoader:
                 batch.extras[NAN_TAG] = True
             if step == f.perturb_at_step and self.rank == f.perturb_rank and first_micro:
                 batch.extras[PERTURB_TAG] = f.perturb_param
+            if step == f.unused_at_step and self.rank == f.unused_rank:
+                batch.extras[UNUSED_TAG] = f.unused_module
             yield batch
 
     def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, skip_stats, ...
@@ -83,7 +89,15 @@ def patch_forward(model: torch.nn.Module) -> torch.nn.Module:
         if name:
             with torch.no_grad():
                 params[name].view(-1)[0] += 1e-3
-        out = forward(batch, *args, **kwargs)
+        unused = batch.extras.get(UNUSED_TAG)
+        if unused:
+            module = model.get_submodule(unused)
+            module.forward = torch.no_grad()(module.forward)  # same output, but its weights get no gradient
+        try:
+            out = forward(batch, *args, **kwargs)
+        finally:
+            if unused:
+                del module.forward
         if batch.extras.get(NAN_TAG):
             out.loss = out.loss * float("nan")
         return out

@@ -44,3 +44,19 @@ def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path):
     assert 'tests/faults.py", line' in stalled  # where rank 1 really is: the injected sleep
     with open(os.path.join(run, "toy", "checkpoints", "latest")) as f:
         assert f.read() == "step00000004"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_collective_deadlock_is_reported_with_each_ranks_collective(tmp_path):
+    """A data-dependent graph deadlocks the ranks: at step 3 rank 1 runs the adapter (before the MoE
+    layer) without autograd, so its backward skips the MoE dispatch's all-to-all that rank 0 waits in,
+    and goes on to DeepSpeed's gradient all-reduce. Nothing errors; the watchdog ends both ranks and
+    their stacks show the two different collectives."""
+    run = str(tmp_path)
+    overrides = ["model.experts.ep_size=2", "logging.images_every=0", "train.steps=6", "checkpoint.every=100",
+                 "guards.hang_factor=5", "guards.hang_min_s=2", "guards.hang_warmup_steps=2"]
+    ranks = start_ranks(2, run, overrides, faults=Faults(unused_at_step=3, unused_rank=1, unused_module="adapter"))
+    assert ranks.wait(90) == [HANG_EXIT_CODE] * 2, ranks.output(0)[-3000:] + ranks.output(1)[-3000:]
+    assert "in all_to_all_single" in ranks.output(0)
+    assert "in allreduce_bucket" in ranks.output(1)

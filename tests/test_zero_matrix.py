@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.faults import Faults
 from tests.train_harness import read_losses, run_ranks
 from train.config import ConfigError, deepspeed_config, load_config
 
@@ -59,3 +60,26 @@ def test_ep2_equals_ep1_and_replicas_agree(tmp_path, reference, zero, overlap, b
     for step in got:
         assert got[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), (step, got[step], reference[step])
     assert reference[STEPS] != reference[1]  # the comparison is not vacuous: the losses move
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_weight_without_gradient_on_one_rank_breaks_zero_buckets(tmp_path, zero):
+    """The "collective mismatch" class of fault, reproduced: at step 2 rank 1 runs the head without
+    autograd (as a condition missing from one rank's batch once left a read-out without gradient), so
+    its weights get no gradient there. ZeRO 1/2 then flush gradient buckets of different lengths on
+    the two ranks: gloo aborts ("... vs ... Received data size doesn't match expected size. Is there
+    a distributed collective mismatch"), where NCCL may hang (the watchdog's case) or reduce the wrong
+    data (the replica check's). ZeRO 0 reduces a zero gradient for it and trains on, replicas equal.
+    The bucket size plays no part: the default holds all of this model's gradients."""
+    run = str(tmp_path)
+    r = run_ranks(2, run, BASE + ["model.experts.ep_size=2", f"train.zero_stage={zero}"], expect_ok=(zero == 0),
+                  faults=Faults(unused_at_step=2, unused_rank=1, unused_module="head"))
+    if zero == 0:
+        assert max(read_losses(run)) == STEPS
+    else:
+        assert all(p.returncode != 0 for p in r.procs)
+        assert "Received data size doesn't match expected size. Is there a distributed collective mismatch" \
+            in r.output(1)
+        assert max(read_losses(run)) == 1
