@@ -6,7 +6,7 @@
 Random weights built directly on the GPU (no paths), cached-mode inputs (random latents and text
 embeddings of the real shapes: a 512x512 edit gives 1024 target + 1024 base + 1024 reference + 1024
 mask tokens, and 512 text tokens). Default experts: LoRA rank 64 in the configured blocks (FFN
-experts at ep_size 1 do not fit one GPU with Adam state: DESIGN.md section 4).
+experts at ep_size 1 do not fit one GPU with Adam state: docs/DESIGN.md section 8).
 
 Prints one JSON line per case, host issue time against device time, kernel statistics of both sides,
 a step breakdown (torch profiler, device time by range), and a table. Both sides run the same block

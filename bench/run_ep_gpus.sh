@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Expert parallelism on one multi-GPU host (issue 8), everything one device call needs:
+# Expert parallelism on one multi-GPU host, everything one device call needs:
 #   1. bench/bench_ep.py: per-GPU throughput of full-width FFN expert layers at ep 1 (1 GPU), and at
 #      ep 1 / ep 2 / ... on all GPUs (weak scaling: fixed tokens per GPU), all-to-all and all-reduce time;
 #   2. a real training run (configs/mid.yaml, FFN experts, bf16, ZeRO 2) at ep_size = number of GPUs,

@@ -1,4 +1,4 @@
-"""The sample schema of an edit shard (DESIGN.md section 5) and the checks both ends run.
+"""The sample schema of an edit shard (docs/DESIGN.md section 4) and the checks both ends run.
 
 One sample in a WebDataset tar shard is the group of members sharing a key::
 

@@ -188,7 +188,7 @@ class FluxBackbone(nn.Module):
         """Pins torch SDPA's backends for everything attention-shaped in the model.
 
         ``attention_backend`` names one; unset, every backend but cuDNN is allowed (cuDNN's failed
-        on a FLUX backward on the H100 here: DESIGN.md section 6). It must be entered again around an
+        on a FLUX backward on the H100 here: docs/DESIGN.md section 5). It must be entered again around an
         eager recomputation (gradient checkpointing), or the recomputed attention may take another backend
         and no longer match what the forward saved.
         """

@@ -9,7 +9,7 @@ Mixture on, a token has K+1 slots: its top-K and Base's share, merged into Base'
 router chose Base (the extra slot is then empty, -1), so each expert appears once per token:
 
 * :class:`DenseDispatcher` runs every local expert on every token and weights the outputs by the
-  sparse routing weights. For low-rank experts this is the fast path (DESIGN.md section 4): the math
+  sparse routing weights. For low-rank experts this is the fast path (docs/DESIGN.md section 9): the math
   is tiny and gathering tokens per expert would cost more than it saves, so all low-rank experts run
   as one grouped product (:func:`moe.experts.fused_lora_forward`). Needs ep_size 1.
 * :class:`AllToAllDispatcher` groups the (token, expert) assignments by expert, exchanges them with
@@ -21,10 +21,8 @@ router chose Base (the extra slot is then empty, -1), so each expert appears onc
   (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1 without any host synchronisation (the group
   sizes stay on the device), so it is the one FFN path CUDA graphs can take. Its shapes are static, so
   empty slots are computed (by the last local expert) and zeroed: S*(K+1) rows where the per-expert
-  loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). On one H100 the
-  layer alone ran 1.25-1.31x a dense layer of the same FLOPs at 4K tokens (the loop 1.26x) and 1.09-1.12x at 16K
-  (the loop 1.12x); a mid training run was 1.1x (compiled) to 1.75x (CUDA graphs) as fast as with the
-  loop (docs/PERF.md, eighth round).
+  loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). Measured against the
+  per-expert loop and a dense layer of the same FLOPs: docs/PERF.md.
 """
 
 from __future__ import annotations
@@ -244,7 +242,7 @@ class AllToAllDispatcher:
 
 
 def build_dispatcher(mode: str, expert_kind: str, ep_size: int, ep_rank: int, grouped_gemm: bool = False):
-    """``auto``: dense for low-rank experts on one rank, all-to-all otherwise (DESIGN.md section 4)."""
+    """``auto``: dense for low-rank experts on one rank, all-to-all otherwise (docs/DESIGN.md section 9)."""
     if mode == "auto":
         mode = "dense" if (expert_kind == "lora" and ep_size == 1) else "alltoall"
     if mode == "dense":

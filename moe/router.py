@@ -7,7 +7,7 @@ Two jobs, both per target token:
    the mask tokens (Mask expert) and of the base-image token at the same grid position (Base
    expert and Mask Repaint: what is to be kept, and the object's shape when there is no reference).
    They are computed once here, before dispatch, so that they can travel with the token to
-   whichever rank holds the expert (DESIGN.md section 4). A sample without a reference reads a
+   whichever rank holds the expert (docs/DESIGN.md section 6). A sample without a reference reads a
    learned "absent" vector instead of the reference read-out.
 2. *Routing*: a latent-attention router. Learned latent queries, modulated by the global task
    context (timestep embedding, pooled text, which conditions are present), form a small set of

@@ -137,7 +137,7 @@ def test_context_tensors_are_not_static_inputs():
 def test_image_sampling_beside_compiled_training_compiles_nothing():
     """The training loop's image grid samples eagerly: through the compiled blocks it compiled their
     no-gradient variants at the first image step, and under CUDA graphs ran its block calls as graphs,
-    likely recorded again at every image step (docs/PERF.md, issue 7 seventh round). So sampling after a
+    likely recorded again at every image step (docs/perf-log.md, 20:09 entry). So sampling after a
     compiled training step compiles no graph and samples what the eager model samples, and the next
     training step compiles nothing either: the model as built is in the training mode that sampling
     restores (the frozen blocks were not, and recompiled after the first image step on the H100)."""

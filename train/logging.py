@@ -143,7 +143,7 @@ def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Te
     the training's compiled blocks it compiled their no-gradient variants, and under CUDA graphs
     without gradient checkpointing its block calls ran as graphs too. On the H100 (mid config,
     ``reduce-overhead``) the step after each image step took 22-79 s, the later ones too (likely
-    graphs recorded for the sampler again); sampling eagerly, 2 s (docs/PERF.md, issue 7 seventh round)."""
+    graphs recorded for the sampler again); sampling eagerly, 2 s (docs/perf-log.md, 20:09 entry)."""
     was_training = model.training
     model.eval()
     try:
