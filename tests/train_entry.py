@@ -1,6 +1,6 @@
 """``launch/train.py`` with the stand-in model and loader (tests/toy_model.py), for subprocess tests.
 
-``--real-model`` (first argument) keeps the real model, loader and validation batch instead. Either
+``--real-model`` (anywhere among the arguments) keeps the real model, loader and validation batch instead. Either
 way the faults described in ``$CARE_TEST_FAULTS`` (tests/faults.py) are injected through the factories.
 """
 
@@ -15,10 +15,10 @@ from tests.faults import Faults, wrap_factories  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if argv[:1] == ["--real-model"]:
+    if "--real-model" in argv:
         from train.loop import default_factories
 
-        argv = argv[1:]
+        argv.remove("--real-model")
         model_factory, loader_factory, val_batch_factory = default_factories()
     else:
         from tests.toy_model import build_toy_loader, build_toy_model, build_toy_val_batch

@@ -168,6 +168,7 @@ class Trainer:
             self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
             self.replicas.maybe_check(self.step)
             self.last_ckpt = self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
+        self.watchdog.phase(f"step {self.step}: final checkpoint")
         self.last_ckpt = self.ckpt.save_final(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
         self.logger.print(("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
                           f"{self.last_ckpt}, {self.guard.total} skipped steps")

@@ -97,6 +97,9 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
         if self.path is not None:
             try:
                 with open(self.path) as f:

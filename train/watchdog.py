@@ -102,4 +102,7 @@ class HangWatchdog:
             os._exit(HANG_EXIT_CODE)
 
     def close(self) -> None:
+        """Stop and join the thread (none left running while the interpreter shuts down)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
