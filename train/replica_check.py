@@ -39,13 +39,23 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     """[2] int64, identical for bitwise-identical tensors on any device: sum of the bits, and the sum
     weighted by position (so a permutation also changes it)."""
     bits = t.detach().contiguous().view(-1).view(_INT_OF_SIZE[t.element_size()])
+    weights = _weights(t.device)
     out = torch.zeros(2, dtype=torch.int64, device=t.device)
     for start in range(0, bits.numel(), CHUNK):
         chunk = bits[start:start + CHUNK].to(torch.int64)
-        weights = torch.arange(start, start + chunk.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
         out[0] += chunk.sum()
-        out[1] += (chunk * weights).sum()
+        out[1] += (chunk * weights[:chunk.numel()]).sum()
     return out
+
+
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _weights(device: torch.device) -> torch.Tensor:
+    """Position weights 1..65521 repeating, built once per device (CHUNK int64s: 128 MB)."""
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.arange(CHUNK, device=device, dtype=torch.int64) % 65521 + 1
+    return _WEIGHTS[device]
 
 
 def replica_ranks(p: nn.Parameter, world: int) -> tuple[int, ...]:
