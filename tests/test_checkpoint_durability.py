@@ -95,6 +95,8 @@ def test_lock_take_over_rules(tmp_path):
     me = Holder(pid=os.getpid(), host=host, started=0.0, slurm_job_id="77", slurm_restart_count=1)
     dead = Holder(pid=2**22 + 12345, host=host, started=0.0)
     assert gone_reason(dead, me, age_s=1) == "its process is gone"
+    reused_pid = Holder(pid=os.getpid(), host=host, started=0.0)  # e.g. a restarted container's first process
+    assert gone_reason(reused_pid, me, age_s=1) == "its process is gone"
     alive_elsewhere = Holder(pid=1, host="other-node", started=0.0)
     assert gone_reason(alive_elsewhere, me, age_s=1) is None
     assert "no heartbeat" in gone_reason(alive_elsewhere, me, age_s=3600)

@@ -66,8 +66,8 @@ def _pid_alive(pid: int) -> bool:
 
 def gone_reason(holder: Holder, me: Holder, age_s: float) -> Optional[str]:
     """Why ``holder`` can no longer be writing (None: it may be)."""
-    if holder.host == me.host and holder.pid != me.pid and not _pid_alive(holder.pid):
-        return "its process is gone"
+    if holder.host == me.host and (holder.pid == me.pid or not _pid_alive(holder.pid)):
+        return "its process is gone"  # (a pid equal to ours on this host is a dead predecessor's, reused)
     if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id \
             and holder.slurm_restart_count < me.slurm_restart_count:
         return "SLURM requeued that job (this is a later restart of it)"
