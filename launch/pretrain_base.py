@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # omegaconf's and validate()'s messages name the key
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
-    model, tokenizer, summary = pretrain(recipe, args.device)
+    model, tokenizer, summary = pretrain(recipe, args.device, log=lambda line: print(line, flush=True))
     summary["heldout_flow_mse"] = round(heldout_loss(model, tokenizer, recipe, args.device), 5)
     save_base(model, tokenizer, recipe, args.out, summary)
     summary["colour_presence"] = save_samples(model, tokenizer, recipe, os.path.join(args.out, "samples.png"), args.device)

@@ -43,7 +43,11 @@ class _AlwaysEval(nn.Module):
 
 
 class PixelUnshuffleCodec(nn.Module):
-    """Lossless space-to-depth "VAE" with no weights: decode(encode(x)) == x."""
+    """Lossless space-to-depth "VAE" with no weights: decode(encode(x)) == x.
+
+    It keeps its input's dtype: having no weights, it has no dtype of its own to impose (casting to
+    a float32 buffer handed float32 latents to a bf16 model under DeepSpeed, which casts parameters
+    only)."""
 
     def __init__(self, factor: int):
         super().__init__()
@@ -55,10 +59,10 @@ class PixelUnshuffleCodec(nn.Module):
         return self._anchor.dtype
 
     def encode_raw(self, images: Tensor) -> Tensor:
-        return F.pixel_unshuffle(images.to(self.dtype), self.factor)
+        return F.pixel_unshuffle(images, self.factor)
 
     def decode_raw(self, latents: Tensor) -> Tensor:
-        return F.pixel_shuffle(latents.to(self.dtype), self.factor)
+        return F.pixel_shuffle(latents, self.factor)
 
 
 class FrozenVAE(_AlwaysEval):

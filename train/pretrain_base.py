@@ -18,7 +18,8 @@ and CARE-Edit loads it through the paths real FLUX weights take (``model.backbon
 
 One step, top to bottom (:func:`train_step`): captions -> tokenizer -> T5 sequence and CLIP pooled
 embeddings -> noisy packed latents at a logit-normal time -> the transformer's own ``forward`` ->
-MSE to the velocity. The same run on the same device kind, torch version and thread count writes the
+MSE to the velocity. Attention runs on SDPA's math kernel: the sequences are short, it is
+deterministic, and cuDNN's attention failed on a FLUX backward on the GPUs here. The same run on the same device kind, torch version and thread count writes the
 same bytes (deterministic algorithms, seeded data and noise): :func:`file_digests` lists them.
 """
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.captions import VOCABULARY, make_scenes
 from moe.backbone import flux_arch_kwargs, grid_position_ids, pack_latents, unpack_latents
@@ -165,21 +167,23 @@ class TextToImage(nn.Module):
         b, _, h, w = noisy.shape
         img_ids = grid_position_ids(h // 2, w // 2, 0, noisy.device)  # the target's ids in CARE-Edit
         txt_ids = torch.zeros(seq.shape[1], 3, device=noisy.device)
-        out = self.transformer(
-            hidden_states=pack_latents(noisy), encoder_hidden_states=seq, pooled_projections=pooled,
-            timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
-        )[0]
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = self.transformer(
+                hidden_states=pack_latents(noisy), encoder_hidden_states=seq, pooled_projections=pooled,
+                timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+            )[0]
         return unpack_latents(out, h, w)
 
 
 # ----------------------------------------------------------------------------------------- training
-def train_step(model: TextToImage, tokenizer, images: Tensor, texts: list[str], gen: torch.Generator) -> Tensor:
+def train_step(model: TextToImage, tokenizer, images: Tensor, texts: list[str], gen: torch.Generator,
+               text_gen: torch.Generator) -> Tensor:
     """Flow-matching loss of one batch: x_t = (1 - t) x0 + t noise, target velocity noise - x0."""
     r = model.recipe
     device = images.device
     x0 = images_to_latents(images, r.pixel_factor)
     b = x0.shape[0]
-    drop = torch.rand(b, generator=gen, device=device) < r.caption_dropout
+    drop = torch.rand(b, generator=text_gen) < r.caption_dropout  # on the host: no device sync
     texts = ["" if d else s for d, s in zip(drop.tolist(), texts)]
     t = torch.sigmoid(torch.randn(b, generator=gen, device=device))
     noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -241,6 +245,7 @@ def pretrain(r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = pr
     gen = torch.Generator(device).manual_seed(r.seed)
     order = torch.Generator("cpu").manual_seed(r.seed)
     perm, pos, losses = torch.randperm(r.num_scenes, generator=order), 0, []
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     t0 = time.time()
     for step in range(r.steps):
@@ -251,21 +256,20 @@ def pretrain(r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = pr
         for g in opt.param_groups:
             g["lr"] = _lr(r, step)
         with autocast:
-            loss = train_step(model, tokenizer, images[idx.to(device)], [texts[i] for i in idx.tolist()], gen)
+            loss = train_step(model, tokenizer, images[idx.to(device)], [texts[i] for i in idx.tolist()], gen, order)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.clip_grad_norm)
         opt.step()
-        with torch.no_grad():
-            d = r.ema_decay if r.ema_decay > 0 else 0.0
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - min(d, (1 + step) / (10 + step)))
-        losses.append(loss.item())
+        with torch.no_grad():  # EMA in one fused update; warm-up of the decay as in diffusers' EMAModel
+            d = min(r.ema_decay, (1 + step) / (10 + step)) if r.ema_decay > 0 else 0.0
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
+        losses.append(loss.detach())
         if (step + 1) % log_every == 0 or step + 1 == r.steps:
-            log(f"step {step + 1}/{r.steps} loss {np.mean(losses[-log_every:]):.4f} "
-                f"lr {_lr(r, step):.2e} {time.time() - t0:.0f} s")
+            recent = torch.stack(losses[-log_every:]).mean().item()  # the only host sync of a step
+            log(f"step {step + 1}/{r.steps} loss {recent:.4f} lr {_lr(r, step):.2e} {time.time() - t0:.0f} s")
     ema.eval()
-    summary = dict(train_seconds=round(time.time() - t0, 1), final_loss=float(np.mean(losses[-100:])))
+    summary = dict(train_seconds=round(time.time() - t0, 1), final_loss=torch.stack(losses[-100:]).mean().item())
     return ema, tokenizer, summary
 
 

@@ -1,0 +1,114 @@
+"""The miniature pipeline end to end: pretrain a base, fine-tune CARE-Edit on it, score held-out edits.
+
+    python bench/miniature.py --base-config configs/base_tiny.yaml --base DIR --edit-config configs/tiny.yaml \
+        [--device cuda] [--out runs/miniature] [--parallel 4] [--eval-limit 64] [--eval-steps 20] \
+        [--variant NAME key=value ...] ...
+
+1. the synthetic edit set (``python -m data.synthetic --if-absent``);
+2. the base (``python -m launch.pretrain_base``), unless ``--base`` already holds one (``digests.json``);
+3. one CARE-Edit run per ``--variant`` (``launch/train.py`` on the edit config with the base's paths and
+   the variant's overrides; ``--parallel`` at a time: several small runs share one GPU);
+4. ``launch/eval.py`` on each run's last checkpoint: edit success per task, L1 inside / outside the
+   mask, IoU, beside the do-nothing and oracle rows.
+
+Each stage is the command a user types; this script only sequences them and gathers the results.
+Prints one JSON line per run and writes ``OUT/summary.json``. Finished stages are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-config", default="configs/base_tiny.yaml")
+    p.add_argument("--base", required=True, help="the base's folder (pretrained here unless it holds one)")
+    p.add_argument("--base-override", action="append", default=[], help="key=value for the pretraining recipe")
+    p.add_argument("--edit-config", default="configs/tiny.yaml")
+    p.add_argument("--data", default="artifacts/synthetic")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/miniature")
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--eval-limit", type=int, default=64)
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--variant", nargs="+", action="append", default=None, metavar=("NAME", "KEY=VALUE"),
+                   help="a CARE-Edit run: its name and overrides of the edit config (repeatable)")
+    return p.parse_args(argv)
+
+
+def _run(cmd: list[str], log: str, env: Optional[dict] = None) -> None:
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); log {log}:\n{tail}")
+
+
+def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    """Train one CARE-Edit variant on the base and evaluate it (reused when its eval.json exists)."""
+    run_dir = os.path.join(args.out, "runs")
+    eval_dir = os.path.join(args.out, "eval", name)
+    result_path = os.path.join(eval_dir, "eval.json")
+    if not os.path.isfile(result_path):
+        t0 = time.time()
+        base = os.path.abspath(args.base)
+        _run([sys.executable, "launch/train.py", "--config", args.edit_config, f"run.dir={run_dir}", f"run.name={name}",
+              f"model.backbone.path={base}", f"model.text.t5_path={base}", f"model.text.clip_path={base}",
+              f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
+              f"data.val_shards={args.data}/val-{{000000..000000}}.tar", "logging.progress_bar=false", *overrides],
+             os.path.join(args.out, "logs", f"{name}.train.log"))
+        train_s = time.time() - t0
+        _run([sys.executable, "launch/eval.py", "--checkpoint", os.path.join(run_dir, name, "checkpoints"),
+              "--data", f"{args.data}/val-{{000000..000000}}.tar", "--device", args.device, "--out", eval_dir,
+              "--limit", str(args.eval_limit), "--steps", str(args.eval_steps), "--batch-size", "32"],
+             os.path.join(args.out, "logs", f"{name}.eval.log"))
+        with open(result_path) as f:
+            result = json.load(f)
+        result["train_wall_s"] = round(train_s, 1)
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+    with open(result_path) as f:
+        result = json.load(f)
+    return dict(name=name, overrides=overrides, train_wall_s=result.get("train_wall_s"),
+                metrics=result.get("metrics"), baselines=result.get("baselines"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    _run([sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent"],
+         os.path.join(args.out, "logs", "data.log"))
+    if not os.path.isfile(os.path.join(args.base, "digests.json")):
+        _run([sys.executable, "-m", "launch.pretrain_base", "--config", args.base_config, "--out", args.base,
+              "--device", args.device, *args.base_override], os.path.join(args.out, "logs", "pretrain.log"))
+        print(json.dumps(dict(stage="pretrain", seconds=round(time.time() - t0, 1))), flush=True)
+    variants = args.variant or [["default"]]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = [pool.submit(edit_run, v[0], v[1:], args) for v in variants]
+        results = []
+        for fut in futures:
+            try:
+                res = fut.result()
+            except RuntimeError as e:
+                res = dict(error=str(e)[-2000:])
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(dict(results=results, seconds=round(time.time() - t0, 1)), f, indent=1)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
