@@ -89,7 +89,7 @@ def _recording_saves(engine: Any, root: str, written: dict[str, int]) -> Iterato
 
     def save(state_dict: Any, path: str) -> Any:
         result = original(state_dict, path)
-        with open(path, "rb+") as f:
+        with open(path, "rb") as f:  # fsync through a read-only descriptor flushes the same file
             written[os.path.relpath(path, root)] = _fsync(f)
         return result
 
