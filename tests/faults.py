@@ -42,6 +42,8 @@ class Faults:
     unused_at_step: int = 0  # one rank runs a submodule without autograd, so its weights get no gradient...
     unused_rank: int = 1
     unused_module: str = "head"  # ...(what a condition absent from one rank's batch can do to its path)
+    hetero_experts: bool = False  # not a fault: the toy's experts get different sizes (tests.toy_model)
+    skip_bucket_check: bool = False  # train.engine.check_bucket_layout patched out, to show what it prevents
     crash_in_save_at_step: int = 0  # every rank SIGKILLs itself after writing this step's checkpoint files
     grad_accum: int = 1  # micro-batches per step (to map loader positions to steps)
 
@@ -124,9 +126,18 @@ def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Call
     """The factories ``train()`` takes, with ``faults`` injected; also patches the save if asked."""
     if faults.crash_in_save_at_step:
         crash_in_save(faults.crash_in_save_at_step)
+    if faults.skip_bucket_check:
+        import train.engine
+
+        train.engine.check_bucket_layout = lambda *args, **kwargs: None
 
     def build_model(model_cfg: Any) -> torch.nn.Module:
-        return patch_forward(model_factory(model_cfg))
+        model = model_factory(model_cfg)
+        if faults.hetero_experts:
+            from tests.toy_model import make_experts_heterogeneous
+
+            model = make_experts_heterogeneous(model)
+        return patch_forward(model)
 
     def build_loader(data_cfg: Any, batch_size: int, rank: int, world_size: int, start_step: int = 0,
                      **kw: Any) -> FaultyLoader:

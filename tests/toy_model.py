@@ -109,6 +109,27 @@ class ToyEditModel(nn.Module):
         return ToyEditResult(images=images, refined_mask=batch.coarse_mask.float(), routing_map=routing)
 
 
+def make_experts_heterogeneous(model: ToyEditModel, widths: tuple[int, ...] = (8, 32, 56, 80)) -> ToyEditModel:
+    """Give global expert ``g`` a hidden width ``widths[g]`` (like the real model's condition-specific
+    experts, whose sizes differ), seeded by ``g`` so any ep_size builds the same experts. Expert-parallel
+    ranks then hold experts of different sizes."""
+    import torch.distributed as dist
+
+    layer = model.moe
+    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    # DeepSpeed's expert-parallel groups are consecutive ranks (built later, in deepspeed.initialize)
+    ep_rank = dist.get_rank() % layer.ep_size if dist.is_initialized() else 0
+    for local in range(len(experts)):
+        g = ep_rank * len(experts) + local
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 + g)
+            expert = nn.Sequential(nn.Linear(model.hidden, widths[g]), nn.ReLU(), nn.Linear(widths[g], model.hidden))
+        for p in expert.parameters():
+            p.allreduce, p.group_name = False, layer.expert_group_name
+        experts[local] = expert
+    return model
+
+
 def build_toy_model(model_cfg) -> ToyEditModel:
     """Factory with ``moe.model.build_model``'s signature (reads ``experts.ep_size`` only)."""
     return ToyEditModel(ep_size=int(model_cfg.experts.ep_size))

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import deepspeed
 import torch
+import torch.distributed as torch_dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
@@ -32,6 +33,38 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+class BucketLayoutError(RuntimeError):
+    """ZeRO 1/2 would reduce mismatched gradient buckets across ranks (the message says what to set)."""
+
+
+def check_bucket_layout(model: nn.Module, zero_stage: int, bucket: int) -> None:
+    """Collective: refuse ZeRO 1/2 gradient buckets that would flush at different points on different ranks.
+
+    ZeRO 1/2 put expert and non-expert gradients in one bucket and reduce it whenever the next
+    gradient would overflow ``reduce_bucket_size``; the non-expert part of each flush is all-reduced
+    across all ranks. Where expert-parallel ranks hold experts of different sizes, a bucket smaller
+    than a rank's gradients fills at different points on different ranks, the all-reduces get
+    different lengths, and gloo stops ("collective mismatch") while NCCL may hang or reduce the wrong
+    data. With one bucket for all of a rank's gradients every rank flushes once, at the end.
+    """
+    if zero_stage == 0 or not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    everyone: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(everyone, sizes)
+    if all(s == everyone[0] for s in everyone):
+        return
+    largest = max(sum(s) for s in everyone)
+    if bucket < largest:
+        differ = next(r for r, s in enumerate(everyone) if s != everyone[0])
+        raise BucketLayoutError(
+            f"train.reduce_bucket_size: {bucket} elements is smaller than a rank's trainable gradients ({largest}) "
+            f"while ranks hold parameters of different sizes (rank 0: {sum(everyone[0])} elements in "
+            f"{len(everyone[0])} tensors, rank {differ}: {sum(everyone[differ])} in {len(everyone[differ])}): ZeRO "
+            f"{zero_stage} would flush its gradient buckets at different points on different ranks and reduce "
+            f"mismatched data. Set train.reduce_bucket_size >= {largest} (one flush per step), or train.zero_stage=0")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -97,6 +130,7 @@ def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> Engine:
     groups = optimizer_param_groups(model, o.weight_decay)
     if not any(g["params"] for g in groups):
         raise RuntimeError("the model has no trainable parameters")
+    check_bucket_layout(model, cfg.train.zero_stage, cfg.train.reduce_bucket_size)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = WarmupCosine(optimizer, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr / o.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
