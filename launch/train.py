@@ -36,18 +36,32 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from train.checkpoint import IncompleteCheckpoint
+    from train.engine import BucketLayoutError
     from train.guards import TooManySkippedSteps
     from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
     from train.portable import ReshapeError
+    from train.replica_check import ReplicaMismatch
+    from train.runlock import RunLocked
 
+    # Each refusal is one line naming what to do, and its own exit code (docs/FAULTS.md)
     try:
         train(cfg, resume=args.resume, **factories)
     except TooManySkippedSteps as e:
         print(f"training stopped: {e}", file=sys.stderr, flush=True)
         return 3
-    except ReshapeError as e:  # a checkpoint of another shape, or a broken portable one: the message says what to do
+    except (ReshapeError, IncompleteCheckpoint) as e:  # another shape, a broken or incomplete checkpoint
         print(f"resume error: {e}", file=sys.stderr, flush=True)
         return 4
+    except RunLocked as e:  # another live copy of this run writes here
+        print(f"run locked: {e}", file=sys.stderr, flush=True)
+        return 5
+    except ReplicaMismatch as e:  # replicas diverged: latest was not moved
+        print(f"replicas diverged: {e}", file=sys.stderr, flush=True)
+        return 6
+    except BucketLayoutError as e:  # ZeRO buckets would flush at different points on the ranks
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

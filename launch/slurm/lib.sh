@@ -14,8 +14,9 @@
 #        USR1 (from `#SBATCH --signal=B:USR1@T`, which signals only this batch shell) and TERM are
 #        forwarded to srun, which forwards them to every task; the training loop checkpoints at the
 #        next step boundary and exits 0.
-#      - after srun returns: if USR1 came and the run is not at train.steps, `scontrol requeue
-#        $SLURM_JOB_ID` (for an array task this is the task's own id). TERM (scancel, time limit,
+#      - after srun returns: if USR1 came, or training exited 75 (its hang watchdog stopped a stuck
+#        step), and the run is not at train.steps, `scontrol requeue $SLURM_JOB_ID` (for an array
+#        task this is the task's own id). TERM (scancel, time limit,
 #        scheduler preemption) never requeues from here; SLURM's own requeue (PreemptMode=REQUEUE,
 #        node failure with --requeue) resumes the same way.
 #
@@ -111,7 +112,9 @@ care_train() {
   _care_runinfo "$config" "$@"
   care_log "training step exited with $rc at checkpoint step $LATEST_STEP of $TARGET_STEPS" \
            "${CARE_SIGNAL:+(after SIG$CARE_SIGNAL)}"
-  if [ "$CARE_SIGNAL" = USR1 ]; then
+  # USR1 (preemption notice) and exit 75 (the hang watchdog stopped a stuck step) both requeue
+  if [ "$CARE_SIGNAL" = USR1 ] || [ "$rc" -eq 75 ]; then
+    [ "$rc" -eq 75 ] && care_log "the hang watchdog stopped a stuck step (exit 75; stacks in the task logs)"
     if [ "$LATEST_STEP" -ge "$TARGET_STEPS" ]; then
       care_log "finished before the signal mattered; not requeueing"
       return 0
