@@ -71,33 +71,66 @@ def main() -> None:
         pats = write_synthetic(tmp, train=a.samples, val=0, size=512, samples_per_shard=a.samples // 4, progress=False)
         gen_s = time.perf_counter() - t
         t = time.perf_counter()
-        rep = cache_shards(pats["train"], os.path.join(tmp, "cached"), encode_images, encode_text, 512,
-                           batch_size=8, progress=False)
+        rep = cache_shards(
+            pats["train"], os.path.join(tmp, "cached"), encode_images, encode_text, 512, batch_size=8, progress=False
+        )
         cache_s = time.perf_counter() - t
-        sizes = {k: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".tar")) / a.samples
-                 for k, d in (("raw", tmp), ("cached", os.path.join(tmp, "cached")))}
-        print(json.dumps(dict(event="setup", generate_s=round(gen_s, 1), cache_s=round(cache_s, 1),
-                              bytes_per_sample={k: int(v) for k, v in sizes.items()})))
+        sizes = {
+            k: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".tar")) / a.samples
+            for k, d in (("raw", tmp), ("cached", os.path.join(tmp, "cached")))
+        }
+        print(
+            json.dumps(
+                dict(
+                    event="setup",
+                    generate_s=round(gen_s, 1),
+                    cache_s=round(cache_s, 1),
+                    bytes_per_sample={k: int(v) for k, v in sizes.items()},
+                )
+            )
+        )
         for kind, pattern in (("raw", pats["train"]), ("cached", rep.pattern)):
             for w in a.workers:
-                cfg = DataConfig(train_shards=pattern, image_size=512, cached=kind == "cached", shuffle_buffer=100,
-                                 random_crop_scale=1.0 if kind == "cached" else 0.8)
+                cfg = DataConfig(
+                    train_shards=pattern,
+                    image_size=512,
+                    cached=kind == "cached",
+                    shuffle_buffer=100,
+                    random_crop_scale=1.0 if kind == "cached" else 0.8,
+                )
                 sps, cpu = measure(cfg, w, a.batch, a.batches)
-                row = dict(kind=kind, workers=w, batch=a.batch, image=512, samples_per_s=round(sps, 1),
-                           samples_per_s_per_worker=round(sps / max(w, 1), 1),
-                           samples_per_cpu_s=round(cpu, 1) if w == 0 else None,
-                           loadavg_1m=round(os.getloadavg()[0], 1))
+                row = dict(
+                    kind=kind,
+                    workers=w,
+                    batch=a.batch,
+                    image=512,
+                    samples_per_s=round(sps, 1),
+                    samples_per_s_per_worker=round(sps / max(w, 1), 1),
+                    samples_per_cpu_s=round(cpu, 1) if w == 0 else None,
+                    loadavg_1m=round(os.getloadavg()[0], 1),
+                )
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print(json.dumps(dict(event="env", python=platform.python_version(), torch=torch.__version__,
-                          webdataset=webdataset.__version__ if hasattr(webdataset, "__version__") else "?",
-                          cpus=os.cpu_count(), machine=platform.machine())))
+    print(
+        json.dumps(
+            dict(
+                event="env",
+                python=platform.python_version(),
+                torch=torch.__version__,
+                webdataset=webdataset.__version__ if hasattr(webdataset, "__version__") else "?",
+                cpus=os.cpu_count(),
+                machine=platform.machine(),
+            )
+        )
+    )
     print("\n| shards | workers | samples/s (wall) | per worker (wall) | samples per CPU-s (in-process) | load avg |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         cpu = r["samples_per_cpu_s"] if r["samples_per_cpu_s"] is not None else "-"
-        print(f"| {r['kind']} | {r['workers']} | {r['samples_per_s']} | {r['samples_per_s_per_worker']} | {cpu} "
-              f"| {r['loadavg_1m']} |")
+        print(
+            f"| {r['kind']} | {r['workers']} | {r['samples_per_s']} | {r['samples_per_s_per_worker']} | {cpu} "
+            f"| {r['loadavg_1m']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def build_layers(n_layers: int, ep: int, ep_rank: int, group, dev, D: int, FFN: 
     for li in range(n_layers):
         torch.manual_seed(1000 + li)  # the same frozen FFN on every rank
         proj_in, proj_out = nn.Linear(D, FFN, device=dev), nn.Linear(FFN, D, device=dev)
-        experts = [FfnExpert(NAMES[e], D, CTX, proj_in, proj_out) for e in range(ep_rank * n_local, (ep_rank + 1) * n_local)]
+        experts = [
+            FfnExpert(NAMES[e], D, CTX, proj_in, proj_out) for e in range(ep_rank * n_local, (ep_rank + 1) * n_local)
+        ]
         layer = CareMoE(experts, E, ep, ep_rank, AllToAllDispatcher(ep, ep_rank)).to(dev, torch.bfloat16)
         layer.deepspeed_moe.ep_group = group
         layers.append(layer)
@@ -94,10 +96,17 @@ def main() -> None:
     params = [p for layer in layers for p in layer.parameters()]
 
     g = torch.Generator(device=dev).manual_seed(rank)
-    packed = [torch.randn(args.tokens, packed_width(D, CTX), device=dev, dtype=torch.bfloat16, generator=g)
-              for _ in layers]
-    routes = [topk_routing(torch.randn(args.tokens, E, device=dev, generator=g),
-                           torch.ones(args.tokens, E, dtype=torch.bool, device=dev), K) for _ in layers]
+    packed = [
+        torch.randn(args.tokens, packed_width(D, CTX), device=dev, dtype=torch.bfloat16, generator=g) for _ in layers
+    ]
+    routes = [
+        topk_routing(
+            torch.randn(args.tokens, E, device=dev, generator=g),
+            torch.ones(args.tokens, E, dtype=torch.bool, device=dev),
+            K,
+        )
+        for _ in layers
+    ]
 
     def step():
         loss = 0
@@ -131,10 +140,15 @@ def main() -> None:
     ms = torch.tensor([statistics.median(times)], device=dev)
     dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     rec = {
-        "world": world, "ep_size": ep, "layers": args.layers, "tokens_per_gpu": args.tokens,
-        "step_ms": round(float(ms), 3), "tokens_per_s_per_gpu": round(args.tokens / (float(ms) * 1e-3)),
+        "world": world,
+        "ep_size": ep,
+        "layers": args.layers,
+        "tokens_per_gpu": args.tokens,
+        "step_ms": round(float(ms), 3),
+        "tokens_per_s_per_gpu": round(args.tokens / (float(ms) * 1e-3)),
         "expert_params_per_gpu": sum(p.numel() for p in params),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, **{k: round(v, 3) for k, v in comm.items()},
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        **{k: round(v, 3) for k, v in comm.items()},
     }
     if rank == 0:
         emit({"env": environment(), **rec} if world == 1 and ep == 1 else rec)

@@ -70,6 +70,7 @@ def fwd_bwd(fn, x):
         out = fn(x)
         out = out[0] if isinstance(out, tuple) else out
         out.float().sum().backward()
+
     return run
 
 
@@ -79,16 +80,27 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kinds", nargs="+", default=["ffn", "lora"], choices=["ffn", "lora"])
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile our layers and the dense / plain-LoRA references alike (stock DeepSpeed stays eager)")
-    p.add_argument("--profile", action="store_true", help="also print each case's kernel statistics (one profiled call)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile our layers and the dense / plain-LoRA references alike (stock DeepSpeed stays eager)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="also print each case's kernel statistics (one profiled call)"
+    )
     p.add_argument("--top", type=int, default=8, help="kernels listed per profiled case")
-    p.add_argument("--graphs", action="store_true",
-                   help="also run the cases that trace whole under CUDA graphs (compile mode reduce-overhead), "
-                        "the dense reference among them; their names end in @graphs")
-    p.add_argument("--autotune", action="store_true",
-                   help="also compile the dense reference and the floors with max-autotune (inductor may pick "
-                        "its Triton grouped-GEMM template): @autotune, and with --graphs @autotune_graphs")
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="also run the cases that trace whole under CUDA graphs (compile mode reduce-overhead), "
+        "the dense reference among them; their names end in @graphs",
+    )
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="also compile the dense reference and the floors with max-autotune (inductor may pick "
+        "its Triton grouped-GEMM template): @autotune, and with --graphs @autotune_graphs",
+    )
     p.add_argument("--only", default="", help="regex: run only the cases it matches (and their references)")
     args = p.parse_args()
     mc = (lambda f: torch.compile(f)) if args.compile else (lambda f: f)  # noqa: E731
@@ -109,7 +121,7 @@ def main() -> None:
             """Our layer, compiled as the model compiles it: whole (fullgraph) where the dispatch needs
             no host value; without fullgraph, dynamo would break the graph at data-dependent shapes."""
             layer = CareMoE(experts, E, 1, 0, dispatcher).to(dev, dtype)
-            run = _own_code(lambda inp: layer(inp, r.index, r.weight))
+            run = _own_code(lambda inp: layer(inp, r.index, r.weight))  # noqa: B023 (called within the iteration)
             if not args.compile:
                 return run
             return torch.compile(run, fullgraph=dispatcher.host_sync_free(experts), **(how or {}))
@@ -133,9 +145,15 @@ def main() -> None:
             res, breaks = _timed(args, cases)
             _profile(args, cases, tokens=s, experts=f"lora{rank}")
             for name, t in res.items():
-                rec = {"case": name, "experts": f"lora{rank}", "tokens": s, "compiled": args.compile and "stock" not in name,
-                       **t, "graph_breaks": breaks[name],
-                       "ratio_vs_plain_lora": t["median_ms"] / res["plain_lora_same_total_rank"]["median_ms"]}
+                rec = {
+                    "case": name,
+                    "experts": f"lora{rank}",
+                    "tokens": s,
+                    "compiled": args.compile and "stock" not in name,
+                    **t,
+                    "graph_breaks": breaks[name],
+                    "ratio_vs_plain_lora": t["median_ms"] / res["plain_lora_same_total_rank"]["median_ms"],
+                }
                 emit(rec)
                 rows.append(rec)
     print("\n| experts | tokens | case | median ms | ratio |")
@@ -155,7 +173,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
     slots = torch.randn(s * K, D, device=dev, dtype=dtype, requires_grad=True)
 
     def floor(rows):
-        return torch.cat([m(c) for m, c in zip(floor_mlps, rows.chunk(E))])
+        return torch.cat([m(c) for m, c in zip(floor_mlps, rows.chunk(E))])  # noqa: F821 (deleted after use)
 
     # the grouped GEMMs' floor, with the weights kept stacked (no copy per call) and equal groups; no
     # biases (the loop floor's Linear layers have them)
@@ -190,7 +208,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
 
         def floor_two_streams(rows):
             here, outs = torch.cuda.current_stream(), []
-            for i, (m, c) in enumerate(zip(floor_mlps, rows.chunk(E))):
+            for i, (m, c) in enumerate(zip(floor_mlps, rows.chunk(E))):  # noqa: F821 (deleted after use)
                 streams[i % 2].wait_stream(here)
                 with torch.cuda.stream(streams[i % 2]):
                     outs.append(m(c))
@@ -201,7 +219,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
         cases["floor_expert_gemms_eager"] = fwd_bwd(floor, slots)
         cases["floor_expert_gemms_two_streams_eager"] = fwd_bwd(floor_two_streams, slots)
     for suffix, how in _extra_modes(args).items():
-        compiled = lambda f: torch.compile(f, **how)  # noqa: E731
+        compiled = lambda f, how=how: torch.compile(f, **how)  # noqa: E731
         # under CUDA graphs, gradients live in graph memory: each call drops them (fwd_bwd_graphs)
         wrap = fwd_bwd_graphs if "graphs" in suffix else (lambda fn, inp, params: fwd_bwd(fn, inp))
         dense = Mlp(D, K * FFN).to(dev, dtype)
@@ -210,9 +228,11 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
         cases[f"floor_expert_gemms_only@{suffix}"] = wrap(compiled(_own_code(floor)), slots, floor_params)
         if dtype == torch.bfloat16:
             cases[f"floor_grouped_gemms_stacked_weights@{suffix}"] = wrap(
-                compiled(_own_code(floor_grouped)), slots, [stacked_in, stacked_out])
+                compiled(_own_code(floor_grouped)), slots, [stacked_in, stacked_out]
+            )
             cases[f"floor_grouped_gemms_routed_sizes@{suffix}"] = wrap(
-                compiled(_own_code(floor_grouped_routed)), slots, [stacked_in, stacked_out])
+                compiled(_own_code(floor_grouped_routed)), slots, [stacked_in, stacked_out]
+            )
             if "autotune" in suffix:
                 # torch 2.11 fails to compile it: autotuning picked a Triton kernel for a row-major
                 # weight stack, code generation froze the stack K-major, and Triton rejected the kernel
@@ -220,16 +240,25 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
                 continue
             grouped_experts = [_copy(e) for e in ffn_experts]
             cases[f"ours_ffn_grouped_gemm@{suffix}"] = wrap(
-                ours(grouped_experts, AllToAllDispatcher(1, 0, True), how), packed,
-                [q for e in grouped_experts for q in e.parameters()])
+                ours(grouped_experts, AllToAllDispatcher(1, 0, True), how),
+                packed,
+                [q for e in grouped_experts for q in e.parameters()],
+            )
     cases = _selected(args, cases)
     res, breaks = _timed(args, cases)
     _profile(args, cases, tokens=s, experts="ffn")
     rows = []
     for name, t in res.items():
         compiled = args.compile and "stock" not in name and "eager" not in name
-        rec = {"case": name, "experts": "ffn", "tokens": s, "compiled": compiled, **t,
-               "graph_breaks": breaks[name], "ratio_vs_dense": t["median_ms"] / res[_reference("dense_same_flops", name)]["median_ms"]}
+        rec = {
+            "case": name,
+            "experts": "ffn",
+            "tokens": s,
+            "compiled": compiled,
+            **t,
+            "graph_breaks": breaks[name],
+            "ratio_vs_dense": t["median_ms"] / res[_reference("dense_same_flops", name)]["median_ms"],
+        }
         emit(rec)
         rows.append(rec)
     del ffn_experts, floor_mlps, cases
@@ -239,7 +268,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
 
 def _reference(reference: str, case: str) -> str:
     """The reference a case is compared with: the one compiled in the same mode (``name@mode``)."""
-    return reference + case[case.index("@"):] if "@" in case else reference
+    return reference + case[case.index("@") :] if "@" in case else reference
 
 
 def _extra_modes(args) -> dict[str, dict]:
@@ -252,7 +281,9 @@ def _extra_modes(args) -> dict[str, dict]:
     if args.autotune:
         from torch._inductor import list_mode_options
 
-        for suffix, mode in [("autotune", "max-autotune-no-cudagraphs")] + ([("autotune_graphs", "max-autotune")] if args.graphs else []):
+        for suffix, mode in [("autotune", "max-autotune-no-cudagraphs")] + (
+            [("autotune_graphs", "max-autotune")] if args.graphs else []
+        ):
             modes[suffix] = {"options": {**list_mode_options(mode), "prologue_fusion": False}}
     return modes
 
@@ -281,6 +312,7 @@ def fwd_bwd_graphs(fn, x, params):
         inner()
         for t in tensors:
             t.grad = None
+
     return run
 
 
@@ -301,8 +333,16 @@ def _profile(args, cases: dict, tokens: int, experts: str) -> None:
         for name, fn in cases.items():
             prof = profiled(fn)
             gaps = gap_stats(prof, top=4)
-            emit({"profile": name, "experts": experts, "tokens": tokens, "gpu_idle_ms": gaps["gap_ms"],
-                  "gpu_idle_largest": gaps["largest"], **kernel_stats(fn, top=args.top, prof=prof, gemm_launches=True)})
+            emit(
+                {
+                    "profile": name,
+                    "experts": experts,
+                    "tokens": tokens,
+                    "gpu_idle_ms": gaps["gap_ms"],
+                    "gpu_idle_largest": gaps["largest"],
+                    **kernel_stats(fn, top=args.top, prof=prof, gemm_launches=True),
+                }
+            )
 
 
 class LoraMlp(nn.Module):

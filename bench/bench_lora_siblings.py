@@ -42,15 +42,20 @@ def frozen(x, w):
 
 
 def lora_separate(x, w):
-    return consume([F.linear(x, wb) + F.linear(F.linear(x, a), b) * w["s"]
-                    for wb, a, b in zip(w["base"], w["down"], w["up"])])
+    return consume(
+        [F.linear(x, wb) + F.linear(F.linear(x, a), b) * w["s"] for wb, a, b in zip(w["base"], w["down"], w["up"])]
+    )
 
 
 def lora_shared_down(x, w):
     r = w["down"][0].shape[0]
     h = F.linear(x, torch.cat(w["down"]))  # [T, 4r]: one read of x for all four
-    return consume([F.linear(x, wb) + F.linear(h[:, i * r:(i + 1) * r], b) * w["s"]
-                    for i, (wb, b) in enumerate(zip(w["base"], w["up"]))])
+    return consume(
+        [
+            F.linear(x, wb) + F.linear(h[:, i * r : (i + 1) * r], b) * w["s"]
+            for i, (wb, b) in enumerate(zip(w["base"], w["up"]))
+        ]
+    )
 
 
 def keep_down_policy(rank: int):
@@ -60,6 +65,7 @@ def keep_down_policy(rank: int):
             if out_cols % rank == 0 and out_cols <= 4 * rank:
                 return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
+
     return policy
 
 
@@ -69,6 +75,7 @@ def checkpointed(fn, policy=None, backend="inductor"):
             return checkpoint(fn, x, w, use_reentrant=False)
         ctx = functools.partial(create_selective_checkpoint_contexts, policy)
         return checkpoint(fn, x, w, use_reentrant=False, context_fn=ctx)
+
     return torch.compile(run, fullgraph=True, backend=backend)
 
 
@@ -117,21 +124,31 @@ def main() -> None:
         def run():
             x = x0.clone().requires_grad_(True)
             fn(x, w).backward()
+
         return run
 
     res = {n: time_ms(step(fn), iters=args.iters) for n, fn in cases.items()}
     res2 = {n: time_ms(step(fn), iters=args.iters) for n, fn in cases.items()}  # repeat: the spread
     base = res["frozen"]["median_ms"]
     for n in cases:
-        emit({"case": n, **res[n], "repeat_median_ms": res2[n]["median_ms"], "x_frozen": res[n]["median_ms"] / base,
-              "lora_overhead_ms": res[n]["median_ms"] - base})
+        emit(
+            {
+                "case": n,
+                **res[n],
+                "repeat_median_ms": res2[n]["median_ms"],
+                "x_frozen": res[n]["median_ms"] / base,
+                "lora_overhead_ms": res[n]["median_ms"] - base,
+            }
+        )
         if args.profile and cuda:
             emit({"profile": n, **kernel_stats(step(cases[n]), top=6)})
     print("\n| case | ms | repeat ms | x frozen | LoRA ms |")
     print("|---|---|---|---|---|")
     for n in cases:
-        print(f"| {n} | {res[n]['median_ms']:.3f} | {res2[n]['median_ms']:.3f} | {res[n]['median_ms'] / base:.3f} "
-              f"| {res[n]['median_ms'] - base:.3f} |")
+        print(
+            f"| {n} | {res[n]['median_ms']:.3f} | {res2[n]['median_ms']:.3f} | {res[n]['median_ms'] / base:.3f} "
+            f"| {res[n]['median_ms'] - base:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,20 @@ def main() -> None:
         run()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    print(json.dumps({"bench": "replica_check_fingerprint", "device": torch.cuda.get_device_name() if device.type == "cuda"
-           else "cpu", "torch": torch.__version__, "params": n, "tensors": len(tensors), "dtype": a.dtype,
-           "median_s": round(med, 4), "gb_per_s": round(n * tensors[0].element_size() / med / 1e9, 2)}))
+    print(
+        json.dumps(
+            {
+                "bench": "replica_check_fingerprint",
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "params": n,
+                "tensors": len(tensors),
+                "dtype": a.dtype,
+                "median_s": round(med, 4),
+                "gb_per_s": round(n * tensors[0].element_size() / med / 1e9, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

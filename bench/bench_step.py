@@ -32,9 +32,16 @@ from bench.common import emit, environment, gap_stats, kernel_stats, measure_mat
 from data.batch import EditBatch  # noqa: E402
 
 DEFAULT_OVERRIDES = [
-    "model.backbone.path=null", "model.vae.path=null", "model.text.t5_path=null", "model.text.clip_path=null",
-    "model.text.t5_layers=1", "model.text.clip_layers=1",
-    "model.experts.kind=lora", "model.experts.rank=64", "model.experts.ep_size=1", "model.experts.dispatch=auto",
+    "model.backbone.path=null",
+    "model.vae.path=null",
+    "model.text.t5_path=null",
+    "model.text.clip_path=null",
+    "model.text.t5_layers=1",
+    "model.text.clip_layers=1",
+    "model.experts.kind=lora",
+    "model.experts.rank=64",
+    "model.experts.ep_size=1",
+    "model.experts.dispatch=auto",
 ]
 
 
@@ -45,11 +52,20 @@ def cached_batch(size: int, text_len: int, cfg, device) -> EditBatch:
     mask = torch.zeros(1, 1, size, size, device=device)
     mask[..., size // 4 : 3 * size // 4, size // 5 : 3 * size // 5] = 1
     return EditBatch(
-        source=None, target=None, reference=None, has_reference=torch.tensor([True], device=device),
-        fine_mask=mask, coarse_mask=mask, bbox=torch.tensor([[size // 5, size // 4, 3 * size // 5, 3 * size // 4]]),
-        instruction=["replace the object with the reference"], task=["replace"],
-        tag_ids=torch.tensor([[1, 2, -1]], device=device), keys=["bench"],
-        source_latent=lat(), target_latent=lat(), reference_latent=lat(),
+        source=None,
+        target=None,
+        reference=None,
+        has_reference=torch.tensor([True], device=device),
+        fine_mask=mask,
+        coarse_mask=mask,
+        bbox=torch.tensor([[size // 5, size // 4, 3 * size // 5, 3 * size // 4]]),
+        instruction=["replace the object with the reference"],
+        task=["replace"],
+        tag_ids=torch.tensor([[1, 2, -1]], device=device),
+        keys=["bench"],
+        source_latent=lat(),
+        target_latent=lat(),
+        reference_latent=lat(),
         text_embeds=torch.randn(1, text_len, cfg.text.t5_d_model, device=device),
         text_mask=torch.ones(1, text_len, dtype=torch.bool, device=device),
         pooled_text=torch.randn(1, cfg.text.clip_hidden, device=device),
@@ -141,9 +157,12 @@ def main() -> None:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both models (regional)")
-    p.add_argument("--block-mode", default=None,
-                   help="torch.compile mode for the blocks compiled whole, in both models "
-                        "(reduce-overhead: CUDA graphs; what CUDA graph trees record is logged)")
+    p.add_argument(
+        "--block-mode",
+        default=None,
+        help="torch.compile mode for the blocks compiled whole, in both models "
+        "(reduce-overhead: CUDA graphs; what CUDA graph trees record is logged)",
+    )
     args, overrides = p.parse_known_args()
     from moe.backbone import FluxBackbone
     from moe.config import LoraConfig
@@ -154,7 +173,14 @@ def main() -> None:
     dev = torch.device("cuda")
     env = environment()
     env["matmul_bf16_tflops"] = measure_matmul_peak()
-    emit({"env": env, "compile": args.compile, "block_mode": args.block_mode, "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts)})
+    emit(
+        {
+            "env": env,
+            "compile": args.compile,
+            "block_mode": args.block_mode,
+            "model": OmegaConf.to_container(OmegaConf.structured(cfg).experts),
+        }
+    )
 
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
@@ -240,8 +266,19 @@ def main() -> None:
             rec["peak_mem_gib"] = bare_peak
         emit(rec)
 
-    names = ["care/forward", "care/backward", "care/optimizer", "care/encode", "care/router_contexts",
-             "care/repaint", "care/router", "care/mixture", "care/experts", "care/frozen_ffn", "care/losses"]
+    names = [
+        "care/forward",
+        "care/backward",
+        "care/optimizer",
+        "care/encode",
+        "care/router_contexts",
+        "care/repaint",
+        "care/router",
+        "care/mixture",
+        "care/experts",
+        "care/frozen_ffn",
+        "care/losses",
+    ]
     emit({"case": "host_vs_device", "bare": host_issue_ms(bare_step), "care": host_issue_ms(care_step)})
     parts, kstats = breakdown(care_step, names)
     inner = sum(parts.get(n, 0) for n in names[3:])

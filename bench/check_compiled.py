@@ -35,8 +35,9 @@ def main() -> int:
     dev = torch.device("cuda")
     emit({"env": environment(), "mode": args.mode, "kind": args.kind})
     torch.manual_seed(0)
-    cfg = tiny_model_config(**{"backbone.gradient_checkpointing": True, "experts.num_blocks": 2,
-                               "experts.kind": args.kind})
+    cfg = tiny_model_config(
+        **{"backbone.gradient_checkpointing": True, "experts.num_blocks": 2, "experts.kind": args.kind}
+    )
     eager = build_model(cfg).to(dev)
     with torch.no_grad():  # off the zero-initialised start, so every path carries signal
         for q in eager.parameters():
@@ -60,9 +61,16 @@ def main() -> int:
         (loss_e, g_e), (loss_c, g_c) = results
         rel = {n: float((g_c[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in g_e.items()}
         worst = max(rel, key=rel.get)
-        rec = {"step": step, "loss_eager": float(loss_e), "loss_compiled": float(loss_c),
-               "loss_rel_diff": float((loss_c - loss_e).abs() / loss_e.abs()), "grads": len(g_e),
-               "same_grad_names": g_e.keys() == g_c.keys(), "worst_grad": worst, "worst_grad_rel_diff": rel[worst]}
+        rec = {
+            "step": step,
+            "loss_eager": float(loss_e),
+            "loss_compiled": float(loss_c),
+            "loss_rel_diff": float((loss_c - loss_e).abs() / loss_e.abs()),
+            "grads": len(g_e),
+            "same_grad_names": g_e.keys() == g_c.keys(),
+            "worst_grad": worst,
+            "worst_grad_rel_diff": rel[worst],
+        }
         emit(rec)
         ok &= rec["same_grad_names"] and rec["loss_rel_diff"] < args.tol and rec["worst_grad_rel_diff"] < args.tol
     print("compiled == eager" if ok else "MISMATCH")

@@ -15,8 +15,13 @@ def environment() -> dict:
     import deepspeed
     import diffusers
 
-    env = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__,
-           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
     else:
@@ -87,22 +92,29 @@ def profiled(fn: Callable[[], object]):
     return prof
 
 
-def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/", prof=None,
-                 gemm_launches: bool = False) -> dict:
+def kernel_stats(
+    fn: Callable[[], object], top: int = 12, skip_prefix: str = "care/", prof=None, gemm_launches: bool = False
+) -> dict:
     """One profiled call of ``fn`` (or the given profile): device kernel count, busy time, the most
     expensive kernels, and the host ops that took the most self time. GPU spans of
     ``record_function`` ranges are not kernels."""
     prof = prof if prof is not None else profiled(fn)
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
-               and not getattr(e, "is_user_annotation", False) and not e.name.startswith(skip_prefix)]
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type.name == "CUDA"
+        and not getattr(e, "is_user_annotation", False)
+        and not e.name.startswith(skip_prefix)
+    ]
     by_name: dict[str, list[float]] = {}
     for k in kernels:
         by_name.setdefault(k.name[:80], []).append(k.device_time / 1e3)
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     stats = {
-        "host_top": [{"op": e.key[:60], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
-                     for e in cpu],
+        "host_top": [
+            {"op": e.key[:60], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in cpu
+        ],
         "kernels": len(kernels),
         "kernel_busy_ms": sum(k.device_time for k in kernels) / 1e3,
         # copies to the host inside the call: each pageable one is a synchronisation that drains the GPU
@@ -110,8 +122,9 @@ def kernel_stats(fn: Callable[[], object], top: int = 12, skip_prefix: str = "ca
         "top": [{"kernel": n, "count": len(v), "ms": round(sum(v), 3)} for n, v in ranked],
     }
     if gemm_launches:  # matrix products one by one, in launch order (library kernel names are too long to tell apart)
-        stats["gemm_launches_ms"] = [round(k.device_time / 1e3, 3) for k in sorted(kernels, key=lambda k: k.time_range.start)
-                                     if _is_gemm(k.name)]
+        stats["gemm_launches_ms"] = [
+            round(k.device_time / 1e3, 3) for k in sorted(kernels, key=lambda k: k.time_range.start) if _is_gemm(k.name)
+        ]
     return stats
 
 
@@ -124,8 +137,10 @@ def gap_stats(prof, phases: tuple[str, ...] = (), top: int = 8, min_us: float = 
     slowly, or a synchronisation), summed per phase (the GPU span of each named ``record_function``
     range) and the largest ones with the kernels on either side. ``min_us``: gaps counted apart."""
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    kernels = sorted((e for e in events if not getattr(e, "is_user_annotation", False)
-                      and not e.name.startswith("care/")), key=lambda e: e.time_range.start)
+    kernels = sorted(
+        (e for e in events if not getattr(e, "is_user_annotation", False) and not e.name.startswith("care/")),
+        key=lambda e: e.time_range.start,
+    )
     spans = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.name in phases]
     gaps = []
     end, prev = None, None
@@ -145,6 +160,8 @@ def gap_stats(prof, phases: tuple[str, ...] = (), top: int = 8, min_us: float = 
         f"gaps_over_{min_us:g}us": len(big),
         f"gap_ms_over_{min_us:g}us": round(sum(g[0] for g in big) / 1e3, 3),
         "gap_ms_by_phase": {k: round(v, 3) for k, v in per_phase.items()},
-        "largest": [{"us": round(g, 1), "after": a[:50], "before": b[:50]}
-                    for g, _, a, b in sorted(gaps, key=lambda x: -x[0])[:top]],
+        "largest": [
+            {"us": round(g, 1), "after": a[:50], "before": b[:50]}
+            for g, _, a, b in sorted(gaps, key=lambda x: -x[0])[:top]
+        ],
     }

@@ -41,8 +41,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--eval-limit", type=int, default=64)
     p.add_argument("--eval-steps", type=int, default=20)
-    p.add_argument("--variant", nargs="+", action="append", default=None, metavar=("NAME", "KEY=VALUE"),
-                   help="a CARE-Edit run: its name and overrides of the edit config (repeatable)")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar=("NAME", "KEY=VALUE"),
+        help="a CARE-Edit run: its name and overrides of the edit config (repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -64,16 +70,46 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     if not os.path.isfile(result_path):
         t0 = time.time()
         base = os.path.abspath(args.base)
-        _run([sys.executable, "launch/train.py", "--config", args.edit_config, f"run.dir={run_dir}", f"run.name={name}",
-              f"model.backbone.path={base}", f"model.text.t5_path={base}", f"model.text.clip_path={base}",
-              f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
-              f"data.val_shards={args.data}/val-{{000000..000000}}.tar", "logging.progress_bar=false", *overrides],
-             os.path.join(args.out, "logs", f"{name}.train.log"))
+        _run(
+            [
+                sys.executable,
+                "launch/train.py",
+                "--config",
+                args.edit_config,
+                f"run.dir={run_dir}",
+                f"run.name={name}",
+                f"model.backbone.path={base}",
+                f"model.text.t5_path={base}",
+                f"model.text.clip_path={base}",
+                f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
+                f"data.val_shards={args.data}/val-{{000000..000000}}.tar",
+                "logging.progress_bar=false",
+                *overrides,
+            ],
+            os.path.join(args.out, "logs", f"{name}.train.log"),
+        )
         train_s = time.time() - t0
-        _run([sys.executable, "launch/eval.py", "--checkpoint", os.path.join(run_dir, name, "checkpoints"),
-              "--data", f"{args.data}/val-{{000000..000000}}.tar", "--device", args.device, "--out", eval_dir,
-              "--limit", str(args.eval_limit), "--steps", str(args.eval_steps), "--batch-size", "32"],
-             os.path.join(args.out, "logs", f"{name}.eval.log"))
+        _run(
+            [
+                sys.executable,
+                "launch/eval.py",
+                "--checkpoint",
+                os.path.join(run_dir, name, "checkpoints"),
+                "--data",
+                f"{args.data}/val-{{000000..000000}}.tar",
+                "--device",
+                args.device,
+                "--out",
+                eval_dir,
+                "--limit",
+                str(args.eval_limit),
+                "--steps",
+                str(args.eval_steps),
+                "--batch-size",
+                "32",
+            ],
+            os.path.join(args.out, "logs", f"{name}.eval.log"),
+        )
         with open(result_path) as f:
             result = json.load(f)
         result["train_wall_s"] = round(train_s, 1)
@@ -81,18 +117,38 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
             json.dump(result, f, indent=1)
     with open(result_path) as f:
         result = json.load(f)
-    return dict(name=name, overrides=overrides, train_wall_s=result.get("train_wall_s"),
-                metrics=result.get("metrics"), baselines=result.get("baselines"))
+    return dict(
+        name=name,
+        overrides=overrides,
+        train_wall_s=result.get("train_wall_s"),
+        metrics=result.get("metrics"),
+        baselines=result.get("baselines"),
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    _run([sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent"],
-         os.path.join(args.out, "logs", "data.log"))
+    _run(
+        [sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent"],
+        os.path.join(args.out, "logs", "data.log"),
+    )
     if not os.path.isfile(os.path.join(args.base, "digests.json")):
-        _run([sys.executable, "-m", "launch.pretrain_base", "--config", args.base_config, "--out", args.base,
-              "--device", args.device, *args.base_override], os.path.join(args.out, "logs", "pretrain.log"))
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "launch.pretrain_base",
+                "--config",
+                args.base_config,
+                "--out",
+                args.base,
+                "--device",
+                args.device,
+                *args.base_override,
+            ],
+            os.path.join(args.out, "logs", "pretrain.log"),
+        )
         print(json.dumps(dict(stage="pretrain", seconds=round(time.time() - t0, 1))), flush=True)
     variants = args.variant or [["default"]]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:

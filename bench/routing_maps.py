@@ -60,8 +60,9 @@ def routing_stats(model, batch, times=(0.25, 0.5, 0.75), seed: int = 0) -> dict:
             st["spread"].append(w.std(dim=1).mean().item())
             st["util"].append(w.gt(0).float().mean(dim=(0, 1)).tolist())
             st["inside"].append([(w[..., j][inside].mean().item() if inside.any() else float("nan")) for j in range(e)])
-            st["outside"].append([(w[..., j][~inside].mean().item() if (~inside).any() else float("nan"))
-                                  for j in range(e)])
+            st["outside"].append(
+                [(w[..., j][~inside].mean().item() if (~inside).any() else float("nan")) for j in range(e)]
+            )
     out = {}
     for block, st in per_layer.items():
         mean = lambda rows: [round(sum(col) / len(col), 4) for col in zip(*rows)]  # noqa: E731
@@ -99,7 +100,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         grid = edit_grid(model, batch, args.steps)
         arr = (grid.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
         Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(
-            os.path.join(args.out, f"routing_{task}.png"))
+            os.path.join(args.out, f"routing_{task}.png")
+        )
         with torch.no_grad():
             report[task] = routing_stats(model, batch)
     print(json.dumps(report))

@@ -37,8 +37,13 @@ def choose_bucket(width: int, height: int, buckets: Sequence[Sequence[int]], ima
 
 
 def crop_box(
-    width: int, height: int, out_h: int, out_w: int, min_scale: float,
-    rng: Optional[random.Random], must_contain: Optional[tuple[int, int]] = None,
+    width: int,
+    height: int,
+    out_h: int,
+    out_w: int,
+    min_scale: float,
+    rng: Optional[random.Random],
+    must_contain: Optional[tuple[int, int]] = None,
 ) -> tuple[float, float, float, float]:
     """A crop (x0, y0, x1, y1) in source pixels with the output's aspect ratio.
 
@@ -83,9 +88,15 @@ def box_mask(bbox: Sequence[int], h: int, w: int) -> Tensor:
 
 
 def transform(
-    src: Image.Image, tgt: Image.Image, ref: Optional[Image.Image], mask: np.ndarray,
-    out_hw: tuple[int, int], rng: Optional[random.Random], min_scale: float = 1.0,
-    hflip: bool = False, instruction: str = "",
+    src: Image.Image,
+    tgt: Image.Image,
+    ref: Optional[Image.Image],
+    mask: np.ndarray,
+    out_hw: tuple[int, int],
+    rng: Optional[random.Random],
+    min_scale: float = 1.0,
+    hflip: bool = False,
+    instruction: str = "",
 ) -> dict:
     """Crop/resize/flip a decoded sample to ``out_hw``; ``rng=None`` means the evaluation view.
 

@@ -108,8 +108,9 @@ def build_shards(
     tasks = ((root, i, lines[i]) for i in order)
     if workers > 1:
         with Pool(workers) as pool:
-            return write_shards(pool.imap(_load, tasks, chunksize=4), out, prefix, shard_size_mb,
-                                total=len(lines), progress=progress)
+            return write_shards(
+                pool.imap(_load, tasks, chunksize=4), out, prefix, shard_size_mb, total=len(lines), progress=progress
+            )
     return write_shards(map(_load, tasks), out, prefix, shard_size_mb, total=len(lines), progress=progress)
 
 
@@ -124,8 +125,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes decoding/encoding images")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rep = build_shards(a.manifest, a.root, a.out, a.shard_size_mb, a.prefix,
-                       None if a.shuffle_seed < 0 else a.shuffle_seed, a.workers)
+    rep = build_shards(
+        a.manifest, a.root, a.out, a.shard_size_mb, a.prefix, None if a.shuffle_seed < 0 else a.shuffle_seed, a.workers
+    )
     print(f"wrote {rep.written} samples in {len(rep.shards)} shards: {rep.pattern}")
     print("skipped:", json.dumps(dict(rep.skipped)) if rep.skipped else "none")
     print("report:", os.path.join(a.out, f"{a.prefix}.report.json"))

@@ -50,9 +50,11 @@ def _to_png(t: Tensor) -> bytes:
     return encode_png(t.permute(1, 2, 0).numpy())  # uint8 [3, h, w] from augment.transform
 
 
-def _encode_batch(items: list[dict], encode_images: ImageEncoder, encode_text: TextEncoder,
-                  keep_images: bool) -> list[dict]:
+def _encode_batch(
+    items: list[dict], encode_images: ImageEncoder, encode_text: TextEncoder, keep_images: bool
+) -> list[dict]:
     with torch.no_grad():
+
         def enc(imgs: list[Tensor]) -> Tensor:
             return encode_images(augment.to_float(torch.stack(imgs))).float().cpu()
 
@@ -66,13 +68,20 @@ def _encode_batch(items: list[dict], encode_images: ImageEncoder, encode_text: T
         lat = {"source": src[i].contiguous(), "target": tgt[i].contiguous()}
         if i in with_ref:
             lat["reference"] = ref[with_ref.index(i)].contiguous()
-        text = {"embeds": embeds[i].float().cpu().contiguous(), "mask": mask[i].bool().cpu().contiguous(),
-                "pooled": pooled[i].float().cpu().contiguous()}
+        text = {
+            "embeds": embeds[i].float().cpu().contiguous(),
+            "mask": mask[i].bool().cpu().contiguous(),
+            "pooled": pooled[i].float().cpu().contiguous(),
+        }
         h, w = it["fine_mask"].shape[-2:]
         meta = dict(it["meta"], width=int(w), height=int(h), bbox=list(it["bbox"]))
-        sample = {"__key__": it["key"], "json": json.dumps(meta).encode(),
-                  "mask.png": encode_png((it["fine_mask"][0].numpy() > 0).astype("uint8") * 255),
-                  "latent.safetensors": st_save(lat), "text.safetensors": st_save(text)}
+        sample = {
+            "__key__": it["key"],
+            "json": json.dumps(meta).encode(),
+            "mask.png": encode_png((it["fine_mask"][0].numpy() > 0).astype("uint8") * 255),
+            "latent.safetensors": st_save(lat),
+            "text.safetensors": st_save(text),
+        }
         if keep_images:
             sample["src.png"], sample["tgt.png"] = _to_png(it["source"]), _to_png(it["target"])
             if it["reference"] is not None:
@@ -82,9 +91,16 @@ def _encode_batch(items: list[dict], encode_images: ImageEncoder, encode_text: T
 
 
 def cache_shards(
-    in_pattern: str, out_dir: str, encode_images: ImageEncoder, encode_text: TextEncoder,
-    image_size: int, batch_size: int = 16, prefix: str = "cached", keep_images: bool = False,
-    shard_size_mb: float = 1000.0, progress: bool = True,
+    in_pattern: str,
+    out_dir: str,
+    encode_images: ImageEncoder,
+    encode_text: TextEncoder,
+    image_size: int,
+    batch_size: int = 16,
+    prefix: str = "cached",
+    keep_images: bool = False,
+    shard_size_mb: float = 1000.0,
+    progress: bool = True,
 ) -> ShardReport:
     """Read raw shards (checked like the loader does), encode, write cached shards to ``out_dir``."""
     skipped: Counter = Counter()
@@ -136,10 +152,20 @@ def decode_cached_sample(raw: dict) -> dict:
     if bbox != meta["bbox"]:
         raise SampleError("bad_bbox", f"json {meta['bbox']} mask {bbox}")
     h, w = mask.shape
-    return dict(key=raw.get("__key__", ""), meta=meta, has_ref="reference" in lat, bbox=bbox,
-                fine_mask=torch.from_numpy(mask > 0).float()[None], coarse_mask=augment.box_mask(bbox, h, w),
-                source_latent=lat["source"], target_latent=lat["target"], reference_latent=lat.get("reference"),
-                text_embeds=text["embeds"], text_mask=text["mask"], pooled_text=text["pooled"])
+    return dict(
+        key=raw.get("__key__", ""),
+        meta=meta,
+        has_ref="reference" in lat,
+        bbox=bbox,
+        fine_mask=torch.from_numpy(mask > 0).float()[None],
+        coarse_mask=augment.box_mask(bbox, h, w),
+        source_latent=lat["source"],
+        target_latent=lat["target"],
+        reference_latent=lat.get("reference"),
+        text_embeds=text["embeds"],
+        text_mask=text["mask"],
+        pooled_text=text["pooled"],
+    )
 
 
 def collate_cached(items: list[dict]) -> dict:
@@ -155,8 +181,10 @@ def collate_cached(items: list[dict]) -> dict:
     return dict(
         source_latent=src,
         target_latent=torch.stack([it["target_latent"] for it in items]),
-        reference_latent=torch.stack([it["reference_latent"] if it["reference_latent"] is not None
-                                      else torch.zeros_like(src[0]) for it in items]),
-        text_embeds=embeds, text_mask=tmask,
+        reference_latent=torch.stack(
+            [it["reference_latent"] if it["reference_latent"] is not None else torch.zeros_like(src[0]) for it in items]
+        ),
+        text_embeds=embeds,
+        text_mask=tmask,
         pooled_text=torch.stack([it["pooled_text"] for it in items]),
     )

@@ -34,8 +34,22 @@ VOCABULARY: list[str] = (
     ["a", "an", "and", ",", "on", "white", "background", "with", "inverted", "colors", "in", "sepia", "posterized"]
     + list(COLORS)
     + SHAPES
-    + ["make", "the", "remove", "replace", "object", "reference", "image", "add", "invert", "of", "apply",
-       "filter", "posterize", "to"]
+    + [
+        "make",
+        "the",
+        "remove",
+        "replace",
+        "object",
+        "reference",
+        "image",
+        "add",
+        "invert",
+        "of",
+        "apply",
+        "filter",
+        "posterize",
+        "to",
+    ]
 )
 
 

@@ -66,18 +66,24 @@ def magicbrush_records(split_dir: str, threshold: int = 128) -> Iterator[EditRec
                 yield SampleError("bad_json", f"{img_id} turn {turn}: no {exn}")
 
 
-def convert(root: str, out: str, threshold: int = 128, shard_size_mb: float = 1000.0,
-            progress: bool = True) -> dict[str, ShardReport]:
+def convert(
+    root: str, out: str, threshold: int = 128, shard_size_mb: float = 1000.0, progress: bool = True
+) -> dict[str, ShardReport]:
     """Shard every split under ``root``; returns ``{split: report}`` (prefix ``magicbrush-<split>``)."""
     if os.path.isfile(os.path.join(root, "edit_sessions.json")):
         splits = {os.path.basename(os.path.normpath(root)): root}
     else:
-        splits = {d: os.path.join(root, d) for d in sorted(os.listdir(root))
-                  if os.path.isfile(os.path.join(root, d, "edit_sessions.json"))}
+        splits = {
+            d: os.path.join(root, d)
+            for d in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, d, "edit_sessions.json"))
+        }
     if not splits:
         raise FileNotFoundError(f"no edit_sessions.json in {root} or its subfolders")
-    return {s: write_shards(magicbrush_records(d, threshold), out, f"magicbrush-{s}", shard_size_mb, progress=progress)
-            for s, d in splits.items()}
+    return {
+        s: write_shards(magicbrush_records(d, threshold), out, f"magicbrush-{s}", shard_size_mb, progress=progress)
+        for s, d in splits.items()
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -158,8 +158,16 @@ class EditStream(IterableDataset):
     """The per-worker pipeline; see the module docstring for the ordering it guarantees."""
 
     def __init__(
-        self, cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
-        exact: bool, start_step: int, states: dict[int, dict], epoch: Optional[int],
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        exact: bool,
+        start_step: int,
+        states: dict[int, dict],
+        epoch: Optional[int],
     ):
         self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
         self.rank, self.world_size, self.exact = rank, world_size, exact
@@ -178,8 +186,15 @@ class EditStream(IterableDataset):
             d = decode_sample(raw)
             out_hw = augment.choose_bucket(d["src"].width, d["src"].height, cfg.buckets, cfg.image_size)
             item = augment.transform(
-                d["src"], d["tgt"], d["ref"], d["mask"], out_hw, None if self.exact else rng,
-                cfg.random_crop_scale, cfg.hflip, d["meta"]["instruction"],
+                d["src"],
+                d["tgt"],
+                d["ref"],
+                d["mask"],
+                out_hw,
+                None if self.exact else rng,
+                cfg.random_crop_scale,
+                cfg.hflip,
+                d["meta"]["instruction"],
             )
             item.update(key=d["key"], meta=d["meta"], has_ref=d["ref"] is not None)
         meta = item["meta"]
@@ -230,12 +245,20 @@ class EditStream(IterableDataset):
 
         def state(pos: int, off: int, epoch: int) -> dict:
             waiting = sorted(it["origin"] for b in buckets.values() for it in b)
-            return dict(worker=lw, pos=pos, offset=off, epoch=epoch, pending=waiting,
-                        skips={r: c for r, c in counter.skips.items() if c}, seen=counter.seen,
-                        tar_errors=sorted(p for p in tar_errors if p >= pos - 1))
+            return dict(
+                worker=lw,
+                pos=pos,
+                offset=off,
+                epoch=epoch,
+                pending=waiting,
+                skips={r: c for r, c in counter.skips.items() if c},
+                seen=counter.seen,
+                tar_errors=sorted(p for p in tar_errors if p >= pos - 1),
+            )
 
-        positions = shard_positions(len(self.urls), slot, n_slots, cfg.seed, cfg.shuffle_shards and not self.exact,
-                                    self.epoch, start)
+        positions = shard_positions(
+            len(self.urls), slot, n_slots, cfg.seed, cfg.shuffle_shards and not self.exact, self.epoch, start
+        )
         epoch = 0
         for pos, epoch, shard in positions:
             if pos < pos0 and not any(p == pos for p, _ in pending):
@@ -293,8 +316,16 @@ class EditLoader:
     In finite mode (``exact`` or ``resampled=False``) one ``iter()`` is one epoch.
     """
 
-    def __init__(self, cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
-                 exact: bool = False, start_step: int = 0):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        exact: bool = False,
+        start_step: int = 0,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if not 0 <= rank < world_size:
@@ -318,13 +349,29 @@ class EditLoader:
             self._workers[lw] = dict(skip_raw=nb * self.batch_size)
 
     def _config_key(self) -> dict:
-        return dict(world_size=self.world_size, rank=self.rank, num_workers=self.n_workers,
-                    batch_size=self.batch_size, seed=self.cfg.seed, n_shards=len(self.urls),
-                    shuffle_buffer=self.cfg.shuffle_buffer, exact=self.exact)
+        return dict(
+            world_size=self.world_size,
+            rank=self.rank,
+            num_workers=self.n_workers,
+            batch_size=self.batch_size,
+            seed=self.cfg.seed,
+            n_shards=len(self.urls),
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            exact=self.exact,
+        )
 
     def __iter__(self) -> Iterator[EditBatch]:
-        ds = EditStream(self.cfg, self.urls, self.batch_size, self.rank, self.world_size, self.exact,
-                        self.step, copy.deepcopy(self._workers), self.epoch if self.finite else None)
+        ds = EditStream(
+            self.cfg,
+            self.urls,
+            self.batch_size,
+            self.rank,
+            self.world_size,
+            self.exact,
+            self.step,
+            copy.deepcopy(self._workers),
+            self.epoch if self.finite else None,
+        )
         kw = dict(prefetch_factor=self.cfg.prefetch_factor) if self.cfg.num_workers > 0 else {}
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
         for batch in dl:
@@ -353,10 +400,16 @@ class EditLoader:
     def state_dict(self) -> dict:
         """This rank's position; gather all ranks' (e.g. all_gather_object) for an exact resume."""
         epochs = [st["epoch"] for st in self._workers.values() if "epoch" in st]
-        return dict(version=STATE_VERSION, step=self.step, epoch=min(epochs) if epochs else self.epoch,
-                    samples_seen=self.samples_seen, global_samples=self.step * self.batch_size * self.world_size,
-                    config=self._config_key(), workers={str(k): v for k, v in self._workers.items()},
-                    skips_done=dict(self._skips_done))
+        return dict(
+            version=STATE_VERSION,
+            step=self.step,
+            epoch=min(epochs) if epochs else self.epoch,
+            samples_seen=self.samples_seen,
+            global_samples=self.step * self.batch_size * self.world_size,
+            config=self._config_key(),
+            workers={str(k): v for k, v in self._workers.items()},
+            skips_done=dict(self._skips_done),
+        )
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume. Accepts this rank's state, or ``{"per_rank": [state of rank 0, 1, ...]}``.
@@ -380,8 +433,11 @@ class EditLoader:
             self.epoch = own["epoch"] if self.finite else 0
             self._workers = {int(k): v for k, v in own["workers"].items()}
             return
-        if any(st is None for st in per_rank) or len({st["config"]["world_size"] for st in per_rank}) != 1 \
-                or len(per_rank) != per_rank[0]["config"]["world_size"]:
+        if (
+            any(st is None for st in per_rank)
+            or len({st["config"]["world_size"] for st in per_rank}) != 1
+            or len(per_rank) != per_rank[0]["config"]["world_size"]
+        ):
             self._restart_epoch(own)  # not every old rank's state: only the epoch is known
             return
         start = self._first_unfinished(per_rank)
@@ -389,10 +445,17 @@ class EditLoader:
         self.samples_seen = total_samples // self.world_size
         self.step = self.samples_seen // self.batch_size
         self.epoch = min(st["epoch"] for st in per_rank) if self.finite else 0
-        log.warning("data: loader state from %d rank(s) with %s, now %s: not an exact resume; continuing at "
-                    "shard position %d of the stream (epoch %d), %d samples seen before; partly read shards are "
-                    "read again", len(per_rank), own["config"], self._config_key(), start, start // len(self.urls),
-                    total_samples)
+        log.warning(
+            "data: loader state from %d rank(s) with %s, now %s: not an exact resume; continuing at "
+            "shard position %d of the stream (epoch %d), %d samples seen before; partly read shards are "
+            "read again",
+            len(per_rank),
+            own["config"],
+            self._config_key(),
+            start,
+            start // len(self.urls),
+            total_samples,
+        )
         skips: Counter = Counter()
         self._skips_done = Counter()
         if self.rank == 0:  # the old counts, once
@@ -406,8 +469,12 @@ class EditLoader:
     def _restart_epoch(self, sd: dict) -> None:
         """One old rank's state at another layout: its counts carry over, every slot restarts its epoch."""
         self._skips_done = Counter(sd.get("skips_done", {}))
-        log.warning("data: loader state of one rank from %s, now %s: resuming at the start of epoch %d, not exactly",
-                    sd["config"], self._config_key(), sd["epoch"])
+        log.warning(
+            "data: loader state of one rank from %s, now %s: resuming at the start of epoch %d, not exactly",
+            sd["config"],
+            self._config_key(),
+            sd["epoch"],
+        )
         self.step, self.samples_seen = sd["step"], sd["samples_seen"]
         self.epoch = sd["epoch"] if self.finite else 0
         skips: Counter = Counter()
@@ -423,8 +490,10 @@ class EditLoader:
         earlier one still waiting in an aspect bucket) everything of it below ``s + pos * S`` is done.
         """
         if any(st["config"]["n_shards"] != len(self.urls) for st in per_rank):
-            raise ValueError(f"data: saved loader read {per_rank[0]['config']['n_shards']} shards, "
-                             f"now {len(self.urls)}: the shard stream differs, cannot continue it")
+            raise ValueError(
+                f"data: saved loader read {per_rank[0]['config']['n_shards']} shards, "
+                f"now {len(self.urls)}: the shard stream differs, cannot continue it"
+            )
         firsts = []
         for st in per_rank:
             w_old = st["config"]["num_workers"]
@@ -442,8 +511,9 @@ class EditLoader:
         return min(firsts)
 
 
-def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                       start_step: int = 0, exact: bool = False) -> EditLoader:
+def build_train_loader(
+    cfg: DataConfig, batch_size: int, rank: int, world_size: int, start_step: int = 0, exact: bool = False
+) -> EditLoader:
     """The training loader over ``cfg.train_shards`` for one rank.
 
     ``exact=True``: one pass, every sample once across all ranks and workers, no shuffling or

@@ -48,8 +48,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ["circle", "square", "triangle"]
 EDIT_KINDS = ["recolor", "remove", "replace", "add", "style"]
-STYLES = {"invert": "invert the colors of the image", "sepia": "apply a sepia filter to the image",
-          "posterize": "posterize the image"}
+STYLES = {
+    "invert": "invert the colors of the image",
+    "sepia": "apply a sepia filter to the image",
+    "posterize": "posterize the image",
+}
 SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -171,8 +174,9 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
         mask = old_mask | shape_mask(shape, new["cx"], new["cy"], new["r"], size)
         ref = render(np.full_like(bg, 255.0), [dict(new, cx=size / 2, cy=size / 2, r=size * 0.3)])
         instruction = f"replace the {name} with the object in the reference image"
-        check = dict(_color_check(color), shape=shape, **_color_check(target["color"], "old_"),
-                     old_shape=target["kind"])
+        check = dict(
+            _color_check(color), shape=shape, **_color_check(target["color"], "old_"), old_shape=target["kind"]
+        )
     elif kind == "style":
         style = list(STYLES)[int(rng.integers(len(STYLES)))]
         tgt = _style(src, style)
@@ -199,8 +203,14 @@ def generate(seed: int, split: str, n: int, size: int = 128) -> Iterator[EditRec
 
 
 def write_synthetic(
-    out: str, train: int = 2000, val: int = 200, size: int = 128, seed: int = 0,
-    samples_per_shard: int = 250, if_absent: bool = False, progress: bool = True,
+    out: str,
+    train: int = 2000,
+    val: int = 200,
+    size: int = 128,
+    seed: int = 0,
+    samples_per_shard: int = 250,
+    if_absent: bool = False,
+    progress: bool = True,
 ) -> dict[str, str]:
     """Write both splits; returns ``{"train": brace pattern, "val": brace pattern}``.
 
@@ -218,8 +228,15 @@ def write_synthetic(
     for split, n in (("train", train), ("val", val)):
         if n <= 0:
             continue
-        rep = write_shards(generate(seed, split, n, size), out, prefix=split, max_count=samples_per_shard,
-                           shard_size_mb=1e6, total=n, progress=progress)
+        rep = write_shards(
+            generate(seed, split, n, size),
+            out,
+            prefix=split,
+            max_count=samples_per_shard,
+            shard_size_mb=1e6,
+            total=n,
+            progress=progress,
+        )
         assert rep.written == n, f"synthetic generator produced invalid samples: {dict(rep.skipped)}"
         patterns[split] = rep.pattern
         shards += rep.shards

@@ -53,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report = cache_shards(
-        args.src, args.out, encode_images, encode_text, image_size=int(cfg.data.image_size),
-        batch_size=args.batch_size, keep_images=args.keep_images, shard_size_mb=args.shard_size_mb,
+        args.src,
+        args.out,
+        encode_images,
+        encode_text,
+        image_size=int(cfg.data.image_size),
+        batch_size=args.batch_size,
+        keep_images=args.keep_images,
+        shard_size_mb=args.shard_size_mb,
     )
     print(f"cached {report.written} samples: {report.pattern}; skipped {dict(report.skipped)}")
     return 0

@@ -40,8 +40,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--image", required=True)
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--mask", default=None, help="box 'x0,y0,x1,y1' (input pixels; clipped to the image) or a mask "
-                   "PNG; a box that starts with a minus sign: --mask=-4,0,20,20")
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="box 'x0,y0,x1,y1' (input pixels; clipped to the image) or a mask "
+        "PNG; a box that starts with a minus sign: --mask=-4,0,20,20",
+    )
     p.add_argument("--reference", default=None, help="reference image (subject / style)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--text-guidance", type=float, default=1.0)
@@ -67,8 +71,14 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-_HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
-               "I": "32-bit integer (16-bit range)", "F": "32-bit float"}
+_HIGH_DEPTH = {
+    "I;16": "16-bit",
+    "I;16L": "16-bit",
+    "I;16B": "16-bit",
+    "I;16N": "16-bit",
+    "I": "32-bit integer (16-bit range)",
+    "F": "32-bit float",
+}
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -151,11 +161,9 @@ def parse_box(mask: str, orig_wh: tuple[int, int]) -> tuple[float, float, float,
         raise InputError(f"--mask {mask}: need x1 > x0 and y1 > y0 (x1, y1 are exclusive ends)")
     cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(W)), min(y1, float(H))
     if not (cx1 > cx0 and cy1 > cy0):
-        raise InputError(f"--mask {mask}: the box lies wholly outside the {W}x{H} image "
-                         f"(x in 0..{W}, y in 0..{H})")
+        raise InputError(f"--mask {mask}: the box lies wholly outside the {W}x{H} image (x in 0..{W}, y in 0..{H})")
     if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-        _warn(f"--mask {mask}: the box extends past the {W}x{H} image; clipped to "
-              f"{cx0:g},{cy0:g},{cx1:g},{cy1:g}")
+        _warn(f"--mask {mask}: the box extends past the {W}x{H} image; clipped to {cx0:g},{cy0:g},{cx1:g},{cy1:g}")
     return cx0, cy0, cx1, cy1
 
 
@@ -165,13 +173,16 @@ def open_mask(path: str, orig_wh: tuple[int, int]) -> Image.Image:
     if img.mode in _HIGH_DEPTH:
         img = _to_8bit(img)
     if img.size != tuple(orig_wh):
-        _note(f"--mask {path}: the mask is {img.width}x{img.height}, the image {orig_wh[0]}x{orig_wh[1]}: "
-              "resized with the image")
+        _note(
+            f"--mask {path}: the mask is {img.width}x{img.height}, the image {orig_wh[0]}x{orig_wh[1]}: "
+            "resized with the image"
+        )
     return img.convert("L")
 
 
-def region_masks(mask: Optional[str], orig_wh: tuple[int, int], size: tuple[int, int]
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def region_masks(
+    mask: Optional[str], orig_wh: tuple[int, int], size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(fine [1,1,H,W], coarse box [1,1,H,W], bbox) at ``size`` from a box string, a PNG or nothing."""
     h, w = size
     fine = torch.zeros(1, 1, h, w)
@@ -193,7 +204,7 @@ def region_masks(mask: Optional[str], orig_wh: tuple[int, int], size: tuple[int,
     ys, xs = torch.nonzero(fine[0, 0], as_tuple=True)
     bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
     coarse = torch.zeros_like(fine)
-    coarse[0, 0, bbox[1]:bbox[3], bbox[0]:bbox[2]] = 1
+    coarse[0, 0, bbox[1] : bbox[3], bbox[0] : bbox[2]] = 1
     return fine, coarse, bbox
 
 
@@ -201,12 +212,13 @@ def check_instruction(instruction: str) -> str:
     """The instruction stripped of surrounding blanks; an empty (or blank) one -> InputError."""
     text = instruction.strip()
     if not text:
-        raise InputError("--instruction is empty: say what to change, e.g. --instruction \"make the circle blue\"")
+        raise InputError('--instruction is empty: say what to change, e.g. --instruction "make the circle blue"')
     return text
 
 
-def build_edit_batch(image: str, instruction: str, size: tuple[int, int], mask: Optional[str] = None,
-                     reference: Optional[str] = None) -> EditBatch:
+def build_edit_batch(
+    image: str, instruction: str, size: tuple[int, int], mask: Optional[str] = None, reference: Optional[str] = None
+) -> EditBatch:
     """One-sample EditBatch as the loader would make it (target unknown: the source stands in).
 
     Bad input raises InputError (a ValueError) naming the argument; conversions print a note.
@@ -219,14 +231,26 @@ def build_edit_batch(image: str, instruction: str, size: tuple[int, int], mask: 
         ref_img = open_image(reference, "--reference")
         ref_rgb = to_rgb(ref_img, f"--reference {reference}")
         if ref_img.size != img.size:
-            _note(f"--reference {reference}: {ref_img.width}x{ref_img.height}, the image {img.width}x{img.height}: "
-                  f"resized to {size[1]}x{size[0]} like the image")
+            _note(
+                f"--reference {reference}: {ref_img.width}x{ref_img.height}, the image {img.width}x{img.height}: "
+                f"resized to {size[1]}x{size[0]} like the image"
+            )
         ref = _image_tensor(ref_rgb, size)
     else:
         ref = torch.zeros_like(source)
-    return EditBatch(source=source, target=source.clone(), reference=ref, has_reference=torch.tensor([bool(reference)]),
-                     fine_mask=fine, coarse_mask=coarse, bbox=torch.tensor([bbox]), instruction=[instruction],
-                     task=["edit"], tag_ids=torch.full((1, 1), -1, dtype=torch.long), keys=["input"])
+    return EditBatch(
+        source=source,
+        target=source.clone(),
+        reference=ref,
+        has_reference=torch.tensor([bool(reference)]),
+        fine_mask=fine,
+        coarse_mask=coarse,
+        bbox=torch.tensor([bbox]),
+        instruction=[instruction],
+        task=["edit"],
+        tag_ids=torch.full((1, 1), -1, dtype=torch.long),
+        keys=["input"],
+    )
 
 
 def save_image(x: torch.Tensor, path: str, signed: bool = True) -> None:
@@ -259,8 +283,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--steps {args.steps}: need at least 1 sampling step")
     if args.size is not None and min(args.size) < 1:
         raise InputError(f"--size {args.size[0]} {args.size[1]}: must be positive")
-    for flag, path in (("--out", args.out), ("--refined-mask-out", args.refined_mask_out),
-                       ("--routing-map-out", args.routing_map_out)):
+    for flag, path in (
+        ("--out", args.out),
+        ("--refined-mask-out", args.refined_mask_out),
+        ("--routing-map-out", args.routing_map_out),
+    ):
         if path is not None:
             check_output(path, flag)
     try:
@@ -276,12 +303,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--device {args.device}: use cpu or cuda[:N]")
 
 
-def run_edit(model: torch.nn.Module, batch: EditBatch, steps: int, text_guidance: float, image_guidance: float,
-             seed: int, device: str):
+def run_edit(
+    model: torch.nn.Module,
+    batch: EditBatch,
+    steps: int,
+    text_guidance: float,
+    image_guidance: float,
+    seed: int,
+    device: str,
+):
     """``model.edit`` with a seeded generator on ``device`` (same seed -> same edit)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    return model.edit(batch.to(device, model.dtype), num_steps=steps, text_guidance=text_guidance,
-                      image_guidance=image_guidance, generator=g)
+    return model.edit(
+        batch.to(device, model.dtype),
+        num_steps=steps,
+        text_guidance=text_guidance,
+        image_guidance=image_guidance,
+        generator=g,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -314,8 +353,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = run_edit(model, batch, args.steps, args.text_guidance, args.image_guidance, args.seed, args.device)
-    outputs = [(args.out, res.images[0], True), (args.refined_mask_out, res.refined_mask[0], False),
-               (args.routing_map_out, res.routing_map[0], True)]
+    outputs = [
+        (args.out, res.images[0], True),
+        (args.refined_mask_out, res.refined_mask[0], False),
+        (args.routing_map_out, res.routing_map[0], True),
+    ]
     for path, image, signed in outputs:
         if path is None:
             continue

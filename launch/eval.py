@@ -66,11 +66,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     encoders = EmbeddingEncoders(args.clip, args.dino, args.device)
     for metric, why in encoders.skipped().items():
         print(f"skipping {metric}: {why}")
-    settings = EvalSettings(steps=args.steps, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
-                            text_guidance=args.text_guidance, image_guidance=args.image_guidance)
+    settings = EvalSettings(
+        steps=args.steps,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        text_guidance=args.text_guidance,
+        image_guidance=args.image_guidance,
+    )
     t0 = time.time()
-    result = evaluate(model, iterate_heldout(data_cfg, args.data, args.batch_size, args.limit), settings, encoders,
-                      args.device, on_batch=lambda n: print(f"  {n} samples ({time.time() - t0:.0f} s)", flush=True))
+    result = evaluate(
+        model,
+        iterate_heldout(data_cfg, args.data, args.batch_size, args.limit),
+        settings,
+        encoders,
+        args.device,
+        on_batch=lambda n: print(f"  {n} samples ({time.time() - t0:.0f} s)", flush=True),
+    )
     result.update(checkpoint=os.path.abspath(args.checkpoint), data=args.data, seconds=round(time.time() - t0, 1))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:

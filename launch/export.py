@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def _check_paths(checkpoint: str, out: str) -> Optional[str]:
     """One line saying what is wrong with the paths before anything is read, or None."""
     if os.path.isfile(checkpoint):
-        return (f"--checkpoint {checkpoint}: is a file; export reads a training checkpoint directory "
-                "(RUN/checkpoints or one of its tag dirs). An export is already usable as launch/edit.py --checkpoint")
+        return (
+            f"--checkpoint {checkpoint}: is a file; export reads a training checkpoint directory "
+            "(RUN/checkpoints or one of its tag dirs). An export is already usable as launch/edit.py --checkpoint"
+        )
     if os.path.isdir(out):
         return f"--out {out}: is a directory; give the .safetensors file to write"
     parent = os.path.dirname(os.path.abspath(out))

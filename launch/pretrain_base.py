@@ -31,7 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from omegaconf import OmegaConf
 
-    from train.pretrain_base import heldout_loss, pretrain, recipe_from_dict, file_digests, save_base, save_samples
+    from train.pretrain_base import file_digests, heldout_loss, pretrain, recipe_from_dict, save_base, save_samples
 
     if not os.path.isfile(args.config):
         print(f"error: --config {args.config}: no such file", file=sys.stderr)
@@ -45,7 +45,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     model, tokenizer, summary = pretrain(recipe, args.device, log=lambda line: print(line, flush=True))
     summary["heldout_flow_mse"] = round(heldout_loss(model, tokenizer, recipe, args.device), 5)
     save_base(model, tokenizer, recipe, args.out, summary)
-    summary["colour_presence"] = save_samples(model, tokenizer, recipe, os.path.join(args.out, "samples.png"), args.device)
+    summary["colour_presence"] = save_samples(
+        model, tokenizer, recipe, os.path.join(args.out, "samples.png"), args.device
+    )
     digests = file_digests(args.out)
     with open(os.path.join(args.out, "digests.json"), "w") as f:
         json.dump(digests, f, indent=1)

@@ -71,8 +71,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ReshapeError, FileNotFoundError, ValueError) as e:
         print(f"reshape_checkpoint: {e}", file=sys.stderr)
         return 2
-    print(f"resume at any world size / ep_size / ZeRO stage with: --resume {dst}"
-          + (" (or --resume auto while 'latest' names this checkpoint)" if args.dst is None else ""))
+    print(
+        f"resume at any world size / ep_size / ZeRO stage with: --resume {dst}"
+        + (" (or --resume auto while 'latest' names this checkpoint)" if args.dst is None else "")
+    )
     return 0
 
 

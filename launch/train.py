@@ -20,8 +20,12 @@ from train.config import ConfigError, load_config  # noqa: E402
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML recipe (may list `defaults:` to include)")
-    p.add_argument("--resume", default=None, help="'auto' (latest in the run's checkpoint dir, if any) or a path "
-                   "(a checkpoint of this shape, or a portable one from `python -m launch.reshape_checkpoint`)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (latest in the run's checkpoint dir, if any) or a path "
+        "(a checkpoint of this shape, or a portable one from `python -m launch.reshape_checkpoint`)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=100 optim.lr=3e-4")
     return p.parse_args(argv)

@@ -79,7 +79,10 @@ class CheckpointedBlock(nn.Module):
 
     def _call(self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict]) -> tuple[Tensor, Tensor]:
         return self.block(
-            hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
+            hidden_states=img,
+            encoder_hidden_states=txt,
+            temb=temb,
+            image_rotary_emb=rope,
             joint_attention_kwargs=kwargs,
         )
 
@@ -224,7 +227,10 @@ class FluxBackbone(nn.Module):
         def run(i: int, block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
             with self.attention_context(), scope(i), self._sharing(i):
                 return block(
-                    hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope,
+                    hidden_states=img,
+                    encoder_hidden_states=txt,
+                    temb=temb,
+                    image_rotary_emb=rope,
                     joint_attention_kwargs=kwargs,
                 )
 

@@ -48,7 +48,16 @@ class LoraConfig:
     # of a block with an expert layer keeps no LoRA even when matched here: the expert layer strips it
     # (moe.expert_layer.strip_lora), so no shared adapter beside the experts absorbs what they would learn.
     targets: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_mlp",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+        ]
     )
     # sibling projections that read one tensor (q, k, v and the MLP input of a block) compute their
     # down projections as one product: the same function and parameters, fewer passes over the
@@ -132,6 +141,7 @@ class ExpertsConfig:
         """The ``grouped_gemm`` setting resolved: auto takes grouped GEMMs at ep_size 1 only. With several
         ranks the all-to-all needs host split sizes anyway, and one local expert gains nothing from grouping."""
         return self.ep_size == 1 if self.grouped_gemm is None else self.grouped_gemm
+
     blocks: Optional[list[int]] = None  # dual-stream block indices; None = the last `num_blocks`
     num_blocks: int = 4
 
@@ -273,8 +283,15 @@ def validate_model_config(cfg: Any) -> None:
         p = getattr(cfg.condition_dropout, key)
         if not 0.0 <= p <= 1.0:
             _fail(f"condition_dropout.{key}", f"{p} is not a probability in [0, 1]")
-    for key in ("diffusion", "region_alpha", "load_balance", "router_z", "mask_boundary", "mixture_smoothness",
-                "tag_alignment"):
+    for key in (
+        "diffusion",
+        "region_alpha",
+        "load_balance",
+        "router_z",
+        "mask_boundary",
+        "mixture_smoothness",
+        "tag_alignment",
+    ):
         if getattr(cfg.loss, key) < 0:
             _fail(f"loss.{key}", "loss weights must be >= 0")
     if cfg.loss.timestep_sampling not in ("logit_normal", "uniform"):

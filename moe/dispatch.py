@@ -58,7 +58,9 @@ class DenseDispatcher:
         """Whether dispatching to ``experts`` never waits for a host value (so it can be traced whole)."""
         return True
 
-    def __call__(self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group=None) -> Tensor:
+    def __call__(
+        self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group=None
+    ) -> Tensor:
         dense = dense_weights(index, weight, len(experts)).to(packed.dtype)  # [S, E]
         if all(isinstance(e, LoraExpert) for e in experts) and len({e.down.out_features for e in experts}) == 1:
             return fused_lora_forward(list(experts), packed, dense)
@@ -216,8 +218,9 @@ class AllToAllDispatcher:
             # rows arrive grouped by source rank, then by local expert: regroup by local expert
             src_chunks = recv_counts.reshape(-1)
             local_of_chunk = torch.arange(n_local, device=rows.device).repeat(self.ep_size)
-            by_expert = torch.argsort(torch.repeat_interleave(local_of_chunk, src_chunks, output_size=rows.shape[0]),
-                                      stable=True)
+            by_expert = torch.argsort(
+                torch.repeat_interleave(local_of_chunk, src_chunks, output_size=rows.shape[0]), stable=True
+            )
             inverse_by_expert = _inverse_permutation(by_expert)
             rows = _PermuteRows.apply(rows, by_expert, inverse_by_expert)
             local_counts = recv_counts.sum(0)

@@ -97,17 +97,17 @@ class FrozenVAE(_AlwaysEval):
 
         n = len(cfg.block_out_channels)
         return AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * n,
-                up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=tuple(cfg.block_out_channels),
-                layers_per_block=cfg.layers_per_block,
-                latent_channels=cfg.latent_channels,
-                norm_num_groups=cfg.norm_num_groups,
-                scaling_factor=cfg.scaling_factor,
-                shift_factor=cfg.shift_factor,
-            )
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(cfg.block_out_channels),
+            layers_per_block=cfg.layers_per_block,
+            latent_channels=cfg.latent_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            scaling_factor=cfg.scaling_factor,
+            shift_factor=cfg.shift_factor,
+        )
 
     def normalise(self, raw: Tensor) -> Tensor:
         return (raw - self.shift_factor) * self.scaling_factor
@@ -149,8 +149,14 @@ class ByteTokenizer:
         return ids, ids != self.pad_id
 
 
-def _local_or_random(model_cls, path: Optional[str], subfolder: Optional[str], tokenizer_subfolder: Optional[str],
-                     random_config, seed: int):
+def _local_or_random(
+    model_cls,
+    path: Optional[str],
+    subfolder: Optional[str],
+    tokenizer_subfolder: Optional[str],
+    random_config,
+    seed: int,
+):
     """A text encoder and its tokenizer from a local folder, or a random-init model (seeded) with no
     tokenizer (the byte tokenizer stands in). Never downloads."""
     if path is None:
@@ -171,12 +177,20 @@ class FrozenTextEncoders(_AlwaysEval):
 
         self.max_length = cfg.max_length
         self.t5, self.t5_tokenizer = _local_or_random(
-            T5EncoderModel, cfg.t5_path, cfg.t5_subfolder, cfg.t5_tokenizer_subfolder,
-            lambda: _tiny_t5_config(cfg), init_seed + 1,
+            T5EncoderModel,
+            cfg.t5_path,
+            cfg.t5_subfolder,
+            cfg.t5_tokenizer_subfolder,
+            lambda: _tiny_t5_config(cfg),
+            init_seed + 1,
         )
         self.clip, self.clip_tokenizer = _local_or_random(
-            CLIPTextModel, cfg.clip_path, cfg.clip_subfolder, cfg.clip_tokenizer_subfolder,
-            lambda: _tiny_clip_config(cfg), init_seed + 2,
+            CLIPTextModel,
+            cfg.clip_path,
+            cfg.clip_subfolder,
+            cfg.clip_tokenizer_subfolder,
+            lambda: _tiny_clip_config(cfg),
+            init_seed + 2,
         )
         self.byte_tokenizer = ByteTokenizer(cfg.max_length)
         freeze(self.t5)
@@ -204,9 +218,15 @@ def _tiny_t5_config(cfg: TextConfig):
     from transformers import T5Config
 
     return T5Config(
-        vocab_size=ByteTokenizer.vocab_size, d_model=cfg.t5_d_model, d_kv=cfg.t5_d_model // cfg.t5_heads,
-        d_ff=cfg.t5_ff, num_layers=cfg.t5_layers, num_heads=cfg.t5_heads, feed_forward_proj="gated-gelu",
-        pad_token_id=ByteTokenizer.pad_id, eos_token_id=ByteTokenizer.eos_id,
+        vocab_size=ByteTokenizer.vocab_size,
+        d_model=cfg.t5_d_model,
+        d_kv=cfg.t5_d_model // cfg.t5_heads,
+        d_ff=cfg.t5_ff,
+        num_layers=cfg.t5_layers,
+        num_heads=cfg.t5_heads,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=ByteTokenizer.pad_id,
+        eos_token_id=ByteTokenizer.eos_id,
     )
 
 
@@ -214,9 +234,15 @@ def _tiny_clip_config(cfg: TextConfig):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=cfg.clip_hidden, intermediate_size=cfg.clip_hidden * 4,
-        num_hidden_layers=cfg.clip_layers, num_attention_heads=cfg.clip_heads, max_position_embeddings=cfg.max_length,
-        pad_token_id=ByteTokenizer.pad_id, bos_token_id=ByteTokenizer.bos_id, eos_token_id=ByteTokenizer.eos_id,
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=cfg.clip_hidden,
+        intermediate_size=cfg.clip_hidden * 4,
+        num_hidden_layers=cfg.clip_layers,
+        num_attention_heads=cfg.clip_heads,
+        max_position_embeddings=cfg.max_length,
+        pad_token_id=ByteTokenizer.pad_id,
+        bos_token_id=ByteTokenizer.bos_id,
+        eos_token_id=ByteTokenizer.eos_id,
     )
 
 
@@ -244,5 +270,3 @@ class MaskEncoder(nn.Module):
 def mask_to_grid(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     """Area fraction of the mask inside each token cell: [B, 1, H, W] -> [B, gh, gw] in [0, 1]."""
     return F.adaptive_avg_pool2d(mask.float(), grid)[:, 0]
-
-

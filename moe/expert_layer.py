@@ -202,7 +202,13 @@ class ExpertFeedForward(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, frozen_ff: nn.Module, dim: int, position: int, ep_rank: int = 0, expert_seed: int = 0,
+        self,
+        cfg: ModelConfig,
+        frozen_ff: nn.Module,
+        dim: int,
+        position: int,
+        ep_rank: int = 0,
+        expert_seed: int = 0,
     ):
         super().__init__()
         ex = cfg.experts
@@ -224,10 +230,20 @@ class ExpertFeedForward(nn.Module):
             e = ep_rank * n_local + j
             # each expert is initialised from its own seed, so any ep_size builds identical experts
             with seeded(expert_seed * 1009 + e):
-                local.append(build_expert(
-                    ex.kind, self.expert_names[e], dim, c, ex.rank, self.frozen_ff, ex.init_std, e,
-                    len(self.expert_names), seed=expert_seed * 1009 + 7919,
-                ))
+                local.append(
+                    build_expert(
+                        ex.kind,
+                        self.expert_names[e],
+                        dim,
+                        c,
+                        ex.rank,
+                        self.frozen_ff,
+                        ex.init_std,
+                        e,
+                        len(self.expert_names),
+                        seed=expert_seed * 1009 + 7919,
+                    )
+                )
         dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank, ex.use_grouped_gemm())
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
         self.packed_width = packed_width(dim, c)
@@ -274,8 +290,21 @@ class ExpertFeedForward(nn.Module):
             raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")
         gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
         packed, index, weight, routing, gate, refined_logits, refined = self._route_fn(
-            hidden, ctx.text, ctx.text_mask, ctx.has_ref, ctx.temb, ctx.presence, ctx.available, ctx.coarse,
-            slot.prior, gt, ctx.num_target, ctx.grid, ctx.mask_span, ctx.ref_span, ctx.base_span,
+            hidden,
+            ctx.text,
+            ctx.text_mask,
+            ctx.has_ref,
+            ctx.temb,
+            ctx.presence,
+            ctx.available,
+            ctx.coarse,
+            slot.prior,
+            gt,
+            ctx.num_target,
+            ctx.grid,
+            ctx.mask_span,
+            ctx.ref_span,
+            ctx.base_span,
         )
         if refined is not None:
             slot.refined = refined
@@ -283,9 +312,21 @@ class ExpertFeedForward(nn.Module):
         return self._mix_fn(hidden, packed, index, weight)
 
     def route(
-        self, hidden: Tensor, text: Tensor, text_mask: Optional[Tensor], has_ref: Tensor, temb: Tensor,
-        presence: Tensor, available: Tensor, coarse: Tensor, prior: Tensor, gt_mask: Optional[Tensor],
-        n: int, grid: tuple[int, int], mask_span: tuple[int, int], ref_span: Optional[tuple[int, int]],
+        self,
+        hidden: Tensor,
+        text: Tensor,
+        text_mask: Optional[Tensor],
+        has_ref: Tensor,
+        temb: Tensor,
+        presence: Tensor,
+        available: Tensor,
+        coarse: Tensor,
+        prior: Tensor,
+        gt_mask: Optional[Tensor],
+        n: int,
+        grid: tuple[int, int],
+        mask_span: tuple[int, int],
+        ref_span: Optional[tuple[int, int]],
         base_span: tuple[int, int],
     ) -> tuple:
         """Condition read-outs -> Mask Repaint -> router -> Latent Mixture -> packed tokens.

@@ -54,13 +54,16 @@ def condition_columns(name: str, dim: int, ctx_dim: int) -> list[tuple[int, int]
     }[name]
 
 
-def zero_mean_perturbation(shape: tuple[int, ...], expert_id: int, num_experts: int, seed: int,
-                           device: Optional[torch.device] = None) -> Tensor:
+def zero_mean_perturbation(
+    shape: tuple[int, ...], expert_id: int, num_experts: int, seed: int, device: Optional[torch.device] = None
+) -> Tensor:
     """``R_e - mean_j R_j`` with ``R_j ~ N(0, 1)`` drawn from ``seed + j``: a perturbation per expert
     that sums to zero over the experts (so a uniform mixture of perturbed copies equals the copy to first
     order), and is the same for a given expert id on any expert-parallel layout."""
-    draws = [torch.randn(shape, generator=torch.Generator(device=device or "cpu").manual_seed(seed + j),
-                         device=device) for j in range(num_experts)]
+    draws = [
+        torch.randn(shape, generator=torch.Generator(device=device or "cpu").manual_seed(seed + j), device=device)
+        for j in range(num_experts)
+    ]
     return draws[expert_id] - torch.stack(draws).mean(0)
 
 
@@ -125,8 +128,15 @@ class LoraExpert(_Expert):
 
 
 class FfnExpert(_Expert):
-    def __init__(self, name: str, dim: int, ctx_dim: int, proj_in: nn.Linear, proj_out: nn.Linear,
-                 perturbation: Optional[Tensor] = None):
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        ctx_dim: int,
+        proj_in: nn.Linear,
+        proj_out: nn.Linear,
+        perturbation: Optional[Tensor] = None,
+    ):
         """``perturbation`` [dim, F]: added to the copied output projection's weight (None: an exact copy)."""
         super().__init__(name, dim, ctx_dim)
         self.proj_in = copy.deepcopy(proj_in).requires_grad_(True)
@@ -156,8 +166,13 @@ def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor)
     d, r, n = experts[0].dim, experts[0].down.out_features, len(experts)
     rows, width = _aligned_rows(packed, d)
     cond_w, cond_b = _condition_weights(experts, width)  # [E, width, r], [E, r]
-    w_in = torch.cat([torch.cat([e.down.weight for e in experts]),  # [E*r, D]
-                      cond_w.transpose(1, 2).reshape(n * r, width)], dim=1)  # [E*r, D + width]
+    w_in = torch.cat(
+        [
+            torch.cat([e.down.weight for e in experts]),  # [E*r, D]
+            cond_w.transpose(1, 2).reshape(n * r, width),
+        ],
+        dim=1,
+    )  # [E*r, D + width]
     b_in = torch.cat([e.down.bias for e in experts]) + cond_b.reshape(-1)
     h = F.gelu(F.linear(rows, w_in, b_in)) * dense.repeat_interleave(r, dim=1)  # [S, E*r]
     pad = -(-(n * r + n) // 8) * 8 - (n * r + n)  # keep the inner dimension 16-byte aligned
@@ -249,8 +264,9 @@ def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: T
 
     cond_in, width = _aligned_condition_columns(rows, d)
     cond_w, cond_b = _condition_weights(experts, width)  # [E, width, D], [E, D]
-    x = rows[:, :d] + _RowBias.apply(torch._grouped_mm(cond_in.contiguous(), cond_w, offs=offs), cond_b,
-                                     expert_of_row, onehot)
+    x = rows[:, :d] + _RowBias.apply(
+        torch._grouped_mm(cond_in.contiguous(), cond_w, offs=offs), cond_b, expert_of_row, onehot
+    )
     w_in = _stacked_for_grouped_mm([e.proj_in.weight for e in experts])  # [E, D, F]
     h = F.gelu(biased(torch._grouped_mm(x, w_in, offs=offs), [e.proj_in.bias for e in experts]), approximate="tanh")
     w_out = _stacked_for_grouped_mm([e.proj_out.weight for e in experts])  # [E, F, D]
@@ -271,8 +287,16 @@ def plain_linears_of_feed_forward(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
 
 
 def build_expert(
-    kind: str, name: str, dim: int, ctx_dim: int, rank: int, frozen_ff: nn.Module, init_std: float = 0.0,
-    expert_id: int = 0, num_experts: int = 1, seed: int = 0,
+    kind: str,
+    name: str,
+    dim: int,
+    ctx_dim: int,
+    rank: int,
+    frozen_ff: nn.Module,
+    init_std: float = 0.0,
+    expert_id: int = 0,
+    num_experts: int = 1,
+    seed: int = 0,
 ) -> _Expert:
     """One expert; ``init_std`` > 0 starts it apart from the others (see the module docstring):
     ``lora`` up weights ``init_std * P``, ``ffn`` output weights ``+ init_std * std(W_out) * P``, with P

@@ -80,7 +80,11 @@ class SharedDown:
             if a is None:
                 return None
             weights = [m.lora_A[a].weight for m in self.members]  # [r_i, D] each
-            self._input, self._h, self._left = x, F.linear(x.to(weights[0].dtype), torch.cat(weights)), len(self.members)
+            self._input, self._h, self._left = (
+                x,
+                F.linear(x.to(weights[0].dtype), torch.cat(weights)),
+                len(self.members),
+            )
         a = member.active_adapters[0]
         lo = sum(m.lora_A[a].weight.shape[0] for m in self.members[: member.shared_down_index])
         h = self._h[..., lo : lo + member.lora_A[a].weight.shape[0]]

@@ -43,7 +43,12 @@ from .router import dense_weights
 # RoPE first-axis offsets of the conditions in the image stream
 OFFSET_TARGET, OFFSET_BASE, OFFSET_REFERENCE, OFFSET_MASK = 0, 1, 2, 3
 # routing-map colours of the experts (text, mask, reference, base)
-EXPERT_COLOURS = {"text": (1.0, 0.2, 0.2), "mask": (0.2, 0.9, 0.2), "reference": (0.2, 0.4, 1.0), "base": (0.6, 0.6, 0.6)}
+EXPERT_COLOURS = {
+    "text": (1.0, 0.2, 0.2),
+    "mask": (0.2, 0.9, 0.2),
+    "reference": (0.2, 0.4, 1.0),
+    "base": (0.6, 0.6, 0.6),
+}
 
 
 @dataclass
@@ -167,8 +172,10 @@ class CareEditModel(nn.Module):
         self._loss_terms_fn = torch.compile(self.loss_terms, **plain)
         tr = self.backbone.transformer
         apart = sum(1 for layer in self.expert_layers if layer.compiled_apart)
-        return (f"{n_whole} of {len(tr.transformer_blocks) + len(tr.single_transformer_blocks)} "
-                f"blocks whole with their checkpoint, {apart} of {len(self.expert_layers)} expert layers apart")
+        return (
+            f"{n_whole} of {len(tr.transformer_blocks) + len(tr.single_transformer_blocks)} "
+            f"blocks whole with their checkpoint, {apart} of {len(self.expert_layers)} expert layers apart"
+        )
 
     # -- parameters ---------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -208,8 +215,14 @@ class CareEditModel(nn.Module):
         if drop_image:
             base = torch.zeros_like(base)
         return Conditions(
-            base=base, reference=reference, has_ref=has_ref, text=text.to(self.dtype), text_mask=text_mask.bool(),
-            pooled=pooled.to(self.dtype), coarse=batch.coarse_mask.to(self.dtype), fine=batch.fine_mask,
+            base=base,
+            reference=reference,
+            has_ref=has_ref,
+            text=text.to(self.dtype),
+            text_mask=text_mask.bool(),
+            pooled=pooled.to(self.dtype),
+            coarse=batch.coarse_mask.to(self.dtype),
+            fine=batch.fine_mask,
         )
 
     # -- the denoiser ---------------------------------------------------------------------------
@@ -257,13 +270,28 @@ class CareEditModel(nn.Module):
         if self.cfg.router.mask_absent and "reference" in self.expert_names:  # the ablation
             available[:, self.expert_names.index("reference")] = cond.has_ref & (ref_span is not None)
         ctx = ExpertContext(
-            num_target=n, grid=(gh, gw), mask_span=(mask_start, mask_start + n), ref_span=ref_span,
+            num_target=n,
+            grid=(gh, gw),
+            mask_span=(mask_start, mask_start + n),
+            ref_span=ref_span,
             base_span=(n, 2 * n),
-            has_ref=cond.has_ref, text=txt, text_mask=cond.text_mask, temb=temb, presence=presence,
-            available=available, coarse=coarse, gt_mask=gt, slots=[LayerSlot() for _ in self.expert_layers],
+            has_ref=cond.has_ref,
+            text=txt,
+            text_mask=cond.text_mask,
+            temb=temb,
+            presence=presence,
+            available=available,
+            coarse=coarse,
+            gt_mask=gt,
+            slots=[LayerSlot() for _ in self.expert_layers],
         )
         hidden = bb.run_blocks(
-            img, txt, temb, img_ids, txt_ids, attention_mask,
+            img,
+            txt,
+            temb,
+            img_ids,
+            txt_ids,
+            attention_mask,
             block_scope=lambda i: CONTEXT.bind(ctx, self._position_of_block.get(i)),
         )
         self._last_seq_len = txt.shape[1] + img.shape[1]
@@ -301,8 +329,17 @@ class CareEditModel(nn.Module):
             reference = reference * has_ref.to(reference.dtype)[:, None, None, None]
         keep_mask = ~drop[:, 3] & (cond.has_mask if cond.has_mask is not None else True)
         coarse = torch.where(keep_mask[:, None, None, None], cond.coarse, torch.ones_like(cond.coarse))
-        return Conditions(base=base, reference=reference, has_ref=has_ref, text=text, text_mask=text_mask,
-                          pooled=pooled, coarse=coarse, fine=cond.fine, has_mask=keep_mask)
+        return Conditions(
+            base=base,
+            reference=reference,
+            has_ref=has_ref,
+            text=text,
+            text_mask=text_mask,
+            pooled=pooled,
+            coarse=coarse,
+            fine=cond.fine,
+            has_mask=keep_mask,
+        )
 
     @torch.no_grad()
     def _empty_prompt(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -340,28 +377,49 @@ class CareEditModel(nn.Module):
     def _losses(self, batch: EditBatch, pred: Tensor, velocity: Tensor, ctx: ExpertContext) -> ModelOutput:
         records = [ctx.records[p] for p in sorted(ctx.records)]
         terms, layer_stats = self._loss_terms_fn(
-            pred, velocity, ctx.gt_mask, ctx.grid,
-            [r.routing.probs for r in records], [r.routing.index for r in records],
-            [r.routing.weight for r in records], [r.refined_logits for r in records if r.refined_logits is not None],
-            [r.gate for r in records if r.gate is not None], batch.tag_ids.to(pred.device),
+            pred,
+            velocity,
+            ctx.gt_mask,
+            ctx.grid,
+            [r.routing.probs for r in records],
+            [r.routing.index for r in records],
+            [r.routing.weight for r in records],
+            [r.refined_logits for r in records if r.refined_logits is not None],
+            [r.gate for r in records if r.gate is not None],
+            batch.tag_ids.to(pred.device),
             [r.routing.logits for r in records if r.routing.logits is not None],
         )
         lc = self.cfg.loss
         weights = {
-            "diffusion": lc.diffusion, "load_balance": lc.load_balance, "router_z": lc.router_z,
-            "mask_boundary": lc.mask_boundary, "mixture_smoothness": lc.mixture_smoothness,
+            "diffusion": lc.diffusion,
+            "load_balance": lc.load_balance,
+            "router_z": lc.router_z,
+            "mask_boundary": lc.mask_boundary,
+            "mixture_smoothness": lc.mixture_smoothness,
             "tag_alignment": lc.tag_alignment,
         }
         loss = sum(weights[k] * v for k, v in terms.items())
         return ModelOutput(
-            loss=loss, terms=terms, stats=self._routing_stats(sorted(ctx.records), layer_stats),
-            num_tokens=pred.shape[0] * self._last_seq_len, prediction=pred,
+            loss=loss,
+            terms=terms,
+            stats=self._routing_stats(sorted(ctx.records), layer_stats),
+            num_tokens=pred.shape[0] * self._last_seq_len,
+            prediction=pred,
         )
 
     def loss_terms(
-        self, pred: Tensor, velocity: Tensor, gt_mask: Optional[Tensor], grid: tuple[int, int],
-        probs: list[Tensor], index: list[Tensor], weight: list[Tensor], refined: list[Tensor],
-        gates: list[Tensor], tag_ids: Tensor, logits: Optional[list[Tensor]] = None,
+        self,
+        pred: Tensor,
+        velocity: Tensor,
+        gt_mask: Optional[Tensor],
+        grid: tuple[int, int],
+        probs: list[Tensor],
+        index: list[Tensor],
+        weight: list[Tensor],
+        refined: list[Tensor],
+        gates: list[Tensor],
+        tag_ids: Tensor,
+        logits: Optional[list[Tensor]] = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Every loss term (unweighted; only those with a non-zero weight), and the detached routing
         statistics per expert layer: ``util`` [L, E] (share of tokens selecting each expert), ``spread``
@@ -385,7 +443,10 @@ class CareEditModel(nn.Module):
         if lc.mask_boundary > 0 and refined:
             fine = gt_mask.reshape(b, gh, gw)
             terms["mask_boundary"] = torch.stack(
-                [mask_boundary_loss(lg.reshape(b, gh, gw), fine, lc.boundary_band, lc.boundary_weight) for lg in refined]
+                [
+                    mask_boundary_loss(lg.reshape(b, gh, gw), fine, lc.boundary_band, lc.boundary_weight)
+                    for lg in refined
+                ]
             ).mean()
         if lc.mixture_smoothness > 0 and learned and index:
             terms["mixture_smoothness"] = torch.stack(
@@ -401,7 +462,8 @@ class CareEditModel(nn.Module):
             if index:
                 layer_stats["util"] = torch.stack([dense_weights(i, (i >= 0).float(), e).mean(dim=0) for i in index])
                 layer_stats["spread"] = torch.stack(
-                    [routing_spread(dense_weights(i, w, e).reshape(b, -1, e)) for i, w in zip(index, weight)])
+                    [routing_spread(dense_weights(i, w, e).reshape(b, -1, e)) for i, w in zip(index, weight)]
+                )
                 layer_stats["entropy"] = torch.stack([routing_entropy(p) for p in probs])
             if gates:
                 layer_stats["gate"] = torch.stack([g.float().mean() for g in gates])
@@ -511,7 +573,9 @@ class CareEditModel(nn.Module):
         colours = palette[dominant].permute(0, 3, 1, 2)  # [B, 3, gh, gw] in [0, 1]
         util = dense.gt(0).float().mean(dim=(0, 1, 2))
         return EditResult(
-            images=images, refined_mask=refined, routing_map=up(colours) * 2 - 1,
+            images=images,
+            refined_mask=refined,
+            routing_map=up(colours) * 2 - 1,
             utilisation={nm: float(u) for nm, u in zip(self.expert_names, util)},
         )
 

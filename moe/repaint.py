@@ -31,7 +31,13 @@ class MaskRepaint(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(
-        self, x: Tensor, ref_ctx: Tensor, base_ctx: Tensor, prior: Tensor, coarse: Tensor, grid: tuple[int, int],
+        self,
+        x: Tensor,
+        ref_ctx: Tensor,
+        base_ctx: Tensor,
+        prior: Tensor,
+        coarse: Tensor,
+        grid: tuple[int, int],
     ) -> Tensor:
         """x [B, N, D], ref_ctx/base_ctx [B, N, c], prior/coarse [B, N] -> refined-mask logits [B, N]."""
         b, n, _ = x.shape

@@ -91,8 +91,14 @@ class ConditionRouter(nn.Module):
             self.to_logits = nn.Linear(a, num_experts)
 
     def contexts(
-        self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], ref: Optional[Tensor],
-        has_ref: Tensor, mask_tokens: Tensor, base_tokens: Tensor,
+        self,
+        x: Tensor,
+        text: Tensor,
+        text_mask: Optional[Tensor],
+        ref: Optional[Tensor],
+        has_ref: Tensor,
+        mask_tokens: Tensor,
+        base_tokens: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-token condition contexts [B, N, c] each: text, reference (the learned absent vector
         without one), mask, base (the base token at the token's grid position; base_tokens [B, N, D])."""

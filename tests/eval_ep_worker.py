@@ -21,8 +21,16 @@ EDIT_SEED = 5
 
 
 def overrides(run_dir: str, ep_size: int = 2) -> list[str]:
-    return [f"run.dir={run_dir}", "run.name=ep2", "run.seed=3", f"model.experts.ep_size={ep_size}", "ema.enabled=true",
-            "ema.decay=0.5", "data.image_size=32", "model.router.noise_std=0.0"]
+    return [
+        f"run.dir={run_dir}",
+        "run.name=ep2",
+        "run.seed=3",
+        f"model.experts.ep_size={ep_size}",
+        "ema.enabled=true",
+        "ema.decay=0.5",
+        "data.image_size=32",
+        "model.router.noise_std=0.0",
+    ]
 
 
 def test_batch():
@@ -47,19 +55,24 @@ def _perturb(model, ep_rank: int, num_local: int) -> None:
 
 
 def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
     sys.path.insert(0, ROOT)
     torch.set_num_threads(1)
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     from moe.model import build_model
-    from train.checkpoint import Checkpointer
+    from train.checkpoint import Checkpointer, seed_everything
     from train.config import load_config
     from train.distributed import init_distributed
     from train.engine import build_engine
-    from train.checkpoint import seed_everything
     from train.export import _global_expert_name
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides(run_dir, ep_size))
@@ -77,8 +90,9 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
 
     g = torch.Generator().manual_seed(EDIT_SEED)
     res = module.edit(test_batch(), num_steps=EDIT_STEPS, generator=g)
-    mine = {_global_expert_name(n, ep_rank, num_local): p.detach().clone()
-            for n, p in module.trainable_named_parameters()}
+    mine = {
+        _global_expert_name(n, ep_rank, num_local): p.detach().clone() for n, p in module.trainable_named_parameters()
+    }
     ema = {f"ema/{_global_expert_name(n, ep_rank, num_local)}": t.clone() for n, t in eng.ema.shadow.items()}
     out = {**mine, **ema}
     if rank == 0:

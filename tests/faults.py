@@ -139,8 +139,9 @@ def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Call
             model = make_experts_heterogeneous(model)
         return patch_forward(model)
 
-    def build_loader(data_cfg: Any, batch_size: int, rank: int, world_size: int, start_step: int = 0,
-                     **kw: Any) -> FaultyLoader:
+    def build_loader(
+        data_cfg: Any, batch_size: int, rank: int, world_size: int, start_step: int = 0, **kw: Any
+    ) -> FaultyLoader:
         inner = loader_factory(data_cfg, batch_size, rank, world_size, start_step=start_step, **kw)
         return FaultyLoader(inner, faults, rank, start_step)
 

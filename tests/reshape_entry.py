@@ -49,8 +49,9 @@ class GlobalToyLoader(ToyLoader):
 
 
 def build_loader(data_cfg, batch_size, rank, world_size, start_step=0, exact=False):
-    loader = GlobalToyLoader(batch_size=batch_size, rank=rank, seed=int(data_cfg.seed),
-                             image_size=int(data_cfg.image_size))
+    loader = GlobalToyLoader(
+        batch_size=batch_size, rank=rank, seed=int(data_cfg.seed), image_size=int(data_cfg.image_size)
+    )
     loader.world_size = world_size
     return loader
 

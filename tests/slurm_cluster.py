@@ -33,8 +33,7 @@ class SlurmUnavailable(RuntimeError):
 
 
 def _which(name: str) -> Optional[str]:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)),
-                                      None)
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
 
 
 def _free_port() -> int:
@@ -62,8 +61,9 @@ class Cluster:
         return env
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        p = subprocess.run(list(cmd), env=kw.pop("env", None) or self.env(), capture_output=True, text=True,
-                           timeout=timeout, **kw)
+        p = subprocess.run(
+            list(cmd), env=kw.pop("env", None) or self.env(), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} -> {p.returncode}\n{p.stdout}\n{p.stderr}\n" + self.daemon_logs())
         return p
@@ -87,8 +87,17 @@ class Cluster:
 
     def wait_done(self, job_id: int | str, timeout: float = 240) -> list[dict[str, str]]:
         """Block until every task of the job is in a final state; returns their records."""
-        final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED")
+        final = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             jobs = self.jobs(job_id)
@@ -162,7 +171,7 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
 def node_line() -> tuple[str, int, str]:
     """(hostname, cpus, NodeName=... line) from ``slurmd -C`` (the node's real hardware)."""
     out = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, timeout=30).stdout
-    line = next((l for l in out.splitlines() if l.startswith("NodeName=")), None)
+    line = next((ln for ln in out.splitlines() if ln.startswith("NodeName=")), None)
     if line is None:
         raise SlurmUnavailable(f"`slurmd -C` printed no NodeName line: {out!r}")
     host = re.search(r"NodeName=(\S+)", line).group(1)
@@ -218,8 +227,9 @@ def start_cluster(root: str, timeout: float = 60) -> Cluster:
     """Start munged, slurmctld and slurmd under ``root``; raises SlurmUnavailable with the reason."""
     missing = missing_programs()
     if missing:
-        raise SlurmUnavailable(f"SLURM/munge not installed (missing {', '.join(missing)}); "
-                               "on Debian: apt-get install -y slurm-wlm munge")
+        raise SlurmUnavailable(
+            f"SLURM/munge not installed (missing {', '.join(missing)}); on Debian: apt-get install -y slurm-wlm munge"
+        )
     if os.geteuid() != 0:
         raise SlurmUnavailable("the test cluster runs slurmd as SlurmUser=root; run the tests as root")
     for d in ("munge", "state", "spool", "run", "log"):
@@ -235,18 +245,33 @@ def start_cluster(root: str, timeout: float = 60) -> Cluster:
     log = os.path.join(root, "log")
     try:
         cluster.procs["munged"] = subprocess.Popen(
-            [_which("munged"), "-F", "--force", f"--socket={root}/munge/munge.socket", f"--key-file={key}",
-             f"--log-file={log}/munged.log", f"--pid-file={root}/run/munged.pid",
-             f"--seed-file={root}/munge/munged.seed"],
-            stdout=subprocess.DEVNULL, stderr=open(f"{log}/munged.stderr", "w"))
+            [
+                _which("munged"),
+                "-F",
+                "--force",
+                f"--socket={root}/munge/munge.socket",
+                f"--key-file={key}",
+                f"--log-file={log}/munged.log",
+                f"--pid-file={root}/run/munged.pid",
+                f"--seed-file={root}/munge/munged.seed",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(f"{log}/munged.stderr", "w"),
+        )
         _wait_for(lambda: os.path.exists(f"{root}/munge/munge.socket"), cluster, "munged", timeout)
         env = cluster.env()
         cluster.procs["slurmctld"] = subprocess.Popen(
-            [_which("slurmctld"), "-D", "-i", "-f", conf], env=env, stdout=subprocess.DEVNULL,
-            stderr=open(f"{log}/slurmctld.stderr", "w"))
+            [_which("slurmctld"), "-D", "-i", "-f", conf],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(f"{log}/slurmctld.stderr", "w"),
+        )
         cluster.procs["slurmd"] = subprocess.Popen(
-            [_which("slurmd"), "-D", "-f", conf], env=env, stdout=subprocess.DEVNULL,
-            stderr=open(f"{log}/slurmd.stderr", "w"))
+            [_which("slurmd"), "-D", "-f", conf],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(f"{log}/slurmd.stderr", "w"),
+        )
 
         def node_idle() -> bool:
             p = cluster.run(_which("sinfo"), "-h", "-N", "-o", "%t", check=False, timeout=10)
@@ -264,8 +289,9 @@ def _wait_for(cond, cluster: Cluster, what: str, timeout: float) -> None:
     while time.time() < deadline:
         dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
         if dead:
-            raise SlurmUnavailable(f"{', '.join(dead)} exited while starting:\n" + _stderrs(cluster)
-                                   + cluster.daemon_logs())
+            raise SlurmUnavailable(
+                f"{', '.join(dead)} exited while starting:\n" + _stderrs(cluster) + cluster.daemon_logs()
+            )
         if cond():
             return
         time.sleep(0.3)

@@ -19,8 +19,22 @@ def test_cached_shards_give_the_same_model_inputs_as_raw_images(tmp_path):
     raw = write_synthetic(str(tmp_path / "raw"), train=0, val=6, size=32, samples_per_shard=3, progress=False)
     cfg_path = tmp_path / "cfg.yaml"
     OmegaConf.save(OmegaConf.create({"model": TINY, "data": {"image_size": 32}}), cfg_path)
-    assert cache_main(["--config", str(cfg_path), "--src", raw["val"], "--out", str(tmp_path / "cached"),
-                       "--batch-size", "4", "--keep-images"]) == 0
+    assert (
+        cache_main(
+            [
+                "--config",
+                str(cfg_path),
+                "--src",
+                raw["val"],
+                "--out",
+                str(tmp_path / "cached"),
+                "--batch-size",
+                "4",
+                "--keep-images",
+            ]
+        )
+        == 0
+    )
     cached_pattern = str(tmp_path / "cached" / "cached-{000000..000000}.tar")
 
     cached = build_val_batch(DataConfig(val_shards=cached_pattern, image_size=32, cached=True), 6)

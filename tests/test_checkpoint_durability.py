@@ -115,8 +115,10 @@ def test_second_copy_of_a_running_run_refuses_then_a_dead_holder_is_taken_over(t
     wait_for_step(run, 2, first)
     second = run_ranks(1, run, common, resume="auto", tag="second", expect_ok=False)
     assert second.procs[0].returncode != 0
-    assert f"is in use by another copy of this run (pid {first.procs[0].pid} on {socket.gethostname()}, SLURM " \
-           f"job 4242 restart 0" in second.output()
+    assert (
+        f"is in use by another copy of this run (pid {first.procs[0].pid} on {socket.gethostname()}, SLURM "
+        f"job 4242 restart 0" in second.output()
+    )
     assert first.procs[0].poll() is None  # the first copy trains on
     time.sleep(1.0)
     os.kill(first.procs[0].pid, signal.SIGKILL)  # leaves its lock behind

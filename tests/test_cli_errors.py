@@ -48,9 +48,17 @@ def export(tmp_path_factory) -> str:
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), W.overrides(str(root), ep_size=1))
     model = build_inference_model(cfg)
     path = str(root / "tiny.safetensors")
-    save_file({n: p.detach().contiguous() for n, p in model.trainable_named_parameters()}, path,
-              metadata={"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "ema": "false", "source": "test",
-                        "config": OmegaConf.to_yaml(cfg, resolve=True)})
+    save_file(
+        {n: p.detach().contiguous() for n, p in model.trainable_named_parameters()},
+        path,
+        metadata={
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "ema": "false",
+            "source": "test",
+            "config": OmegaConf.to_yaml(cfg, resolve=True),
+        },
+    )
     return path
 
 
@@ -63,12 +71,15 @@ def images(tmp_path_factory) -> dict[str, str]:
     gray = rgb[..., 0]
     alpha = np.full((H_, W_), 255, np.uint8)
     alpha[:, : W_ // 2] = 0  # left half fully transparent
-    files = {"rgb": Image.fromarray(rgb), "gray": Image.fromarray(gray),
-             "gray_rgb": Image.fromarray(gray).convert("RGB"),
-             "rgba": Image.fromarray(np.dstack([rgb, alpha])),
-             "gray16": Image.fromarray(gray.astype(np.uint16) * 257),  # mode I;16, same picture at 16 bits
-             "ref_small": Image.fromarray(rgb[:20, :30]),
-             "mask_small": Image.fromarray((np.arange(24)[None, :].repeat(20, 0) >= 12).astype(np.uint8) * 255)}
+    files = {
+        "rgb": Image.fromarray(rgb),
+        "gray": Image.fromarray(gray),
+        "gray_rgb": Image.fromarray(gray).convert("RGB"),
+        "rgba": Image.fromarray(np.dstack([rgb, alpha])),
+        "gray16": Image.fromarray(gray.astype(np.uint16) * 257),  # mode I;16, same picture at 16 bits
+        "ref_small": Image.fromarray(rgb[:20, :30]),
+        "mask_small": Image.fromarray((np.arange(24)[None, :].repeat(20, 0) >= 12).astype(np.uint8) * 255),
+    }
     paths = {}
     for name, img in files.items():
         paths[name] = str(d / f"{name}.png")
@@ -96,25 +107,28 @@ def _error_line(capsys) -> str:
 
 
 # ------------------------------------------------------------------------------------------ edit: refused
-@pytest.mark.parametrize("case, expected", [
-    ("missing image", "--image {missing}: no such file"),
-    ("directory image", "--image {dir}: is a directory"),
-    ("text file image", "--image {text}: not an image file"),
-    ("truncated image", "--image {truncated}: unreadable image"),
-    ("missing reference", "--reference {missing}: no such file"),
-    ("text file reference", "--reference {text}: not an image file"),
-    ("missing mask file", "--mask {missing}: no such file, and not a box"),
-    ("mask not numbers", "--mask a,b,c,d: a box is four numbers"),
-    ("mask reversed", "--mask 30,8,10,32: need x1 > x0 and y1 > y0"),
-    ("mask outside", "--mask 100,8,300,32: the box lies wholly outside the 48x40 image"),
-    ("mask below", "--mask 0,40,10,50: the box lies wholly outside the 48x40 image"),
-    ("empty instruction", "--instruction is empty"),
-    ("blank instruction", "--instruction is empty"),
-    ("zero steps", "--steps 0: need at least 1"),
-    ("out without extension", "--out {tmp}/o: unknown image extension"),
-    ("out under a file", "--out {rgb}/o.png: {rgb} is a file, not a directory"),
-    ("size zero", "--size 0 0: must be positive"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing image", "--image {missing}: no such file"),
+        ("directory image", "--image {dir}: is a directory"),
+        ("text file image", "--image {text}: not an image file"),
+        ("truncated image", "--image {truncated}: unreadable image"),
+        ("missing reference", "--reference {missing}: no such file"),
+        ("text file reference", "--reference {text}: not an image file"),
+        ("missing mask file", "--mask {missing}: no such file, and not a box"),
+        ("mask not numbers", "--mask a,b,c,d: a box is four numbers"),
+        ("mask reversed", "--mask 30,8,10,32: need x1 > x0 and y1 > y0"),
+        ("mask outside", "--mask 100,8,300,32: the box lies wholly outside the 48x40 image"),
+        ("mask below", "--mask 0,40,10,50: the box lies wholly outside the 48x40 image"),
+        ("empty instruction", "--instruction is empty"),
+        ("blank instruction", "--instruction is empty"),
+        ("zero steps", "--steps 0: need at least 1"),
+        ("out without extension", "--out {tmp}/o: unknown image extension"),
+        ("out under a file", "--out {rgb}/o.png: {rgb} is a file, not a directory"),
+        ("size zero", "--size 0 0: must be positive"),
+    ],
+)
 def test_edit_refuses_bad_input_with_one_line_and_exit_code_2(export, images, tmp_path, capsys, case, expected):
     missing = str(tmp_path / "missing.png")
     args = {
@@ -151,10 +165,25 @@ def test_edit_refuses_cuda_without_cuda(export, images, tmp_path, capsys):
 
 def test_cli_missing_image_as_a_new_user_runs_it(export, tmp_path):
     """The real command line (a subprocess): one line naming the file, exit code 2, no traceback."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "edit.py"), "--checkpoint", export,
-                           "--image", "missing.png", "--instruction", "make it blue", "--out", "out.png"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "edit.py"),
+            "--checkpoint",
+            export,
+            "--image",
+            "missing.png",
+            "--instruction",
+            "make it blue",
+            "--out",
+            "out.png",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -180,7 +209,7 @@ def test_grayscale_rgba_and_16bit_inputs_become_the_rgb_they_show(images, capsys
     # RGBA: opaque half unchanged, transparent half white (not the hidden RGB under alpha 0)
     rgba = build_edit_batch(images["rgba"], "x", (H_, W_)).source
     rgb = build_edit_batch(images["rgb"], "x", (H_, W_)).source
-    assert torch.equal(rgba[..., W_ // 2:], rgb[..., W_ // 2:])
+    assert torch.equal(rgba[..., W_ // 2 :], rgb[..., W_ // 2 :])
     assert torch.equal(rgba[..., : W_ // 2], torch.ones_like(rgba[..., : W_ // 2]))
     assert "RGBA image with transparency, composited onto white; converted to RGB" in capsys.readouterr().err
     assert not torch.equal(plain, sixteen)
@@ -214,9 +243,24 @@ def test_edit_runs_on_converted_inputs_and_says_so(export, images, tmp_path, cap
     """End to end: a 16-bit image, a reference and a mask PNG of other sizes; then a clipped box."""
     capsys.readouterr()
     out = tmp_path / "sub" / "edit.png"
-    rc = edit_main(["--checkpoint", export, "--image", images["gray16"], "--reference", images["ref_small"],
-                    "--mask", images["mask_small"], "--instruction", "make it blue", "--out", str(out),
-                    "--steps", "1"])
+    rc = edit_main(
+        [
+            "--checkpoint",
+            export,
+            "--image",
+            images["gray16"],
+            "--reference",
+            images["ref_small"],
+            "--mask",
+            images["mask_small"],
+            "--instruction",
+            "make it blue",
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert Image.open(out).size == (32, 32) and Image.open(out).mode == "RGB"
@@ -224,8 +268,22 @@ def test_edit_runs_on_converted_inputs_and_says_so(export, images, tmp_path, cap
     assert len(notes) == 3, captured.err
     assert "16-bit grayscale" in notes[0] and "--mask" in notes[1] and "--reference" in notes[2]
     assert "error" not in captured.err and f"wrote {out}" in captured.out
-    rc = edit_main(["--checkpoint", export, "--image", images["rgb"], "--mask", "8,8,300,32", "--instruction", "x",
-                    "--out", str(out), "--steps", "1"])
+    rc = edit_main(
+        [
+            "--checkpoint",
+            export,
+            "--image",
+            images["rgb"],
+            "--mask",
+            "8,8,300,32",
+            "--instruction",
+            "x",
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+        ]
+    )
     assert rc == 0 and "clipped to 8,8,48,32" in capsys.readouterr().err
 
 

@@ -15,8 +15,8 @@ import torch
 from torch._dynamo.backends.debugging import aot_eager
 
 from moe.model import build_model
-from train.logging import edit_grid
 from tests.model_configs import data_dependent_nodes, make_batch, tiny_model_config
+from train.logging import edit_grid
 
 
 class CountingBackend:
@@ -40,8 +40,14 @@ def test_compiled_model_equals_eager(kind):
     torch.manual_seed(0)
     grouped = kind == "ffn_grouped"
     kind = "ffn" if grouped else kind
-    cfg = tiny_model_config(**{"backbone.gradient_checkpointing": True, "experts.num_blocks": 3, "experts.kind": kind,
-                               "experts.grouped_gemm": grouped})
+    cfg = tiny_model_config(
+        **{
+            "backbone.gradient_checkpointing": True,
+            "experts.num_blocks": 3,
+            "experts.kind": kind,
+            "experts.grouped_gemm": grouped,
+        }
+    )
     eager = build_model(cfg)
     if grouped:
         eager.to(torch.bfloat16)
@@ -123,7 +129,9 @@ def test_context_tensors_are_not_static_inputs():
                 static_params.append(arg.source.name)
         return aot_eager(gm, example_inputs)
 
-    cfg = tiny_model_config(**{"backbone.gradient_checkpointing": True, "experts.num_blocks": 3, "experts.kind": "lora"})
+    cfg = tiny_model_config(
+        **{"backbone.gradient_checkpointing": True, "experts.num_blocks": 3, "experts.kind": "lora"}
+    )
     model = build_model(cfg)
     model.compile_regions(backend=backend)
     model.train()
@@ -143,7 +151,9 @@ def test_image_sampling_beside_compiled_training_compiles_nothing():
     restores (the frozen blocks were not, and recompiled after the first image step on the H100)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = tiny_model_config(**{"backbone.gradient_checkpointing": False, "experts.num_blocks": 2, "experts.kind": "lora"})
+    cfg = tiny_model_config(
+        **{"backbone.gradient_checkpointing": False, "experts.num_blocks": 2, "experts.kind": "lora"}
+    )
     eager = build_model(cfg)
     compiled = copy.deepcopy(eager)
     backend = CountingBackend()

@@ -31,8 +31,9 @@ def test_cache_roundtrip(tmp_path):
     samples = [valid_raw(i, size=48) for i in range(9)] + [broken_raw(valid_raw(50, size=48), "missing_key")]
     write_raw_shard(str(tmp_path / "raw" / "r-000000.tar"), samples)
     raw_pattern = str(tmp_path / "raw" / "r-{000000..000000}.tar")
-    rep = cache_shards(raw_pattern, str(tmp_path / "c"), encode_images, encode_text, image_size=32, batch_size=4,
-                       progress=False)
+    rep = cache_shards(
+        raw_pattern, str(tmp_path / "c"), encode_images, encode_text, image_size=32, batch_size=4, progress=False
+    )
     assert rep.written == 9 and dict(rep.skipped) == {"missing_key": 1}
 
     raw_view = build_val_batch(DataConfig(val_shards=raw_pattern, image_size=32), 9)
@@ -46,9 +47,9 @@ def test_cache_roundtrip(tmp_path):
     assert torch.equal(b.fine_mask, raw_view.fine_mask[:4]) and torch.equal(b.bbox, raw_view.bbox[:4])
     for i in range(4):
         if raw_view.has_reference[i]:
-            assert torch.allclose(b.reference_latent[i], encode_images(raw_view.reference[i:i + 1])[0], atol=1e-6)
+            assert torch.allclose(b.reference_latent[i], encode_images(raw_view.reference[i : i + 1])[0], atol=1e-6)
         else:
             assert not b.reference_latent[i].any()
     e, m, p = encode_text(raw_view.instruction[:4])
-    assert torch.equal(b.text_mask[:, : m.shape[1]], m) and not b.text_mask[:, m.shape[1]:].any()
+    assert torch.equal(b.text_mask[:, : m.shape[1]], m) and not b.text_mask[:, m.shape[1] :].any()
     assert torch.allclose(b.text_embeds[:, : e.shape[1]], e) and torch.allclose(b.pooled_text, p)

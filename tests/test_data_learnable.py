@@ -55,8 +55,14 @@ def test_small_model_learns_to_edit_inside_the_mask(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     pats = write_synthetic(str(tmp_path), train=1500, val=96, size=32, samples_per_shard=500, progress=False)
-    cfg = DataConfig(train_shards=pats["train"], val_shards=pats["val"], image_size=32, num_workers=1,
-                     random_crop_scale=1.0, shuffle_buffer=500)
+    cfg = DataConfig(
+        train_shards=pats["train"],
+        val_shards=pats["val"],
+        image_size=32,
+        num_workers=1,
+        random_crop_scale=1.0,
+        shuffle_buffer=500,
+    )
     vocab: dict[str, int] = {}
     model = TinyEditor(vocab=256)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -78,7 +84,9 @@ def test_small_model_learns_to_edit_inside_the_mask(tmp_path):
     err_src = (val.source - val.target).abs()
     in_model, in_src = err_model[inside].mean().item(), err_src[inside].mean().item()
     out_model, out_src = err_model[~inside].mean().item(), err_src[~inside].mean().item()
-    print(f"steps {steps} ({time.time() - t0:.0f} s): inside L1 model {in_model:.3f} vs source {in_src:.3f}; "
-          f"outside L1 model {out_model:.3f} vs source {out_src:.3f}")
+    print(
+        f"steps {steps} ({time.time() - t0:.0f} s): inside L1 model {in_model:.3f} vs source {in_src:.3f}; "
+        f"outside L1 model {out_model:.3f} vs source {out_src:.3f}"
+    )
     assert in_model < 0.6 * in_src  # measured 0.185 vs 0.399 at 400 steps
     assert out_model < out_src + 0.04  # measured 0.011 vs 0.000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -26,8 +25,15 @@ def _shards(tmp_path, sizes, make=valid_raw, prefix="s"):
 
 
 def _cfg(pattern, **kw):
-    base = dict(train_shards=pattern, val_shards=pattern, image_size=32, num_workers=2, shuffle_buffer=5,
-                random_crop_scale=0.6, min_samples_before_bad_check=10_000)
+    base = dict(
+        train_shards=pattern,
+        val_shards=pattern,
+        image_size=32,
+        num_workers=2,
+        shuffle_buffer=5,
+        random_crop_scale=0.6,
+        min_samples_before_bad_check=10_000,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -75,8 +81,10 @@ def test_resume_gives_the_batches_of_the_uninterrupted_run(tmp_path, with_bucket
     # a bad sample in the part before the restart: its skip must not shift the order after it
     # bad data in the part before the restart: skipping it must not shift the order after it,
     # and its counts must neither be lost nor counted twice
-    write_raw_shard(str(tmp_path / "s-000004.tar"), [valid_raw(100), broken_raw(valid_raw(101), "decode_error"),
-                                                     valid_raw(102), valid_raw(103)])
+    write_raw_shard(
+        str(tmp_path / "s-000004.tar"),
+        [valid_raw(100), broken_raw(valid_raw(101), "decode_error"), valid_raw(102), valid_raw(103)],
+    )
     tail = [valid_raw(110 + i) for i in range(5)]
     truncate_inside(write_raw_shard(str(tmp_path / "s-000005.tar"), tail), tail[3]["__key__"] + ".tgt.png")
     pattern = pattern.replace("000003}", "000005}")
@@ -140,10 +148,16 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
 
 def test_too_many_bad_samples_stop_with_the_shard_name(tmp_path):
     write_raw_shard(str(tmp_path / "ok-000000.tar"), [valid_raw(i) for i in range(8)])
-    write_raw_shard(str(tmp_path / "ok-000001.tar"),
-                    [broken_raw(valid_raw(10 + i), "empty_instruction") for i in range(8)])
-    cfg = _cfg(str(tmp_path / "ok-{000000..000001}.tar"), num_workers=1, shuffle_shards=False,
-               max_bad_fraction=0.25, min_samples_before_bad_check=8)
+    write_raw_shard(
+        str(tmp_path / "ok-000001.tar"), [broken_raw(valid_raw(10 + i), "empty_instruction") for i in range(8)]
+    )
+    cfg = _cfg(
+        str(tmp_path / "ok-{000000..000001}.tar"),
+        num_workers=1,
+        shuffle_shards=False,
+        max_bad_fraction=0.25,
+        min_samples_before_bad_check=8,
+    )
     with pytest.raises(RuntimeError, match=r"ok-000001\.tar") as err:
         _take(build_train_loader(cfg, 2, 0, 1), 100)
     assert "max_bad_fraction" in str(err.value)
@@ -160,8 +174,18 @@ def _coord_shards(tmp_path, n=12, w=120, h=90):
     for i in range(n):
         cx, cy, r = 10 + 9 * i % (w - 20), 10 + 7 * i % (h - 20), 4 + i % 5
         mask = (((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r).astype(np.uint8) * 255
-        recs.append(EditRecord(key=f"c{i:03d}", src=coord_image(w, h), tgt=coord_image(w, h), mask=mask,
-                               instruction="edit", task="recolor", tags={}, source="synthetic"))
+        recs.append(
+            EditRecord(
+                key=f"c{i:03d}",
+                src=coord_image(w, h),
+                tgt=coord_image(w, h),
+                mask=mask,
+                instruction="edit",
+                task="recolor",
+                tags={},
+                source="synthetic",
+            )
+        )
     rep = write_shards(recs, str(tmp_path), prefix="coord", max_count=6, progress=False)
     return rep.pattern, {r.key: r.mask for r in recs}
 

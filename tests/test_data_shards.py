@@ -47,9 +47,17 @@ def test_bbox_is_end_exclusive_and_empty_mask_refused():
     assert e.value.reason == "empty_mask"
 
 
-@pytest.mark.parametrize("key,value", [("image_size", 100), ("buckets", [[64]]), ("shuffle_buffer", 0),
-                                       ("max_bad_fraction", 1.5), ("random_crop_scale", 0.0),
-                                       ("num_workers", -1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("image_size", 100),
+        ("buckets", [[64]]),
+        ("shuffle_buffer", 0),
+        ("max_bad_fraction", 1.5),
+        ("random_crop_scale", 0.0),
+        ("num_workers", -1),
+    ],
+)
 def test_config_validate_names_the_key(key, value):
     with pytest.raises(ValueError, match=f"data.{key}"):
         DataConfig(**{key: value}).validate()
@@ -75,12 +83,22 @@ def test_build_shards_checks_every_sample_and_reports(tmp_path, capsys):
     for i in range(9):
         src = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
         mask = np.zeros((20, 24), np.uint8)
-        mask[3 + i % 5: 9, 4: 10 + i] = 255
+        mask[3 + i % 5 : 9, 4 : 10 + i] = 255
         _png(root / f"{i}_s.png", src)
         _png(root / f"{i}_t.png", 255 - src)
         _png(root / f"{i}_m.png", mask)
-        lines.append(dict(src=f"{i}_s.png", tgt=f"{i}_t.png", mask=f"{i}_m.png", instruction=f"edit {i}",
-                          task="recolor", tags={"scope": "local", "type": "recolor"}, source="omniedit", key=f"k{i}"))
+        lines.append(
+            dict(
+                src=f"{i}_s.png",
+                tgt=f"{i}_t.png",
+                mask=f"{i}_m.png",
+                instruction=f"edit {i}",
+                task="recolor",
+                tags={"scope": "local", "type": "recolor"},
+                source="omniedit",
+                key=f"k{i}",
+            )
+        )
     _png(root / "1_m.png", np.full((20, 24), 7, np.uint8))  # non-binary
     _png(root / "2_t.png", np.zeros((21, 24, 3), np.uint8))  # size mismatch
     lines[3]["instruction"] = ""
@@ -94,8 +112,14 @@ def test_build_shards_checks_every_sample_and_reports(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads((out / "edit.report.json").read_text())
     assert report["written"] == 3 and len(report["shards"]) == 3  # tiny shard size: one sample each
-    assert report["skipped"] == {"mask_not_binary": 1, "size_mismatch": 1, "empty_instruction": 1,
-                                 "missing_file": 1, "unknown_task": 1, "decode_error": 1}
+    assert report["skipped"] == {
+        "mask_not_binary": 1,
+        "size_mismatch": 1,
+        "empty_instruction": 1,
+        "missing_file": 1,
+        "unknown_task": 1,
+        "decode_error": 1,
+    }
     assert "edit-{000000..000002}.tar" in printed
     members = _members(str(out / "edit-*.tar"))
     assert sorted(members) == ["k0", "k7", "k8"]
@@ -119,8 +143,14 @@ def test_convert_magicbrush_fake_tree(tmp_path):
         for t in range(1, turns + 1):
             _png(d / f"{img_id}-output{t}.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
             inp = f"{img_id}-input.png" if t == 1 else f"{img_id}-output{t - 1}.png"
-            sessions[img_id].append({"input": inp, "mask": f"{img_id}-mask{t}.png", "output": f"{img_id}-output{t}.png",
-                                     "instruction": f"turn {t}"})
+            sessions[img_id].append(
+                {
+                    "input": inp,
+                    "mask": f"{img_id}-mask{t}.png",
+                    "output": f"{img_id}-output{t}.png",
+                    "instruction": f"turn {t}",
+                }
+            )
     # 101 turn 1: RGBA, white region with a soft edge, and a transparent white patch (= background)
     rgba = np.zeros((16, 16, 4), np.uint8)
     rgba[..., 3] = 255
@@ -164,8 +194,22 @@ def test_synthetic_cli_writes_shards_and_if_absent_returns_quickly(tmp_path):
     pats = write_synthetic(str(tmp_path), train=30, val=10, size=32, samples_per_shard=12, progress=False)
     assert pats["train"].endswith("train-{000000..000002}.tar") and pats["val"].endswith("val-{000000..000000}.tar")
     t = time.time()
-    cmd = [sys.executable, "-m", "data.synthetic", "--out", str(tmp_path), "--train", "30", "--val", "10",
-           "--size", "32", "--samples-per-shard", "12", "--if-absent"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data.synthetic",
+        "--out",
+        str(tmp_path),
+        "--train",
+        "30",
+        "--val",
+        "10",
+        "--size",
+        "32",
+        "--samples-per-shard",
+        "12",
+        "--if-absent",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "train-{000000..000002}.tar" in out and time.time() - t < 20
     assert len(_members(str(tmp_path / "train-*.tar"))) == 30
@@ -177,7 +221,10 @@ def test_data_layer_never_imports_model_or_trainer():
 
     for path in pathlib.Path(__file__).resolve().parents[1].joinpath("data").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             for name in names:
                 assert name.split(".")[0] not in ("moe", "train", "launch"), f"{path.name} imports {name}"

@@ -11,8 +11,15 @@ from train.distributed import fill_env_defaults, first_host
 
 @pytest.mark.parametrize(
     "nodelist, host",
-    [("node1", "node1"), ("gpu[003-010,012]", "gpu003"), ("a01,a02", "a01"), ("rack2-n[7,9]", "rack2-n7"),
-     ("x[01-02],y[1-3]", "x01"), ("rack[1-2]n[3-4]", "rack1n3"), (" c[5-6]", "c5")],
+    [
+        ("node1", "node1"),
+        ("gpu[003-010,012]", "gpu003"),
+        ("a01,a02", "a01"),
+        ("rack2-n[7,9]", "rack2-n7"),
+        ("x[01-02],y[1-3]", "x01"),
+        ("rack[1-2]n[3-4]", "rack1n3"),
+        (" c[5-6]", "c5"),
+    ],
 )
 def test_first_host_of_a_nodelist(nodelist, host):
     assert first_host(nodelist) == host
@@ -52,9 +59,14 @@ def test_srun_rendezvous_is_the_first_node_of_the_step(monkeypatch):
     """A step on part of the job's nodes (``srun -N1 -r1``): rank 0 runs on the step's first node."""
     _clean_env(monkeypatch)
     monkeypatch.setenv("SLURM_STEP_ID", "3")
-    for key, value in [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0"),
-                       ("SLURM_JOB_NODELIST", "gpu[17-18]"), ("SLURM_STEP_NODELIST", "gpu18"),
-                       ("SLURM_JOB_ID", "40001")]:
+    for key, value in [
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "2"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_JOB_NODELIST", "gpu[17-18]"),
+        ("SLURM_STEP_NODELIST", "gpu18"),
+        ("SLURM_JOB_ID", "40001"),
+    ]:
         monkeypatch.setenv(key, value)
     fill_env_defaults()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "2")
@@ -65,8 +77,13 @@ def test_batch_shell_without_srun_is_one_process(monkeypatch, capsys):
     """The batch script's own shell has SLURM_PROCID=0 and SLURM_NTASKS=N but no SLURM_STEP_ID (seen with
     slurm-wlm 22.05): a python started there without srun must not wait for N - 1 ranks that never come."""
     _clean_env(monkeypatch)
-    for key, value in [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0"),
-                       ("SLURM_JOB_NODELIST", "gpu[17-18]"), ("SLURM_JOB_ID", "123456")]:
+    for key, value in [
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "2"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_JOB_NODELIST", "gpu[17-18]"),
+        ("SLURM_JOB_ID", "123456"),
+    ]:
         monkeypatch.setenv(key, value)
     fill_env_defaults()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
@@ -81,8 +98,14 @@ def test_srun_task_bound_to_one_gpu_uses_device_0(monkeypatch, visible, local_ra
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if visible:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    for key, value in [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "3"),
-                       ("SLURM_JOB_NODELIST", "n1"), ("SLURM_JOB_ID", "7")]:
+    for key, value in [
+        ("SLURM_STEP_ID", "0"),
+        ("SLURM_PROCID", "3"),
+        ("SLURM_NTASKS", "4"),
+        ("SLURM_LOCALID", "3"),
+        ("SLURM_JOB_NODELIST", "n1"),
+        ("SLURM_JOB_ID", "7"),
+    ]:
         monkeypatch.setenv(key, value)
     fill_env_defaults()
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("3", local_rank)

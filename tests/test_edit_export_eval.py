@@ -136,7 +136,7 @@ def test_checkpoint_really_is_expert_parallel(ep2_run):
     tag = resolve_checkpoint(ckpt)
     names = sorted(f for f in os.listdir(tag) if f.startswith("layer_"))
     # 2 expert layers x 4 global experts, one file each, from two ranks
-    assert names == [f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(2) for e in range(4)]
+    assert names == [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)]
     assert os.path.isfile(os.path.join(tag, "train_state_rank1.pt"))
 
 
@@ -181,10 +181,31 @@ def test_same_edit_from_checkpoint_and_export(ep2_run, exported, tmp_path):
     outs = []
     for name, path in (("ckpt", resolve_checkpoint(ckpt)), ("export", exported["weights"])):
         out = tmp_path / f"{name}.png"
-        rc = edit_main(["--checkpoint", path, "--image", str(src), "--instruction", "make it blue", "--mask",
-                        "4,6,30,20", "--out", str(out), "--steps", "2", "--seed", "1", "--size", "32", "32",
-                        "--refined-mask-out", str(tmp_path / f"{name}_m.png"),
-                        "--routing-map-out", str(tmp_path / f"{name}_r.png")])
+        rc = edit_main(
+            [
+                "--checkpoint",
+                path,
+                "--image",
+                str(src),
+                "--instruction",
+                "make it blue",
+                "--mask",
+                "4,6,30,20",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "--size",
+                "32",
+                "32",
+                "--refined-mask-out",
+                str(tmp_path / f"{name}_m.png"),
+                "--routing-map-out",
+                str(tmp_path / f"{name}_r.png"),
+            ]
+        )
         assert rc == 0
         outs.append(out.read_bytes())
         assert Image.open(tmp_path / f"{name}_m.png").size == (32, 32)
@@ -247,8 +268,9 @@ def test_truncated_deepspeed_shard_is_refused_naming_the_file(ep2_run, tmp_path,
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(WeightsError, match="layer_1_expert_2_mp_rank_00_model_states.pt"):
         read_checkpoint_tensors(str(copy))
-    rc = edit_main(["--checkpoint", str(copy), "--image", "unused.png", "--instruction", "x", "--out",
-                    str(tmp_path / "o.png")])
+    rc = edit_main(
+        ["--checkpoint", str(copy), "--image", "unused.png", "--instruction", "x", "--out", str(tmp_path / "o.png")]
+    )
     assert rc == 2 and "layer_1_expert_2" in capsys.readouterr().err
     shard.unlink()  # a missing expert file: the trainable tensors it held are reported missing
     with pytest.raises(WeightsError, match=f"lacks {held} of .*deepspeed_experts.2"):
@@ -267,8 +289,24 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     out = tmp_path / "eval"
     clip, _ = make_tiny_encoders(str(tmp_path / "enc"))
     capsys.readouterr()
-    rc = eval_main(["--checkpoint", exported["weights"], "--data", f"{data}/val-{{000000..000000}}.tar", "--out",
-                    str(out), "--steps", "1", "--limit", "5", "--batch-size", "5", "--clip", clip])
+    rc = eval_main(
+        [
+            "--checkpoint",
+            exported["weights"],
+            "--data",
+            f"{data}/val-{{000000..000000}}.tar",
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--limit",
+            "5",
+            "--batch-size",
+            "5",
+            "--clip",
+            clip,
+        ]
+    )
     stdout = capsys.readouterr().out
     assert rc == 0
     assert "skipping dino: no --dino path given" in stdout and "skipping clip" not in stdout
@@ -288,5 +326,7 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     assert result["baselines"]["do_nothing"]["metrics"]["success"] == 0.0
     assert result["baselines"]["oracle"]["metrics"]["success"] == 1.0
     assert result["baselines"]["do_nothing"]["metrics"]["l1"] == pytest.approx(m["l1_source"])
-    rows = [line.split()[0] for line in stdout.splitlines() if line.split()[:1] in (["model"], ["do-nothing"], ["oracle"])]
+    rows = [
+        line.split()[0] for line in stdout.splitlines() if line.split()[:1] in (["model"], ["do-nothing"], ["oracle"])
+    ]
     assert rows == ["model", "do-nothing", "oracle"]

@@ -26,7 +26,6 @@ from train.edit_success import (
     color_iou,
     dilate,
     edit_success,
-    kept_fraction,
     leftover_fraction,
     task_success,
 )
@@ -67,9 +66,13 @@ def test_targets_succeed_and_sources_noise_and_other_targets_fail(size):
     oracle = edit_success(tgt, src, tgt, mask, tasks, checks)
     assert not oracle.isnan().any()
     assert _rate_per_task(oracle, tasks) == {t: 1.0 for t in set(tasks)}
-    for name, edit, most in (("do-nothing", src, 0.0), ("noise", noise, 0.0), ("other target", other, 0.0),
-                             ("noise inside the mask", torch.where(inside, noise, src), 0.0),
-                             ("other target inside the mask", torch.where(inside, other, src), 0.15)):
+    for name, edit, most in (
+        ("do-nothing", src, 0.0),
+        ("noise", noise, 0.0),
+        ("other target", other, 0.0),
+        ("noise inside the mask", torch.where(inside, noise, src), 0.0),
+        ("other target inside the mask", torch.where(inside, other, src), 0.15),
+    ):
         rates = _rate_per_task(edit_success(edit, src, tgt, mask, tasks, checks), tasks)
         assert max(rates.values()) <= most, (name, rates)
 
@@ -141,7 +144,7 @@ def test_remove_that_leaves_the_object_fails_and_restoring_background_passes():
     assert not task_success("remove", _scene([("cyan", *OBJ), NEIGHBOUR]), src, tgt, mask, [check]).item()
     # a colour within COLOR_RADIUS of orange still counts as orange: left over
     near = tgt.clone()
-    near[0, :, 4:10, 4:10] = (torch.tensor(_rgb("orange")) + COLOR_RADIUS / 2 / 3 ** 0.5).view(3, 1, 1)
+    near[0, :, 4:10, 4:10] = (torch.tensor(_rgb("orange")) + COLOR_RADIUS / 2 / 3**0.5).view(3, 1, 1)
     region = dilate(mask, 1)
     assert leftover_fraction(near, src, tgt, region, torch.tensor([_rgb("orange")])).item() == 1.0
 
@@ -229,8 +232,9 @@ class _CopyModel:
     def edit(self, batch, num_steps, text_guidance, image_guidance, generator):
         from types import SimpleNamespace
 
-        return SimpleNamespace(images=getattr(batch, self.field), refined_mask=batch.fine_mask,
-                               utilisation={"text": 0.25, "mask": 0.75})
+        return SimpleNamespace(
+            images=getattr(batch, self.field), refined_mask=batch.fine_mask, utilisation={"text": 0.25, "mask": 0.75}
+        )
 
 
 def _val_shards(tmp_path, with_checks: bool = True, n: int = 20) -> str:

@@ -31,9 +31,17 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 WORLD, STEPS = 8, 4
 # lr 1e-2 and EMA decay 0.5 so that the four experts (initialised as copies of one module) drift apart
 # within 4 steps by far more than the fp32 tolerance, and each rank's EMA shows which expert it trains.
-BASE = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "logging.every=1",
-        "logging.images_every=0", "optim.lr=1.0e-2", "schedule.warmup_steps=1", "ema.enabled=true",
-        "ema.decay=0.5"]
+BASE = [
+    f"train.steps={STEPS}",
+    "checkpoint.every=2",
+    "checkpoint.keep=2",
+    "logging.every=1",
+    "logging.images_every=0",
+    "optim.lr=1.0e-2",
+    "schedule.warmup_steps=1",
+    "ema.enabled=true",
+    "ema.decay=0.5",
+]
 EXPERT = "moe.deepspeed_moe.experts.deepspeed_experts."
 EXPERT_NUMEL = 32 * 32 + 32  # one toy expert: Linear(32, 32)
 
@@ -68,8 +76,9 @@ def _dense(run: str, step: int) -> dict[str, torch.Tensor]:
 def _grad_norms(run: str) -> dict[int, float]:
     from tensorboard.backend.event_processing import event_accumulator
 
-    acc = event_accumulator.EventAccumulator(os.path.join(run, "toy", "tb"),
-                                             size_guidance={event_accumulator.SCALARS: 0})
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(run, "toy", "tb"), size_guidance={event_accumulator.SCALARS: 0}
+    )
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars("opt/grad_norm")}
 
@@ -125,8 +134,9 @@ def test_ep4_dp2_matches_ep1_and_resumes_exactly(tmp_path):
         assert _close(d4[k], d1[k]), k
 
     # ---- 3. resume the step-2 checkpoint on the same 8-process shape
-    ranks = run_ranks(WORLD, resumed, BASE + ["model.experts.ep_size=4"], resume=_ckpt(ep4, 2), timeout=400,
-                      tag="resume")
+    ranks = run_ranks(
+        WORLD, resumed, BASE + ["model.experts.ep_size=4"], resume=_ckpt(ep4, 2), timeout=400, tag="resume"
+    )
     assert "resumed from step00000002 at step 2" in ranks.output()
     got = read_losses(resumed)
     assert sorted(got) == [3, 4]

@@ -112,7 +112,9 @@ def _worker(rank: int, port: int) -> None:
     packed, routing = _routing(40, seed=10 + rank)  # each rank routes its own tokens
     local = [copy.deepcopy(e).to(torch.bfloat16) for e in experts[2 * rank : 2 * rank + 2]]
     x = packed.to(torch.bfloat16).requires_grad_()
-    out = AllToAllDispatcher(ep_size=2, ep_rank=rank, grouped_gemm=True)(x, routing.index, routing.weight, local, dist.group.WORLD)
+    out = AllToAllDispatcher(ep_size=2, ep_rank=rank, grouped_gemm=True)(
+        x, routing.index, routing.weight, local, dist.group.WORLD
+    )
     out.float().square().sum().backward()
     ref_out, ref_dx, ref_experts = _reference(experts, packed, routing)
     assert _rel(out, ref_out) < BF16_TOL

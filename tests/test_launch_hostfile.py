@@ -27,12 +27,20 @@ import sys
 import pytest
 import torch
 
-from tests.train_harness import LAUNCH, ROOT, TINY_CONFIG as TINY, free_port, read_losses, start_ranks, tiny_shards
+from tests.train_harness import LAUNCH, ROOT, free_port, read_losses, start_ranks, tiny_shards
+from tests.train_harness import TINY_CONFIG as TINY
 
 pytestmark = pytest.mark.multiprocess
 STEPS = 3
-ARGS = [f"train.steps={STEPS}", "checkpoint.every=2", "logging.every=1", "logging.images_every=0",
-        "logging.progress_bar=false", "data.num_workers=0", "model.experts.ep_size=2"]
+ARGS = [
+    f"train.steps={STEPS}",
+    "checkpoint.every=2",
+    "logging.every=1",
+    "logging.images_every=0",
+    "logging.progress_bar=false",
+    "data.num_workers=0",
+    "model.experts.ep_size=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +69,28 @@ def _env() -> dict[str, str]:
 
 
 def _runner(hostfile: str, run_dir: str, shards: list[str], *launcher_args: str) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, *launcher_args,
-            LAUNCH, "--config", TINY, f"run.dir={run_dir}", *shards, *ARGS]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        hostfile,
+        *launcher_args,
+        LAUNCH,
+        "--config",
+        TINY,
+        f"run.dir={run_dir}",
+        *shards,
+        *ARGS,
+    ]
 
 
 def _start(cmd: list[str], log_path) -> tuple[subprocess.Popen, object]:
     """The runner in its own process group: on failure we stop it with its launcher and ranks."""
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True), log
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    ), log
 
 
 def _wait_all(procs: list[tuple[subprocess.Popen, object]], timeout: float = 300) -> list[int]:
@@ -96,15 +117,16 @@ def _check_run(run_dir: str, reference: dict[int, float]) -> None:
     # ep_size 2: one optimizer shard per expert-parallel rank, one file per expert of each expert layer
     assert {"expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"} <= files
     assert "expp_rank_2_mp_rank_00_optim_states.pt" not in files
-    assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(2) for e in range(4)} <= files
+    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)} <= files
 
 
 def test_single_host_hostfile_runs_two_ranks(tmp_path, shards, reference):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run = str(tmp_path / "run")
-    cmd = _runner(str(hostfile), run, shards, "--no_ssh_check", "--master_addr", "127.0.0.1",
-                  "--master_port", str(free_port()))
+    cmd = _runner(
+        str(hostfile), run, shards, "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())
+    )
     codes = _wait_all([_start(cmd, tmp_path / "runner.log")])
     out = (tmp_path / "runner.log").read_text()
     assert codes == [0], out[-4000:]
@@ -121,8 +143,17 @@ def test_two_node_hostfile_without_ssh_one_command_per_node(tmp_path, shards, re
     run, port = str(tmp_path / "run"), str(free_port())
     procs = []
     for node in range(2):
-        cmd = _runner(str(hostfile), run, shards, "--no_ssh", f"--node_rank={node}", "--master_addr", "127.0.0.1",
-                      "--master_port", port)
+        cmd = _runner(
+            str(hostfile),
+            run,
+            shards,
+            "--no_ssh",
+            f"--node_rank={node}",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        )
         procs.append(_start(cmd, tmp_path / f"node{node}.log"))
     codes = _wait_all(procs)
     outs = [(tmp_path / f"node{node}.log").read_text() for node in range(2)]

@@ -17,8 +17,14 @@ def _setup(tmp_path, n_shards=8):
         samples = [valid_raw(i * SHARD + j) for j in range(SHARD)]
         write_raw_shard(str(tmp_path / f"s-{i:06d}.tar"), samples)
         keys += [s["__key__"] for s in samples]
-    cfg = DataConfig(train_shards=str(tmp_path / f"s-{{000000..{n_shards - 1:06d}}}.tar"), image_size=32,
-                     num_workers=0, shuffle_buffer=5, resampled=False, min_samples_before_bad_check=10_000)
+    cfg = DataConfig(
+        train_shards=str(tmp_path / f"s-{{000000..{n_shards - 1:06d}}}.tar"),
+        image_size=32,
+        num_workers=0,
+        shuffle_buffer=5,
+        resampled=False,
+        min_samples_before_bad_check=10_000,
+    )
     return cfg, keys
 
 

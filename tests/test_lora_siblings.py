@@ -115,9 +115,13 @@ def test_compiled_whole_blocks_share_the_product_and_match_eager():
     compiled = copy.deepcopy(shared)
     # the copy's groups point at the copy's modules, not the original's
     q = compiled.transformer.single_transformer_blocks[0].attn.to_q
-    assert q.shared_down.members[1] is q and q.shared_down is not shared.transformer.single_transformer_blocks[0].attn.to_q.shared_down
+    assert (
+        q.shared_down.members[1] is q
+        and q.shared_down is not shared.transformer.single_transformer_blocks[0].attn.to_q.shared_down
+    )
     assert compiled.compile_blocks(backend=aot_eager) == len(list(compiled.transformer.transformer_blocks)) + len(
-        list(compiled.transformer.single_transformer_blocks))
+        list(compiled.transformer.single_transformer_blocks)
+    )
     args = _inputs(plain)
     for _ in range(2):  # the second call runs the cached graphs
         _assert_same(_run(compiled, args), _run(plain, args))
@@ -167,8 +171,10 @@ def test_bf16_backbone_with_float32_adapters_keeps_pefts_dtypes():
         for n, p in model.named_parameters():
             if "lora_" not in n:
                 p.data = p.data.to(torch.bfloat16)
-    args = tuple(a.to(torch.bfloat16) if a.is_floating_point() and a.dim() > 1 and i < 3 else a
-                 for i, a in enumerate(_inputs(plain)))
+    args = tuple(
+        a.to(torch.bfloat16) if a.is_floating_point() and a.dim() > 1 and i < 3 else a
+        for i, a in enumerate(_inputs(plain))
+    )
     with torch.no_grad():
         out_plain, out_shared = plain.run_blocks(*args), shared.run_blocks(*args)
     assert out_shared.dtype == out_plain.dtype == torch.bfloat16
@@ -184,7 +190,8 @@ class Siblings(nn.Module):
 def test_uneven_ranks_outside_the_scope_and_partial_use():
     """Direct use of a group: sharing only inside its scope; ranks of any size; a product that was not
     taken by every sibling is dropped when the scope closes."""
-    from peft import LoraConfig as PeftConfig, inject_adapter_in_model
+    from peft import LoraConfig as PeftConfig
+    from peft import inject_adapter_in_model
 
     torch.manual_seed(0)
     plain = Siblings()

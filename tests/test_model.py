@@ -26,7 +26,10 @@ def _velocity(model, batch, seed=5):
     model.eval()
     cond = model.encode_conditions(batch)
     noisy = torch.stack(
-        [torch.randn(cond.base.shape[1:], generator=torch.Generator().manual_seed(seed + int(k[1:]))) for k in batch.keys]
+        [
+            torch.randn(cond.base.shape[1:], generator=torch.Generator().manual_seed(seed + int(k[1:])))
+            for k in batch.keys
+        ]
     )
     t = torch.full((batch.batch_size,), 0.7)
     return model.predict_velocity(noisy, t, cond)
@@ -67,8 +70,15 @@ def test_backbone_is_frozen_and_trainable_parts_change_after_a_step():
     assert frozen and not (changed & frozen)
     assert not any("lora" in n or ".moe." in n or "router" in n for n in frozen)
     # every trainable family moved: LoRA, experts, router, repaint, mixture, mask encoder, tag predictor
-    for family in ["lora_B", ".moe.deepspeed_moe.experts.deepspeed_experts.", ".router.", ".repaint.",
-                   ".mixture.", "mask_encoder.", "tag_predictor."]:
+    for family in [
+        "lora_B",
+        ".moe.deepspeed_moe.experts.deepspeed_experts.",
+        ".router.",
+        ".repaint.",
+        ".mixture.",
+        "mask_encoder.",
+        "tag_predictor.",
+    ]:
         assert any(family in n for n in changed), family
     # the frozen encoders and backbone weights are really frozen
     assert any(n.startswith("backbone.transformer.transformer_blocks.0.attn.to_q.base_layer") for n in frozen)
@@ -306,7 +316,9 @@ def test_base_is_computed_once_per_token():
     _, ctx = _velocity(model, make_batch())
     tokens = sum(r.routing.index.shape[0] for r in ctx.records.values())
     assert seen["base"] == tokens
-    pairs = sum(int((r.routing.index >= 0).sum()) + int((r.routing.index != 3).all(1).sum()) for r in ctx.records.values())
+    pairs = sum(
+        int((r.routing.index >= 0).sum()) + int((r.routing.index != 3).all(1).sum()) for r in ctx.records.values()
+    )
     assert sum(seen.values()) == pairs < 4 * tokens
 
 
@@ -315,18 +327,28 @@ def _counted_dropout(model, steps=300, b=8):
 
     counts = torch.zeros(4)
     first = None
-    for step in range(steps):
+    for _ in range(steps):
         cond = Conditions(
-            base=torch.ones(b, 4, 8, 8), reference=torch.ones(b, 4, 8, 8), has_ref=torch.ones(b, dtype=torch.bool),
-            text=torch.ones(b, 16, 32), text_mask=torch.ones(b, 16, dtype=torch.bool), pooled=torch.ones(b, 32),
-            coarse=torch.zeros(b, 1, 32, 32), fine=None,
+            base=torch.ones(b, 4, 8, 8),
+            reference=torch.ones(b, 4, 8, 8),
+            has_ref=torch.ones(b, dtype=torch.bool),
+            text=torch.ones(b, 16, 32),
+            text_mask=torch.ones(b, 16, dtype=torch.bool),
+            pooled=torch.ones(b, 32),
+            coarse=torch.zeros(b, 1, 32, 32),
+            fine=None,
         )
         out = model.drop_conditions(cond)
         empty_text, _, _ = model._empty_prompt(16, torch.device("cpu"), torch.float32)
-        dropped = torch.stack([
-            (out.text != 1).flatten(1).any(1), out.base.flatten(1).eq(0).all(1), ~out.has_ref,
-            torch.zeros(b, dtype=torch.bool) if out.has_mask is None else ~out.has_mask,
-        ], 1)
+        dropped = torch.stack(
+            [
+                (out.text != 1).flatten(1).any(1),
+                out.base.flatten(1).eq(0).all(1),
+                ~out.has_ref,
+                torch.zeros(b, dtype=torch.bool) if out.has_mask is None else ~out.has_mask,
+            ],
+            1,
+        )
         # what a drop means: the empty prompt, zero base latents, no reference (zeroed), a whole-image box
         assert torch.equal(out.text[dropped[:, 0]], empty_text.expand(int(dropped[:, 0].sum()), -1, -1))
         assert out.reference[dropped[:, 2]].abs().sum() == 0 and out.coarse[dropped[:, 3]].eq(1).all()
@@ -382,8 +404,12 @@ def test_routing_stats_and_collapse_warning():
         assert float(out.stats[f"routing_spread/block{block}"]) >= 0
         assert f"gate_spread/block{block}" in out.stats
     assert "router_z" in out.terms
-    stats = {"routing_spread/block2": torch.tensor(1e-5), "routing_entropy/block2": torch.tensor(0.6),
-             "routing_spread/block3": torch.tensor(0.2), "routing_entropy/block3": torch.tensor(0.001)}
+    stats = {
+        "routing_spread/block2": torch.tensor(1e-5),
+        "routing_entropy/block2": torch.tensor(0.6),
+        "routing_spread/block3": torch.tensor(0.2),
+        "routing_entropy/block3": torch.tensor(0.001),
+    }
     warnings = routing_collapse_warnings(stats)
     assert len(warnings) == 2 and "block2" in warnings[0] and "block3" in warnings[1]
     assert not _model(**{"router.kind": "static"}).routing_warnings(stats)
@@ -420,7 +446,9 @@ def test_edit_is_deterministic_for_a_seed_and_returns_maps():
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
     assert a.images.shape == (2, 3, 32, 32) and a.routing_map.shape == (2, 3, 32, 32)
     assert a.refined_mask.shape == (2, 1, 32, 32) and 0 <= a.refined_mask.min() <= a.refined_mask.max() <= 1
-    g = model.edit(batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0))
+    g = model.edit(
+        batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0)
+    )
     assert not torch.equal(g.images, a.images)
     assert g.guidance == {"text": 2.0, "image": 1.5} and a.guidance == {"text": 1.0, "image": 1.0}
 
@@ -441,7 +469,9 @@ def test_weights_load_from_a_local_folder(tmp_path):
         if key not in sd:
             continue  # replaced feed-forwards live under .frozen_ff
         assert torch.equal(sd[key], p), n
-    assert torch.equal(loaded.vae.vae.state_dict()["encoder.conv_in.weight"], model.vae.vae.state_dict()["encoder.conv_in.weight"])
+    assert torch.equal(
+        loaded.vae.vae.state_dict()["encoder.conv_in.weight"], model.vae.vae.state_dict()["encoder.conv_in.weight"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -491,8 +521,14 @@ def test_bf16_forward_and_backward(kind):
 
 
 def test_pixel_unshuffle_codec_is_lossless_and_trains():
-    model = _model(**{"vae.kind": "pixel_unshuffle", "vae.pixel_factor": 4, "vae.latent_channels": 48,
-                      "backbone.arch.in_channels": 192})
+    model = _model(
+        **{
+            "vae.kind": "pixel_unshuffle",
+            "vae.pixel_factor": 4,
+            "vae.latent_channels": 48,
+            "backbone.arch.in_channels": 192,
+        }
+    )
     batch = make_batch()
     z = model.vae.encode(batch.source)
     assert z.shape == (2, 48, 8, 8)
@@ -504,11 +540,14 @@ def test_pixel_unshuffle_codec_is_lossless_and_trains():
         build_model(tiny_model_config(**{"vae.kind": "pixel_unshuffle", "vae.latent_channels": 4}))
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"experts.kind": "ffn"},
-    {"repaint.mode": "decoupled", "loss.tag_alignment": 0.1},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"experts.kind": "ffn"},
+        {"repaint.mode": "decoupled", "loss.tag_alignment": 0.1},
+    ],
+)
 def test_every_trainable_parameter_gets_a_gradient_from_any_batch(overrides):
     """ZeRO-2 reduces gradient buckets that must hold the same parameters on every rank: a batch
     without any reference (on one rank) must still give every trainable parameter a gradient, zero

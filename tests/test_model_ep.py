@@ -32,8 +32,9 @@ def _perturb_experts(model, ep_rank: int, n_local: int) -> None:
 
 def _worker(rank: int, world: int, port: int, kind: str) -> None:
     """ep_size = world: each rank holds 4 / world experts of every expert layer."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist

@@ -80,7 +80,9 @@ def test_router_reference_context_is_the_absent_vector_without_reference():
     assert text_ctx[1].abs().max() > 0  # text is present for both samples
     # a batch without any reference reads the absent vector too, and it is learned (gets a gradient)
     x, text = torch.randn(2, 6, D), torch.randn(2, 5, D)
-    ctxs = router.contexts(x, text, None, None, torch.tensor([False, False]), torch.randn(2, 6, D), torch.randn(2, 6, D))
+    ctxs = router.contexts(
+        x, text, None, None, torch.tensor([False, False]), torch.randn(2, 6, D), torch.randn(2, 6, D)
+    )
     torch.testing.assert_close(ctxs[1], router.absent_ref.expand(2, 6, -1), rtol=0, atol=0)
     (ctxs[1] * torch.randn_like(ctxs[1])).sum().backward()
     assert router.absent_ref.grad.abs().max() > 0
@@ -222,8 +224,15 @@ def test_alltoall_dispatch_moves_rows_by_permutations_without_scatter_add(groupe
     for h in hooks:
         h.remove()
     ops = {e.key for e in prof.key_averages()}
-    atomic = {"aten::index_add", "aten::index_add_", "aten::scatter_add", "aten::scatter_add_", "aten::index_put_",
-              "aten::_index_put_impl_", "aten::index_put"}
+    atomic = {
+        "aten::index_add",
+        "aten::index_add_",
+        "aten::scatter_add",
+        "aten::scatter_add_",
+        "aten::index_put_",
+        "aten::_index_put_impl_",
+        "aten::index_put",
+    }
     assert not ops & atomic, ops & atomic
     assert sum(seen) == (0 if grouped else int((r.index >= 0).sum()))
     ref = reference_combine(packed.detach().float(), r.index, r.weight, [copy.deepcopy(e).float() for e in experts])
@@ -250,7 +259,8 @@ def test_packed_rows_are_aligned_and_experts_read_only_their_condition():
     packed = torch.randn(7, packed_width(D, C))
     m = packed[:, D + 4 * C : D + 4 * C + 1]
     spelled = {  # the layout [x | text | reference | mask ctx | base ctx | m], written out
-        "text": packed[:, D : D + C], "reference": packed[:, D + C : D + 2 * C],
+        "text": packed[:, D : D + C],
+        "reference": packed[:, D + C : D + 2 * C],
         "mask": torch.cat([packed[:, D + 2 * C : D + 3 * C], m], 1),
         "base": torch.cat([packed[:, D + 3 * C : D + 4 * C], 1 - m], 1),
     }
@@ -308,7 +318,9 @@ def test_mask_repaint_starts_at_its_prior_and_sees_neighbours():
     nn.init.normal_(head.out.weight)
     x2 = x.clone()
     x2[:, 0] += torch.randn(D)  # token (0, 0): affects its 3x3 conv neighbourhood (two convs: up to 2 tokens away)
-    delta = (head(x2, ref, base, prior, prior, (4, 4)) - head(x, ref, base, prior, prior, (4, 4))).abs().reshape(2, 4, 4)
+    delta = (
+        (head(x2, ref, base, prior, prior, (4, 4)) - head(x, ref, base, prior, prior, (4, 4))).abs().reshape(2, 4, 4)
+    )
     assert delta[:, 0, 0].min() > 0 and delta[:, 1, 1].min() > 0
     assert delta[:, 3, 3].max() == 0
     # it reads the base read-out too (the object's shape when there is no reference)

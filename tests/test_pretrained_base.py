@@ -35,13 +35,25 @@ EMBEDDED = os.path.join(ROOT, "configs", "pretrained", "tiny")
 def micro_recipe(**changes) -> BaseRecipe:
     """A base small enough to pretrain in seconds (32 px, 4x4 tokens)."""
     r = BaseRecipe(
-        image_size=32, pixel_factor=4,
-        arch=FluxArch(in_channels=192, num_layers=2, num_single_layers=1, num_attention_heads=2,
-                      attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=32,
-                      axes_dims_rope=[4, 6, 6]),
-        text=TextArch(d_model=32, layers=1, heads=2, ff=64, clip_hidden=32, clip_layers=1, clip_heads=2,
-                      max_length=16),
-        num_scenes=64, val_scenes=8, steps=4, batch_size=8, warmup_steps=2, save_dtype="float32",
+        image_size=32,
+        pixel_factor=4,
+        arch=FluxArch(
+            in_channels=192,
+            num_layers=2,
+            num_single_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 6, 6],
+        ),
+        text=TextArch(d_model=32, layers=1, heads=2, ff=64, clip_hidden=32, clip_layers=1, clip_heads=2, max_length=16),
+        num_scenes=64,
+        val_scenes=8,
+        steps=4,
+        batch_size=8,
+        warmup_steps=2,
+        save_dtype="float32",
     )
     for k, v in changes.items():
         setattr(r, k, v)
@@ -62,12 +74,19 @@ def _care_config(base: str, **overrides):
 
     from moe.config import ModelConfig
 
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {
-        "backbone": {"path": base}, "text": {"t5_path": base, "clip_path": base, "max_length": 16},
-        "vae": {"kind": "pixel_unshuffle", "pixel_factor": 4, "latent_channels": 48},
-        "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v"]}, "experts": {"rank": 4, "num_blocks": 1},
-        "router": {"ctx_dim": 8, "attn_dim": 8, "num_latents": 2}, "repaint": {"hidden": 8},
-    }, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig),
+        {
+            "backbone": {"path": base},
+            "text": {"t5_path": base, "clip_path": base, "max_length": 16},
+            "vae": {"kind": "pixel_unshuffle", "pixel_factor": 4, "latent_channels": 48},
+            "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v"]},
+            "experts": {"rank": 4, "num_blocks": 1},
+            "router": {"ctx_dim": 8, "attn_dim": 8, "num_latents": 2},
+            "repaint": {"hidden": 8},
+        },
+        OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]),
+    )
     return OmegaConf.to_object(cfg)
 
 
@@ -78,8 +97,9 @@ def test_base_loads_into_care_edit_through_the_real_paths(micro_base):
     care = build_model(_care_config(out))
     # every frozen transformer weight is the pretrained one (LoRA'd layers keep theirs as base_layer)
     pretrained = model.transformer.state_dict()
-    loaded = {k.replace(".base_layer", ""): v for k, v in care.backbone.transformer.state_dict().items()
-              if "lora_" not in k}
+    loaded = {
+        k.replace(".base_layer", ""): v for k, v in care.backbone.transformer.state_dict().items() if "lora_" not in k
+    }
     shared = [k for k in pretrained if k in loaded]
     assert len(shared) > 0.8 * len(pretrained)
     for k in shared:

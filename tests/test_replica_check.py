@@ -31,8 +31,13 @@ def test_a_perturbed_replica_stops_the_run_naming_the_parameter(tmp_path, param,
     """Dense: replicated on both ranks. Expert: at ep_size 1 both ranks hold every expert (one
     expert-data-parallel group of 2); at ep_size 2 an expert has one copy and nothing to compare."""
     run = str(tmp_path)
-    ranks = run_ranks(2, run, COMMON + [f"model.experts.ep_size={ep}"], expect_ok=False,
-                      faults=Faults(perturb_at_step=3, perturb_rank=1, perturb_param=param))
+    ranks = run_ranks(
+        2,
+        run,
+        COMMON + [f"model.experts.ep_size={ep}"],
+        expect_ok=False,
+        faults=Faults(perturb_at_step=3, perturb_rank=1, perturb_param=param),
+    )
     assert all(p.returncode != 0 for p in ranks.procs)
     for rank in (0, 1):
         assert f"replica check at step 3: parameter '{param}' differs between ranks 0 and 1" in ranks.output(rank)

@@ -86,8 +86,13 @@ def _reshape_case(tmp_path, ref, src_world, src_ep, targets, extra=()):
     portable = _convert(_ckpt(ref, 3), str(tmp_path / "portable"))
     for world, ep, zero, gas in targets:
         resumed = str(tmp_path / f"resumed-w{world}")
-        ranks = _run(world, resumed, [f"model.experts.ep_size={ep}", f"train.zero_stage={zero}",
-                                      f"train.grad_accum={gas}", *extra], resume=portable, tag="resume")
+        ranks = _run(
+            world,
+            resumed,
+            [f"model.experts.ep_size={ep}", f"train.zero_stage={zero}", f"train.grad_accum={gas}", *extra],
+            resume=portable,
+            tag="resume",
+        )
         out = ranks.output()
         assert "resumed from portable at step 3" in out
         assert f"portable checkpoint from {src_world} ranks at ep_size {src_ep}" in out
@@ -135,13 +140,15 @@ def test_ep4_on_4_ranks_continues_at_ep2_on_2_and_ep1_on_1(tmp_path):
 
 
 def test_native_checkpoint_at_another_shape_is_refused_with_the_command(native_ep2, tmp_path):
-    ranks = _run(1, str(tmp_path), ["model.experts.ep_size=1", "train.zero_stage=2"], resume=_ckpt(native_ep2, 3),
-                 expect=4)
+    ranks = _run(
+        1, str(tmp_path), ["model.experts.ep_size=1", "train.zero_stage=2"], resume=_ckpt(native_ep2, 3), expect=4
+    )
     out = ranks.output()
     assert "was written by 2 ranks at ep_size 2, ZeRO 2; this run has 1 ranks at ep_size 1" in out
     assert f"python -m launch.reshape_checkpoint --src {_ckpt(native_ep2, 3)}" in out
-    assert "Traceback" not in out and not os.path.exists(os.path.join(str(tmp_path), "toy", "checkpoints",
-                                                                       "step00000003"))
+    assert "Traceback" not in out and not os.path.exists(
+        os.path.join(str(tmp_path), "toy", "checkpoints", "step00000003")
+    )
 
 
 def test_reshape_command_writes_portable_checkpoint_and_checks_target(native_ep2, tmp_path):
@@ -154,8 +161,12 @@ def test_reshape_command_writes_portable_checkpoint_and_checks_target(native_ep2
     assert ok.returncode == 0, ok.stderr[-3000:]
     dst = os.path.join(ckpt_dir, "portable", "step00000006")
     assert f"--resume {dst}" in ok.stdout
-    assert sorted(os.listdir(dst)) == ["config.yaml", "dense_states.pt", *[f"expert_{g:04d}_states.pt"
-                                                                          for g in range(4)], "portable.pt"]
+    assert sorted(os.listdir(dst)) == [
+        "config.yaml",
+        "dense_states.pt",
+        *[f"expert_{g:04d}_states.pt" for g in range(4)],
+        "portable.pt",
+    ]
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 2 and "exists" in again.stderr
 
@@ -167,15 +178,17 @@ def test_resume_auto_at_another_shape_uses_the_conversion_of_latest(native_ep2, 
     from launch.reshape_checkpoint import main as reshape
 
     assert reshape(["--src", ckpt_dir]) == 0  # latest: step 6 -> checkpoints/portable/step00000006
-    ranks = _run(1, run, ["model.experts.ep_size=1", "train.zero_stage=0", "train.grad_accum=2"], resume="auto",
-                 tag="auto")
+    ranks = _run(
+        1, run, ["model.experts.ep_size=1", "train.zero_stage=0", "train.grad_accum=2"], resume="auto", tag="auto"
+    )
     assert "resumed from step00000006 at step 6" in ranks.output()
     with open(os.path.join(ckpt_dir, "latest")) as f:
         assert f.read() == "step00000006"
     state = torch.load(os.path.join(ckpt_dir, "step00000006", "train_state_rank0.pt"), weights_only=True)
     assert state["layout"]["world_size"] == 1 and state["layout"]["ep_size"] == 1  # the new shape, saved at once
-    again = _run(1, run, ["model.experts.ep_size=1", "train.zero_stage=0", "train.grad_accum=2"], resume="auto",
-                 tag="again")  # now a native checkpoint of this shape: no conversion involved
+    again = _run(
+        1, run, ["model.experts.ep_size=1", "train.zero_stage=0", "train.grad_accum=2"], resume="auto", tag="again"
+    )  # now a native checkpoint of this shape: no conversion involved
     assert "portable" not in again.output()
 
 

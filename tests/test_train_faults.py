@@ -54,9 +54,18 @@ def test_sigusr1_checkpoints_at_next_step_and_exits_cleanly(tmp_path):
 
 def test_nan_loss_on_one_rank_is_skipped_on_all_and_counted(tmp_path):
     run = str(tmp_path)
-    ranks = run_ranks(2, run, EP2 + ["train.steps=5", "checkpoint.every=100", "logging.every=5",
-                                     "guards.replica_check_every=1"],  # the replicas stay identical throughout
-                      faults=Faults(nan_at_steps=[3]))
+    ranks = run_ranks(
+        2,
+        run,
+        EP2
+        + [
+            "train.steps=5",
+            "checkpoint.every=100",
+            "logging.every=5",
+            "guards.replica_check_every=1",
+        ],  # the replicas stay identical throughout
+        faults=Faults(nan_at_steps=[3]),
+    )
     recs = {r["step"]: r for r in read_records(run)}
     assert [s for s, r in recs.items() if r["skipped"]] == [3]
     assert all(math.isfinite(recs[s]["loss"]) for s in (1, 2, 4, 5))  # weights not poisoned
@@ -68,8 +77,13 @@ def test_nan_loss_on_one_rank_is_skipped_on_all_and_counted(tmp_path):
 
 def test_consecutive_nans_stop_the_run_naming_the_step(tmp_path):
     run = str(tmp_path)
-    ranks = run_ranks(2, run, EP2 + ["train.steps=8", "guards.max_consecutive_skips=3"], expect_ok=False,
-                      faults=Faults(nan_at_steps=[2, 3, 4]))
+    ranks = run_ranks(
+        2,
+        run,
+        EP2 + ["train.steps=8", "guards.max_consecutive_skips=3"],
+        expect_ok=False,
+        faults=Faults(nan_at_steps=[2, 3, 4]),
+    )
     assert all(p.returncode != 0 for p in ranks.procs)
     assert "step 4: 3 consecutive steps skipped" in ranks.output(0)
     assert max(read_losses(run)) == 4

@@ -26,13 +26,21 @@ def _kill_and_resume(tmp_path, world, overrides, kill_after=4):
     return read_losses(full), read_losses(cut), cut
 
 
-@pytest.mark.parametrize("world, ep, zero", [
-    (2, 2, 2),
-    pytest.param(4, 4, 0, marks=pytest.mark.slow),  # 4 processes on 2 cores: 70-180 s; `make test-all`
-])
+@pytest.mark.parametrize(
+    "world, ep, zero",
+    [
+        (2, 2, 2),
+        pytest.param(4, 4, 0, marks=pytest.mark.slow),  # 4 processes on 2 cores: 70-180 s; `make test-all`
+    ],
+)
 def test_sigkill_then_resume_reproduces_losses(tmp_path, world, ep, zero):
-    overrides = [f"model.experts.ep_size={ep}", f"train.zero_stage={zero}", "train.steps=6", "checkpoint.every=3",
-                 "ema.enabled=true"]
+    overrides = [
+        f"model.experts.ep_size={ep}",
+        f"train.zero_stage={zero}",
+        "train.steps=6",
+        "checkpoint.every=3",
+        "ema.enabled=true",
+    ]
     full, resumed, cut = _kill_and_resume(tmp_path, world, overrides)
     assert sorted(full) == list(range(1, 7)) and sorted(resumed) == list(range(1, 7))
     for step in range(4, 7):

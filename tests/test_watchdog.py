@@ -27,8 +27,15 @@ def test_limit_is_off_during_warm_up_then_the_larger_of_floor_and_factor_x_media
 @pytest.mark.multiprocess
 def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path):
     run = str(tmp_path)
-    overrides = ["model.experts.ep_size=2", "logging.images_every=0", "train.steps=50", "checkpoint.every=2",
-                 "guards.hang_factor=5", "guards.hang_min_s=1.5", "guards.hang_warmup_steps=2"]
+    overrides = [
+        "model.experts.ep_size=2",
+        "logging.images_every=0",
+        "train.steps=50",
+        "checkpoint.every=2",
+        "guards.hang_factor=5",
+        "guards.hang_min_s=1.5",
+        "guards.hang_warmup_steps=2",
+    ]
     t0 = time.time()
     ranks = start_ranks(2, run, overrides, faults=Faults(stall_at_step=5, stall_rank=1, stall_s=120))
     codes = ranks.wait(60)
@@ -54,8 +61,15 @@ def test_a_collective_deadlock_is_reported_with_each_ranks_collective(tmp_path):
     and goes on to DeepSpeed's gradient all-reduce. Nothing errors; the watchdog ends both ranks and
     their stacks show the two different collectives."""
     run = str(tmp_path)
-    overrides = ["model.experts.ep_size=2", "logging.images_every=0", "train.steps=6", "checkpoint.every=100",
-                 "guards.hang_factor=5", "guards.hang_min_s=2", "guards.hang_warmup_steps=2"]
+    overrides = [
+        "model.experts.ep_size=2",
+        "logging.images_every=0",
+        "train.steps=6",
+        "checkpoint.every=100",
+        "guards.hang_factor=5",
+        "guards.hang_min_s=2",
+        "guards.hang_warmup_steps=2",
+    ]
     ranks = start_ranks(2, run, overrides, faults=Faults(unused_at_step=3, unused_rank=1, unused_module="adapter"))
     assert ranks.wait(90) == [HANG_EXIT_CODE] * 2, ranks.output(0)[-3000:] + ranks.output(1)[-3000:]
     assert "in all_to_all_single" in ranks.output(0)

@@ -18,15 +18,28 @@ from tests.train_harness import read_losses, run_ranks
 from train.config import ConfigError, deepspeed_config, load_config
 
 STEPS = 4
-BASE = [f"train.steps={STEPS}", "checkpoint.every=100", "logging.images_every=0", "guards.replica_check_every=1",
-        "optim.lr=1.0e-2", "schedule.warmup_steps=1"]
+BASE = [
+    f"train.steps={STEPS}",
+    "checkpoint.every=100",
+    "logging.images_every=0",
+    "guards.replica_check_every=1",
+    "optim.lr=1.0e-2",
+    "schedule.warmup_steps=1",
+]
 EXPERT_NUMEL = 32 * 32 + 32  # one toy expert: Linear(32, 32)
 SMALL = EXPERT_NUMEL // 2
 
 
 def test_bucket_and_overlap_keys_reach_the_deepspeed_config():
-    cfg = load_config(None, ["train.zero_stage=2", f"train.reduce_bucket_size={SMALL}",
-                             "train.allgather_bucket_size=700", "train.overlap_comm=true"])
+    cfg = load_config(
+        None,
+        [
+            "train.zero_stage=2",
+            f"train.reduce_bucket_size={SMALL}",
+            "train.allgather_bucket_size=700",
+            "train.overlap_comm=true",
+        ],
+    )
     zero = deepspeed_config(cfg, world_size=2, on_gpu=False)["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"], zero["overlap_comm"]) == (SMALL, 700, True)
     auto = deepspeed_config(load_config(None, ["train.zero_stage=1"]), world_size=2, on_gpu=True)["zero_optimization"]
@@ -42,17 +55,23 @@ def reference(tmp_path_factory):
     return read_losses(run)
 
 
-CASES = [(0, False, 0)] + [(zero, overlap, bucket) for zero in (1, 2) for overlap in (False, True)
-                           for bucket in (0, SMALL)]
+CASES = [(0, False, 0)] + [
+    (zero, overlap, bucket) for zero in (1, 2) for overlap in (False, True) for bucket in (0, SMALL)
+]
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("zero, overlap, bucket", CASES,
-                         ids=[f"zero{z}-overlap{int(o)}-bucket{b or 'default'}" for z, o, b in CASES])
+@pytest.mark.parametrize(
+    "zero, overlap, bucket", CASES, ids=[f"zero{z}-overlap{int(o)}-bucket{b or 'default'}" for z, o, b in CASES]
+)
 def test_ep2_equals_ep1_and_replicas_agree(tmp_path, reference, zero, overlap, bucket):
     run = str(tmp_path)
-    overrides = BASE + ["model.experts.ep_size=2", f"train.zero_stage={zero}", f"train.overlap_comm={str(overlap).lower()}"]
+    overrides = BASE + [
+        "model.experts.ep_size=2",
+        f"train.zero_stage={zero}",
+        f"train.overlap_comm={str(overlap).lower()}",
+    ]
     if bucket:
         overrides += [f"train.reduce_bucket_size={bucket}", f"train.allgather_bucket_size={bucket}"]
     r = run_ranks(2, run, overrides)
@@ -76,14 +95,20 @@ def test_a_weight_without_gradient_on_one_rank_breaks_zero_buckets(tmp_path, zer
     data (the replica check's). ZeRO 0 reduces a zero gradient for it and trains on, replicas equal.
     The bucket size plays no part: the default holds all of this model's gradients."""
     run = str(tmp_path)
-    r = run_ranks(2, run, BASE + ["model.experts.ep_size=2", f"train.zero_stage={zero}"], expect_ok=(zero == 0),
-                  faults=Faults(unused_at_step=2, unused_rank=1, unused_module="head"))
+    r = run_ranks(
+        2,
+        run,
+        BASE + ["model.experts.ep_size=2", f"train.zero_stage={zero}"],
+        expect_ok=(zero == 0),
+        faults=Faults(unused_at_step=2, unused_rank=1, unused_module="head"),
+    )
     if zero == 0:
         assert max(read_losses(run)) == STEPS
     else:
         assert all(p.returncode != 0 for p in r.procs)
-        assert "Received data size doesn't match expected size. Is there a distributed collective mismatch" \
-            in r.output(1)
+        assert "Received data size doesn't match expected size. Is there a distributed collective mismatch" in r.output(
+            1
+        )
         assert max(read_losses(run)) == 1
 
 
@@ -102,8 +127,13 @@ def hetero_reference(tmp_path_factory):
 
 @pytest.mark.multiprocess
 def test_zero_buckets_that_would_mismatch_are_refused_before_training(tmp_path):
-    r = run_ranks(2, str(tmp_path), BASE + ["model.experts.ep_size=2", "train.zero_stage=2",
-                                            "train.reduce_bucket_size=3000"], faults=HETERO, expect_ok=False)
+    r = run_ranks(
+        2,
+        str(tmp_path),
+        BASE + ["model.experts.ep_size=2", "train.zero_stage=2", "train.reduce_bucket_size=3000"],
+        faults=HETERO,
+        expect_ok=False,
+    )
     assert all(p.returncode != 0 for p in r.procs)
     assert "train.reduce_bucket_size: 3000 elements is smaller than a rank's trainable gradients" in r.output(0)
     assert "ranks hold parameters of different sizes" in r.output(0)
@@ -115,8 +145,13 @@ def test_zero_buckets_that_would_mismatch_are_refused_before_training(tmp_path):
 def test_without_the_bucket_check_such_buckets_break_the_reduction(tmp_path):
     """What the check prevents, with it patched out: gloo's "collective mismatch" in the first step."""
     faults = Faults(hetero_experts=True, skip_bucket_check=True)
-    r = run_ranks(2, str(tmp_path), BASE + ["model.experts.ep_size=2", "train.zero_stage=2",
-                                            "train.reduce_bucket_size=3000"], faults=faults, expect_ok=False)
+    r = run_ranks(
+        2,
+        str(tmp_path),
+        BASE + ["model.experts.ep_size=2", "train.zero_stage=2", "train.reduce_bucket_size=3000"],
+        faults=faults,
+        expect_ok=False,
+    )
     out = r.output(0) + r.output(1)
     assert "Received data size doesn't match expected size. Is there a distributed collective mismatch" in out
 
@@ -126,8 +161,9 @@ def test_without_the_bucket_check_such_buckets_break_the_reduction(tmp_path):
 @pytest.mark.parametrize("zero", [1, 2])
 def test_heterogeneous_experts_with_one_bucket_equal_ep1(tmp_path, hetero_reference, zero):
     run = str(tmp_path)
-    run_ranks(2, run, BASE + ["model.experts.ep_size=2", f"train.zero_stage={zero}", "train.overlap_comm=true"],
-              faults=HETERO)
+    run_ranks(
+        2, run, BASE + ["model.experts.ep_size=2", f"train.zero_stage={zero}", "train.overlap_comm=true"], faults=HETERO
+    )
     got = read_losses(run)
     assert sorted(got) == sorted(hetero_reference) == list(range(1, STEPS + 1))
     for step in got:

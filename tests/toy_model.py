@@ -53,8 +53,16 @@ class ToyEditModel(nn.Module):
         self.adapter = nn.Linear(hidden, hidden)
         nn.init.zeros_(self.adapter.weight)
         nn.init.zeros_(self.adapter.bias)
-        self.moe = MoE(hidden, nn.Linear(hidden, hidden), num_experts=len(EXPERTS), ep_size=ep_size, k=top_k,
-                       capacity_factor=4.0, min_capacity=4, use_rts=False)
+        self.moe = MoE(
+            hidden,
+            nn.Linear(hidden, hidden),
+            num_experts=len(EXPERTS),
+            ep_size=ep_size,
+            k=top_k,
+            capacity_factor=4.0,
+            min_capacity=4,
+            use_rts=False,
+        )
         self.head = nn.Linear(hidden, token_dim)
         self.hidden = hidden
 
@@ -92,15 +100,25 @@ class ToyEditModel(nn.Module):
         util = (counts / counts.sum().clamp(min=1)).tolist()
         stats = {f"util/block0/{name}": u for name, u in zip(EXPERTS, util)}
         loss = diffusion + 0.01 * l_aux
-        return ToyOutput(loss=loss, terms={"diffusion": diffusion, "load_balance": l_aux}, stats=stats,
-                         num_tokens=src.shape[0] * src.shape[1])
+        return ToyOutput(
+            loss=loss,
+            terms={"diffusion": diffusion, "load_balance": l_aux},
+            stats=stats,
+            num_tokens=src.shape[0] * src.shape[1],
+        )
 
     @torch.no_grad()
-    def edit(self, batch: EditBatch, num_steps: int = 4, text_guidance: float = 1.0, image_guidance: float = 1.0,
-             generator: Optional[torch.Generator] = None) -> ToyEditResult:
+    def edit(
+        self,
+        batch: EditBatch,
+        num_steps: int = 4,
+        text_guidance: float = 1.0,
+        image_guidance: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> ToyEditResult:
         src = self._tokens(batch.source)
         x = torch.randn(src.shape, generator=generator, device=src.device, dtype=src.dtype)
-        for i in range(num_steps):
+        for _ in range(num_steps):
             v, _, _ = self._velocity(x, src)
             x = x - v / num_steps
         images = self._untokens(x, batch.source.shape).clamp(-1, 1)
@@ -141,13 +159,21 @@ def make_batch(seed: int, batch_size: int, image_size: int = 32) -> EditBatch:
     src = torch.rand(batch_size, 3, image_size, image_size, generator=g) * 2 - 1
     mask = torch.zeros(batch_size, 1, image_size, image_size)
     q = image_size // 4
-    mask[:, :, q:3 * q, q:3 * q] = 1
+    mask[:, :, q : 3 * q, q : 3 * q] = 1
     tgt = torch.where(mask.bool(), (src + 0.8).clamp(max=1), src)
-    return EditBatch(source=src, target=tgt, reference=torch.zeros_like(src),
-                     has_reference=torch.zeros(batch_size, dtype=torch.bool), fine_mask=mask, coarse_mask=mask,
-                     bbox=torch.tensor([[q, q, 3 * q, 3 * q]] * batch_size), instruction=["brighten"] * batch_size,
-                     task=["recolor"] * batch_size, tag_ids=torch.full((batch_size, 1), -1),
-                     keys=[f"{seed}-{i}" for i in range(batch_size)])
+    return EditBatch(
+        source=src,
+        target=tgt,
+        reference=torch.zeros_like(src),
+        has_reference=torch.zeros(batch_size, dtype=torch.bool),
+        fine_mask=mask,
+        coarse_mask=mask,
+        bbox=torch.tensor([[q, q, 3 * q, 3 * q]] * batch_size),
+        instruction=["brighten"] * batch_size,
+        task=["recolor"] * batch_size,
+        tag_ids=torch.full((batch_size, 1), -1),
+        keys=[f"{seed}-{i}" for i in range(batch_size)],
+    )
 
 
 @dataclass
@@ -177,8 +203,9 @@ class ToyLoader:
         return dict(self.skipped)
 
 
-def build_toy_loader(data_cfg, batch_size: int, rank: int, world_size: int, start_step: int = 0,
-                     exact: bool = False) -> ToyLoader:
+def build_toy_loader(
+    data_cfg, batch_size: int, rank: int, world_size: int, start_step: int = 0, exact: bool = False
+) -> ToyLoader:
     return ToyLoader(batch_size=batch_size, rank=rank, seed=int(data_cfg.seed), image_size=int(data_cfg.image_size))
 
 

@@ -25,5 +25,6 @@ if __name__ == "__main__":
 
         model_factory, loader_factory, val_batch_factory = build_toy_model, build_toy_loader, build_toy_val_batch
     model_factory, loader_factory = wrap_factories(Faults.from_env(), model_factory, loader_factory)
-    sys.exit(main(argv, model_factory=model_factory, loader_factory=loader_factory,
-                  val_batch_factory=val_batch_factory))
+    sys.exit(
+        main(argv, model_factory=model_factory, loader_factory=loader_factory, val_batch_factory=val_batch_factory)
+    )

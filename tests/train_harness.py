@@ -22,9 +22,30 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 def tiny_shards(out: str) -> list[str]:
     """Synthetic 64x64 shards (3 train, 1 val) in ``out``; the overrides that point tiny.yaml at them."""
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--train", "48", "--val", "8",
-                    "--size", "64", "--samples-per-shard", "16"], check=True, cwd=ROOT, capture_output=True)
-    return [f"data.train_shards={out}/train-{{000000..000002}}.tar", f"data.val_shards={out}/val-{{000000..000000}}.tar"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.synthetic",
+            "--out",
+            str(out),
+            "--train",
+            "48",
+            "--val",
+            "8",
+            "--size",
+            "64",
+            "--samples-per-shard",
+            "16",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    return [
+        f"data.train_shards={out}/train-{{000000..000002}}.tar",
+        f"data.val_shards={out}/val-{{000000..000000}}.tar",
+    ]
 
 
 def free_port() -> int:
@@ -46,7 +67,7 @@ class Ranks:
                 codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise AssertionError("ranks timed out:\n" + self.output())
+                raise AssertionError("ranks timed out:\n" + self.output()) from None
         return codes
 
     def kill(self) -> None:
@@ -60,9 +81,17 @@ class Ranks:
             return f.read()
 
 
-def start_ranks(world: int, run_dir: str, overrides: list[str], resume: str | None = None,
-                entry: str = ENTRY, config: str = TOY_CONFIG, tag: str = "run", faults: Optional[Faults] = None,
-                env: Optional[dict[str, str]] = None) -> Ranks:
+def start_ranks(
+    world: int,
+    run_dir: str,
+    overrides: list[str],
+    resume: str | None = None,
+    entry: str = ENTRY,
+    config: str = TOY_CONFIG,
+    tag: str = "run",
+    faults: Optional[Faults] = None,
+    env: Optional[dict[str, str]] = None,
+) -> Ranks:
     """Start ``world`` processes of the training entry with RANK/WORLD_SIZE/MASTER_* set (gloo on CPU).
 
     ``faults`` reach the entry's factories (tests/faults.py); ``env`` adds variables (e.g. SLURM_JOB_ID).
@@ -71,9 +100,19 @@ def start_ranks(world: int, run_dir: str, overrides: list[str], resume: str | No
     procs, logs = [], []
     os.makedirs(run_dir, exist_ok=True)
     for rank in range(world):
-        rank_env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
-                    "DS_ACCELERATOR": "cpu", **(faults or Faults()).to_env(), **(env or {})}
+        rank_env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": ROOT,
+            "DS_ACCELERATOR": "cpu",
+            **(faults or Faults()).to_env(),
+            **(env or {}),
+        }
         cmd = [sys.executable, entry, "--config", config, f"run.dir={run_dir}", *overrides]
         if resume:
             cmd += ["--resume", resume]
@@ -84,9 +123,17 @@ def start_ranks(world: int, run_dir: str, overrides: list[str], resume: str | No
     return Ranks(procs, logs)
 
 
-def run_ranks(world: int, run_dir: str, overrides: list[str], resume: str | None = None, timeout: float = 240,
-              expect_ok: bool = True, tag: str = "run", faults: Optional[Faults] = None,
-              env: Optional[dict[str, str]] = None) -> Ranks:
+def run_ranks(
+    world: int,
+    run_dir: str,
+    overrides: list[str],
+    resume: str | None = None,
+    timeout: float = 240,
+    expect_ok: bool = True,
+    tag: str = "run",
+    faults: Optional[Faults] = None,
+    env: Optional[dict[str, str]] = None,
+) -> Ranks:
     ranks = start_ranks(world, run_dir, overrides, resume, tag=tag, faults=faults, env=env)
     codes = ranks.wait(timeout)
     if expect_ok:

@@ -141,8 +141,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -260,13 +264,25 @@ class Checkpointer:
         config. Returns {file name: size} of what this rank wrote."""
         written: dict[str, int] = {}
         with _recording_saves(engine, tmp_path, written):
-            engine.save_checkpoint(self.dir, tag=os.path.basename(tmp_path), client_state={"step": step},
-                                   save_latest=False, exclude_frozen_parameters=True)
+            engine.save_checkpoint(
+                self.dir,
+                tag=os.path.basename(tmp_path),
+                client_state={"step": step},
+                save_latest=False,
+                exclude_frozen_parameters=True,
+            )
         if self._layout is None:  # fixed for the run: which optimizer slot holds which global parameter
-            self._layout = capture_layout(engine, self.dist.rank, self.dist.world_size,
-                                          int(self.cfg.model.experts.ep_size))
-        state = {"step": step, "rank": self.dist.rank, "world_size": self.dist.world_size,
-                 "loader": loader.state_dict(), "rng": rng_state(), "layout": self._layout}
+            self._layout = capture_layout(
+                engine, self.dist.rank, self.dist.world_size, int(self.cfg.model.experts.ep_size)
+            )
+        state = {
+            "step": step,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "layout": self._layout,
+        }
         if ema is not None:
             state["ema"] = ema.state_dict()
         name = f"train_state_rank{self.dist.rank}.pt"
@@ -308,9 +324,12 @@ class Checkpointer:
     def _prune(self, step: int) -> None:
         """Keep the last K checkpoints up to ``step`` (later ones, left by a run that resumed from an
         earlier checkpoint, are overwritten as this run reaches their steps)."""
-        tags = sorted(t for t in os.listdir(self.dir) if STEP_TAG.match(t) and int(t[4:]) <= step
-                      and os.path.isdir(os.path.join(self.dir, t)))
-        for t in tags[:-self.keep]:
+        tags = sorted(
+            t
+            for t in os.listdir(self.dir)
+            if STEP_TAG.match(t) and int(t[4:]) <= step and os.path.isdir(os.path.join(self.dir, t))
+        )
+        for t in tags[: -self.keep]:
             shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
         for t in os.listdir(self.dir):  # stale temporaries from killed saves
             if t.startswith(TMP_PREFIX):
@@ -339,8 +358,11 @@ class Checkpointer:
                 where = read_latest(path)
                 if where is None:
                     raise FileNotFoundError(f"--resume {resume}: 'latest' names no checkpoint")
-            elif os.path.isfile(os.path.join(path, "train_state_rank0.pt")) or is_portable(path) \
-                    or os.path.isfile(os.path.join(path, COMPLETE)):
+            elif (
+                os.path.isfile(os.path.join(path, "train_state_rank0.pt"))
+                or is_portable(path)
+                or os.path.isfile(os.path.join(path, COMPLETE))
+            ):
                 where = os.path.dirname(path), os.path.basename(path)
             else:
                 raise FileNotFoundError(f"--resume {resume}: neither a checkpoint nor a directory with a 'latest' file")
@@ -348,7 +370,8 @@ class Checkpointer:
             if problem:
                 raise IncompleteCheckpoint(
                     f"--resume {resume}: checkpoint {os.path.join(*where)} is incomplete: {problem}. Resume from an "
-                    f"earlier checkpoint, or with --resume auto (it falls back to the newest complete one)")
+                    f"earlier checkpoint, or with --resume auto (it falls back to the newest complete one)"
+                )
         path = os.path.join(*where)
         if is_portable(path):
             return Found(where[0], where[1], int(read_meta(path)["step"]), portable=True, note=note)
@@ -360,8 +383,9 @@ class Checkpointer:
                 raise
             if self.dist.is_main:
                 log.warning("resume: %s is of another shape; using its conversion %s", path, converted)
-            return Found(os.path.dirname(converted), where[1], int(read_meta(converted)["step"]), portable=True,
-                         note=note)
+            return Found(
+                os.path.dirname(converted), where[1], int(read_meta(converted)["step"]), portable=True, note=note
+            )
 
     def _latest_complete(self) -> Optional[tuple[tuple[str, str], str]]:
         """((dir, tag), note) for ``--resume auto``: what ``latest`` names if complete, else the newest
@@ -372,8 +396,11 @@ class Checkpointer:
         with open(p) as f:
             tag = f.read().strip()
         path = os.path.join(self.dir, tag)
-        problem = "its directory is missing" if not os.path.isdir(path) else (
-            None if is_portable(path) else verify_complete(path))
+        problem = (
+            "its directory is missing"
+            if not os.path.isdir(path)
+            else (None if is_portable(path) else verify_complete(path))
+        )
         if problem is None:
             return (os.path.abspath(self.dir), tag), ""
         step = int(tag[4:]) if STEP_TAG.match(tag) else 1 << 62
@@ -386,13 +413,13 @@ class Checkpointer:
                 return (os.path.abspath(self.dir), t), note
         raise IncompleteCheckpoint(
             f"--resume auto: {path} (named by {p}) is incomplete ({problem}) and {self.dir} holds no earlier "
-            f"complete checkpoint. Start afresh without --resume after moving {self.dir} away")
+            f"complete checkpoint. Start afresh without --resume after moving {self.dir} away"
+        )
 
     def _check_shape(self, path: str) -> int:
         """The step of native checkpoint ``path`` if this run can load it as is; else a ReshapeError."""
         # mmap: only the few scalars below are read from a file that also holds EMA and loader state
-        state = torch.load(os.path.join(path, "train_state_rank0.pt"), map_location="cpu", weights_only=True,
-                           mmap=True)
+        state = torch.load(os.path.join(path, "train_state_rank0.pt"), map_location="cpu", weights_only=True, mmap=True)
         layout = state.get("layout")
         if layout is not None:
             ep, zero = int(layout["ep_size"]), int(layout["zero_stage"])
@@ -406,7 +433,8 @@ class Checkpointer:
                 f"checkpoint {path} was written by {saved_shape[0]} ranks at ep_size {saved_shape[1]}, ZeRO "
                 f"{saved_shape[2]}; this run has {shape[0]} ranks at ep_size {shape[1]}, ZeRO {shape[2]}. DeepSpeed "
                 f"cannot load it at another shape: convert it once with `{reshape_command(path)}`, then resume "
-                f"again (--resume auto uses the conversion of its 'latest')")
+                f"again (--resume auto uses the conversion of its 'latest')"
+            )
         return int(state["step"])
 
     def load(self, engine: Any, found: Found, loader: Any, ema: Any = None) -> Resumed:
@@ -418,8 +446,10 @@ class Checkpointer:
             raise FileNotFoundError(f"{state_file} missing: checkpoint written by a run with fewer ranks?")
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         if state["world_size"] != self.dist.world_size:
-            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
-                               f"{self.dist.world_size}; exact resume needs the same layout")
+            raise RuntimeError(
+                f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
+                f"{self.dist.world_size}; exact resume needs the same layout"
+            )
         missing = _load_engine_checkpoint(engine, found.load_dir, found.tag)
         trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
         lost = sorted(trainable & missing)
@@ -445,8 +475,9 @@ class Checkpointer:
         meta = load_portable(engine, found.path, ema)
         src = meta["source"]
         loader.load_state_dict({"per_rank": meta["loaders"]})
-        notes = [f"portable checkpoint from {src['world_size']} ranks at ep_size {src['ep_size']}, "
-                 f"ZeRO {src['zero_stage']}"]
+        notes = [
+            f"portable checkpoint from {src['world_size']} ranks at ep_size {src['ep_size']}, ZeRO {src['zero_stage']}"
+        ]
         if src["world_size"] == self.dist.world_size:
             set_rng_state(meta["rng"][self.dist.rank])
         else:
@@ -486,8 +517,9 @@ def _load_engine_checkpoint(engine: Any, load_dir: str, tag: str) -> set[str]:
 
     module.load_state_dict = capturing
     try:
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            load_dir, tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     finally:
         del module.load_state_dict
     if path is None:

@@ -49,7 +49,7 @@ def first_host(nodelist: str) -> str:
             end = s.find("]", i)
             if end < 0:
                 raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
-            host.append(s[i + 1:end].split(",")[0].split("-")[0])
+            host.append(s[i + 1 : end].split(",")[0].split("-")[0])
             i = end + 1
         else:
             host.append(s[i])
@@ -75,16 +75,21 @@ def fill_env_defaults() -> None:
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         # a task bound to one GPU (--gpus-per-task=1, --gpu-bind=single:1) sees it as device 0 (as task.sh)
-        os.environ.setdefault("LOCAL_RANK", "0" if visible and "," not in visible else
-                              os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault(
+            "LOCAL_RANK", "0" if visible and "," not in visible else os.environ.get("SLURM_LOCALID", "0")
+        )
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
         if nodelist:
             os.environ.setdefault("MASTER_ADDR", first_host(nodelist))
         if "SLURM_JOB_ID" in os.environ:
             os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
     elif "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        print(f"warning: SLURM_NTASKS={os.environ['SLURM_NTASKS']} but this process was not started by srun: "
-              "training as a single process (start one task per GPU with `srun`)", file=sys.stderr, flush=True)
+        print(
+            f"warning: SLURM_NTASKS={os.environ['SLURM_NTASKS']} but this process was not started by srun: "
+            "training as a single process (start one task per GPU with `srun`)",
+            file=sys.stderr,
+            flush=True,
+        )
     single = "RANK" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -108,8 +113,9 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-    return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank,
-                    device=device)
+    return DistInfo(
+        rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank, device=device
+    )
 
 
 def all_ranks_any(flag: bool, device: torch.device) -> bool:

@@ -130,8 +130,9 @@ def _rgb(checks: Sequence[Mapping[str, Any]], field: str, task: str) -> Tensor:
     return torch.tensor(rows)
 
 
-def task_success(task: str, edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor,
-                 checks: Sequence[Mapping[str, Any]]) -> Tensor:
+def task_success(
+    task: str, edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor, checks: Sequence[Mapping[str, Any]]
+) -> Tensor:
     """[B] bool: success of a batch of edits that all have ``task``; criteria in the module docstring."""
     if task not in CHECKED_TASKS:
         raise ValueError(f"no success check for task {task!r} (known: {', '.join(CHECKED_TASKS)})")
@@ -151,8 +152,14 @@ def task_success(task: str, edit: Tensor, source: Tensor, target: Tensor, fine_m
     return ok
 
 
-def edit_success(edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor, tasks: Sequence[str],
-                 checks: Sequence[Optional[Mapping[str, Any]]]) -> Tensor:
+def edit_success(
+    edit: Tensor,
+    source: Tensor,
+    target: Tensor,
+    fine_mask: Tensor,
+    tasks: Sequence[str],
+    checks: Sequence[Optional[Mapping[str, Any]]],
+) -> Tensor:
     """[B] float: 1.0 success, 0.0 failure, NaN where the sample has no check (or an unchecked task).
 
     ``checks[i]`` is sample i's ``check`` dict from its shard JSON, or None.

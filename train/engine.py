@@ -25,12 +25,17 @@ from train.distributed import DistInfo
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable params split into decay / no-decay (biases, norms), then per MoE expert group."""
-    named = model.trainable_named_parameters() if hasattr(model, "trainable_named_parameters") else [
-        (n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = (
+        model.trainable_named_parameters()
+        if hasattr(model, "trainable_named_parameters")
+        else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    )
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
@@ -64,7 +69,8 @@ def check_bucket_layout(model: nn.Module, zero_stage: int, bucket: int) -> None:
             f"while ranks hold parameters of different sizes (rank 0: {sum(everyone[0])} elements in "
             f"{len(everyone[0])} tensors, rank {differ}: {sum(everyone[differ])} in {len(everyone[differ])}): ZeRO "
             f"{zero_stage} would flush its gradient buckets at different points on different ranks and reduce "
-            f"mismatched data. Set train.reduce_bucket_size >= {largest} (one flush per step), or train.zero_stage=0")
+            f"mismatched data. Set train.reduce_bucket_size >= {largest} (one flush per step), or train.zero_stage=0"
+        )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -133,7 +139,8 @@ def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> Engine:
     check_bucket_layout(model, cfg.train.zero_stage, cfg.train.reduce_bucket_size)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = WarmupCosine(optimizer, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr / o.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
     return Engine(engine=engine, scheduler=scheduler, ema=ema, dtype=dtype, ds_config=ds_config)

@@ -52,8 +52,10 @@ def format_table(result: dict) -> str:
         values = [_success_of(row, t) for t in tasks + [MEAN]] + [row["metrics"].get(k) for k in PIXEL_METRICS]
         lines.append(" ".join([name.ljust(name_w)] + [_fmt(v).rjust(w) for v, w in zip(values, widths)]))
     notes = ["mask IoU: model = its refined mask"] + [
-        f"{ROW_NAMES.get(k, k)} = the {row['mask_iou_of']}" for k, row in result.get("baselines", {}).items()
-        if "mask_iou_of" in row]
+        f"{ROW_NAMES.get(k, k)} = the {row['mask_iou_of']}"
+        for k, row in result.get("baselines", {}).items()
+        if "mask_iou_of" in row
+    ]
     lines.append(", ".join(notes) + " (each against the fine mask)")
     if "success" in result.get("skipped_metrics", {}):
         lines.append(f"success unavailable: {result['skipped_metrics']['success']}")
@@ -68,18 +70,31 @@ def _panels(result: dict) -> list[tuple[str, list[str], dict[str, list[float]], 
     rows = report_rows(result)
     row_colours = {n: ROW_COLOURS.get(n, (0, 0, 0)) for n in rows}
     panels = [
-        ("edit success per task (fraction of samples)", tasks + [MEAN],
-         {n: [_success_of(r, t) for t in tasks + [MEAN]] for n, r in rows.items()}, row_colours),
-        ("L1 to the target inside / outside the fine mask; mask IoU", list(PIXEL_METRICS.values()),
-         {n: [r["metrics"].get(k, math.nan) for k in PIXEL_METRICS] for n, r in rows.items()}, row_colours),
+        (
+            "edit success per task (fraction of samples)",
+            tasks + [MEAN],
+            {n: [_success_of(r, t) for t in tasks + [MEAN]] for n, r in rows.items()},
+            row_colours,
+        ),
+        (
+            "L1 to the target inside / outside the fine mask; mask IoU",
+            list(PIXEL_METRICS.values()),
+            {n: [r["metrics"].get(k, math.nan) for k in PIXEL_METRICS] for n, r in rows.items()},
+            row_colours,
+        ),
     ]
     util = result.get("utilisation_per_task", {})
     experts = sorted({e for d in util.values() for e in d})
     if experts:
         groups = sorted(util)
-        panels.append(("expert utilisation per task (fraction of tokens routed)", groups,
-                       {e: [util[g].get(e, math.nan) for g in groups] for e in experts},
-                       {e: EXPERT_COLOURS.get(e, (0, 0, 0)) for e in experts}))
+        panels.append(
+            (
+                "expert utilisation per task (fraction of tokens routed)",
+                groups,
+                {e: [util[g].get(e, math.nan) for g in groups] for e in experts},
+                {e: EXPERT_COLOURS.get(e, (0, 0, 0)) for e in experts},
+            )
+        )
     return panels
 
 
@@ -102,8 +117,13 @@ def _plot_matplotlib(plt: Any, panels: list, path: str) -> None:
         width = 0.8 / max(len(series), 1)
         for j, (name, values) in enumerate(series.items()):
             xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values], width,
-                          label=name, color=[c / 255 for c in colours[name]])
+            bars = ax.bar(
+                xs,
+                [0 if math.isnan(v) else v for v in values],
+                width,
+                label=name,
+                color=[c / 255 for c in colours[name]],
+            )
             ax.bar_label(bars, labels=[_fmt(v) if not math.isnan(v) else "n/a" for v in values], fontsize=7)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_ylim(0, 1.15)

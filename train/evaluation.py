@@ -83,8 +83,9 @@ def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def flow_mse_per_sample(model: Any, batch: Any, times: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 0
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+def flow_mse_per_sample(
+    model: Any, batch: Any, times: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
     """([B] all, [B] inside, [B] outside): MSE of the predicted velocity against noise - x0, averaged
     over ``times``; noise drawn from a generator seeded with ``seed`` (same samples -> same numbers)."""
     was_training = model.training
@@ -163,8 +164,11 @@ class EmbeddingEncoders:
     @torch.no_grad()
     def clip_text(self, texts: list[str]) -> Tensor:
         tok = self.clip_processor(text=texts, return_tensors="pt", padding=True, truncation=True)
-        return _as_tensor(self.clip.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                                      attention_mask=tok["attention_mask"].to(self.device)))
+        return _as_tensor(
+            self.clip.get_text_features(
+                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+            )
+        )
 
     @torch.no_grad()
     def dino_image(self, images: Tensor) -> Tensor:
@@ -254,23 +258,30 @@ def iterate_heldout(data_cfg: Any, shards: str, batch_size: int, limit: int):
 BASELINES = ("do_nothing", "oracle")
 # What each baseline's mask IoU compares with the fine mask (neither has a refined mask of its own).
 BASELINE_IOU_MASK = {"do_nothing": "coarse box", "oracle": "fine mask"}
-NO_CHECKS = ("no evaluated sample has a success check: a 'check' field in its shard JSON (data.synthetic "
-             "writes one) for a task train.edit_success knows")
+NO_CHECKS = (
+    "no evaluated sample has a success check: a 'check' field in its shard JSON (data.synthetic "
+    "writes one) for a task train.edit_success knows"
+)
 
 
 def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[dict]]) -> dict[str, Tensor]:
     """Per-sample metrics every row of the report has: L1 inside / outside, mask IoU, success."""
     target, source, fine = to_unit(sub.target).cpu(), to_unit(sub.source).cpu(), sub.fine_mask.float().cpu()
     inside, outside = masked_l1_per_sample(edit, target, fine)
-    return {"l1": l1_per_sample(edit, target), "l1_inside": inside, "l1_outside": outside,
-            "mask_iou": mask_iou_per_sample(iou_mask.float().cpu(), fine),
-            "success": edit_success(edit, source, target, fine, list(sub.task), checks)}
+    return {
+        "l1": l1_per_sample(edit, target),
+        "l1_inside": inside,
+        "l1_outside": outside,
+        "mask_iou": mask_iou_per_sample(iou_mask.float().cpu(), fine),
+        "success": edit_success(edit, source, target, fine, list(sub.task), checks),
+    }
 
 
 def _reduce(per_sample: dict[str, list[float]], per_task: dict[str, dict[str, list[float]]]) -> dict:
     """Means over samples, per task, and success averaged over tasks (each task weighs the same)."""
-    tasks = {t: {k: nanmean(v) for k, v in d.items()} | {"count": len(next(iter(d.values())))}
-             for t, d in per_task.items()}
+    tasks = {
+        t: {k: nanmean(v) for k, v in d.items()} | {"count": len(next(iter(d.values())))} for t, d in per_task.items()
+    }
     metrics = {k: nanmean(v) for k, v in per_sample.items()}
     if "success" in metrics:
         metrics["success_mean_over_tasks"] = nanmean([d["success"] for d in tasks.values()])
@@ -278,8 +289,14 @@ def _reduce(per_sample: dict[str, list[float]], per_task: dict[str, dict[str, li
 
 
 @torch.no_grad()
-def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[EmbeddingEncoders] = None,
-             device: str = "cpu", on_batch: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate(
+    model: Any,
+    batches,
+    settings: EvalSettings,
+    encoders: Optional[EmbeddingEncoders] = None,
+    device: str = "cpu",
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Edit every held-out sample (per task group, for per-task utilisation) and reduce the metrics.
 
     Beside the model's row, two baselines on the same samples: ``do_nothing`` (the source returned
@@ -302,22 +319,30 @@ def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[Emb
             idx = [i for i, t in enumerate(batch.task) if t == task or task == "all"]
             sub = batch.select(idx).to(device)
             checks = [known.get(k) for k in sub.keys]
-            res = model.edit(sub, num_steps=settings.steps, text_guidance=settings.text_guidance,
-                             image_guidance=settings.image_guidance, generator=g)
+            res = model.edit(
+                sub,
+                num_steps=settings.steps,
+                text_guidance=settings.text_guidance,
+                image_guidance=settings.image_guidance,
+                generator=g,
+            )
             edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
             values = _edit_row(edit, sub, res.refined_mask, checks)
             values.update(l2=l2_per_sample(edit, target), l1_source=l1_per_sample(to_unit(sub.source).cpu(), target))
             if settings.flow_loss:
                 values["flow_mse"], values["flow_mse_inside"], values["flow_mse_outside"] = flow_mse_per_sample(
-                    model, sub, seed=settings.seed)
+                    model, sub, seed=settings.seed
+                )
             if encoders is not None and encoders.clip is not None:
                 e_edit, e_tgt = encoders.clip_image(edit), encoders.clip_image(target)
                 values["clip_i"] = cosine_per_sample(e_edit, e_tgt).cpu()
                 values["clip_t"] = cosine_per_sample(e_edit, encoders.clip_text(list(sub.instruction))).cpu()
             if encoders is not None and encoders.dino is not None:
                 values["dino"] = cosine_per_sample(encoders.dino_image(edit), encoders.dino_image(target)).cpu()
-            baselines = {"do_nothing": _edit_row(to_unit(sub.source).cpu(), sub, sub.coarse_mask, checks),
-                         "oracle": _edit_row(target, sub, sub.fine_mask, checks)}
+            baselines = {
+                "do_nothing": _edit_row(to_unit(sub.source).cpu(), sub, sub.coarse_mask, checks),
+                "oracle": _edit_row(target, sub, sub.fine_mask, checks),
+            }
             for i, t in enumerate(sub.task):
                 for k, v in values.items():
                     per_sample[k].append(v[i].item())
@@ -332,18 +357,24 @@ def evaluate(model: Any, batches, settings: EvalSettings, encoders: Optional[Emb
             checked += int((~values["success"].isnan()).sum())
         if on_batch is not None:
             on_batch(n)
-    utilisation = {task: {name: sum(u * c for u, c in vals) / sum(c for _, c in vals) for name, vals in d.items()}
-                   for task, d in util.items()}
-    skipped = encoders.skipped() if encoders is not None else {
-        "clip_i": "no --clip path given", "clip_t": "no --clip path given", "dino": "no --dino path given"}
+    utilisation = {
+        task: {name: sum(u * c for u, c in vals) / sum(c for _, c in vals) for name, vals in d.items()}
+        for task, d in util.items()
+    }
+    skipped = (
+        encoders.skipped()
+        if encoders is not None
+        else {"clip_i": "no --clip path given", "clip_t": "no --clip path given", "dino": "no --dino path given"}
+    )
     if checked == 0:
         skipped["success"] = NO_CHECKS
     return {
         "num_samples": n,
         "num_checked": checked,
         **_reduce(per_sample, per_task),
-        "baselines": {b: _reduce(base_sample[b], base_task[b]) | {"mask_iou_of": BASELINE_IOU_MASK[b]}
-                      for b in BASELINES},
+        "baselines": {
+            b: _reduce(base_sample[b], base_task[b]) | {"mask_iou_of": BASELINE_IOU_MASK[b]} for b in BASELINES
+        },
         "utilisation_per_task": utilisation,
         "skipped_metrics": skipped,
         "settings": dataclasses.asdict(settings),

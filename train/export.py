@@ -96,7 +96,7 @@ def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
     m = _EXPERT_KEY.search(name)
     if m is None:
         return name
-    return name[: m.start(1)] + str(ep_rank * num_local + int(m.group(1))) + name[m.end(1):]
+    return name[: m.start(1)] + str(ep_rank * num_local + int(m.group(1))) + name[m.end(1) :]
 
 
 def read_checkpoint_tensors(tag_dir: str, ema: bool = False) -> dict[str, Tensor]:
@@ -162,8 +162,11 @@ def trainable_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str)
     missing = sorted(set(wanted) - set(tensors))
     if missing:
         raise WeightsError(f"{source}: lacks {len(missing)} of {len(wanted)} trainable tensors, e.g. {missing[:3]}")
-    bad = [f"{n} {tuple(tensors[n].shape)} vs model {tuple(p.shape)}" for n, p in wanted.items()
-           if tuple(tensors[n].shape) != tuple(p.shape)]
+    bad = [
+        f"{n} {tuple(tensors[n].shape)} vs model {tuple(p.shape)}"
+        for n, p in wanted.items()
+        if tuple(tensors[n].shape) != tuple(p.shape)
+    ]
     if bad:
         raise WeightsError(f"{source}: shape mismatch for {len(bad)} tensors, e.g. {bad[:3]}")
     return {n: tensors[n] for n in wanted}
@@ -175,8 +178,9 @@ def load_trained(model: nn.Module, tensors: dict[str, Tensor], source: str) -> N
     wanted = dict(model.trainable_named_parameters())
     extra = sorted(set(tensors) - set(wanted))
     if extra:
-        raise WeightsError(f"{source}: {len(extra)} tensors are not trainable parameters of the model, "
-                           f"e.g. {extra[:3]}")
+        raise WeightsError(
+            f"{source}: {len(extra)} tensors are not trainable parameters of the model, e.g. {extra[:3]}"
+        )
     for name, value in trainable_tensors(model, tensors, source).items():
         wanted[name].copy_(value.to(wanted[name].dtype))
 
@@ -191,8 +195,13 @@ def export_checkpoint(checkpoint: str, out: str, ema: bool = False) -> dict[str,
     model = build_inference_model(cfg)
     tensors = trainable_tensors(model, read_checkpoint_tensors(tag_dir, ema=ema), tag_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "config": OmegaConf.to_yaml(cfg, resolve=True),
-                "source": tag_dir, "ema": str(bool(ema)).lower()}
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "source": tag_dir,
+        "ema": str(bool(ema)).lower(),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
@@ -231,8 +240,10 @@ def load_for_inference(checkpoint: str, device: str = "cpu", ema: bool = False) 
     """Model with trained weights from a checkpoint dir (run dir / tag dir) or an exported file."""
     if os.path.isfile(checkpoint):
         if ema:
-            raise WeightsError(f"{checkpoint}: --ema applies to training checkpoints; an export already holds "
-                               "either the weights or the EMA (launch/export.py --ema)")
+            raise WeightsError(
+                f"{checkpoint}: --ema applies to training checkpoints; an export already holds "
+                "either the weights or the EMA (launch/export.py --ema)"
+            )
         tensors, cfg = read_export(checkpoint)
         source = checkpoint
     else:

@@ -68,7 +68,8 @@ class StepGuard:
         if self.consecutive >= self.max_consecutive:
             raise TooManySkippedSteps(
                 f"step {step}: {self.consecutive} consecutive steps skipped ({reason}); stopping. "
-                f"Lower optim.lr, check the data near this step, or raise guards.max_consecutive_skips.")
+                f"Lower optim.lr, check the data near this step, or raise guards.max_consecutive_skips."
+            )
 
 
 def discard_step(engine: Any, micro_steps: int) -> None:
@@ -95,11 +96,13 @@ def discard_step(engine: Any, micro_steps: int) -> None:
 
 def oom_advice(cfg: Any) -> str:
     m = cfg.model
-    return ("out of memory. Lower, in this order: train.micro_batch "
-            f"(now {cfg.train.micro_batch}; raise train.grad_accum to keep the batch), data.image_size "
-            f"(now {cfg.data.image_size}), turn on model.backbone.gradient_checkpointing "
-            f"(now {m.backbone.gradient_checkpointing}), raise train.zero_stage (now {cfg.train.zero_stage}, max 2), "
-            f"or raise model.experts.ep_size (now {m.experts.ep_size}) to shard the experts.")
+    return (
+        "out of memory. Lower, in this order: train.micro_batch "
+        f"(now {cfg.train.micro_batch}; raise train.grad_accum to keep the batch), data.image_size "
+        f"(now {cfg.data.image_size}), turn on model.backbone.gradient_checkpointing "
+        f"(now {m.backbone.gradient_checkpointing}), raise train.zero_stage (now {cfg.train.zero_stage}, max 2), "
+        f"or raise model.experts.ep_size (now {m.experts.ep_size}) to shard the experts."
+    )
 
 
 def is_oom(err: BaseException) -> bool:

@@ -27,7 +27,7 @@ def global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
     m = _EXPERT_KEY.search(name)
     if m is None:
         return name
-    return name[: m.start(1)] + str(ep_rank * num_local + int(m.group(1))) + name[m.end(1):]
+    return name[: m.start(1)] + str(ep_rank * num_local + int(m.group(1))) + name[m.end(1) :]
 
 
 def expert_id(name: str) -> int | None:
@@ -51,11 +51,15 @@ def expert_ranks(module: torch.nn.Module) -> tuple[int, int, int]:
         return 0, dist.get_rank(), dist.get_world_size()
     names = {m.expert_group_name for _, m in layers}
     if len(names) != 1:
-        raise RuntimeError(f"expert layers use several expert-parallel groups {sorted(names)}; "
-                           "one ep_size is supported")
+        raise RuntimeError(
+            f"expert layers use several expert-parallel groups {sorted(names)}; one ep_size is supported"
+        )
     g = names.pop()
-    return (groups._get_expert_parallel_rank(g), groups._get_expert_data_parallel_rank(g),
-            groups._get_expert_data_parallel_world_size(g))
+    return (
+        groups._get_expert_parallel_rank(g),
+        groups._get_expert_data_parallel_rank(g),
+        groups._get_expert_data_parallel_world_size(g),
+    )
 
 
 def global_names(module: torch.nn.Module, ep_rank: int) -> dict[str, str]:
@@ -108,12 +112,20 @@ def capture_layout(engine: Any, rank: int, world_size: int, ep_size: int) -> dic
     groups = []
     base_groups = engine.basic_optimizer.param_groups
     for i, params in enumerate(lp_groups(engine)):
-        groups.append({"moe": bool(base_groups[i].get("moe", False)),
-                       "params": [names[by_id[id(p)]] for p in params]})
+        groups.append({"moe": bool(base_groups[i].get("moe", False)), "params": [names[by_id[id(p)]] for p in params]})
     shapes = {names[n]: list(p.shape) for n, p in module.named_parameters() if p.requires_grad}
-    return {"version": LAYOUT_VERSION, "rank": rank, "world_size": world_size, "ep_size": ep_size,
-            "ep_rank": ep_rank, "expert_dp_rank": edp_rank, "expert_dp_size": edp_size,
-            "zero_stage": int(engine.zero_optimization_stage()), "optimizer": optimizer_kind(engine),
-            "num_experts": [int(m.num_experts) for _, m in moe_layers(module)],
-            "groups": groups, "shapes": shapes,
-            "local_to_global": {n: g for n, g in names.items() if n != g}}
+    return {
+        "version": LAYOUT_VERSION,
+        "rank": rank,
+        "world_size": world_size,
+        "ep_size": ep_size,
+        "ep_rank": ep_rank,
+        "expert_dp_rank": edp_rank,
+        "expert_dp_size": edp_size,
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "optimizer": optimizer_kind(engine),
+        "num_experts": [int(m.num_experts) for _, m in moe_layers(module)],
+        "groups": groups,
+        "shapes": shapes,
+        "local_to_global": {n: g for n, g in names.items() if n != g},
+    }

@@ -30,8 +30,16 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
 
 
 class MetricLogger:
-    def __init__(self, cfg: Any, dist: DistInfo, tb_dir: str, image_dir: str, total_steps: int,
-                 start_step: int, flops_per_token: float) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        dist: DistInfo,
+        tb_dir: str,
+        image_dir: str,
+        total_steps: int,
+        start_step: int,
+        flops_per_token: float,
+    ) -> None:
         self.dist = dist
         self.every = int(cfg.logging.every)
         self.image_dir = image_dir
@@ -121,11 +129,14 @@ def console_line(step: int, m: dict[str, float]) -> str:
             util.setdefault(block, []).append(f"{expert[:3]}{v:.2f}")
     util_s = " ".join(f"{b}[{' '.join(u)}]" for b, u in sorted(util.items()))
     skips = " ".join(f"{k[5:]} {int(v)}" for k, v in sorted(m.items()) if k.startswith("data/") and v)
-    parts = [f"step {step}", terms,
-             f"lr {m.get('opt/lr', 0):.2e} gnorm {m.get('opt/grad_norm', float('nan')):.3f} "
-             f"skipped {int(m.get('guard/skipped_steps', 0))}",
-             f"{m['perf/samples_per_s']:.1f} samp/s {m['perf/tokens_per_s']:.0f} tok/s "
-             f"{m['perf/tflops_per_s_per_rank']:.3f} TFLOP/s/rank"]
+    parts = [
+        f"step {step}",
+        terms,
+        f"lr {m.get('opt/lr', 0):.2e} gnorm {m.get('opt/grad_norm', float('nan')):.3f} "
+        f"skipped {int(m.get('guard/skipped_steps', 0))}",
+        f"{m['perf/samples_per_s']:.1f} samp/s {m['perf/tokens_per_s']:.0f} tok/s "
+        f"{m['perf/tflops_per_s_per_rank']:.3f} TFLOP/s/rank",
+    ]
     if "perf/mem_gb" in m:
         parts[-1] += f" mem {m['perf/mem_gb']:.1f} GB"
     if util_s:
@@ -164,8 +175,14 @@ def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Te
     def fit(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.interpolate(x, size=size, mode="nearest") if x.shape[-2:] != size else x
 
-    cols = [img(batch.source), mask(fit(batch.coarse_mask)), mask(fit(res.refined_mask)),
-            img(fit(res.routing_map.float())), img(batch.target), img(res.images)]
+    cols = [
+        img(batch.source),
+        mask(fit(batch.coarse_mask)),
+        mask(fit(res.refined_mask)),
+        img(fit(res.routing_map.float())),
+        img(batch.target),
+        img(res.images),
+    ]
     rows = torch.stack([c.cpu() for c in cols], dim=1).flatten(0, 1)  # [B*6, 3, H, W]
     return tile(rows, ncols=len(cols))
 
@@ -178,5 +195,5 @@ def tile(images: torch.Tensor, ncols: int, pad: int = 2) -> torch.Tensor:
     for i in range(n):
         r, col = divmod(i, ncols)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
-        out[:, y:y + h, x:x + w] = images[i]
+        out[:, y : y + h, x : x + w] = images[i]
     return out

@@ -98,19 +98,26 @@ def read_layouts(tag_dir: str) -> list[dict]:
     """Every rank's training state (step, loader, RNG, EMA, layout), checked for completeness."""
     first = load_pt(os.path.join(tag_dir, "train_state_rank0.pt"))
     world = int(first["world_size"])
-    missing = [f"train_state_rank{r}.pt" for r in range(world)
-               if not os.path.isfile(os.path.join(tag_dir, f"train_state_rank{r}.pt"))]
+    missing = [
+        f"train_state_rank{r}.pt"
+        for r in range(world)
+        if not os.path.isfile(os.path.join(tag_dir, f"train_state_rank{r}.pt"))
+    ]
     if missing:
         raise ReshapeError(f"{tag_dir}: written by {world} ranks but {', '.join(missing)} missing")
     states = [first] + [load_pt(os.path.join(tag_dir, f"train_state_rank{r}.pt")) for r in range(1, world)]
     for r, st in enumerate(states):
         lay = st.get("layout")
         if lay is None:
-            raise ReshapeError(f"{os.path.join(tag_dir, f'train_state_rank{r}.pt')}: no 'layout' (written before "
-                               "reshape support); resume it at its own shape and reshape a later checkpoint")
+            raise ReshapeError(
+                f"{os.path.join(tag_dir, f'train_state_rank{r}.pt')}: no 'layout' (written before "
+                "reshape support); resume it at its own shape and reshape a later checkpoint"
+            )
         if lay.get("version") != LAYOUT_VERSION or lay["rank"] != r or lay["world_size"] != world:
-            raise ReshapeError(f"{tag_dir}/train_state_rank{r}.pt: layout {lay.get('version')}, rank {lay['rank']} "
-                               f"of {lay['world_size']}: not rank {r} of {world} (version {LAYOUT_VERSION})")
+            raise ReshapeError(
+                f"{tag_dir}/train_state_rank{r}.pt: layout {lay.get('version')}, rank {lay['rank']} "
+                f"of {lay['world_size']}: not rank {r} of {world} (version {LAYOUT_VERSION})"
+            )
         if int(st["step"]) != int(first["step"]):
             raise ReshapeError(f"{tag_dir}: ranks disagree on the step ({first['step']} vs {st['step']} on rank {r})")
     kinds = {(s["layout"]["optimizer"], s["layout"]["zero_stage"], s["layout"]["ep_size"]) for s in states}
@@ -144,8 +151,11 @@ def required_files(tag_dir: str, layouts: list[dict]) -> list[str]:
     else:
         files += [f"expp_rank_{e}_mp_rank_00_optim_states.pt" for e in range(lay0["ep_size"])]
         if lay0["optimizer"] == "torch":  # fp32 weights are the masters: read the per-expert weight files too
-            files += [f"layer_{layer}_expert_{g}_mp_rank_00_model_states.pt"
-                      for layer, n in enumerate(lay0["num_experts"]) for g in range(n)]
+            files += [
+                f"layer_{layer}_expert_{g}_mp_rank_00_model_states.pt"
+                for layer, n in enumerate(lay0["num_experts"])
+                for g in range(n)
+            ]
     paths = [os.path.join(tag_dir, f) for f in files]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -201,32 +211,42 @@ def _collect_zero0(tag_dir: str, layouts: list[dict]) -> dict[str, dict]:
         opt = load_pt(path, deepspeed_classes=True)["optimizer"]
         sd = opt["optimizer_state_dict"] if kind == "unfused" else opt
         if len(sd["param_groups"]) != len(lay["groups"]):
-            raise ReshapeError(f"{path}: {len(sd['param_groups'])} optimizer groups, the layout says "
-                               f"{len(lay['groups'])}")
+            raise ReshapeError(
+                f"{path}: {len(sd['param_groups'])} optimizer groups, the layout says {len(lay['groups'])}"
+            )
         for i, group in enumerate(lay["groups"]):
             idx = sd["param_groups"][i]["params"]
             if kind == "torch":
                 if len(idx) != len(group["params"]):
-                    raise ReshapeError(f"{path}: group {i} has {len(idx)} parameters, the layout names "
-                                       f"{len(group['params'])}")
+                    raise ReshapeError(
+                        f"{path}: group {i} has {len(idx)} parameters, the layout names {len(group['params'])}"
+                    )
                 for name, j in zip(group["params"], idx):
                     if name in out:
                         continue  # a replicated (non-expert) parameter: every expert-parallel rank has it
                     if name not in weights:
                         raise ReshapeError(f"{tag_dir}: no weights for trainable parameter {name}")
                     st = sd["state"].get(j, {})
-                    out[name] = {"fp32": weights[name].float().clone(), "step": _step(st),
-                                 **{k: st[k].clone() for k in MOMENTS if k in st}}
+                    out[name] = {
+                        "fp32": weights[name].float().clone(),
+                        "step": _step(st),
+                        **{k: st[k].clone() for k in MOMENTS if k in st},
+                    }
             else:  # unfused: an fp32 master per parameter, in the same order
                 masters = opt["fp32_groups"][i]
                 if len(idx) != len(group["params"]) or len(masters) != len(idx):
-                    raise ReshapeError(f"{path}: group {i} has {len(idx)} parameters and {len(masters)} fp32 "
-                                       f"masters, the layout names {len(group['params'])}")
+                    raise ReshapeError(
+                        f"{path}: group {i} has {len(idx)} parameters and {len(masters)} fp32 "
+                        f"masters, the layout names {len(group['params'])}"
+                    )
                 for name, j, master in zip(group["params"], idx, masters):
                     if name not in out:
                         st = sd["state"].get(j, {})
-                        out[name] = {"fp32": master.float().clone(), "step": _step(st),
-                                     **{k: st[k].clone() for k in MOMENTS if k in st}}
+                        out[name] = {
+                            "fp32": master.float().clone(),
+                            "step": _step(st),
+                            **{k: st[k].clone() for k in MOMENTS if k in st},
+                        }
     return out
 
 
@@ -249,14 +269,17 @@ def collect(tag_dir: str, states: list[dict]) -> dict[str, dict]:
         shapes.update(lay["shapes"])
     extra, lost = sorted(set(params) - set(shapes)), sorted(set(shapes) - set(params))
     if extra or lost:
-        raise ReshapeError(f"{tag_dir}: optimizer state and layout disagree: missing {lost[:3]}, unexpected "
-                           f"{extra[:3]}")
+        raise ReshapeError(
+            f"{tag_dir}: optimizer state and layout disagree: missing {lost[:3]}, unexpected {extra[:3]}"
+        )
     for name, entry in params.items():
         for k in ("fp32", *MOMENTS):
             if k in entry:
                 if entry[k].numel() != math.prod(shapes[name]):
-                    raise ReshapeError(f"{tag_dir}: {name} {k} has {entry[k].numel()} elements, expected shape "
-                                       f"{shapes[name]} (a partition file missing or from another run?)")
+                    raise ReshapeError(
+                        f"{tag_dir}: {name} {k} has {entry[k].numel()} elements, expected shape "
+                        f"{shapes[name]} (a partition file missing or from another run?)"
+                    )
                 entry[k] = entry[k].reshape(shapes[name]).float()
     for r, st in enumerate(states):  # EMA: per rank, local names; replicated entries are identical
         if "ema" in st:
@@ -284,15 +307,25 @@ def convert(tag_dir: str, dst: str, log: Callable[[str], None] = print) -> dict:
         if expert_id(n) is not None:
             experts.setdefault(expert_id(n), {})[n] = e
     meta = {
-        "format": FORMAT, "version": VERSION, "step": int(states[0]["step"]),
-        "source": {"dir": tag_dir, "world_size": lay0["world_size"], "ep_size": lay0["ep_size"],
-                   "zero_stage": lay0["zero_stage"], "optimizer": lay0["optimizer"],
-                   "train_batch_size": int(model_states["ds_config"]["train_batch_size"])},
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(states[0]["step"]),
+        "source": {
+            "dir": tag_dir,
+            "world_size": lay0["world_size"],
+            "ep_size": lay0["ep_size"],
+            "zero_stage": lay0["zero_stage"],
+            "optimizer": lay0["optimizer"],
+            "train_batch_size": int(model_states["ds_config"]["train_batch_size"]),
+        },
         "engine": {k: int(model_states[k]) for k in ("global_steps", "global_samples", "skipped_steps")},
         "lr_scheduler": model_states.get("lr_scheduler"),
-        "loaders": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
-        "num_experts": list(lay0["num_experts"]), "experts": sorted(experts),
-        "num_groups": len(lay0["groups"]), "ema": all("ema" in e for e in params.values()),
+        "loaders": [s["loader"] for s in states],
+        "rng": [s["rng"] for s in states],
+        "num_experts": list(lay0["num_experts"]),
+        "experts": sorted(experts),
+        "num_groups": len(lay0["groups"]),
+        "ema": all("ema" in e for e in params.values()),
     }
     tmp = dst.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -304,15 +337,19 @@ def convert(tag_dir: str, dst: str, log: Callable[[str], None] = print) -> dict:
         shutil.copy2(os.path.join(tag_dir, "config.yaml"), os.path.join(tmp, "config.yaml"))
     torch.save(meta, os.path.join(tmp, META))  # last: its presence marks a complete conversion
     os.replace(tmp, dst)
-    log(f"portable checkpoint {dst}: step {meta['step']}, {len(dense)} dense + "
+    log(
+        f"portable checkpoint {dst}: step {meta['step']}, {len(dense)} dense + "
         f"{sum(len(t) for t in experts.values())} expert tensors ({len(experts)} experts), from "
-        f"{lay0['world_size']} ranks at ep_size {lay0['ep_size']}, ZeRO {lay0['zero_stage']}")
+        f"{lay0['world_size']} ranks at ep_size {lay0['ep_size']}, ZeRO {lay0['zero_stage']}"
+    )
     return meta
 
 
 def read_meta(path: str) -> dict:
     meta = load_pt(os.path.join(path, META))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ReshapeError(f"{os.path.join(path, META)}: format {meta.get('format')} v{meta.get('version')}, "
-                           f"expected {FORMAT} v{VERSION}")
+        raise ReshapeError(
+            f"{os.path.join(path, META)}: format {meta.get('format')} v{meta.get('version')}, "
+            f"expected {FORMAT} v{VERSION}"
+        )
     return meta

@@ -36,8 +36,10 @@ def read_params_for(path: str, trainable: dict[str, torch.nn.Parameter]) -> dict
     params = {n: e for n, e in params.items() if expert_id(n) is None or n in trainable}
     missing, unexpected = sorted(set(trainable) - set(params)), sorted(set(params) - set(trainable))
     if missing or unexpected:
-        raise ReshapeError(f"{path}: does not match this model: {len(missing)} trainable tensors missing "
-                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise ReshapeError(
+            f"{path}: does not match this model: {len(missing)} trainable tensors missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
     for n, p in trainable.items():
         if tuple(params[n]["fp32"].shape) != tuple(p.shape):
             raise ReshapeError(f"{path}: {n} has shape {tuple(params[n]['fp32'].shape)}, the model {tuple(p.shape)}")
@@ -81,11 +83,12 @@ def _apply_optimizer(engine: Any, params: dict[str, dict], name_of: dict[int, st
             if step is not None:
                 opt.optimizer.state[hp] = _adam_state(step, bufs)
         elif kind == "unfused":  # bf16 at ZeRO 0: an fp32 master per parameter, Adam state on the master
-            for p, e, master in zip(lps, entries, opt.fp32_groups[i]):
+            for _, e, master in zip(lps, entries, opt.fp32_groups[i]):
                 master.data.copy_(e["fp32"])
                 if step is not None:
-                    opt.optimizer.state[master] = _adam_state(step, {k: e[k].to(master.device).clone()
-                                                                     for k in MOMENTS})
+                    opt.optimizer.state[master] = _adam_state(
+                        step, {k: e[k].to(master.device).clone() for k in MOMENTS}
+                    )
         elif step is not None:  # fp32 at ZeRO 0: the parameters are the masters
             for p, e in zip(lps, entries):
                 opt.state[p] = _adam_state(step, {k: e[k].to(p.device, p.dtype).clone() for k in MOMENTS})
@@ -109,8 +112,9 @@ def load_portable(engine: Any, path: str, ema: Any = None) -> dict:
     sched_state = meta["lr_scheduler"]
     base_groups = engine.basic_optimizer.param_groups
     if sched_state is not None and len(sched_state["base_lrs"]) != len(base_groups):
-        raise ReshapeError(f"{path}: lr schedule for {len(sched_state['base_lrs'])} groups, this optimizer has "
-                           f"{len(base_groups)}")
+        raise ReshapeError(
+            f"{path}: lr schedule for {len(sched_state['base_lrs'])} groups, this optimizer has {len(base_groups)}"
+        )
     params = read_params_for(path, trainable)
     name_of = {id(p): names[n] for n, p in module.named_parameters()}
 

@@ -112,22 +112,44 @@ def build_tokenizer(max_length: int):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, vocab[EOS])])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=max_length,
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=max_length,
     )
 
 
 def build_text_encoders(t: TextArch, vocab_size: int) -> tuple[nn.Module, nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=t.d_model, d_kv=t.d_model // t.heads, d_ff=t.ff, num_layers=t.layers,
-        num_heads=t.heads, feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-    ))
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=t.clip_hidden, intermediate_size=t.clip_hidden * 4,
-        num_hidden_layers=t.clip_layers, num_attention_heads=t.clip_heads, max_position_embeddings=t.max_length,
-        pad_token_id=0, bos_token_id=1, eos_token_id=1,
-    ))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=t.d_model,
+            d_kv=t.d_model // t.heads,
+            d_ff=t.ff,
+            num_layers=t.layers,
+            num_heads=t.heads,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=t.clip_hidden,
+            intermediate_size=t.clip_hidden * 4,
+            num_hidden_layers=t.clip_layers,
+            num_attention_heads=t.clip_heads,
+            max_position_embeddings=t.max_length,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+        )
+    )
     return t5, clip
 
 
@@ -169,15 +191,21 @@ class TextToImage(nn.Module):
         txt_ids = torch.zeros(seq.shape[1], 3, device=noisy.device)
         with sdpa_kernel([SDPBackend.MATH]):
             out = self.transformer(
-                hidden_states=pack_latents(noisy), encoder_hidden_states=seq, pooled_projections=pooled,
-                timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+                hidden_states=pack_latents(noisy),
+                encoder_hidden_states=seq,
+                pooled_projections=pooled,
+                timestep=t,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
             )[0]
         return unpack_latents(out, h, w)
 
 
 # ----------------------------------------------------------------------------------------- training
-def train_step(model: TextToImage, tokenizer, images: Tensor, texts: list[str], gen: torch.Generator,
-               text_gen: torch.Generator) -> Tensor:
+def train_step(
+    model: TextToImage, tokenizer, images: Tensor, texts: list[str], gen: torch.Generator, text_gen: torch.Generator
+) -> Tensor:
     """Flow-matching loss of one batch: x_t = (1 - t) x0 + t noise, target velocity noise - x0."""
     r = model.recipe
     device = images.device
@@ -220,8 +248,9 @@ def _lr(r: BaseRecipe, step: int) -> float:
     return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def pretrain(r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = print,
-             log_every: int = 100) -> tuple[TextToImage, Any, dict]:
+def pretrain(
+    r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = print, log_every: int = 100
+) -> tuple[TextToImage, Any, dict]:
     """Train the base from scratch; returns (EMA model in eval mode, tokenizer, summary)."""
     r.validate()
     torch.manual_seed(r.seed)
@@ -236,8 +265,11 @@ def pretrain(r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = pr
     ema.load_state_dict(model.state_dict())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=r.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": r.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=r.lr,
+        betas=(0.9, 0.99),
+    )
     t0 = time.time()
     images, texts = make_scenes(r.seed, 0, r.num_scenes, r.image_size)
     images = torch.from_numpy(images).to(device)
@@ -246,7 +278,9 @@ def pretrain(r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = pr
     order = torch.Generator("cpu").manual_seed(r.seed)
     perm, pos, losses = torch.randperm(r.num_scenes, generator=order), 0, []
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    )
     t0 = time.time()
     for step in range(r.steps):
         if pos + r.batch_size > r.num_scenes:
@@ -307,8 +341,10 @@ def save_base(model: TextToImage, tokenizer, r: BaseRecipe, out: str, summary: O
     index = {
         "_class_name": "CareEditMiniatureBase",
         "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
         "vae": {"kind": "pixel_unshuffle", "pixel_factor": r.pixel_factor},
     }
     with open(os.path.join(out, "model_index.json"), "w") as f:
@@ -375,8 +411,12 @@ def save_samples(model: TextToImage, tokenizer, r: BaseRecipe, path: str, device
         for row, img in enumerate((real[i], gen[i].cpu())):
             arr = ((img.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
             sheet.paste(Image.fromarray(arr).resize((s, s), Image.NEAREST), (i * (s + pad), row * (s + pad)))
-    ImageDraw.Draw(sheet).text((2, 2 * (s + pad)), f"top: held-out scenes; bottom: samples from their captions "
-                               f"({r.sample_steps} steps); colours present {scores['samples']:.2f} "
-                               f"(scenes {scores['scenes']:.2f})", fill="black")
+    ImageDraw.Draw(sheet).text(
+        (2, 2 * (s + pad)),
+        f"top: held-out scenes; bottom: samples from their captions "
+        f"({r.sample_steps} steps); colours present {scores['samples']:.2f} "
+        f"(scenes {scores['scenes']:.2f})",
+        fill="black",
+    )
     sheet.save(path)
     return scores

@@ -42,9 +42,9 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     weights = _weights(t.device)
     out = torch.zeros(2, dtype=torch.int64, device=t.device)
     for start in range(0, bits.numel(), CHUNK):
-        chunk = bits[start:start + CHUNK].to(torch.int64)
+        chunk = bits[start : start + CHUNK].to(torch.int64)
         out[0] += chunk.sum()
-        out[1] += (chunk * weights[:chunk.numel()]).sum()
+        out[1] += (chunk * weights[: chunk.numel()]).sum()
     return out
 
 
@@ -101,4 +101,5 @@ class ReplicaCheck:
                 f"replica check at step {step}: parameter '{name}' differs between ranks {a} and {b}, which must "
                 f"hold identical copies{more}. Stopping before any further checkpoint ('latest' still names the "
                 f"last consistent one): resume from it with --resume auto; if it recurs at the same settings, "
-                f"suspect the gradient reduction (ZeRO buckets, overlap_comm) rather than the hardware")
+                f"suspect the gradient reduction (ZeRO buckets, overlap_comm) rather than the hardware"
+            )

@@ -45,9 +45,13 @@ class Holder:
 
     @classmethod
     def me(cls) -> "Holder":
-        return cls(pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-                   slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                   slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+        return cls(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=time.time(),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        )
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job_id} restart {self.slurm_restart_count}" if self.slurm_job_id else ""
@@ -68,8 +72,11 @@ def gone_reason(holder: Holder, me: Holder, age_s: float) -> Optional[str]:
     """Why ``holder`` can no longer be writing (None: it may be)."""
     if holder.host == me.host and (holder.pid == me.pid or not _pid_alive(holder.pid)):
         return "its process is gone"  # (a pid equal to ours on this host is a dead predecessor's, reused)
-    if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id \
-            and holder.slurm_restart_count < me.slurm_restart_count:
+    if (
+        holder.slurm_job_id
+        and holder.slurm_job_id == me.slurm_job_id
+        and holder.slurm_restart_count < me.slurm_restart_count
+    ):
         return "SLURM requeued that job (this is a later restart of it)"
     if age_s > STALE_S:
         return f"no heartbeat for {age_s:.0f} s"
@@ -124,12 +131,15 @@ def _try_lock(path: str, me: Holder) -> str:
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, TypeError):
-                raise RunLocked(f"{path} exists but cannot be read; if no other copy of this run is writing, "
-                                f"delete it") from None
+                raise RunLocked(
+                    f"{path} exists but cannot be read; if no other copy of this run is writing, delete it"
+                ) from None
             reason = gone_reason(holder, me, age)
             if reason is None:
-                raise RunLocked(f"{os.path.dirname(path)} is in use by another copy of this run ({holder.describe()}); "
-                                f"not writing to it. If that process is gone, delete {path}")
+                raise RunLocked(
+                    f"{os.path.dirname(path)} is in use by another copy of this run ({holder.describe()}); "
+                    f"not writing to it. If that process is gone, delete {path}"
+                ) from None
             os.remove(path)
             note = f"took over the run lock of {holder.describe()}: {reason}"
             _create(path, me)

@@ -33,8 +33,16 @@ HANG_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" (launch/slurm requeues on it)
 
 
 class HangWatchdog:
-    def __init__(self, factor: float, min_s: float, warmup_steps: int, rank: int = 0, window: int = 50,
-                 poll_s: float = 0.2, out: Optional[TextIO] = None) -> None:
+    def __init__(
+        self,
+        factor: float,
+        min_s: float,
+        warmup_steps: int,
+        rank: int = 0,
+        window: int = 50,
+        poll_s: float = 0.2,
+        out: Optional[TextIO] = None,
+    ) -> None:
         self.factor, self.min_s, self.warmup_steps, self.rank = factor, min_s, warmup_steps, rank
         self.durations: deque[float] = deque(maxlen=window)
         self.out = out or sys.stderr
@@ -89,7 +97,8 @@ class HangWatchdog:
             f"over its limit of {self._limit:.1f} s (max(guards.hang_min_s={self.min_s:g}, guards.hang_factor="
             f"{self.factor:g} x median {median:.3f} s of the last {len(self.durations)} steps)); last phase entered: "
             f"'{self._phase}', {now - self._phase_t:.1f} s ago. Python stacks of every thread follow; exiting with "
-            f"code {HANG_EXIT_CODE} so the job can be requeued and resume from its last checkpoint.\n")
+            f"code {HANG_EXIT_CODE} so the job can be requeued and resume from its last checkpoint.\n"
+        )
         self.out.flush()
         faulthandler.dump_traceback(file=self.out, all_threads=True)
         self.out.flush()

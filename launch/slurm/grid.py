@@ -100,8 +100,13 @@ def load_grid(path: str) -> Grid:
         sets.append(GridSet(sname, _overrides(s.get("overrides"), f"{path}: sets[{i}].overrides")))
     if not sets:
         raise GridError(f"{path}: no sets")
-    return Grid(path=path, name=name, base=raw.get("base"), common=_overrides(raw.get("common"), f"{path}: common"),
-                sets=tuple(sets))
+    return Grid(
+        path=path,
+        name=name,
+        base=raw.get("base"),
+        common=_overrides(raw.get("common"), f"{path}: common"),
+        sets=tuple(sets),
+    )
 
 
 def split_args(args: list[str]) -> tuple[Optional[str], tuple[str, ...]]:
@@ -148,8 +153,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--nul", action="store_true", help="with --task: NUL-separated (for the sbatch script)")
     p.add_argument("--max-parallel", type=int, default=0, help="add %%N to --array (at most N tasks at once)")
     p.add_argument("--no-check", action="store_true", help="do not validate every set against the config schema")
-    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "8")),
-                   help="processes per task the sets are checked for (ep_size must divide it; default 8)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "8")),
+        help="processes per task the sets are checked for (ep_size must divide it; default 8)",
+    )
     a = p.parse_args(argv)
     try:
         grid = load_grid(a.grid)
@@ -163,24 +172,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"grid error: {e}", file=sys.stderr)
         return 2
     config = base or grid.base
-    print(f"grid {grid.name} ({grid.path}): {len(grid.sets)} sets on {config}"
-          + (f", common {' '.join(grid.common)}" if grid.common else "")
-          + (f", extra {' '.join(extra)}" if extra else "")
-          + ("" if a.no_check else f"; checked for {a.world_size} processes per task"))
+    print(
+        f"grid {grid.name} ({grid.path}): {len(grid.sets)} sets on {config}"
+        + (f", common {' '.join(grid.common)}" if grid.common else "")
+        + (f", extra {' '.join(extra)}" if extra else "")
+        + ("" if a.no_check else f"; checked for {a.world_size} processes per task")
+    )
     width = max(len(grid.run_name(i)) for i in range(len(grid.sets)))
     errors = 0
     for i, s in enumerate(grid.sets):
         err = None if a.no_check else check_task(grid, i, base, extra, a.world_size)
         errors += err is not None
-        print(f"  {i:>3}  {grid.run_name(i):<{width}}  {' '.join(s.overrides) or '(base recipe)'}"
-              + (f"\n       CONFIG ERROR: {err}" if err else ""))
+        print(
+            f"  {i:>3}  {grid.run_name(i):<{width}}  {' '.join(s.overrides) or '(base recipe)'}"
+            + (f"\n       CONFIG ERROR: {err}" if err else "")
+        )
     if errors:
         print(f"{errors} set(s) do not validate; fix them before submitting", file=sys.stderr)
         return 2
     print("submit (from the repository root):")
     print("  " + sbatch_line(grid, base, extra, a.max_parallel))
-    print("(resources go before the script, e.g. --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=12"
-          " --time=24:00:00; see docs/SLURM.md)")
+    print(
+        "(resources go before the script, e.g. --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=12"
+        " --time=24:00:00; see docs/SLURM.md)"
+    )
     return 0
 
 

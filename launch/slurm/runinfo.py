@@ -41,9 +41,13 @@ def info(config: str, overrides: list[str]) -> dict[str, str]:
 
     cfg = load_config(config, overrides)
     ckpt = checkpoint_dir(cfg)
-    return {"RUN_DIR": os.path.abspath(run_dir(cfg)), "CKPT_DIR": os.path.abspath(ckpt),
-            "TB_DIR": os.path.abspath(tensorboard_dir(cfg)), "TARGET_STEPS": str(int(cfg.train.steps)),
-            "LATEST_STEP": str(latest_step(ckpt))}
+    return {
+        "RUN_DIR": os.path.abspath(run_dir(cfg)),
+        "CKPT_DIR": os.path.abspath(ckpt),
+        "TB_DIR": os.path.abspath(tensorboard_dir(cfg)),
+        "TARGET_STEPS": str(int(cfg.train.steps)),
+        "LATEST_STEP": str(latest_step(ckpt)),
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:

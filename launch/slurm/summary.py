@@ -101,7 +101,7 @@ def read_tb_terms(tb_dir: str) -> tuple[Optional[int], dict[str, float]]:
         if not events:
             continue
         ev = max(events, key=lambda e: (e.step, e.wall_time))
-        terms[tag[len("loss/"):]] = float(ev.value)
+        terms[tag[len("loss/") :]] = float(ev.value)
         last_step = ev.step if last_step is None else max(last_step, ev.step)
     return last_step, terms
 
@@ -113,9 +113,15 @@ def collect(run: str) -> dict[str, Any]:
     tb_dir = (cfg.get("logging") or {}).get("tensorboard_dir") or os.path.join(run, "tb")
     tb_step, terms = read_tb_terms(tb_dir)
     status = "done" if step is not None and steps is not None and step >= steps else "incomplete"
-    row: dict[str, Any] = {"run": (cfg.get("run") or {}).get("name") or os.path.basename(os.path.normpath(run)),
-                           "status": status, "step": step, "steps": steps, "loss": loss, "skipped": skipped,
-                           "tb_step": tb_step}
+    row: dict[str, Any] = {
+        "run": (cfg.get("run") or {}).get("name") or os.path.basename(os.path.normpath(run)),
+        "status": status,
+        "step": step,
+        "steps": steps,
+        "loss": loss,
+        "skipped": skipped,
+        "tb_step": tb_step,
+    }
     row.update(terms)
     return row
 
