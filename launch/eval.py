@@ -37,6 +37,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-guidance", type=float, default=1.0)
     p.add_argument("--image-guidance", type=float, default=1.0)
+    p.add_argument(
+        "--keep-outside-box",
+        action="store_true",
+        help="the sampler keeps the source outside each sample's box (an inpainting-style constraint)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--image-size", type=int, default=None, help="default: the training config's data.image_size")
@@ -73,6 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         seed=args.seed,
         text_guidance=args.text_guidance,
         image_guidance=args.image_guidance,
+        keep_outside_box=args.keep_outside_box,
     )
     t0 = time.time()
     result = evaluate(

@@ -163,9 +163,16 @@ def _local_or_random(
         with seeded(seed):
             return model_cls(random_config()), None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    model = model_cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
-    return model, AutoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder, local_files_only=True)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a tiny local folder: no "Loading weights" bars on every start
+    try:
+        model = model_cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+        return model, AutoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder, local_files_only=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 class FrozenTextEncoders(_AlwaysEval):

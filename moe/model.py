@@ -85,8 +85,17 @@ class EditResult:
 
 
 def expert_block_ids(cfg: ModelConfig, num_blocks: int) -> list[int]:
+    """The dual-stream blocks that get an expert layer. Checked here too: a backbone loaded from a
+    path has a block count the config's validation could not see."""
     if cfg.experts.blocks is not None:
+        bad = [b for b in cfg.experts.blocks if not 0 <= b < num_blocks]
+        if bad:
+            raise ValueError(f"model.experts.blocks: {bad} out of range for the backbone's {num_blocks} dual blocks")
         return sorted(set(cfg.experts.blocks))
+    if not 0 <= cfg.experts.num_blocks <= num_blocks:
+        raise ValueError(
+            f"model.experts.num_blocks: {cfg.experts.num_blocks} exceeds the backbone's {num_blocks} dual blocks"
+        )
     return list(range(num_blocks - cfg.experts.num_blocks, num_blocks))
 
 
@@ -521,9 +530,16 @@ class CareEditModel(nn.Module):
         text_guidance: float = 1.0,
         image_guidance: float = 1.0,
         generator: Optional[torch.Generator] = None,
+        keep_outside_box: bool = False,
     ) -> EditResult:
         """Flow-matching Euler sampler (diffusers' scheduler) with InstructPix2Pix-style guidance:
-        v = v(none) + s_img * (v(image) - v(none)) + s_txt * (v(image, text) - v(image))."""
+        v = v(none) + s_img * (v(image) - v(none)) + s_txt * (v(image, text) - v(image)).
+
+        ``keep_outside_box``: after every step, the latents outside the user's box are replaced by the
+        source's latents noised to the next time (with the sampler's own starting noise), as
+        inpainting samplers do: the box is the user's statement of where the edit may happen, and
+        outside it the result is the source (exactly, with a lossless codec). Off by default: it is an
+        inference-time constraint, and evaluations report with and without it."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         was_training = self.training
@@ -540,8 +556,12 @@ class CareEditModel(nn.Module):
         x = x.to(cond.base.device)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         scheduler.set_timesteps(num_steps, device=cond.base.device)
+        keep = None
+        if keep_outside_box:  # 1 where a latent pixel lies wholly outside the box
+            keep = 1 - nn.functional.adaptive_max_pool2d(cond.coarse.float(), (h, w))
+            start_noise, source = x.clone(), cond.base.float()
         ctx = None
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             tb = (t / 1000.0).expand(b).to(cond.base.device)
             v, ctx = self.predict_velocity(x.to(self.dtype), tb, cond)
             if guided:
@@ -549,6 +569,9 @@ class CareEditModel(nn.Module):
                 v_none, _ = self.predict_velocity(x.to(self.dtype), tb, cond_none)
                 v = v_none + image_guidance * (v_img - v_none) + text_guidance * (v - v_img)
             x = scheduler.step(v.float(), t, x).prev_sample
+            if keep is not None:
+                t_next = float(scheduler.sigmas[i + 1])
+                x = keep * ((1 - t_next) * source + t_next * start_noise) + (1 - keep) * x
         images = self.vae.decode(x.to(self.dtype)).float()
         self.train(was_training)
         result = self._edit_result(images, ctx, cond)

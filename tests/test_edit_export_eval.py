@@ -135,8 +135,8 @@ def test_checkpoint_really_is_expert_parallel(ep2_run):
     ckpt, _ = ep2_run
     tag = resolve_checkpoint(ckpt)
     names = sorted(f for f in os.listdir(tag) if f.startswith("layer_"))
-    # 2 expert layers x 4 global experts, one file each, from two ranks
-    assert names == [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)]
+    # 3 expert layers x 4 global experts, one file each, from two ranks
+    assert names == [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(3) for e in range(4)]
     assert os.path.isfile(os.path.join(tag, "train_state_rank1.pt"))
 
 

@@ -117,7 +117,7 @@ def _check_run(run_dir: str, reference: dict[int, float]) -> None:
     # ep_size 2: one optimizer shard per expert-parallel rank, one file per expert of each expert layer
     assert {"expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"} <= files
     assert "expp_rank_2_mp_rank_00_optim_states.pt" not in files
-    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)} <= files
+    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(3) for e in range(4)} <= files
 
 
 def test_single_host_hostfile_runs_two_ranks(tmp_path, shards, reference):

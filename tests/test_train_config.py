@@ -20,36 +20,53 @@ def test_tiny_merges_base_and_overrides():
     assert cfg.train.steps == 7 and cfg.optim.lr == 0.002
     assert cfg.checkpoint.keep == 2  # from tiny.yaml
     assert cfg.guards.max_consecutive_skips == 5  # from base.yaml via defaults:
-    assert cfg.model.backbone.arch.num_layers == 4
+    assert cfg.model.backbone.path == os.path.join(ROOT, "configs", "pretrained", "tiny")  # the embedded base
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.stepz=3", "stepz"),
-    ("model.experts.rnak=3", "rnak"),
-    ("train.steps=many", "train.steps"),
-    ("train.zero_stage=3", "train.zero_stage"),
-    ("schedule.min_lr=1.0", "schedule.min_lr"),
-    ("model.experts.ep_size=3", "model.experts.ep_size"),
-    ("model.router.top_k=9", "model.router.top_k"),
-    ("data.image_size=60", "data.image_size"),
-    ("train.compile=true train.compile_backend=nope", "train.compile_backend"),
-    ("train.compile=true train.compile_mode=fast", "train.compile_mode"),
-    ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile: a silent no-op
-    ("train.compile=true train.compile_backend=aot_eager train.compile_mode=reduce-overhead", "train.compile_mode"),
-])
+def test_relative_weight_paths_resolve_from_the_repository_and_missing_ones_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative to the working directory first, then to the config's repository
+    cfg = load_config(TINY)
+    assert cfg.model.text.t5_path == os.path.join(ROOT, "configs", "pretrained", "tiny")
+    (tmp_path / "mine").mkdir()
+    cfg = load_config(TINY, ["model.backbone.path=mine"])
+    assert cfg.model.backbone.path == str(tmp_path / "mine")
+    with pytest.raises(ConfigError, match="model.vae.path: no such folder 'nowhere'"):
+        load_config(TINY, ["model.vae.path=nowhere"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.stepz=3", "stepz"),
+        ("model.experts.rnak=3", "rnak"),
+        ("train.steps=many", "train.steps"),
+        ("train.zero_stage=3", "train.zero_stage"),
+        ("schedule.min_lr=1.0", "schedule.min_lr"),
+        ("model.experts.ep_size=3", "model.experts.ep_size"),
+        ("model.router.top_k=9", "model.router.top_k"),
+        ("data.image_size=60", "data.image_size"),
+        ("train.compile=true train.compile_backend=nope", "train.compile_backend"),
+        ("train.compile=true train.compile_mode=fast", "train.compile_mode"),
+        ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile: a silent no-op
+        ("train.compile=true train.compile_backend=aot_eager train.compile_mode=reduce-overhead", "train.compile_mode"),
+    ],
+)
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(TINY, override.split())
     assert not torch_dist.is_initialized()
 
 
-@pytest.mark.parametrize("overrides, grouped", [
-    ([], True),  # auto: grouped GEMMs at ep_size 1 (no host sync there)
-    (["model.experts.ep_size=2"], False),  # auto: the per-expert loop behind the all-to-all
-    (["model.experts.grouped_gemm=false"], False),
-    (["model.experts.ep_size=2", "model.experts.grouped_gemm=true"], True),
-    (["model.experts.grouped_gemm=null"], True),
-])
+@pytest.mark.parametrize(
+    "overrides, grouped",
+    [
+        ([], True),  # auto: grouped GEMMs at ep_size 1 (no host sync there)
+        (["model.experts.ep_size=2"], False),  # auto: the per-expert loop behind the all-to-all
+        (["model.experts.grouped_gemm=false"], False),
+        (["model.experts.ep_size=2", "model.experts.grouped_gemm=true"], True),
+        (["model.experts.grouped_gemm=null"], True),
+    ],
+)
 def test_grouped_gemm_auto_resolves_by_ep_size(overrides, grouped, monkeypatch):
     from omegaconf import OmegaConf
 
@@ -90,9 +107,20 @@ def test_gpu_recipes_validate(recipe, world, monkeypatch):
 
 def test_launcher_fails_fast_without_building_anything(tmp_path):
     t0 = time.time()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config", TINY,
-                        f"run.dir={tmp_path}", "train.zero_stage=5"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "train.py"),
+            "--config",
+            TINY,
+            f"run.dir={tmp_path}",
+            "train.zero_stage=5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert "train.zero_stage" in r.stderr
     assert "process group" not in (r.stdout + r.stderr).lower()  # deepspeed's init log never appears
@@ -101,8 +129,9 @@ def test_launcher_fails_fast_without_building_anything(tmp_path):
 
 
 def test_deepspeed_config_is_generated_from_the_tree():
-    cfg = load_config(TINY, ["train.micro_batch=3", "train.grad_accum=2", "train.zero_stage=2",
-                             "optim.clip_grad_norm=0.5"])
+    cfg = load_config(
+        TINY, ["train.micro_batch=3", "train.grad_accum=2", "train.zero_stage=2", "optim.clip_grad_norm=0.5"]
+    )
     ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2

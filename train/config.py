@@ -15,9 +15,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.config import ModelConfig
-
 from data.config import DataConfig
+from moe.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -151,9 +150,30 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> D
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+    _resolve_weight_paths(cfg, path)
     validate_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+WEIGHT_PATH_KEYS = ("model.backbone.path", "model.vae.path", "model.text.t5_path", "model.text.clip_path")
+
+
+def _resolve_weight_paths(cfg: DictConfig, config_path: Optional[str]) -> None:
+    """Make the local weight folders absolute, so the resolved config saved next to every checkpoint
+    (and read back by resume, export, eval and edit from any directory) names the same folders.
+    A relative path is taken from the working directory, or else from the repository the config file
+    lives in (``configs/pretrained/tiny`` in ``configs/tiny.yaml`` works from anywhere)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(config_path))) if config_path else None
+    for key in WEIGHT_PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is None or os.path.isabs(value):
+            continue
+        candidates = [os.path.abspath(value)] + ([os.path.join(repo, value)] if repo else [])
+        found = next((c for c in candidates if os.path.exists(c)), None)
+        if found is None:
+            raise ConfigError(f"{key}: no such folder '{value}' (looked in {', '.join(candidates)})")
+        OmegaConf.update(cfg, key, found)
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -177,11 +197,21 @@ def validate_config(cfg: Any) -> None:
         import torch._dynamo
 
         backends = torch._dynamo.list_backends(exclude_tags=())
-        _check(t.compile_backend in backends, "train.compile_backend",
-               f"'{t.compile_backend}' is not a torch.compile backend ({', '.join(backends)})")
-        _check(t.compile_mode == "default" or t.compile_backend == "inductor", "train.compile_mode",
-               f"'{t.compile_mode}' is a mode of the inductor backend, not of '{t.compile_backend}'")
-    _check(t.compile_mode in COMPILE_MODES, "train.compile_mode", f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
+        _check(
+            t.compile_backend in backends,
+            "train.compile_backend",
+            f"'{t.compile_backend}' is not a torch.compile backend ({', '.join(backends)})",
+        )
+        _check(
+            t.compile_mode == "default" or t.compile_backend == "inductor",
+            "train.compile_mode",
+            f"'{t.compile_mode}' is a mode of the inductor backend, not of '{t.compile_backend}'",
+        )
+    _check(
+        t.compile_mode in COMPILE_MODES,
+        "train.compile_mode",
+        f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}",
+    )
     _check(t.compile or t.compile_mode == "default", "train.compile_mode", "needs train.compile=true")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
@@ -208,7 +238,7 @@ def validate_config(cfg: Any) -> None:
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1") if in_srun_step else "1"))
     ep = cfg.model.experts.ep_size
     _check(world % ep == 0, "model.experts.ep_size", f"{ep} must divide the number of processes ({world})")
-    for section, dc in (("model", ModelConfig), ("data", DataConfig)):
+    for section in ("model", "data"):
         obj = OmegaConf.to_object(cfg[section])
         try:
             obj.validate()
@@ -242,9 +272,14 @@ def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool) -> dict:
     }
     if t.zero_stage > 0:
         overlap = on_gpu if t.overlap_comm is None else bool(t.overlap_comm)
-        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": overlap,
-                                        "reduce_bucket_size": int(t.reduce_bucket_size),
-                                        "allgather_bucket_size": int(t.allgather_bucket_size)})
+        ds["zero_optimization"].update(
+            {
+                "contiguous_gradients": True,
+                "overlap_comm": overlap,
+                "reduce_bucket_size": int(t.reduce_bucket_size),
+                "allgather_bucket_size": int(t.allgather_bucket_size),
+            }
+        )
     return ds
 
 

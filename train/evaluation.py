@@ -191,6 +191,7 @@ class EvalSettings:
     text_guidance: float = 1.0
     image_guidance: float = 1.0
     flow_loss: bool = True  # also the held-out flow-matching loss (3 more forwards per batch)
+    keep_outside_box: bool = False  # the sampler keeps the source outside the user's box (CareEditModel.edit)
     group_by_task: bool = True  # one edit call per task in a batch: exact per-task utilisation, more calls
 
 
@@ -325,6 +326,7 @@ def evaluate(
                 text_guidance=settings.text_guidance,
                 image_guidance=settings.image_guidance,
                 generator=g,
+                **({"keep_outside_box": True} if settings.keep_outside_box else {}),
             )
             edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
             values = _edit_row(edit, sub, res.refined_mask, checks)
