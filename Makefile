@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: install train test test-slow test-all data clean
+.PHONY: install train eval lint test test-slow test-all data clean
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ data: $(STAMP)
 
 train: data
 	$(PYTHON) launch/train.py --config $(CONFIG) $(ARGS)
+
+# held-out edits of the `make train` run: success per task beside the do-nothing and oracle rows
+eval: $(STAMP)
+	$(PYTHON) launch/eval.py --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/val-{000000..000000}.tar' \
+	    --out runs/tiny/eval --limit 96 --steps 20
+
+# ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
