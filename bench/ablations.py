@@ -27,18 +27,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 UNTRAINED = "untrained (init)"
-# name -> dotlist overrides of configs/tiny.yaml (the full model is K=3, the paper's setting)
-VARIANTS: dict[str, list[str]] = {
-    "full (K=3)": [],
-    "uniform router": ["model.router.kind=uniform"],
-    "static fusion": ["model.router.kind=static"],
-    "no Mask Repaint": ["model.repaint.enabled=false"],
-    "no Latent Mixture": ["model.mixture.enabled=false"],
-    "K=1": ["model.router.top_k=1"],
-    "K=2": ["model.router.top_k=2"],
-    "K=4": ["model.router.top_k=4"],
-    UNTRAINED: [],  # the full model as initialised (no training step): what training bought
-}
+GRID = os.path.join(ROOT, "configs", "ablations.yaml")
+
+
+def load_variants(path: str = GRID) -> dict[str, list[str]]:
+    """name -> dotlist overrides of configs/tiny.yaml: the sets of the ablation grid (the same file the
+    SLURM sweep runs), its ``common`` overrides first, and the untrained row (the full model as
+    initialised, no training step: what training bought)."""
+    from omegaconf import OmegaConf
+
+    grid = OmegaConf.load(path)
+    common = list(grid.get("common") or [])
+    variants = {str(s.name): common + [str(o) for o in s.overrides] for s in grid.sets}
+    variants[UNTRAINED] = []
+    return variants
+
+
+VARIANTS: dict[str, list[str]] = load_variants()
+REFERENCE = next(iter(VARIANTS))  # the grid's first set: the full model
 METRICS = ("flow_mse", "flow_mse_inside", "flow_mse_outside", "l1", "l1_inside", "l1_outside", "mask_iou")
 SYNTH = "artifacts/synthetic"
 
@@ -55,13 +61,23 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     from train.loop import train
 
     run_root = os.path.join(args.out, f"{slug(variant)}_seed{seed}")
-    overrides = [f"run.dir={run_root}", f"run.seed={seed}", f"data.seed={seed}", f"train.steps={args.steps}",
-                 f"train.micro_batch={args.micro_batch}", f"data.image_size={args.image_size}",
-                 f"schedule.warmup_steps={max(1, args.steps // 10)}", "logging.images_every=0",
-                 "logging.progress_bar=false", f"logging.every={max(1, args.steps // 4)}",
-                 f"checkpoint.every={args.steps}", "checkpoint.keep=1",
-                 f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
-                 f"data.val_shards={args.data}/val-{{000000..000000}}.tar", *VARIANTS[variant]]
+    overrides = [
+        f"run.dir={run_root}",
+        f"run.seed={seed}",
+        f"data.seed={seed}",
+        f"train.steps={args.steps}",
+        f"train.micro_batch={args.micro_batch}",
+        f"data.image_size={args.image_size}",
+        f"schedule.warmup_steps={max(1, args.steps // 10)}",
+        "logging.images_every=0",
+        "logging.progress_bar=false",
+        f"logging.every={max(1, args.steps // 4)}",
+        f"checkpoint.every={args.steps}",
+        "checkpoint.keep=1",
+        f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
+        f"data.val_shards={args.data}/val-{{000000..000000}}.tar",
+        *VARIANTS[variant],
+    ]
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
     t0 = time.time()
     if variant == UNTRAINED:  # the same seeded build training starts from, evaluated as is
@@ -77,14 +93,24 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         losses = [json.loads(line)["loss"] for line in open(os.path.join(run_root, "tiny", "losses.jsonl"))]
         model, cfg = load_for_inference(os.path.join(run_root, "tiny", "checkpoints"))
     train_s = time.time() - t0
-    settings = EvalSettings(steps=args.eval_steps, limit=args.eval_limit, batch_size=args.eval_limit, seed=0,
-                            group_by_task=False)
+    settings = EvalSettings(
+        steps=args.eval_steps, limit=args.eval_limit, batch_size=args.eval_limit, seed=0, group_by_task=False
+    )
     t1 = time.time()
-    ev = evaluate(model, iterate_heldout(OmegaConf_to(cfg.data), cfg.data.val_shards, args.eval_limit,
-                                         args.eval_limit), settings)
-    out = {"variant": variant, "seed": seed, "overrides": VARIANTS[variant], "steps": steps,
-           "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-           "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1), **ev}
+    ev = evaluate(
+        model, iterate_heldout(OmegaConf_to(cfg.data), cfg.data.val_shards, args.eval_limit, args.eval_limit), settings
+    )
+    out = {
+        "variant": variant,
+        "seed": seed,
+        "overrides": VARIANTS[variant],
+        "steps": steps,
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "train_s": round(train_s, 1),
+        "eval_s": round(time.time() - t1, 1),
+        **ev,
+    }
     with open(os.path.join(args.out, f"{slug(variant)}_seed{seed}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out
@@ -105,7 +131,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def paired_delta(results: list[dict], variant: str, metric: str, reference: str = "full (K=3)") -> str:
+def paired_delta(results: list[dict], variant: str, metric: str, reference: str = REFERENCE) -> str:
     """Mean ± std over seeds of (variant - reference) for the same seed: same data order and frozen
     weights, so the seed-to-seed spread that both share cancels."""
     ref = {r["seed"]: r["metrics"][metric] for r in results if r["variant"] == reference}
@@ -117,8 +143,10 @@ def paired_delta(results: list[dict], variant: str, metric: str, reference: str 
 def table(results: list[dict]) -> str:
     """Markdown: one row per variant, mean ± sample std over seeds, plus the final training loss."""
     cols = ["final train loss", *METRICS]
-    lines = ["| variant | seeds | " + " | ".join(cols) + " | Δ flow_mse vs full, paired |",
-             "|---|---|" + "---|" * (len(cols) + 1)]
+    lines = [
+        "| variant | seeds | " + " | ".join(cols) + " | Δ flow_mse vs full, paired |",
+        "|---|---|" + "---|" * (len(cols) + 1),
+    ]
     for variant in VARIANTS:
         rs = [r for r in results if r["variant"] == variant]
         if not rs:
@@ -155,9 +183,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     pending = [j for j in jobs if not os.path.isfile(os.path.join(args.out, f"{slug(j[0])}_seed{j[1]}.json"))]
-    passthrough = [f"--steps={args.steps}", f"--image-size={args.image_size}", f"--micro-batch={args.micro_batch}",
-                   f"--eval-limit={args.eval_limit}", f"--eval-steps={args.eval_steps}", f"--data={args.data}",
-                   f"--out={args.out}"]
+    passthrough = [
+        f"--steps={args.steps}",
+        f"--image-size={args.image_size}",
+        f"--micro-batch={args.micro_batch}",
+        f"--eval-limit={args.eval_limit}",
+        f"--eval-steps={args.eval_steps}",
+        f"--data={args.data}",
+        f"--out={args.out}",
+    ]
     running: list[tuple[subprocess.Popen, tuple[str, int]]] = []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
@@ -167,8 +201,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         while pending and len(running) < args.parallel:
             v, s = pending.pop(0)
             log = open(os.path.join(args.out, f"{slug(v)}_seed{s}.log"), "w")
-            proc = subprocess.Popen([sys.executable, __file__, *passthrough, "--one", v, str(s)], cwd=ROOT,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, *passthrough, "--one", v, str(s)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             running.append((proc, (v, s)))
         time.sleep(2)
         for proc, job in list(running):
@@ -186,9 +225,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     md = table(results)
     print(md)
     trained = [r for r in results if r["steps"] > 0]
-    summary = {"wall_s": round(time.time() - t0, 1), "runs": len(results), "failed": failed,
-               "train_s_per_run": round(sum(r["train_s"] for r in trained) / max(1, len(trained)), 1),
-               "eval_s_per_run": round(sum(r["eval_s"] for r in results) / max(1, len(results)), 1)}
+    summary = {
+        "wall_s": round(time.time() - t0, 1),
+        "runs": len(results),
+        "failed": failed,
+        "train_s_per_run": round(sum(r["train_s"] for r in trained) / max(1, len(trained)), 1),
+        "eval_s_per_run": round(sum(r["eval_s"] for r in results) / max(1, len(results)), 1),
+    }
     print(json.dumps(summary))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"summary": summary, "table": md, "args": vars(args)}, f, indent=1)
@@ -203,7 +246,7 @@ def write_table(path: str, md: str, name: str) -> None:
     text = open(path).read() if os.path.isfile(path) else ""
     block = f"{start}\n{md}\n{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text += "\n" + block + "\n"
     with open(path, "w") as f:

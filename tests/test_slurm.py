@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tests.faults import Faults
 from tests.slurm_cluster import Cluster, SlurmUnavailable, _which, start_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,27 +36,60 @@ def _py(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------- no SLURM needed
 
+
 def test_ablation_grid_lists_sets_validates_them_and_prints_the_sbatch_line():
     out = _py("launch.slurm.grid", "configs/ablations.yaml").stdout
     rows = re.findall(r"^\s+(\d+)\s+(\S+)\s+(.+)$", out, re.M)
-    assert [(int(i), n) for i, n, _ in rows] == list(enumerate([
-        "ablations-0-full", "ablations-1-uniform-router", "ablations-2-static-fusion", "ablations-3-no-repaint",
-        "ablations-4-no-mixture", "ablations-5-k1", "ablations-6-k2", "ablations-7-k4"]))
-    assert [o for _, _, o in rows] == ["(base recipe)", "model.router.kind=uniform", "model.router.kind=static",
-                                       "model.repaint.enabled=false", "model.mixture.enabled=false",
-                                       "model.router.top_k=1", "model.router.top_k=2", "model.router.top_k=4"]
+    assert [(int(i), n) for i, n, _ in rows] == list(
+        enumerate(
+            [
+                "ablations-0-full",
+                "ablations-1-uniform-router",
+                "ablations-2-static-fusion",
+                "ablations-3-no-repaint",
+                "ablations-4-no-mixture",
+                "ablations-5-k1",
+                "ablations-6-k2",
+                "ablations-7-k4",
+                "ablations-8-absent-removed",
+                "ablations-9-tag-moe",
+                "ablations-10-adaptedit",
+            ]
+        )
+    )
+    assert [o for _, _, o in rows] == [
+        "(base recipe)",
+        "model.router.kind=uniform",
+        "model.router.kind=static",
+        "model.repaint.enabled=false",
+        "model.mixture.enabled=false",
+        "model.router.top_k=1",
+        "model.router.top_k=2",
+        "model.router.top_k=4",
+        "model.router.mask_absent=true",
+        "model.experts.kind=ffn model.router.top_k=1 model.loss.tag_alignment=0.1",
+        "model.loss.region_alpha=2 model.repaint.mode=decoupled model.repaint.use_gt_mask_in_training=true",
+    ]
     assert "CONFIG ERROR" not in out
-    assert "mkdir -p runs/slurm && sbatch --array=0-7 launch/slurm/sweep.sbatch configs/ablations.yaml\n" in out
-    task = _py("launch.slurm.grid", "configs/ablations.yaml", "configs/tiny.yaml", "train.steps=5",
-               "--task", "5", "--nul").stdout
-    assert task.split("\0") == ["configs/tiny.yaml", "model.router.top_k=1", "train.steps=5",
-                                "run.name=ablations-5-k1", ""]
+    assert "mkdir -p runs/slurm && sbatch --array=0-10 launch/slurm/sweep.sbatch configs/ablations.yaml\n" in out
+    task = _py(
+        "launch.slurm.grid", "configs/ablations.yaml", "configs/tiny.yaml", "train.steps=5", "--task", "5", "--nul"
+    ).stdout
+    assert task.split("\0") == [
+        "configs/tiny.yaml",
+        "model.router.top_k=1",
+        "train.steps=5",
+        "run.name=ablations-5-k1",
+        "",
+    ]
 
 
 def test_grid_rejects_bad_sets_and_out_of_range_tasks(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: g\nbase: configs/tiny.yaml\nsets:\n  - {name: a, overrides: [optim.lr=1]}\n"
-                   "  - {name: a, overrides: []}\n")
+    bad.write_text(
+        "name: g\nbase: configs/tiny.yaml\nsets:\n  - {name: a, overrides: [optim.lr=1]}\n"
+        "  - {name: a, overrides: []}\n"
+    )
     p = _py("launch.slurm.grid", str(bad), check=False)
     assert p.returncode == 2 and "duplicate set name 'a'" in p.stderr
     bad.write_text("name: g\nbase: configs/tiny.yaml\nsets:\n  - {name: a, overrides: [run.name=x]}\n")
@@ -99,6 +133,7 @@ def test_summary_reads_losses_config_and_tensorboard(tmp_path):
 
 # ---------------------------------------------------------------- a real SLURM
 
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A private one-node SLURM for the whole session; daemons stopped by PID even when tests fail."""
@@ -116,11 +151,19 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _submit(cluster: Cluster, work: str, script: str, *args: str, sbatch: tuple[str, ...] = ()) -> int:
-    """sbatch from the repository root (CARE_ROOT = SLURM_SUBMIT_DIR), job working dir ``work`` (logs there)."""
+def _submit(
+    cluster: Cluster, work: str, script: str, *args: str, sbatch: tuple[str, ...] = (), faults: Faults | None = None
+) -> int:
+    """sbatch from the repository root (CARE_ROOT = SLURM_SUBMIT_DIR), job working dir ``work`` (logs there);
+    ``faults`` reach the training tasks through sbatch's exported environment (tests/faults.py)."""
     os.makedirs(os.path.join(work, "runs", "slurm"), exist_ok=True)
-    env = cluster.env(TRAIN_ENTRY="tests/train_entry.py", PYTHON=sys.executable, DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
+    env = cluster.env(
+        TRAIN_ENTRY="tests/train_entry.py",
+        PYTHON=sys.executable,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        **(faults or Faults()).to_env(),
+    )
     return cluster.sbatch(f"--chdir={work}", "--time=10", *sbatch, f"launch/slurm/{script}", *args, cwd=ROOT, env=env)
 
 
@@ -145,12 +188,14 @@ def _latest(run_dir: str) -> str:
 def test_sweep_array_of_three_runs_then_summary(slurm, tmp_path):
     work = str(tmp_path)
     grid = tmp_path / "toygrid.yaml"
-    grid.write_text("name: toygrid\nbase: configs/toy_test.yaml\n"
-                    f"common: [run.dir={work}/runs, train.steps=4, checkpoint.every=2, logging.every=2]\n"
-                    "sets:\n"
-                    "  - {name: lr1, overrides: [optim.lr=1.0e-3]}\n"
-                    "  - {name: lr3, overrides: [optim.lr=3.0e-3]}\n"
-                    "  - {name: uniform, overrides: [model.router.kind=uniform, optim.lr=1.0e-2]}\n")
+    grid.write_text(
+        "name: toygrid\nbase: configs/toy_test.yaml\n"
+        f"common: [run.dir={work}/runs, train.steps=4, checkpoint.every=2, logging.every=2]\n"
+        "sets:\n"
+        "  - {name: lr1, overrides: [optim.lr=1.0e-3]}\n"
+        "  - {name: lr3, overrides: [optim.lr=3.0e-3]}\n"
+        "  - {name: uniform, overrides: [model.router.kind=uniform, optim.lr=1.0e-2]}\n"
+    )
     listing = _py("launch.slurm.grid", str(grid), "--world-size", "1").stdout
     assert f"sbatch --array=0-2 launch/slurm/sweep.sbatch {grid}" in listing
     job = _submit(slurm, work, "sweep.sbatch", str(grid), *TOY, sbatch=("--array=0-2", "--ntasks=1"))
@@ -166,8 +211,7 @@ def test_sweep_array_of_three_runs_then_summary(slurm, tmp_path):
         assert f"grid {grid} task {i}:" in log and "done: step 4" in log, log[-3000:]
         run = os.path.join(work, "runs", name)
         assert max(_losses(run)) == 4 and _latest(run) == "step00000004"
-    lrs = [re.search(r"lr: ([0-9.e-]+)", _read(os.path.join(work, "runs", n, "config.yaml"))).group(1)
-           for n in names]
+    lrs = [re.search(r"lr: ([0-9.e-]+)", _read(os.path.join(work, "runs", n, "config.yaml"))).group(1) for n in names]
     assert [float(x) for x in lrs] == [1e-3, 3e-3, 1e-2]  # each task got its own set
     assert "kind: uniform" in _read(os.path.join(work, "runs", names[2], "config.yaml"))
 
@@ -189,19 +233,34 @@ def test_usr1_preemption_requeues_and_resumes_to_the_uninterrupted_result(slurm,
     """2 ranks under srun (ep_size 2): USR1 to the batch shell -> checkpoint -> requeue -> resume."""
     work = str(tmp_path)
     steps = 10
-    common = [f"run.dir={work}/runs", f"train.steps={steps}", "checkpoint.every=4", "logging.every=2",
-              "model.experts.ep_size=2", *TOY]
+    common = [
+        f"run.dir={work}/runs",
+        f"train.steps={steps}",
+        "checkpoint.every=4",
+        "logging.every=2",
+        "model.experts.ep_size=2",
+        *TOY,
+    ]
     two = ("--ntasks-per-node=2",)
-    pre = _submit(slurm, work, "train.sbatch", "configs/toy_test.yaml", *common, "run.name=pre",
-                  "debug.step_sleep_s=0.4", sbatch=two)
+    pre = _submit(
+        slurm,
+        work,
+        "train.sbatch",
+        "configs/toy_test.yaml",
+        *common,
+        "run.name=pre",
+        sbatch=two,
+        faults=Faults(step_sleep_s=0.4),
+    )
     ref = _submit(slurm, work, "train.sbatch", "configs/toy_test.yaml", *common, "run.name=ref", sbatch=two)
     pre_run, ref_run = os.path.join(work, "runs", "pre"), os.path.join(work, "runs", "ref")
     pre_log = os.path.join(work, "runs", "slurm", f"care-train-{pre}.out")
     deadline = time.time() + 150
     while not (os.path.exists(os.path.join(pre_run, "losses.jsonl")) and max(_losses(pre_run) or {0: 0}) >= 2):
         state = slurm.job(pre).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n" + (_read(pre_log) if os.path.exists(
-            pre_log) else "")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n" + (
+            _read(pre_log) if os.path.exists(pre_log) else ""
+        )
         assert time.time() < deadline, "training did not reach step 2"
         time.sleep(0.2)
     slurm.run("scancel", "--signal=USR1", "--batch", str(pre))  # what --signal=B:USR1@T does at T
@@ -227,8 +286,15 @@ def test_usr1_preemption_requeues_and_resumes_to_the_uninterrupted_result(slurm,
     assert _latest(pre_run) == _latest(ref_run) == f"step{steps:08d}"
 
     # A finished run is not trained again: resubmitting it (or a stray requeue) exits at once.
-    again = _submit(slurm, work, "train.sbatch", "configs/toy_test.yaml", *common, "run.name=ref",
-                    sbatch=("--ntasks-per-node=2", "--job-name=again"))
+    again = _submit(
+        slurm,
+        work,
+        "train.sbatch",
+        "configs/toy_test.yaml",
+        *common,
+        "run.name=ref",
+        sbatch=("--ntasks-per-node=2", "--job-name=again"),
+    )
     again_done = slurm.wait_done(again, timeout=120)[0]
     again_log = _read(os.path.join(work, "runs", "slurm", f"again-{again}.out"))
     assert again_done["JobState"] == "COMPLETED" and again_done["Restarts"] == "0", again_log
@@ -268,10 +334,10 @@ def test_srun_tasks_without_wrapper_take_ranks_and_rendezvous_from_slurm(slurm, 
         env.pop(key, None)
     srun = [_which("srun"), "--ntasks=2", "--cpus-per-task=1", "--time=10", "--kill-on-bad-exit=1"]
 
-    p = slurm.run(*srun, "--job-name=probe", sys.executable, "-c", _PROBE, cwd=ROOT, env=env, check=False,
-                  timeout=120)
-    recs = sorted((json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("PROBE ")),
-                  key=lambda r: r["RANK"])
+    p = slurm.run(*srun, "--job-name=probe", sys.executable, "-c", _PROBE, cwd=ROOT, env=env, check=False, timeout=120)
+    recs = sorted(
+        (json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("PROBE ")), key=lambda r: r["RANK"]
+    )
     assert p.returncode == 0 and len(recs) == 2, p.stdout + p.stderr
     job = int(recs[0]["SLURM_JOB_ID"])
     for rank, rec in enumerate(recs):
@@ -280,16 +346,34 @@ def test_srun_tasks_without_wrapper_take_ranks_and_rendezvous_from_slurm(slurm, 
         assert rec["SLURM_JOB_ID"] == str(job) and rec["sum"] == 3.0, rec  # both ranks met there
 
     syn = tmp_path / "synthetic"
-    _py("data.synthetic", "--out", str(syn), "--train", "48", "--val", "8", "--size", "64",
-        "--samples-per-shard", "16")
+    _py("data.synthetic", "--out", str(syn), "--train", "48", "--val", "8", "--size", "64", "--samples-per-shard", "16")
     steps = 3
-    args = [f"data.train_shards={syn}/train-{{000000..000002}}.tar", f"data.val_shards={syn}/val-{{000000..000000}}.tar",
-            f"train.steps={steps}", "checkpoint.every=2", "logging.every=1", "data.num_workers=0",
-            "model.experts.ep_size=2", *TOY]
+    args = [
+        f"data.train_shards={syn}/train-{{000000..000002}}.tar",
+        f"data.val_shards={syn}/val-{{000000..000000}}.tar",
+        f"train.steps={steps}",
+        "checkpoint.every=2",
+        "logging.every=1",
+        "data.num_workers=0",
+        "model.experts.ep_size=2",
+        *TOY,
+    ]
     tiny_cfg = os.path.join(ROOT, "configs", "tiny.yaml")
     run = str(tmp_path / "srun")
-    p = slurm.run(*srun, "--job-name=srun-train", sys.executable, "launch/train.py", "--config", tiny_cfg,
-                  f"run.dir={run}", *args, cwd=ROOT, env=env, check=False, timeout=300)
+    p = slurm.run(
+        *srun,
+        "--job-name=srun-train",
+        sys.executable,
+        "launch/train.py",
+        "--config",
+        tiny_cfg,
+        f"run.dir={run}",
+        *args,
+        cwd=ROOT,
+        env=env,
+        check=False,
+        timeout=300,
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0 and f"done: step {steps}" in out, out[-4000:]
     assert "not started by srun" not in out
@@ -299,7 +383,7 @@ def test_srun_tasks_without_wrapper_take_ranks_and_rendezvous_from_slurm(slurm, 
         assert (state["rank"], state["world_size"], state["step"]) == (r, 2, steps)
     files = set(os.listdir(ckpt))
     assert {f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= files
-    assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(2) for e in range(4)} <= files
+    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(3) for e in range(4)} <= files
 
     by_hand = str(tmp_path / "by-hand")
     ranks = start_ranks(2, by_hand, args, entry=os.path.join(ROOT, "launch", "train.py"), config=tiny_cfg)
