@@ -66,13 +66,18 @@ def default_factories() -> tuple[ModelFactory, LoaderFactory, ValBatchFactory]:
     return build_model, build_train_loader, build_val_batch
 
 
-def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelFactory] = None,
-          loader_factory: Optional[LoaderFactory] = None,
-          val_batch_factory: Optional[ValBatchFactory] = None) -> TrainResult:
+def train(
+    cfg: Any,
+    resume: Optional[str] = None,
+    model_factory: Optional[ModelFactory] = None,
+    loader_factory: Optional[LoaderFactory] = None,
+    val_batch_factory: Optional[ValBatchFactory] = None,
+) -> TrainResult:
     """Train ``cfg`` (validated, read-only); ``resume`` is None, "auto" or a checkpoint path."""
     defaults = default_factories() if None in (model_factory, loader_factory, val_batch_factory) else (None,) * 3
-    trainer = Trainer(cfg, resume, model_factory or defaults[0], loader_factory or defaults[1],
-                      val_batch_factory or defaults[2])
+    trainer = Trainer(
+        cfg, resume, model_factory or defaults[0], loader_factory or defaults[1], val_batch_factory or defaults[2]
+    )
     try:
         return trainer.train()
     finally:
@@ -82,8 +87,14 @@ def train(cfg: Any, resume: Optional[str] = None, model_factory: Optional[ModelF
 class Trainer:
     """One run: built once, then ``train()``; ``close()`` releases the run lock, logger and watchdog."""
 
-    def __init__(self, cfg: Any, resume: Optional[str], model_factory: ModelFactory, loader_factory: LoaderFactory,
-                 val_batch_factory: ValBatchFactory) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        resume: Optional[str],
+        model_factory: ModelFactory,
+        loader_factory: LoaderFactory,
+        val_batch_factory: ValBatchFactory,
+    ) -> None:
         self.cfg = cfg
         self.dist = dist = init_distributed()
         self.lock = acquire_run_lock(run_dir(cfg), dist)  # before anything is written to the run dir
@@ -98,8 +109,13 @@ class Trainer:
             self.close()
             raise
 
-    def _build(self, resume: Optional[str], model_factory: ModelFactory, loader_factory: LoaderFactory,
-               val_batch_factory: ValBatchFactory) -> None:
+    def _build(
+        self,
+        resume: Optional[str],
+        model_factory: ModelFactory,
+        loader_factory: LoaderFactory,
+        val_batch_factory: ValBatchFactory,
+    ) -> None:
         cfg, dist = self.cfg, self.dist
         if dist.is_main:
             save_resolved(cfg, os.path.join(run_dir(cfg), "config.yaml"))
@@ -127,8 +143,9 @@ class Trainer:
 
         # ---- resume: position the loader, load everything
         data_cfg = OmegaConf.to_object(cfg.data)
-        self.loader = loader_factory(data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size,
-                                     start_step=found.step if found else 0)
+        self.loader = loader_factory(
+            data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
+        )
         resumed = self.ckpt.load(self.engine, found, self.loader, self.eng.ema) if found else None
         self.step = resumed.step if resumed else 0
         self.last_ckpt: Optional[str] = None
@@ -139,8 +156,15 @@ class Trainer:
             with rng_untouched():
                 self.val_batch = val_batch_factory(data_cfg, cfg.logging.num_images).to(dist.device, self.eng.dtype)
 
-        self.logger = MetricLogger(cfg, dist, tensorboard_dir(cfg), os.path.join(run_dir(cfg), "images"),
-                                   cfg.train.steps, self.step, _flops_per_token(self.engine.module))
+        self.logger = MetricLogger(
+            cfg,
+            dist,
+            tensorboard_dir(cfg),
+            os.path.join(run_dir(cfg), "images"),
+            cfg.train.steps,
+            self.step,
+            _flops_per_token(self.engine.module),
+        )
         self.logger.print(
             f"run dir {os.path.abspath(run_dir(cfg))} | tensorboard --logdir {os.path.abspath(tensorboard_dir(cfg))}"
             f" | checkpoints {os.path.abspath(checkpoint_dir(cfg))}"
@@ -148,7 +172,8 @@ class Trainer:
             + (f" | resumed from {found.tag} at step {self.step}" if found else "")
             + (f" ({found.note})" if found and found.note else "")
             + (f" | compiled ({cfg.train.compile_backend}, {cfg.train.compile_mode}): {compiled}" if compiled else "")
-            + (f" ({resumed.note})" if resumed and resumed.note else ""))
+            + (f" ({resumed.note})" if resumed and resumed.note else "")
+        )
         self.losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
         self.guard = StepGuard(cfg.guards.max_consecutive_skips)
         self.batches = iter(self.loader)
@@ -170,10 +195,13 @@ class Trainer:
             self.last_ckpt = self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
         self.watchdog.phase(f"step {self.step}: final checkpoint")
         self.last_ckpt = self.ckpt.save_final(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
-        self.logger.print(("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
-                          f"{self.last_ckpt}, {self.guard.total} skipped steps")
-        return TrainResult(step=self.step, skipped_steps=self.guard.total, preempted=preempted,
-                           checkpoint=self.last_ckpt)
+        self.logger.print(
+            ("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
+            f"{self.last_ckpt}, {self.guard.total} skipped steps"
+        )
+        return TrainResult(
+            step=self.step, skipped_steps=self.guard.total, preempted=preempted, checkpoint=self.last_ckpt
+        )
 
     def train_step(self) -> StepResult:
         """One optimizer step: ``grad_accum`` micro-batches, each forward -> agreed loss check -> backward.
@@ -238,8 +266,9 @@ class Trainer:
             self.losses_file.flush()
         self.guard.record(res.skipped, step, res.reason)  # raises TooManySkippedSteps (same step on all ranks)
         if res.skipped:
-            self.logger.print(f"step {step}: skipped ({res.reason}); {self.guard.consecutive} in a row, "
-                              f"{self.guard.total} total")
+            self.logger.print(
+                f"step {step}: skipped ({res.reason}); {self.guard.consecutive} in a row, {self.guard.total} total"
+            )
         elif self.eng.ema is not None:
             self.eng.ema.update(self.engine.module)
         if res.grad_norm is not None and not res.skipped:
@@ -249,6 +278,10 @@ class Trainer:
             extra = {"opt/lr": self.eng.scheduler.get_last_lr()[0], "guard/skipped_steps": float(self.guard.total)}
             extra.update({f"data/{k}": float(v) for k, v in _skip_stats(self.loader).items()})
             self.logger.flush(step, extra)
+            # a router that sends every token of a sample the same way (or is certain everywhere)
+            # trains no specialisation: say so where the user looks
+            for line in getattr(self.engine.module, "routing_warnings", lambda s: [])(res.scalars):
+                self.logger.print(f"step {step}: warning: {line}")
         if self.val_batch is not None and step % cfg.logging.images_every == 0:
             self.watchdog.phase(f"step {step}: image grid")
             with rng_untouched():  # sampling runs eagerly (edit_grid), outside the graphs
