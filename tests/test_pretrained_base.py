@@ -168,6 +168,7 @@ def test_bf16_with_the_pixel_unshuffle_codec(micro_base):
 
 
 @pytest.mark.slow
+@pytest.mark.pipeline
 def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
     """The miniature pipeline through the commands a user types (bench/miniature.py: pretrain_base ->
     launch/train.py with model.backbone.path / model.text.*_path -> launch/eval.py), on a very small
