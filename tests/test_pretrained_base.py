@@ -219,7 +219,7 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
         "warmup_steps=30",
     ]
     tuned = ["train.steps=300", "logging.images_every=0", "checkpoint.every=300"]
-    untrained = ["train.steps=1", "optim.lr=1e-12", "logging.images_every=0", "checkpoint.every=1"]
+    untrained = ["train.steps=1", "optim.lr=1e-12", "schedule.min_lr=0", "logging.images_every=0", "checkpoint.every=1"]
     p = subprocess.run(
         common + ["--variant", "tuned", *tuned, "--variant", "untrained", *untrained],
         cwd=ROOT,
