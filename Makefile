@@ -49,7 +49,7 @@ test: $(STAMP)
 
 # The tests marked slow (4-rank resume, ep_size 4 export, real-model resume, learnability): ~4 min.
 test-slow: $(STAMP)
-	$(PYTHON) -m pytest -q -m "slow and not pipeline" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
