@@ -25,7 +25,6 @@ same bytes (deterministic algorithms, seeded data and noise): :func:`file_digest
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -43,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.captions import VOCABULARY, make_scenes
 from moe.backbone import flux_arch_kwargs, grid_position_ids, pack_latents, unpack_latents
 from moe.config import FluxArch
+from train.edit_success import COLOR_RADIUS  # one notion of "has this palette colour"
 
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"  # ids 0, 1, 2 (CLIP pools at EOS; its legacy path is eos id 2)
 
@@ -373,12 +373,8 @@ def recipe_from_dict(d: dict) -> BaseRecipe:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseRecipe), d))
 
 
-def replace(r: BaseRecipe, **changes: Any) -> BaseRecipe:
-    return dataclasses.replace(r, **changes)
-
-
 # ------------------------------------------------------------------------------------------- checks
-def colour_presence(images: Tensor, texts: list[str], radius: float = 0.15, min_share: float = 0.004) -> float:
+def colour_presence(images: Tensor, texts: list[str], radius: float = COLOR_RADIUS, min_share: float = 0.004) -> float:
     """Share of images whose palette colours are exactly the ones their caption names: a colour counts
     as present when at least ``min_share`` of the pixels lie within ``radius`` of it (RGB in [0, 1]).
     A coarse check that the base draws what it is told (noise shows every colour and fails).
