@@ -77,8 +77,13 @@ class EMAConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
-    keep: int = 3  # keep the last K complete checkpoints
+    keep: int = 3  # keep the last K complete checkpoints (and the one `best` names, whatever its age)
     dir: Optional[str] = None  # default: <run dir>/checkpoints
+    # the held-out metric (a name from VAL_METRICS, e.g. val/success_mean or val/flow_loss) that the `best`
+    # pointer follows; null = no `best`. Needs logging.eval_every dividing checkpoint.every: a checkpoint is
+    # a candidate when the evaluation ran at its step
+    best_metric: Optional[str] = None
+    best_mode: str = "max"  # max | min: which way is better (must agree with the metric: max for success)
 
 
 @dataclass
@@ -89,6 +94,13 @@ class LoggingConfig:
     edit_steps: int = 8  # sampling steps for the grid's edits
     tensorboard_dir: Optional[str] = None  # default: <run dir>/tb
     progress_bar: bool = True
+    # held-out evaluation inside the run (train/heldout.py) every N steps and at the last step (0 = never),
+    # on the first eval_samples samples of data.val_shards, with fixed noise, times and sampler seeds
+    eval_every: int = 0
+    eval_samples: int = 32  # samples for the held-out flow loss (inside / outside the fine mask)
+    eval_edits: int = 8  # of those, how many are edited and scored like launch/eval.py (0 = flow loss only)
+    eval_edit_steps: int = 8  # sampling steps per edit
+    eval_batch_size: int = 8  # samples per forward
 
 
 @dataclass
@@ -181,6 +193,33 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+# The held-out metrics the in-run evaluation logs (train/heldout.py), with the direction that is better;
+# ``val/success/<task>`` (a task of data.schema.TASKS) is also one, better when higher.
+VAL_METRICS = {
+    "val/flow_loss": "min",
+    "val/flow_loss_inside": "min",
+    "val/flow_loss_outside": "min",
+    "val/success_mean": "max",
+    "val/success_samples": "max",
+    "val/l1": "min",
+    "val/l1_inside": "min",
+    "val/l1_outside": "min",
+    "val/mask_iou": "max",
+}
+FLOW_METRICS = ("val/flow_loss", "val/flow_loss_inside", "val/flow_loss_outside")
+
+
+def metric_direction(name: str) -> Optional[str]:
+    """'max' or 'min' for a held-out metric name, None for a name the evaluation does not log."""
+    if name in VAL_METRICS:
+        return VAL_METRICS[name]
+    if name.startswith("val/success/"):
+        from data.schema import TASKS
+
+        return "max" if name[len("val/success/") :] in TASKS else None
+    return None
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
 
@@ -224,6 +263,7 @@ def validate_config(cfg: Any) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
+    _validate_eval(cfg.logging, cfg.checkpoint)
     g = cfg.guards
     _check(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
     _check(g.hang_factor == 0 or g.hang_factor > 1, "guards.hang_factor", "must be > 1 (0 = off)")
@@ -245,6 +285,45 @@ def validate_config(cfg: Any) -> None:
         except ValueError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith(f"{section}.") else f"{section}: {msg}") from None
+
+
+def _validate_eval(lg: Any, ck: Any) -> None:
+    """The in-run evaluation and the `best` pointer: sizes, and a metric the evaluation logs at checkpoint steps."""
+    _check(lg.eval_every >= 0, "logging.eval_every", "must be >= 0 (0 = never)")
+    _check(lg.eval_samples >= 1, "logging.eval_samples", "must be >= 1")
+    _check(
+        0 <= lg.eval_edits <= lg.eval_samples,
+        "logging.eval_edits",
+        f"must be between 0 and logging.eval_samples ({lg.eval_samples})",
+    )
+    _check(lg.eval_edit_steps >= 1, "logging.eval_edit_steps", "must be >= 1")
+    _check(lg.eval_batch_size >= 1, "logging.eval_batch_size", "must be >= 1")
+    _check(ck.best_mode in ("max", "min"), "checkpoint.best_mode", f"'{ck.best_mode}' is not max or min")
+    if ck.best_metric is None:
+        return
+    direction = metric_direction(ck.best_metric)
+    _check(
+        direction is not None,
+        "checkpoint.best_metric",
+        f"'{ck.best_metric}' is not a held-out metric ({', '.join(VAL_METRICS)}, or val/success/<task>)",
+    )
+    _check(
+        ck.best_mode == direction,
+        "checkpoint.best_mode",
+        f"{ck.best_metric} is better when {'higher' if direction == 'max' else 'lower'}: set {direction}",
+    )
+    _check(lg.eval_every >= 1, "logging.eval_every", f"must be >= 1 for checkpoint.best_metric={ck.best_metric}")
+    _check(
+        ck.every % lg.eval_every == 0,
+        "checkpoint.every",
+        f"{ck.every} must be a multiple of logging.eval_every ({lg.eval_every}): a checkpoint is judged by the "
+        "evaluation at its step",
+    )
+    _check(
+        ck.best_metric in FLOW_METRICS or lg.eval_edits >= 1,
+        "logging.eval_edits",
+        f"must be >= 1 for checkpoint.best_metric={ck.best_metric} (a metric of the sampled edits)",
+    )
 
 
 def resolve_precision(cfg: Any, on_gpu: bool) -> str:
