@@ -8,7 +8,8 @@ faults it wants as JSON in ``$CARE_TEST_FAULTS`` (``tests.train_harness.start_ra
   ``start_step``), sleeps where a step should be slow or stall, and tags batches in ``extras``;
 * the model's ``forward`` (patched on the instance: parameter names unchanged) acts on the tags:
   it poisons the loss with NaN, or perturbs one parameter of this rank's replica;
-* ``Checkpointer._commit`` is patched to SIGKILL the process after every shard is on disk.
+* ``Checkpointer._commit`` is patched to SIGKILL the process after every shard is on disk, or
+  ``Checkpointer._write_pointer`` to SIGKILL it in the middle of moving ``best``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Faults:
     unused_rank: int = 1
     unused_module: str = "head"  # ...(what a condition absent from one rank's batch can do to its path)
     hetero_experts: bool = False  # not a fault: the toy's experts get different sizes (tests.toy_model)
+    toy_eval: bool = False  # not a fault: the toy gains what the held-out evaluation reads (tests.eval_toy)
+    crash_in_best_at_step: int = 0  # every rank SIGKILLs itself while moving `best` to this step's checkpoint
     skip_bucket_check: bool = False  # train.engine.check_bucket_layout patched out, to show what it prevents
     crash_in_save_at_step: int = 0  # every rank SIGKILLs itself after writing this step's checkpoint files
     grad_accum: int = 1  # micro-batches per step (to map loader positions to steps)
@@ -122,10 +125,30 @@ def crash_in_save(at_step: int) -> None:
     Checkpointer._commit = crashing_commit
 
 
+def crash_in_best(at_step: int) -> None:
+    """Rank 0 SIGKILLs itself after writing the new `best` pointer's temporary file, before its rename
+    (``latest`` already names checkpoint ``at_step``); the other ranks are killed by the harness or hang
+    up on the lost peer."""
+    from train.checkpoint import BEST, Checkpointer
+
+    write = Checkpointer._write_pointer
+
+    def crashing_write(self: Checkpointer, name: str, text: str) -> None:
+        if name == BEST and json.loads(text)["step"] == at_step:
+            with open(os.path.join(self.dir, name + ".tmp"), "w") as f:
+                f.write(text[: len(text) // 2])  # a torn temporary, as a kill mid-write leaves it
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(self, name, text)
+
+    Checkpointer._write_pointer = crashing_write
+
+
 def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Callable) -> tuple[Callable, Callable]:
     """The factories ``train()`` takes, with ``faults`` injected; also patches the save if asked."""
     if faults.crash_in_save_at_step:
         crash_in_save(faults.crash_in_save_at_step)
+    if faults.crash_in_best_at_step:
+        crash_in_best(faults.crash_in_best_at_step)
     if faults.skip_bucket_check:
         import train.engine
 
@@ -137,6 +160,10 @@ def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Call
             from tests.toy_model import make_experts_heterogeneous
 
             model = make_experts_heterogeneous(model)
+        if faults.toy_eval:
+            from tests.eval_toy import with_eval_interface
+
+            model = with_eval_interface(model)
         return patch_forward(model)
 
     def build_loader(

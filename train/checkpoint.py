@@ -14,10 +14,18 @@ write leaves an empty pointer). So we pass ``save_latest=False`` and commit ours
 3. rank 0 writes the completeness marker ``complete.json`` (step, world size, every file and its
    size), fsyncs it and the directory, renames ``.tmp-<tag>`` to ``<tag>`` (atomic on POSIX), fsyncs
    the checkpoint directory, writes ``latest.tmp``, fsyncs and ``os.replace``-s it onto ``latest``
-   (atomic), fsyncs again, then deletes checkpoints beyond the last K.
+   (atomic), fsyncs again, moves ``best`` the same way when this checkpoint improves the held-out
+   metric, then deletes checkpoints beyond the last K (never the one ``best`` names).
 
 A kill at any point leaves ``latest`` naming the previous complete checkpoint; a stale ``.tmp-*``
-directory is ignored and removed by the next save. Resume checks the marker (every file present at
+directory is ignored and removed by the next save.
+
+``best`` (with ``checkpoint.best_metric``): a JSON pointer ``{"tag", "step", "metric", "mode",
+"value"}`` to the checkpoint whose held-out metric (``train/heldout.py``, evaluated at the checkpoint's
+step) is the best so far; it moves only on a strict improvement. Each checkpoint's ``complete.json``
+records the held-out metrics of its step, and ``best`` is chosen among the complete checkpoints on disk
+(the previous best is never pruned), so a pointer lost to a kill, or one for another metric, is
+rebuilt at the next save. Resume checks the marker (every file present at
 its recorded size): ``--resume PATH`` refuses an incomplete checkpoint with the reason, and
 ``--resume auto`` falls back to the newest complete one before it, saying so. The frozen backbone is
 not written (``exclude_frozen_parameters=True``); it is rebuilt from its own path, so loading is
@@ -35,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -55,6 +64,7 @@ from train.portable import PORTABLE_DIR, ReshapeError, is_portable, read_meta
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+BEST = "best"
 TMP_PREFIX = ".tmp-"
 COMPLETE = "complete.json"  # written last, before the rename: {step, world_size, files: {name: size}}
 STEP_TAG = re.compile(r"^step\d{8}$")
@@ -231,20 +241,29 @@ class Checkpointer:
         os.makedirs(self.dir, exist_ok=True)
 
     # ---------------------------------------------------------------- save
-    def maybe_save(self, engine: Any, step: int, loader: Any, ema: Any = None) -> Optional[str]:
+    def maybe_save(
+        self, engine: Any, step: int, loader: Any, ema: Any = None, metrics: Optional[dict[str, float]] = None
+    ) -> Optional[str]:
         """Save at every ``checkpoint.every``-th step; the path written, or None."""
         if step % self.every == 0:
-            return self.save(engine, step, loader, ema)
+            return self.save(engine, step, loader, ema, metrics)
         return None
 
-    def save_final(self, engine: Any, step: int, loader: Any, ema: Any = None) -> Optional[str]:
+    def save_final(
+        self, engine: Any, step: int, loader: Any, ema: Any = None, metrics: Optional[dict[str, float]] = None
+    ) -> Optional[str]:
         """Save at the end of a run (done or preempted) unless this step is already saved."""
         if self.saved_step == step:
             return None
-        return self.save(engine, step, loader, ema)
+        return self.save(engine, step, loader, ema, metrics)
 
-    def save(self, engine: Any, step: int, loader: Any, ema: Any = None) -> str:
-        """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0)."""
+    def save(
+        self, engine: Any, step: int, loader: Any, ema: Any = None, metrics: Optional[dict[str, float]] = None
+    ) -> str:
+        """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0).
+
+        ``metrics``: the held-out evaluation of this step (rank 0's are used), recorded in ``complete.json``
+        and judged for the ``best`` pointer; None when the step was not evaluated."""
         if self.before_save is not None:
             self.before_save(step)
         tag = step_tag(step)
@@ -254,7 +273,7 @@ class Checkpointer:
         barrier()
         written = self._write(engine, tmp_path, step, loader, ema)
         files = _gather_files(written)  # also the barrier: every shard of every rank is on disk
-        final = self._commit(tmp_path, tag, step, files)
+        final = self._commit(tmp_path, tag, step, files, metrics)
         barrier()
         self.saved_step = step
         return final
@@ -296,40 +315,79 @@ class Checkpointer:
         _fsync_dir(tmp_path)
         return written
 
-    def _commit(self, tmp_path: str, tag: str, step: int, files: dict[str, int]) -> str:
-        """Rank 0: the completeness marker, then rename the directory to ``tag``, move ``latest``, prune."""
+    def _commit(
+        self, tmp_path: str, tag: str, step: int, files: dict[str, int], metrics: Optional[dict[str, float]] = None
+    ) -> str:
+        """Rank 0: the completeness marker, then rename the directory to ``tag``, move ``latest`` (and
+        ``best`` on an improvement), prune."""
         final = os.path.join(self.dir, tag)
         if self.dist.is_main:
+            marker = {"step": step, "world_size": self.dist.world_size, "files": files}
+            if metrics:
+                marker["metrics"] = metrics
             with open(os.path.join(tmp_path, COMPLETE), "w") as f:
-                json.dump({"step": step, "world_size": self.dist.world_size, "files": files}, f, indent=0)
+                json.dump(marker, f, indent=0)
                 _fsync(f)
             _fsync_dir(tmp_path)
             if os.path.exists(final):  # re-saving the same step (e.g. end right after a periodic save)
+                self._unpoint_best(tag)  # `best` never names a directory being replaced
                 shutil.rmtree(final)
             os.replace(tmp_path, final)
             _fsync_dir(self.dir)
-            self._write_latest(tag)
+            self._write_pointer(LATEST, tag)
+            self._update_best()
             self._prune(step)
         return final
 
-    def _write_latest(self, tag: str) -> None:
-        tmp = os.path.join(self.dir, LATEST + ".tmp")
+    def _write_pointer(self, name: str, text: str) -> None:
+        """Replace ``<dir>/<name>`` atomically: a temporary, fsynced, renamed over it, the directory fsynced."""
+        tmp = os.path.join(self.dir, name + ".tmp")
         with open(tmp, "w") as f:
-            f.write(tag)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.dir, LATEST))
+        os.replace(tmp, os.path.join(self.dir, name))
         _fsync_dir(self.dir)  # make the rename itself durable
 
+    # ---------------------------------------------------------------- best
+    def _update_best(self) -> None:
+        """Point ``best`` at the complete checkpoint on disk with the best value of ``checkpoint.best_metric``
+        in its marker (rank 0, after ``latest``). The previous best is always on disk (never pruned), so the
+        pointer moves only to a strictly better checkpoint (a tie keeps the earlier step); a missing pointer,
+        or one for another metric, is rebuilt the same way."""
+        metric, mode = self.cfg.checkpoint.best_metric, self.cfg.checkpoint.best_mode
+        if not metric:
+            return
+        best: Optional[tuple[str, int, float]] = None
+        for tag in sorted(t for t in os.listdir(self.dir) if STEP_TAG.match(t)):  # oldest first: ties keep it
+            value = checkpoint_metrics(os.path.join(self.dir, tag)).get(metric)
+            if value is not None and math.isfinite(value) and (best is None or improves(value, best[2], mode)):
+                best = (tag, int(tag[4:]), float(value))
+        if best is None:
+            return
+        pointer = {"tag": best[0], "step": best[1], "metric": metric, "mode": mode, "value": best[2]}
+        if read_best(self.dir) != pointer:
+            self._write_pointer(BEST, json.dumps(pointer))
+
+    def _unpoint_best(self, tag: str) -> None:
+        """Remove ``best`` if it names ``tag`` (about to be replaced); the next update rebuilds it from disk."""
+        pointer = read_best(self.dir)
+        if pointer is not None and pointer.get("tag") == tag:
+            os.remove(os.path.join(self.dir, BEST))
+            _fsync_dir(self.dir)
+
     def _prune(self, step: int) -> None:
-        """Keep the last K checkpoints up to ``step`` (later ones, left by a run that resumed from an
-        earlier checkpoint, are overwritten as this run reaches their steps)."""
+        """Keep the last K checkpoints up to ``step`` and the one ``best`` names (later ones, left by a run
+        that resumed from an earlier checkpoint, are overwritten as this run reaches their steps)."""
+        best = read_best(self.dir)
         tags = sorted(
             t
             for t in os.listdir(self.dir)
             if STEP_TAG.match(t) and int(t[4:]) <= step and os.path.isdir(os.path.join(self.dir, t))
         )
         for t in tags[: -self.keep]:
+            if best is not None and t == best["tag"]:
+                continue  # the checkpoint `best` names is kept whatever its age
             shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
         for t in os.listdir(self.dir):  # stale temporaries from killed saves
             if t.startswith(TMP_PREFIX):
@@ -502,6 +560,69 @@ def read_latest(ckpt_dir: str) -> Optional[tuple[str, str]]:
     if not tag or not os.path.isdir(os.path.join(ckpt_dir, tag)):
         raise FileNotFoundError(f"{p} names '{tag}', which is not a checkpoint directory")
     return os.path.abspath(ckpt_dir), tag
+
+
+def improves(value: float, than: float, mode: str) -> bool:
+    """Strictly better in direction ``mode`` ('max' or 'min'): a tie keeps the earlier checkpoint."""
+    return value > than if mode == "max" else value < than
+
+
+def read_best(ckpt_dir: str) -> Optional[dict]:
+    """The ``best`` pointer of a checkpoint directory ({tag, step, metric, mode, value}), or None when there
+    is none or it cannot be read (written atomically, so that means it was never written)."""
+    p = os.path.join(ckpt_dir, BEST)
+    try:
+        with open(p) as f:
+            pointer = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return pointer if isinstance(pointer, dict) and isinstance(pointer.get("tag"), str) else None
+
+
+def checkpoint_metrics(path: str) -> dict[str, float]:
+    """The held-out metrics recorded in a complete checkpoint's marker ({} when none or incomplete)."""
+    if verify_complete(path) is not None:
+        return {}
+    with open(os.path.join(path, COMPLETE)) as f:
+        return dict(json.load(f).get("metrics") or {})
+
+
+def resolve_tag(path: str, tag: str) -> str:
+    """The checkpoint directory named by ``tag`` in a run's checkpoint directory ``path`` (or in
+    ``path/checkpoints`` when ``path`` is a run directory): ``latest``, ``best``, or a ``step<N>`` tag.
+    Raises FileNotFoundError saying what is missing."""
+    ckpt_dir = path
+    if not os.path.isfile(os.path.join(path, LATEST)) and os.path.isdir(os.path.join(path, "checkpoints")):
+        ckpt_dir = os.path.join(path, "checkpoints")
+    if tag == LATEST:
+        if not os.path.isfile(os.path.join(ckpt_dir, LATEST)):
+            raise FileNotFoundError(f"{ckpt_dir}: no 'latest' pointer (not a run's checkpoint directory?)")
+        found = read_latest(ckpt_dir)
+        target = found[1] if found else ""
+    elif tag == BEST:
+        pointer = read_best(ckpt_dir)
+        if pointer is None:
+            raise FileNotFoundError(
+                f"{ckpt_dir}: no 'best' pointer (a run keeps one when checkpoint.best_metric is set and "
+                "logging.eval_every evaluates at its checkpoint steps)"
+            )
+        target = pointer["tag"]
+    else:
+        target = tag
+    full = os.path.join(ckpt_dir, target)
+    problem = "no such directory" if not os.path.isdir(full) else verify_complete(full)
+    if problem:
+        raise FileNotFoundError(f"{full} ('{tag}'): not a complete checkpoint: {problem}")
+    return full
+
+
+def list_checkpoints(ckpt_dir: str) -> list[str]:
+    """The complete ``step<N>`` checkpoint directories of a run, oldest first."""
+    return [
+        os.path.join(ckpt_dir, t)
+        for t in sorted(os.listdir(ckpt_dir))
+        if STEP_TAG.match(t) and verify_complete(os.path.join(ckpt_dir, t)) is None
+    ]
 
 
 def _load_engine_checkpoint(engine: Any, load_dir: str, tag: str) -> set[str]:

@@ -100,6 +100,17 @@ class MetricLogger:
             self.print(console_line(step, means))
         return means
 
+    def eval_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """The held-out evaluation's numbers (``val/...``) to TensorBoard and the console (rank 0)."""
+        if not self.dist.is_main:
+            return
+        from train.heldout import console_line as eval_line
+
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        self.print(eval_line(step, metrics))
+
     def image_grid(self, step: int, grid: torch.Tensor) -> str:
         """Write a [3,H,W] grid in [0,1] to TensorBoard and ``images/step<N>.png`` (rank 0)."""
         path = os.path.join(self.image_dir, f"step{step:08d}.png")

@@ -26,6 +26,7 @@ from train.config import CUDA_GRAPH_MODES, checkpoint_dir, run_dir, save_resolve
 from train.distributed import init_distributed
 from train.engine import build_engine
 from train.guards import StepGuard, discard_step, is_oom, oom_advice
+from train.heldout import HeldOutEval
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.replica_check import ReplicaCheck
 from train.runlock import acquire_run_lock
@@ -123,6 +124,9 @@ class Trainer:
         self.replicas: Optional[ReplicaCheck] = None
         self.ckpt = Checkpointer(cfg, dist, before_save=self._check_replicas)
         found = self.ckpt.find(resume)
+        # the held-out subset is read before the model is built: a missing val_shards stops in a second
+        self.heldout = HeldOutEval.build(cfg, val_batch_factory, dist.device) if cfg.logging.eval_every else None
+        self.val_metrics: tuple[int, dict[str, float]] = (-1, {})  # the last evaluation: (step, metrics)
 
         # ---- model + engine (same seed on every rank: identical dense init, identical frozen weights)
         seed_everything(cfg.run.seed)
@@ -192,9 +196,15 @@ class Trainer:
             self.record(result)
             self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
             self.replicas.maybe_check(self.step)
-            self.last_ckpt = self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
+            self.last_ckpt = (
+                self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema, self._metrics_at(self.step))
+                or self.last_ckpt
+            )
         self.watchdog.phase(f"step {self.step}: final checkpoint")
-        self.last_ckpt = self.ckpt.save_final(self.engine, self.step, self.loader, self.eng.ema) or self.last_ckpt
+        self.last_ckpt = (
+            self.ckpt.save_final(self.engine, self.step, self.loader, self.eng.ema, self._metrics_at(self.step))
+            or self.last_ckpt
+        )
         self.logger.print(
             ("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
             f"{self.last_ckpt}, {self.guard.total} skipped steps"
@@ -259,18 +269,20 @@ class Trainer:
         return res
 
     def record(self, res: StepResult) -> None:
-        """After a step: losses.jsonl, the skip guard, EMA, console/TensorBoard, the image grid."""
+        """After a step: EMA, the held-out evaluation, losses.jsonl, the skip guard, console/TensorBoard, images."""
         cfg, step = self.cfg, res.step
+        if not res.skipped and self.eng.ema is not None:
+            self.eng.ema.update(self.engine.module)
+        val = self.evaluate_heldout(step)
         if self.losses_file:
-            self.losses_file.write(json.dumps({"step": step, "loss": res.loss, "skipped": res.skipped}) + "\n")
+            line = {"step": step, "loss": res.loss, "skipped": res.skipped} | ({"val": val} if val else {})
+            self.losses_file.write(json.dumps(line) + "\n")
             self.losses_file.flush()
         self.guard.record(res.skipped, step, res.reason)  # raises TooManySkippedSteps (same step on all ranks)
         if res.skipped:
             self.logger.print(
                 f"step {step}: skipped ({res.reason}); {self.guard.consecutive} in a row, {self.guard.total} total"
             )
-        elif self.eng.ema is not None:
-            self.eng.ema.update(self.engine.module)
         if res.grad_norm is not None and not res.skipped:
             res.scalars["opt/grad_norm"] = res.grad_norm
         self.logger.accumulate(res.scalars, res.samples, res.tokens)
@@ -287,6 +299,20 @@ class Trainer:
             with rng_untouched():  # sampling runs eagerly (edit_grid), outside the graphs
                 grid = edit_grid(self.engine.module, self.val_batch, cfg.logging.edit_steps, seed=cfg.run.seed)
             self.logger.image_grid(step, grid)
+
+    def evaluate_heldout(self, step: int) -> dict[str, float]:
+        """The held-out evaluation when it is due (collective: every rank), logged by rank 0; {} otherwise."""
+        if self.heldout is None or not self.heldout.due(step):
+            return {}
+        self.watchdog.phase(f"step {step}: held-out evaluation")
+        metrics = self.heldout.run(self.engine.module, self.eng.ema, self.eng.dtype)
+        self.val_metrics = (step, metrics)
+        self.logger.eval_metrics(step, metrics)
+        return metrics
+
+    def _metrics_at(self, step: int) -> Optional[dict[str, float]]:
+        """The held-out metrics of ``step`` for its checkpoint (the `best` pointer), if it was evaluated."""
+        return self.val_metrics[1] if self.val_metrics[0] == step else None
 
     def _check_replicas(self, step: int) -> None:
         """Run before every checkpoint write: a checkpoint of diverged replicas is never committed."""

@@ -1,0 +1,166 @@
+"""Held-out evaluation inside a training run: the numbers that say whether the editor improves.
+
+The training loss says how well the denoiser fits the batches it trains on; it keeps falling while a
+run overfits, or while its edits stay noise. Every ``logging.eval_every`` steps (and at the last step)
+the loop calls :meth:`HeldOutEval.run` once, which measures on a fixed held-out subset:
+
+* the flow-matching loss on the first ``logging.eval_samples`` samples of ``data.val_shards``, inside
+  and outside the fine mask (``train.evaluation.flow_mse_per_sample``: times 0.25 / 0.5 / 0.75 and
+  noise from a generator seeded per chunk);
+* sampled edits of the first ``logging.eval_edits`` of them (``logging.eval_edit_steps`` steps, sampler
+  noise from a seeded generator), scored by ``train.evaluation.evaluate``, the code ``launch/eval.py``
+  runs: success per task and its mean over tasks (``train.edit_success``), L1 inside / outside the
+  fine mask, refined-mask IoU.
+
+Why it cannot change the training (a run with evaluation has the same losses as one without): it runs
+inside ``rng_untouched`` with its own generators, on the module outside the DeepSpeed engine (no step
+counters move), and ``edit`` / ``flow_mse_per_sample`` put the module back in training mode. The EMA
+weights, when EMA is on, are copied into the module for the evaluation and the training weights copied
+back bit for bit afterwards.
+
+Ranks: every rank evaluates the same samples, like the image grid (``train.logging.edit_grid``). Under
+expert parallelism a forward exchanges tokens with the other ranks of its expert group, so every rank
+must make the same forwards; under ZeRO 1/2 each rank holds the whole module. Rank 0's numbers are
+logged (the others compute the same ones). Evaluation runs eagerly, outside compiled graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from train.checkpoint import rng_untouched
+from train.evaluation import EvalSettings, ShardChecks, evaluate, flow_mse_per_sample, nanmean
+
+
+@contextlib.contextmanager
+def ema_weights(module: torch.nn.Module, ema: Any) -> Iterator[None]:
+    """The module holds ``ema``'s weights inside (nothing changes when ``ema`` is None); on exit the
+    training weights are restored exactly (copied back from a clone, in their own dtype)."""
+    if ema is None:
+        yield
+        return
+    params = dict(module.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, shadow in ema.shadow.items():
+            saved[name] = params[name].detach().clone()
+            params[name].copy_(shadow)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+class HeldOutEval:
+    """The held-out samples (kept on the CPU), their success checks, and the evaluation of the module."""
+
+    def __init__(self, cfg: Any, samples: Any, checks: dict[str, Optional[dict]], device: torch.device) -> None:
+        lg = cfg.logging
+        self.every = int(lg.eval_every)
+        self.last_step = int(cfg.train.steps)
+        self.edits = min(int(lg.eval_edits), samples.batch_size)
+        self.edit_steps = int(lg.eval_edit_steps)
+        self.batch_size = int(lg.eval_batch_size)
+        self.seed = int(cfg.run.seed)
+        self.samples = samples
+        self.checks = checks
+        self.device = device
+
+    @classmethod
+    def build(cls, cfg: Any, val_batch_factory: Callable[[Any, int], Any], device: torch.device) -> "HeldOutEval":
+        """Read the held-out subset once (the first ``eval_samples`` of ``data.val_shards``, in file order)
+        and the success check of each sample from its shard JSON. Leaves the RNG streams as they were."""
+        from omegaconf import OmegaConf
+
+        from data.loader import expand_shards
+
+        with rng_untouched():
+            samples = val_batch_factory(OmegaConf.to_object(cfg.data), int(cfg.logging.eval_samples))
+        checks: dict[str, Optional[dict]] = {}
+        if cfg.data.val_shards:
+            reader = ShardChecks(expand_shards(cfg.data.val_shards))
+            checks = {key: reader.get(key) for key in samples.keys}
+        return cls(cfg, samples, checks, device)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == self.last_step)
+
+    def run(self, module: torch.nn.Module, ema: Any, dtype: torch.dtype) -> dict[str, float]:
+        """Collective (every rank, same samples): ``{"val/...": value}``, NaN-valued metrics left out, plus
+        ``val/seconds``. Identical weights give identical numbers (fixed samples, noise, times, seeds)."""
+        t0 = time.perf_counter()
+        with rng_untouched(), ema_weights(module, ema), torch.compiler.set_stance("force_eager"), torch.no_grad():
+            metrics = self._flow_loss(module, dtype)
+            if self.edits:
+                metrics.update(self._edit_metrics(module, dtype))
+        out = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        out["val/seconds"] = time.perf_counter() - t0
+        return out
+
+    def _chunks(self, n: int) -> Iterator[Any]:
+        for start in range(0, n, self.batch_size):
+            yield self.samples.select(list(range(start, min(start + self.batch_size, n))))
+
+    def _flow_loss(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        values: dict[str, list[float]] = {"val/flow_loss": [], "val/flow_loss_inside": [], "val/flow_loss_outside": []}
+        for i, chunk in enumerate(self._chunks(self.samples.batch_size)):
+            per_sample = flow_mse_per_sample(module, chunk.to(self.device, dtype), seed=self.seed + i)
+            for key, v in zip(values, per_sample):
+                values[key].extend(v.tolist())
+        return {k: nanmean(v) for k, v in values.items()}
+
+    def _edit_metrics(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
+        """The edits of the first ``eval_edits`` samples, scored by ``train.evaluation.evaluate``."""
+
+        def batches() -> Iterator[Any]:
+            for chunk in self._chunks(self.edits):
+                chunk = chunk.to(self.device, dtype)
+                chunk.extras["checks"] = {k: self.checks.get(k) for k in chunk.keys}
+                yield chunk
+
+        settings = EvalSettings(
+            steps=self.edit_steps,
+            limit=self.edits,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            flow_loss=False,
+            group_by_task=False,  # one sampler call per chunk: the same calls on every rank, fewer forwards
+        )
+        result = evaluate(module, batches(), settings, device=str(self.device))
+        m = result["metrics"]
+        out = {
+            "val/success_mean": m.get("success_mean_over_tasks", math.nan),
+            "val/success_samples": m.get("success", math.nan),
+            "val/l1": m["l1"],
+            "val/l1_inside": m["l1_inside"],
+            "val/l1_outside": m["l1_outside"],
+            "val/mask_iou": m["mask_iou"],
+        }
+        for task, row in sorted(result["per_task"].items()):
+            out[f"val/success/{task}"] = row.get("success", math.nan)
+        return out
+
+
+def console_line(step: int, m: dict[str, float]) -> str:
+    """``step 250 | val flow 0.41 (inside 0.90, outside 0.30) | success 0.25 (recolor 0.50 ...) | ...``."""
+
+    def f(key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "-"
+
+    parts = [
+        f"step {step}",
+        f"val flow {f('val/flow_loss')} (inside {f('val/flow_loss_inside')}, outside {f('val/flow_loss_outside')})",
+    ]
+    if "val/l1" in m:
+        tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
+        parts.append(f"success {f('val/success_mean')}" + (f" ({tasks})" if tasks else " (no checks)"))
+        parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
+    parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
+    return " | ".join(parts)
