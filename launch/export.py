@@ -1,6 +1,9 @@
 """Export the trained weights of a training checkpoint as one safetensors file.
 
-``python launch/export.py --checkpoint RUN/checkpoints|TAG_DIR --out weights.safetensors [--ema]``
+``python launch/export.py --checkpoint RUN/checkpoints|TAG_DIR --out weights.safetensors [--ema] [--tag best]``
+
+``--tag`` picks a checkpoint of the run: ``latest`` (the default), ``best`` (the checkpoint with the best
+held-out metric, kept by a run with ``checkpoint.best_metric``) or a ``step<N>`` directory name.
 
 Writes exactly the model's trainable parameters (LoRA, experts, router, repaint, mixture, mask
 encoder, condition embeddings, tag predictor), or their EMA with ``--ema``, with expert-parallel
@@ -42,7 +45,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--checkpoint", required=True, help="run checkpoint dir (uses 'latest') or a tag dir")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (error if the run kept none)")
+    p.add_argument(
+        "--tag", default=None, help="with a run's checkpoint dir: latest (default), best, or step<N> (a directory)"
+    )
     args = p.parse_args(argv)
+    from train.checkpoint import resolve_tag
     from train.config import ConfigError
     from train.export import WeightsError, export_checkpoint
 
@@ -50,8 +57,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    source = args.checkpoint
+    if args.tag:
+        try:
+            source = resolve_tag(args.checkpoint, args.tag)
+        except FileNotFoundError as e:
+            print(f"error: --tag {args.tag}: {e}", file=sys.stderr)
+            return 2
     try:
-        tensors = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
+        tensors = export_checkpoint(source, args.out, ema=args.ema)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +80,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in tensors.values())
-    print(f"wrote {args.out}: {len(tensors)} tensors, {n:,} parameters{' (EMA)' if args.ema else ''}")
+    print(
+        f"wrote {args.out}: {len(tensors)} tensors, {n:,} parameters{' (EMA)' if args.ema else ''}"
+        + (f" from {source}" if args.tag else "")
+    )
     return 0
 
 
