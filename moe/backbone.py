@@ -6,7 +6,8 @@ The interface (what ``moe.model`` calls) is:
 * ``embed_image(packed) / embed_text(embeds) / embed_time(t, pooled, guidance)``
 * ``feed_forward(block_id)`` / ``set_feed_forward(block_id, module)``: the image-stream FFN of a block,
   where an expert layer is installed (it receives the normed image-stream tokens, returns the FFN output)
-* ``run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask)`` -> image-stream hidden states
+* ``run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask, feed_forward_args)`` -> image-stream hidden
+  states; ``feed_forward_args(i)`` gives the extra arguments of block ``i``'s image-stream FFN
 * ``project_out(hidden, temb)`` -> per-token prediction in packed-latent channels
 
 An SD3 or Qwen-Image DiT adapter implements the same methods; nothing in the expert code names FLUX.
@@ -15,7 +16,7 @@ An SD3 or Qwen-Image DiT adapter implements the same methods; nothing in the exp
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +63,82 @@ def flux_arch_kwargs(a: FluxArch) -> dict:
     return kwargs
 
 
+class FluxDualBlock(nn.Module):
+    """diffusers' ``FluxTransformerBlock`` (dual-stream) with its forward owned here.
+
+    diffusers' forward calls ``self.ff(norm_hidden_states)`` and nothing more, so an expert layer in
+    place of ``ff`` could not be handed the per-forward context it needs. This block takes over the
+    diffusers block's submodules, in their order and under their names (parameter names, and with
+    them checkpoints, optimizer groups and peft's LoRA layers, stay as they are), and runs the same
+    computation (diffusers 0.42's ``FluxTransformerBlock.forward``; tests/test_model_layers.py checks
+    it against diffusers' own), except that ``ff_args`` are passed on to ``self.ff``. The arguments
+    travel through the call, so gradient checkpointing and ``torch.compile`` see them as inputs of
+    the block like the hidden states.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+        if not isinstance(block, FluxTransformerBlock):
+            raise TypeError(f"FluxDualBlock takes over a diffusers FluxTransformerBlock, not {type(block).__name__}")
+        for name, module in block.named_children():  # diffusers' order: the parameters keep their order
+            self.add_module(name, module)
+
+    def forward(
+        self,
+        hidden_states: Tensor,  # [B, N_img, D]
+        encoder_hidden_states: Tensor,  # [B, L, D]
+        temb: Tensor,  # [B, D]
+        image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None,
+        joint_attention_kwargs: Optional[dict[str, Any]] = None,
+        ff_args: tuple = (),
+    ) -> tuple[Tensor, Tensor]:
+        """(text stream, image stream), as diffusers returns them; ``ff_args`` go to the image-stream FFN."""
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+        norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+        attention_outputs = self.attn(
+            hidden_states=norm_hidden_states,
+            encoder_hidden_states=norm_encoder_hidden_states,
+            image_rotary_emb=image_rotary_emb,
+            **(joint_attention_kwargs or {}),
+        )
+        attn_output, context_attn_output = attention_outputs[:2]  # a third output: IP-adapter attention
+
+        # image stream
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+        norm_hidden_states = self.norm2(hidden_states)
+        norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        ff_output = self.ff(norm_hidden_states, *ff_args)
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
+        if len(attention_outputs) == 3:
+            hidden_states = hidden_states + attention_outputs[2]
+
+        # text stream
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+        norm_encoder_hidden_states = self.norm2_context(encoder_hidden_states)
+        norm_encoder_hidden_states = norm_encoder_hidden_states * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        context_ff_output = self.ff_context(norm_encoder_hidden_states)
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+def call_block(
+    block: nn.Module, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict], ff_args: tuple
+) -> tuple[Tensor, Tensor]:
+    """One transformer block on the two streams -> (txt, img). Only dual blocks take ``ff_args``
+    (single blocks have no separate image-stream FFN), and only when there are any."""
+    if ff_args:
+        return block(img, txt, temb, rope, kwargs, ff_args)
+    return block(
+        hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope, joint_attention_kwargs=kwargs
+    )
+
+
 class CheckpointedBlock(nn.Module):
     """One transformer block called under activation checkpointing, as one module to compile.
 
@@ -74,17 +151,15 @@ class CheckpointedBlock(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict]) -> tuple[Tensor, Tensor]:
-        return checkpoint(self._call, img, txt, temb, rope, kwargs, use_reentrant=False)
+    def forward(
+        self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict], ff_args: tuple = ()
+    ) -> tuple[Tensor, Tensor]:
+        return checkpoint(self._call, img, txt, temb, rope, kwargs, ff_args, use_reentrant=False)
 
-    def _call(self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict]) -> tuple[Tensor, Tensor]:
-        return self.block(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            temb=temb,
-            image_rotary_emb=rope,
-            joint_attention_kwargs=kwargs,
-        )
+    def _call(
+        self, img: Tensor, txt: Tensor, temb: Tensor, rope, kwargs: Optional[dict], ff_args: tuple
+    ) -> tuple[Tensor, Tensor]:
+        return call_block(self.block, img, txt, temb, rope, kwargs, ff_args)
 
 
 class FluxBackbone(nn.Module):
@@ -101,6 +176,9 @@ class FluxBackbone(nn.Module):
         else:
             with seeded(init_seed):
                 self.transformer = FluxTransformer2DModel(**flux_arch_kwargs(cfg.arch))
+        blocks = self.transformer.transformer_blocks
+        for i, block in enumerate(blocks):  # the dual blocks' forward is ours (FluxDualBlock)
+            blocks[i] = FluxDualBlock(block)
         freeze(self.transformer)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         # id(block) -> compiled CheckpointedBlock (compile_blocks); a plain dict: not part of the state
@@ -212,38 +290,37 @@ class FluxBackbone(nn.Module):
         img_ids: Tensor,  # [N_img, 3]
         txt_ids: Tensor,  # [L, 3]
         attention_mask: Optional[Tensor] = None,  # [B, 1, 1, L + N_img] bool, True = attend
-        block_scope: Optional[Callable[[int], ContextManager]] = None,
+        feed_forward_args: Optional[Callable[[int], tuple]] = None,
     ) -> Tensor:
-        """``block_scope(i)`` is entered around the call of block ``i`` (dual blocks first, then single),
-        including the eager recomputation that gradient checkpointing runs during backward (that is how
-        expert layers see their context). A block compiled whole (:meth:`compile_blocks`) recomputes
-        inside its compiled backward, from the inputs its graph saved, and needs neither the scope nor
-        the attention context again."""
+        """Every block, dual blocks first, then single -> the image-stream hidden states [B, N_img, D].
+
+        ``feed_forward_args(i)`` is asked just before dual block ``i`` runs and returns the extra
+        arguments of its image-stream FFN (an empty tuple for the plain FFN; how expert layers get
+        their per-forward context). They are arguments of the block call, so gradient checkpointing
+        keeps them for its recomputation, and a compiled block takes their tensors as graph inputs.
+        The attention context and the shared LoRA down products are entered inside the checkpointed
+        call, so an eager recomputation during backward runs under them too; a block compiled whole
+        (:meth:`compile_blocks`) recomputes inside its compiled backward, from what its graph saved."""
         tr = self.transformer
         rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else None
-        scope = block_scope or (lambda i: contextlib.nullcontext())
+        n_dual = len(tr.transformer_blocks)
 
-        def run(i: int, block: nn.Module, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
-            with self.attention_context(), scope(i), self._sharing(i):
-                return block(
-                    hidden_states=img,
-                    encoder_hidden_states=txt,
-                    temb=temb,
-                    image_rotary_emb=rope,
-                    joint_attention_kwargs=kwargs,
-                )
+        def run(i: int, block: nn.Module, img: Tensor, txt: Tensor, ff_args: tuple) -> tuple[Tensor, Tensor]:
+            with self.attention_context(), self._sharing(i):
+                return call_block(block, img, txt, temb, rope, kwargs, ff_args)
 
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(list(tr.transformer_blocks) + list(tr.single_transformer_blocks)):
+            ff_args = feed_forward_args(i) if feed_forward_args is not None and i < n_dual else ()
             whole = self._whole_blocks.get(id(block)) if use_ckpt else None
             if whole is not None:  # compiled with its checkpoint inside (compile_blocks)
-                with self.attention_context(), scope(i), self._sharing(i):
-                    txt, img = whole(img, txt, temb, rope, kwargs)
+                with self.attention_context(), self._sharing(i):
+                    txt, img = whole(img, txt, temb, rope, kwargs, ff_args)
             elif use_ckpt:
-                txt, img = checkpoint(run, i, block, img, txt, use_reentrant=False)
+                txt, img = checkpoint(run, i, block, img, txt, ff_args, use_reentrant=False)
             else:
-                txt, img = run(i, block, img, txt)
+                txt, img = run(i, block, img, txt, ff_args)
         return img
 
     def compile_blocks(self, whole: Optional[Callable[[nn.Module], bool]] = None, **compile_kwargs) -> int:
@@ -259,9 +336,9 @@ class FluxBackbone(nn.Module):
         block compiles in place, with ``mode`` where ``whole`` holds. Returns how many blocks compiled
         whole with their checkpoint.
 
-        A whole block is compiled with ``fullgraph=True``: were it to fall back to eager, its
-        recomputation would run outside the scope that binds the expert layers' context, so an
-        unexpected graph break must fail at once instead.
+        A whole block is compiled with ``fullgraph=True``: a graph break inside it would leave its
+        checkpoint to run eagerly (the recomputation outside the compiled backward, no CUDA graph), a
+        silent slowdown, so an unexpected one must fail at once instead.
         """
         # Python state written inside a block (shared LoRA down products, expert layers' routing
         # records) is written in the forward; a whole block's recomputation replays its tensor ops

@@ -6,8 +6,10 @@ DeepSpeed's parameter naming ``deepspeed_moe.experts.deepspeed_experts.<local id
 heterogeneous experts and its own dispatch (``moe.dispatch``), because DeepSpeed's gate cannot see
 the per-sample task context and its capacity-based dispatch drops tokens.
 
-``ExpertFeedForward`` wraps the frozen FFN of a block. For the target tokens it runs, in order:
-condition read-outs -> Mask Repaint -> router -> Latent Mixture weights -> dispatch to experts.
+``ExpertFeedForward`` wraps the frozen FFN of a block. The block passes it the per-forward
+:class:`ExpertContext` and its :class:`LayerSlot` as arguments (``moe.backbone.FluxDualBlock``). For
+the target tokens it runs, in order: condition read-outs -> Mask Repaint -> router -> Latent Mixture
+weights -> dispatch to experts.
 Condition tokens (base, reference, mask) pass through the frozen FFN unchanged. The frozen FFN it
 wraps carries no LoRA (:func:`strip_lora`): a shared adapter there would run beside the experts on
 every target token and could absorb what they are meant to learn.
@@ -17,9 +19,8 @@ of an MoE module containing "expert" as an expert weight).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -114,18 +115,23 @@ class LayerRecord:
 @dataclass
 class LayerSlot:
     """What one expert layer reads and writes in one forward: the mask it starts from, what it refines
-    it to, and what it reports. The layer finds its slot through the :class:`ContextHolder`, not by
-    its position, so every expert block traces the same graph (a position read in the trace would be
-    a constant, and each block would compile its own)."""
+    it to, and what it reports. The layer receives its slot as an argument of its call, and does not
+    look it up by its position: a position read in the trace would be a constant, and each expert
+    block would compile its own graph instead of sharing one."""
 
-    prior: Optional[Tensor] = None  # [B, N] set when the layer's block is entered (ExpertContext.enter)
+    prior: Optional[Tensor] = None  # [B, N] set just before the layer's block runs (ExpertContext.enter)
     refined: Optional[Tensor] = None  # [B, N] refined mask in [0, 1] (Mask Repaint on)
     record: Optional[LayerRecord] = None
 
 
 @dataclass
 class ExpertContext:
-    """Per-forward inputs shared by all expert layers, and what they report back (one slot per layer)."""
+    """Per-forward inputs shared by all expert layers, and what they report back (one slot per layer).
+
+    The model builds one for each forward and hands it, with the layer's slot, to each expert layer
+    as an argument of its block's call (``FluxBackbone.run_blocks``' ``feed_forward_args``): nothing
+    outlives the forward or is shared between forwards, so forwards of several models may be in
+    flight at once, nested, or in several threads."""
 
     num_target: int
     grid: tuple[int, int]
@@ -161,44 +167,37 @@ class ExpertContext:
         return {p: s.refined for p, s in enumerate(self.slots) if s.refined is not None}
 
 
-class ContextHolder:
-    """Shared slot through which the model hands the per-forward context to its expert layers.
+@dataclass
+class RouteInput:
+    """What :meth:`ExpertFeedForward.route` reads: one layer's tokens, the shared per-forward context,
+    and the layer's own mask prior and (AdaptEdit, in training) the fine mask its editing path reads."""
 
-    It is bound around each block call (``bind``), also when gradient checkpointing recomputes a
-    block eagerly during backward, so the context never outlives the call that needs it. (A block
-    compiled whole recomputes inside its compiled backward and reads no context there.) ``slot`` is
-    the :class:`LayerSlot` of the expert layer inside the bound block, if it has one.
-    """
-
-    def __init__(self) -> None:
-        self.ctx: Optional[ExpertContext] = None
-        self.slot: Optional[LayerSlot] = None
-
-    @contextlib.contextmanager
-    def bind(self, ctx: ExpertContext, position: Optional[int] = None) -> Iterator[None]:
-        previous = self.ctx, self.slot
-        self.ctx, self.slot = ctx, (ctx.enter(position) if position is not None else None)
-        try:
-            yield
-        finally:
-            self.ctx, self.slot = previous
+    hidden: Tensor  # [B, N_img, D] normed image-stream tokens, target first
+    ctx: ExpertContext
+    prior: Tensor  # [B, N] refined mask of the layer before (the coarse box for the first)
+    gt_mask: Optional[Tensor] = None  # [B, N] fine mask in place of the refined one (decoupled repaint)
 
 
-# The one holder every expert layer reads, a module-level object rather than a module attribute:
-# torch.compile treats tensors reached through an nn.Module's attributes as static inputs (fixed
-# addresses, like parameters), and the context's tensors are new in every forward, so CUDA graphs of the
-# expert blocks were re-recorded at every step (10 s steps; docs/PERF.md). Binding is scoped to one block
-# call (``ContextHolder.bind``, restored after), so models called one after another, or one inside another,
-# do not see each other's context. Not for models running forward in several threads at once.
-CONTEXT = ContextHolder()
+class RouteOutput(NamedTuple):
+    """What :meth:`ExpertFeedForward.route` computes for the S = B * N target tokens."""
+
+    packed: Tensor  # [S, W] tokens with their condition columns (moe.experts.packed_width)
+    index: Tensor  # [S, K+1] expert ids to dispatch: top-K plus Base's mixture share ([S, K], mixture off)
+    weight: Tensor  # [S, K+1] their weights
+    routing: Routing  # the router's own probabilities, top-K and logits
+    gate: Optional[Tensor]  # [B, N] Latent Mixture gate (mixture off: None)
+    refined_logits: Optional[Tensor]  # [B, N] Mask Repaint's logits (repaint off: None)
+    refined: Optional[Tensor]  # [B, N] the refined mask in [0, 1] (repaint off: None)
 
 
 class ExpertFeedForward(nn.Module):
     """The expert layer in place of one block's image-stream FFN (see the module docstring).
 
-    Compiled (``CareEditModel.compile_regions``), a :attr:`traceable` layer (no host value needed) is traced
-    into its block's graph, context reads and writes included; any other layer breaks the block's
-    graph and compiles its routing stage apart (:meth:`enable_compile`).
+    It is called by its block as ``ff(hidden, ctx, slot)``: ``ctx`` the per-forward
+    :class:`ExpertContext`, ``slot`` this layer's :class:`LayerSlot` in it. Compiled
+    (``CareEditModel.compile_regions``), a :attr:`traceable` layer (no host value needed) is traced
+    into its block's graph, context reads and slot writes included; any other layer breaks the
+    block's graph and compiles its routing stage apart (:meth:`enable_compile`).
     """
 
     def __init__(
@@ -278,72 +277,42 @@ class ExpertFeedForward(nn.Module):
             self._mix_fn = torch.compile(self.mix, **compile_kwargs)
         self._eager_forward = torch.compiler.disable(self._forward)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden [B, N_img, D]: the normed image-stream tokens (target first) -> FFN output, same shape."""
-        if self._eager_forward is not None:
-            return self._eager_forward(hidden)
-        return self._forward(hidden)
-
-    def _forward(self, hidden: Tensor) -> Tensor:
-        ctx, slot = CONTEXT.ctx, CONTEXT.slot
+    def forward(self, hidden: Tensor, ctx: Optional[ExpertContext] = None, slot: Optional[LayerSlot] = None) -> Tensor:
+        """hidden [B, N_img, D]: the normed image-stream tokens (target first) -> FFN output, same shape.
+        Records the layer's routing and refined mask in ``slot``."""
         if ctx is None or slot is None:
-            raise RuntimeError("expert layer called without a context: call CareEditModel, not the backbone")
-        gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
-        packed, index, weight, routing, gate, refined_logits, refined = self._route_fn(
-            hidden,
-            ctx.text,
-            ctx.text_mask,
-            ctx.has_ref,
-            ctx.temb,
-            ctx.presence,
-            ctx.available,
-            ctx.coarse,
-            slot.prior,
-            gt,
-            ctx.num_target,
-            ctx.grid,
-            ctx.mask_span,
-            ctx.ref_span,
-            ctx.base_span,
-        )
-        if refined is not None:
-            slot.refined = refined
-        slot.record = LayerRecord(routing=Routing(*routing), gate=gate, refined_logits=refined_logits)
-        return self._mix_fn(hidden, packed, index, weight)
+            raise RuntimeError(
+                "expert layer called without its context: it runs inside CareEditModel, whose blocks pass it "
+                "(hidden, ctx, slot); the backbone alone (FluxBackbone.run_blocks without feed_forward_args) "
+                "cannot run it"
+            )
+        if self._eager_forward is not None:
+            return self._eager_forward(hidden, ctx, slot)
+        return self._forward(hidden, ctx, slot)
 
-    def route(
-        self,
-        hidden: Tensor,
-        text: Tensor,
-        text_mask: Optional[Tensor],
-        has_ref: Tensor,
-        temb: Tensor,
-        presence: Tensor,
-        available: Tensor,
-        coarse: Tensor,
-        prior: Tensor,
-        gt_mask: Optional[Tensor],
-        n: int,
-        grid: tuple[int, int],
-        mask_span: tuple[int, int],
-        ref_span: Optional[tuple[int, int]],
-        base_span: tuple[int, int],
-    ) -> tuple:
+    def _forward(self, hidden: Tensor, ctx: ExpertContext, slot: LayerSlot) -> Tensor:
+        gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
+        out = self._route_fn(RouteInput(hidden=hidden, ctx=ctx, prior=slot.prior, gt_mask=gt))
+        if out.refined is not None:
+            slot.refined = out.refined
+        slot.record = LayerRecord(routing=out.routing, gate=out.gate, refined_logits=out.refined_logits)
+        return self._mix_fn(hidden, out.packed, out.index, out.weight)
+
+    def route(self, inp: RouteInput) -> RouteOutput:
         """Condition read-outs -> Mask Repaint -> router -> Latent Mixture -> packed tokens.
 
-        A pure function of tensors (compilable), S = B * N target tokens. Returns: packed [S, W];
-        the index/weight [S, K+1] to dispatch (the router's top-K, Base's Latent Mixture share merged
-        into its slot or in the extra one) or [S, K] with the mixture off; the router's own (probs,
-        index, weight, logits); the mixture gate [B, N] (or None); the refined-mask logits and mask
-        [B, N] (or None).
+        A pure function of its input (compilable; it writes nothing), over the S = B * N target tokens.
+        The index/weight to dispatch are the router's top-K with Base's Latent Mixture share merged
+        into its slot or in the extra one.
         """
-        b = hidden.shape[0]
+        ctx, hidden, prior, gt_mask, coarse = inp.ctx, inp.hidden, inp.prior, inp.gt_mask, inp.ctx.coarse
+        b, n, grid = hidden.shape[0], ctx.num_target, ctx.grid
         x = hidden[:, :n]
-        ref = hidden[:, ref_span[0] : ref_span[1]] if ref_span is not None else None
-        mask_tokens = hidden[:, mask_span[0] : mask_span[1]]
-        base_tokens = hidden[:, base_span[0] : base_span[1]]  # [B, N, D], same grid order as x
+        ref = hidden[:, ctx.ref_span[0] : ctx.ref_span[1]] if ctx.ref_span is not None else None
+        mask_tokens = hidden[:, ctx.mask_span[0] : ctx.mask_span[1]]
+        base_tokens = hidden[:, ctx.base_span[0] : ctx.base_span[1]]  # [B, N, D], same grid order as x
         with record_function("care/router_contexts"):
-            contexts = self.router.contexts(x, text, text_mask, ref, has_ref, mask_tokens, base_tokens)
+            contexts = self.router.contexts(x, ctx.text, ctx.text_mask, ref, ctx.has_ref, mask_tokens, base_tokens)
 
         refined_logits = refined = None
         if self.repaint is not None:
@@ -362,18 +331,17 @@ class ExpertFeedForward(nn.Module):
         with record_function("care/router"):
             # decoupled: the previous layer's refined mask reaches the router as a value, not a path back
             router_prior = prior.detach() if self.decoupled else prior
-            routing = self.router(x, contexts, router_prior, temb, presence, available)
+            routing = self.router(x, contexts, router_prior, ctx.temb, ctx.presence, ctx.available)
         index, weight, gate = routing.index, routing.weight, None
         if self.mixture is not None:
             with record_function("care/mixture"):
-                gate = self.mixture(temb, routing_confidence(routing.probs).view(b, n, 2))  # [B, N]
+                gate = self.mixture(ctx.temb, routing_confidence(routing.probs).view(b, n, 2))  # [B, N]
                 index, weight = LatentMixture.blend(index, weight, gate.reshape(-1), self.base_id)
         columns = [x, *contexts, edit_mask[..., None].to(x.dtype)]  # the layout of moe.experts.packed_width
         pad = self.packed_width - sum(t.shape[-1] for t in columns)  # aligned rows (experts.packed_width)
         columns.append(x.new_zeros(b, n, pad))
         packed = torch.cat(columns, dim=-1).reshape(b * n, -1)  # [S, W]
-        routed = (routing.probs, routing.index, routing.weight, routing.logits)
-        return packed, index, weight, routed, gate, refined_logits, refined
+        return RouteOutput(packed, index, weight, routing, gate, refined_logits, refined)
 
     def mix(self, hidden: Tensor, packed: Tensor, index: Tensor, weight: Tensor) -> Tensor:
         """Experts on the target tokens (weighted by the routing), the frozen FFN on the rest."""

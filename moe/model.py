@@ -26,7 +26,7 @@ from data.batch import EditBatch
 from .backbone import build_backbone, grid_position_ids, pack_latents, unpack_latents
 from .config import ModelConfig
 from .encoders import FrozenTextEncoders, FrozenVAE, MaskEncoder, mask_to_grid
-from .expert_layer import CONTEXT, ExpertContext, ExpertFeedForward, LayerSlot
+from .expert_layer import ExpertContext, ExpertFeedForward, LayerSlot
 from .losses import (
     flow_matching_loss,
     load_balance_loss,
@@ -161,8 +161,8 @@ class CareEditModel(nn.Module):
         have their final dtype and device (traceability is decided from them, here). ``mode`` (e.g. ``"reduce-overhead"``: CUDA
         graphs) applies to the blocks compiled whole, and without gradient checkpointing to every block
         that can be traced (``FluxBackbone.compile_blocks``). The expert
-        layers read their per-forward context through a module-level holder (``expert_layer.CONTEXT``),
-        so its tensors are ordinary graph inputs and the graphs are recorded once.
+        layers receive their per-forward context as arguments of the block call, so its tensors are
+        ordinary graph inputs and the graphs are recorded once.
         Returns a one-line summary for the log."""
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
@@ -294,15 +294,13 @@ class CareEditModel(nn.Module):
             gt_mask=gt,
             slots=[LayerSlot() for _ in self.expert_layers],
         )
-        hidden = bb.run_blocks(
-            img,
-            txt,
-            temb,
-            img_ids,
-            txt_ids,
-            attention_mask,
-            block_scope=lambda i: CONTEXT.bind(ctx, self._position_of_block.get(i)),
-        )
+
+        def expert_args(block_index: int) -> tuple:
+            """(ctx, slot) for the expert layer in this block, its prior set now (the layer before it has run)."""
+            position = self._position_of_block.get(block_index)
+            return () if position is None else (ctx, ctx.enter(position))
+
+        hidden = bb.run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask, feed_forward_args=expert_args)
         self._last_seq_len = txt.shape[1] + img.shape[1]
         pred = bb.project_out(hidden[:, :n], temb)
         return unpack_latents(pred, h, w), ctx

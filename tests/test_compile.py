@@ -108,10 +108,11 @@ def test_compiled_model_equals_eager(kind):
 
 
 def test_context_tensors_are_not_static_inputs():
-    """The per-forward context reaches the compiled expert blocks as ordinary graph inputs. Read through a
-    module attribute, torch.compile marks such tensors static (fixed addresses, like parameters), and CUDA
-    graphs then re-record every expert block at every step, since each forward's context is new
-    (measured: 10 s steps on the H100, docs/PERF.md)."""
+    """The per-forward context reaches the compiled expert blocks as ordinary graph inputs: the block's
+    ``ff_args`` (the context and the layer's slot). Read through a module attribute, torch.compile marks
+    such tensors static (fixed addresses, like parameters), and CUDA graphs then re-record every expert
+    block at every step, since each forward's context is new (measured: 10 s steps on the H100,
+    docs/perf-log.md)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     seen: dict[str, object] = {}
@@ -123,7 +124,7 @@ def test_context_tensors_are_not_static_inputs():
             if arg is None or arg.source is None:
                 continue
             static = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
-            if ".ctx." in arg.source.name or ".slot." in arg.source.name:
+            if "ff_args" in arg.source.name:
                 seen[arg.source.name] = static
             elif "_parameters" in arg.source.name and static is not None:
                 static_params.append(arg.source.name)

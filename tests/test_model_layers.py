@@ -327,3 +327,59 @@ def test_mask_repaint_starts_at_its_prior_and_sees_neighbours():
     base2 = base.clone()
     base2[:, 0] += 1.0
     assert (head(x, ref, base2, prior, prior, (4, 4)) - head(x, ref, base, prior, prior, (4, 4))).abs().max() > 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_flux_dual_block_computes_what_diffusers_block_computes(masked):
+    """``FluxDualBlock`` owns the forward of diffusers' dual-stream block (so the feed-forward can take
+    arguments): on the same submodules it gives the same outputs and gradients, bit for bit, and the
+    parameters keep their names and order (checkpoints, optimizer groups)."""
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    from moe.backbone import FluxDualBlock
+
+    torch.manual_seed(0)
+    theirs = FluxTransformerBlock(dim=32, num_attention_heads=2, attention_head_dim=16)
+    for p in theirs.parameters():  # diffusers zero-initialises nothing here, but be sure every path counts
+        p.data.add_(0.05 * torch.randn_like(p))
+    ours = FluxDualBlock(copy.deepcopy(theirs))
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    b, n, length = 2, 6, 3
+    img, txt, temb = torch.randn(b, n, 32), torch.randn(b, length, 32), torch.randn(b, 32)
+    angles = torch.randn(length + n, 8)
+    rope = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    kwargs = None
+    if masked:
+        keep = torch.ones(b, length + n, dtype=torch.bool)
+        keep[1, -2:] = False
+        kwargs = {"attention_mask": keep[:, None, None, :]}
+    outs = []
+    for block in (theirs, ours):
+        x, c = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        txt_out, img_out = block(
+            hidden_states=x, encoder_hidden_states=c, temb=temb, image_rotary_emb=rope, joint_attention_kwargs=kwargs
+        )
+        (txt_out.square().sum() + img_out.square().sum()).backward()
+        grads = [x.grad, c.grad] + [p.grad for p in block.parameters()]
+        outs.append((txt_out, img_out, grads))
+        block.zero_grad(set_to_none=True)
+    for a, o in zip(outs[0][:2], outs[1][:2]):
+        assert torch.equal(a, o)
+    for a, o in zip(outs[0][2], outs[1][2]):
+        assert torch.equal(a, o)
+
+
+def test_backbone_state_keys_are_diffusers_own():
+    """The dual blocks' forward is ours, their state is diffusers': same keys, same order."""
+    from diffusers import FluxTransformer2DModel
+
+    from moe.backbone import FluxBackbone, FluxDualBlock, flux_arch_kwargs
+    from moe.config import LoraConfig
+    from tests.model_configs import tiny_model_config
+
+    cfg = tiny_model_config().backbone
+    ours = FluxBackbone(cfg, LoraConfig(rank=0))
+    assert all(isinstance(block, FluxDualBlock) for block in ours.transformer.transformer_blocks)
+    assert list(ours.transformer.state_dict()) == list(
+        FluxTransformer2DModel(**flux_arch_kwargs(cfg.arch)).state_dict()
+    )
