@@ -34,11 +34,16 @@ from torch import Tensor, nn
 NUM_CONDITION_COLUMNS = 4  # context blocks of width c in a packed token: text, reference, mask, base
 
 
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, for b > 0 (``ceil_div(a, 8) * 8``: a rounded up to a multiple of 8)."""
+    return -(-a // b)
+
+
 def packed_width(dim: int, ctx_dim: int) -> int:
     """Width of a packed token: D + 4c + 1 columns, zero-padded to a multiple of 8 so that every row
     starts on a 16-byte boundary in bf16 (cuBLAS reads strided rows in place only then). The condition
     columns start aligned too when D is a multiple of 8 (FLUX: 3072)."""
-    return -(-(dim + NUM_CONDITION_COLUMNS * ctx_dim + 1) // 8) * 8
+    return ceil_div(dim + NUM_CONDITION_COLUMNS * ctx_dim + 1, 8) * 8
 
 
 def condition_columns(name: str, dim: int, ctx_dim: int) -> list[tuple[int, int]]:
@@ -175,7 +180,7 @@ def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor)
     )  # [E*r, D + width]
     b_in = torch.cat([e.down.bias for e in experts]) + cond_b.reshape(-1)
     h = F.gelu(F.linear(rows, w_in, b_in)) * dense.repeat_interleave(r, dim=1)  # [S, E*r]
-    pad = -(-(n * r + n) // 8) * 8 - (n * r + n)  # keep the inner dimension 16-byte aligned
+    pad = ceil_div(n * r + n, 8) * 8 - (n * r + n)  # keep the inner dimension 16-byte aligned
     h = torch.cat([h, dense, h.new_zeros(h.shape[0], pad)], dim=1)
     up = [e.up.weight for e in experts] + [torch.stack([e.up.bias for e in experts], dim=1)]  # [D, r] x E, [D, E]
     return F.linear(h, torch.cat(up + [up[-1].new_zeros(d, pad)], dim=1))
@@ -218,7 +223,7 @@ def _aligned_rows(packed: Tensor, dim: int) -> tuple[Tensor, int]:
     """The packed tokens with their condition columns padded to a multiple of 8, and that padded
     condition width. Rows packed by :func:`packed_width` with D a multiple of 8 need no copy."""
     cols = packed.shape[1] - dim
-    width = -(-cols // 8) * 8
+    width = ceil_div(cols, 8) * 8
     return (packed if width == cols else F.pad(packed, (0, width - cols))), width
 
 
