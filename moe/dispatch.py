@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -78,7 +78,7 @@ class _VariableAllToAll(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        torch_dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
@@ -166,7 +166,7 @@ def _combine(out_rows: Tensor, order: Tensor, inverse: Tensor, index: Tensor, we
 def _exchange_counts(counts: Tensor, ep_size: int, group) -> Tensor:
     """counts [E_total] tokens this rank sends to each global expert -> [ep, n_local] it receives."""
     recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts.contiguous(), group=group)
+    torch_dist.all_to_all_single(recv, counts.contiguous(), group=group)
     return recv.view(ep_size, -1)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 from torch.profiler import record_function
@@ -73,7 +73,7 @@ class _DispatchLayer(nn.Module):
     def _set_ep_group(self, group) -> None:
         self.ep_group = group
         if self.ep_size > 1:
-            rank = dist.get_rank(group)
+            rank = torch_dist.get_rank(group)
             if rank != self.dispatcher.ep_rank:
                 raise RuntimeError(
                     f"expert-parallel rank {rank} differs from the rank ({self.dispatcher.ep_rank}) the experts "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -103,9 +103,9 @@ def default_ep_rank(ep_size: int) -> int:
     """DeepSpeed's default group layout puts consecutive ranks in one expert-parallel group."""
     if ep_size == 1:
         return 0
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
         raise RuntimeError(f"experts.ep_size={ep_size} needs torch.distributed initialised before the model is built")
-    return dist.get_rank() % ep_size
+    return torch_dist.get_rank() % ep_size
 
 
 class CareEditModel(nn.Module):
