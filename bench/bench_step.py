@@ -1,7 +1,9 @@
 """The CARE-Edit training step at full FLUX scale against the bare frozen backbone, side by side.
 
     python bench/bench_step.py [--config configs/flux_full.yaml] [--size 512] [--iters 5] [--compile]
-                               [--block-mode reduce-overhead] [key=value ...]
+                               [--block-mode reduce-overhead] [--device cuda] [key=value ...]
+    python bench/bench_step.py --device cpu --config bench/step_tiny.yaml --size 32 --text-len 8 --iters 1
+                               (a smoke run on CPU: the same step, timed by wall clock, no profile)
 
 Random weights built directly on the GPU (no paths), cached-mode inputs (random latents and text
 embeddings of the real shapes: a 512x512 edit gives 1024 target + 1024 base + 1024 reference + 1024
@@ -45,8 +47,8 @@ DEFAULT_OVERRIDES = [
 ]
 
 
-def cached_batch(size: int, text_len: int, cfg, device) -> EditBatch:
-    f = 8  # FLUX VAE downsampling
+def cached_batch(size: int, text_len: int, cfg, device, f: int = 8) -> EditBatch:
+    """f: the VAE's downsampling (8 for FLUX's)."""
     c = cfg.vae.latent_channels
     lat = lambda: torch.randn(1, c, size // f, size // f, device=device)  # noqa: E731
     mask = torch.zeros(1, 1, size, size, device=device)
@@ -156,6 +158,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda (the benchmark) or cpu (a smoke run: wall-clock times; no matmul peak, profile or CUDA graph log)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both models (regional)")
     p.add_argument(
         "--block-mode",
@@ -170,9 +177,10 @@ def main() -> None:
     from train.config import load_config
 
     cfg = OmegaConf.to_object(load_config(args.config, DEFAULT_OVERRIDES + overrides).model)
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    on_gpu = dev.type == "cuda"
     env = environment()
-    env["matmul_bf16_tflops"] = measure_matmul_peak()
+    env["matmul_bf16_tflops"] = measure_matmul_peak() if on_gpu else None
     emit(
         {
             "env": env,
@@ -194,22 +202,23 @@ def main() -> None:
         model.compile_regions(**mode)
         bare.compile_blocks(**mode)
     model.train()
-    batch = cached_batch(args.size, args.text_len, cfg, dev)
+    batch = cached_batch(args.size, args.text_len, cfg, dev, model.vae.downsample)
     trainable = [p for _, p in model.trainable_named_parameters()]
     opt = torch.optim.AdamW(trainable, lr=1e-6, fused=True)
     n_trainable = sum(p.numel() for p in trainable)
 
-    tokens_img = 4 * (args.size // 16) ** 2
+    grid = args.size // model.token_stride  # 32 at 512 px with FLUX's VAE
+    tokens_img = 4 * grid**2
     hidden = torch.randn(1, tokens_img, cfg.backbone.arch.in_channels, device=dev, dtype=torch.bfloat16)
     enc = torch.randn(1, args.text_len, cfg.backbone.arch.joint_attention_dim, device=dev, dtype=torch.bfloat16)
     pooled = torch.randn(1, cfg.backbone.arch.pooled_projection_dim, device=dev, dtype=torch.bfloat16)
     img_ids = torch.zeros(tokens_img, 3, device=dev)
-    img_ids[:, 1] = torch.arange(tokens_img, device=dev) // (args.size // 16)
-    img_ids[:, 2] = torch.arange(tokens_img, device=dev) % (args.size // 16)
+    img_ids[:, 1] = torch.arange(tokens_img, device=dev) // grid
+    img_ids[:, 2] = torch.arange(tokens_img, device=dev) % grid
     txt_ids = torch.zeros(args.text_len, 3, device=dev)
 
     timestep = torch.full((1,), 0.5, device=dev)
-    graphs = args.block_mode == "reduce-overhead"
+    graphs = on_gpu and args.block_mode == "reduce-overhead"
 
     def bare_step():
         if graphs:
@@ -234,11 +243,19 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    graph_log = CudaGraphLog.install() if args.block_mode == "reduce-overhead" else None
-    torch.cuda.reset_peak_memory_stats()
+    def peak_gib(reset: bool = True) -> float:
+        """Peak device memory since the last reset (GiB; NaN on CPU)."""
+        if not on_gpu:
+            return float("nan")
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+
+    graph_log = CudaGraphLog.install() if graphs else None
+    peak_gib()
     res = {"bare_backbone_fwd_bwd": time_ms(bare_step, iters=args.iters)}
-    bare_peak = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
+    bare_peak = peak_gib()
     if graph_log:
         emit({"cudagraphs_after": "bare", **graph_log.snapshot()})
     res["care_fwd_bwd"] = time_ms(lambda: (care_fwd_bwd(), opt.zero_grad(set_to_none=True)), iters=args.iters)
@@ -247,7 +264,7 @@ def main() -> None:
     res["care_step_with_optimizer"] = time_ms(care_step, iters=args.iters)
     if graph_log:
         emit({"cudagraphs_after": "care_step", **graph_log.snapshot()})
-    care_peak = torch.cuda.max_memory_allocated() / 2**30
+    care_peak = peak_gib(reset=False)
 
     seq = args.text_len + tokens_img
     fwd_flops = model.flops_per_token() * seq  # per sample
@@ -260,7 +277,8 @@ def main() -> None:
         if name.startswith("care"):
             rec["model_tflops"] = model_flops / (t["median_ms"] * 1e-3) / 1e12
             rec["hardware_tflops"] = hw_flops / (t["median_ms"] * 1e-3) / 1e12
-            rec["mfu_vs_measured_peak"] = rec["model_tflops"] / env["matmul_bf16_tflops"]
+            if env["matmul_bf16_tflops"]:
+                rec["mfu_vs_measured_peak"] = rec["model_tflops"] / env["matmul_bf16_tflops"]
             rec["peak_mem_gib"] = care_peak
         else:
             rec["peak_mem_gib"] = bare_peak
@@ -279,22 +297,25 @@ def main() -> None:
         "care/frozen_ffn",
         "care/losses",
     ]
-    emit({"case": "host_vs_device", "bare": host_issue_ms(bare_step), "care": host_issue_ms(care_step)})
-    parts, kstats = breakdown(care_step, names)
-    inner = sum(parts.get(n, 0) for n in names[3:])
-    parts["backbone_forward_other"] = parts.get("care/forward", 0) - inner
-    _, bare_kstats = breakdown(bare_step, [])
-    emit({"breakdown_device_ms": parts, "trainable_params": n_trainable})
-    emit({"kernels_care": kstats, "kernels_bare": bare_kstats})
+    parts: dict = {}
+    if on_gpu:  # host issue against device time, and the profiled breakdown, need CUDA events
+        emit({"case": "host_vs_device", "bare": host_issue_ms(bare_step), "care": host_issue_ms(care_step)})
+        parts, kstats = breakdown(care_step, names)
+        inner = sum(parts.get(n, 0) for n in names[3:])
+        parts["backbone_forward_other"] = parts.get("care/forward", 0) - inner
+        _, bare_kstats = breakdown(bare_step, [])
+        emit({"breakdown_device_ms": parts, "trainable_params": n_trainable})
+        emit({"kernels_care": kstats, "kernels_bare": bare_kstats})
     print("\n| case | median ms | x bare | model TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|")
     for name, t in res.items():
         tf = model_flops / (t["median_ms"] * 1e-3) / 1e12 if name.startswith("care") else float("nan")
         peak = care_peak if name.startswith("care") else bare_peak
         print(f"| {name} | {t['median_ms']:.1f} | {t['median_ms'] / base_ms:.3f} | {tf:.0f} | {peak:.1f} |")
-    print("\nbreakdown (device ms, forward ranges nested in care/forward):")
-    for k, v in parts.items():
-        print(f"  {k:28s} {v:9.2f}")
+    if parts:
+        print("\nbreakdown (device ms, forward ranges nested in care/forward):")
+        for k, v in parts.items():
+            print(f"  {k:28s} {v:9.2f}")
 
 
 if __name__ == "__main__":
