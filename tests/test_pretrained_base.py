@@ -234,3 +234,48 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
     do_nothing = runs["tuned"]["baselines"]["do_nothing"]["metrics"]
     assert tuned_m["l1_inside"] < 0.85 * do_nothing["l1_inside"]
     assert tuned_m["flow_mse_outside"] < 0.8 * untrained_m["flow_mse_outside"]
+
+
+def test_sample_prediction_is_turned_into_the_velocity():
+    """x_t = (1 - t) x0 + t noise: a base that predicts x0 exactly gives the exact velocity noise - x0
+    (float64, t >= t_min), and the division is clamped at t_min (no blow-up at t -> 0)."""
+    from train.pretrain_base import velocity_from_sample
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 48, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 48, 8, 8, generator=g)
+    t = torch.tensor([0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    tt = t[:, None, None, None]
+    v = velocity_from_sample((1 - tt) * x0 + tt * noise.double(), x0, t, t_min=0.05)
+    torch.testing.assert_close(v, noise.double() - x0, rtol=1e-12, atol=1e-12)
+    small = torch.tensor([1e-6], dtype=torch.float64)
+    out = velocity_from_sample(torch.ones(1, 1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, 1, 1), small, 0.05)
+    assert out.item() == pytest.approx(20.0)
+
+
+def test_care_edit_reads_the_base_as_it_was_pretrained(micro_base, tmp_path):
+    """A sample-predicting base: CARE-Edit's velocity is (x_t - output) / t of the same network, and a
+    config that says otherwise fails before anything is built, naming the key."""
+    from moe.config import base_prediction
+    from moe.model import build_model
+
+    r, model, tok, _ = micro_base
+    rs = micro_recipe(prediction="sample")
+    out = str(tmp_path / "xbase")
+    save_base(model, tok, rs, out)  # the same weights, recorded as predicting the sample
+    assert base_prediction(out) == "sample"
+    with pytest.raises(ValueError, match="model.backbone.prediction"):
+        _care_config(out).validate()
+    cfg = _care_config(out, **{"backbone.prediction": "sample"})
+    cfg.validate()
+    from tests.model_configs import make_batch
+
+    care = build_model(cfg).eval()
+    cond = care.encode_conditions(make_batch(2, 32))
+    noisy = torch.randn(2, 48, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.02, 0.6])
+    with torch.no_grad():
+        v, _ = care.predict_velocity(noisy, t, cond)
+        care.cfg.backbone.prediction = "velocity"  # the same network's raw output
+        raw, _ = care.predict_velocity(noisy, t, cond)
+    expected = (noisy - raw) / torch.tensor([0.05, 0.6])[:, None, None, None]  # t clamped at t_min
+    torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ diffusers pipeline folder::
     OUT/transformer/        FluxTransformer2DModel.save_pretrained (safetensors)
     OUT/text_encoder/       CLIPTextModel (pooled text)       OUT/tokenizer/    word-level tokenizer
     OUT/text_encoder_2/     T5EncoderModel (sequence text)    OUT/tokenizer_2/  the same tokenizer
-    OUT/model_index.json    the folder's parts;  OUT/recipe.yaml  the recipe that made it
+    OUT/model_index.json    the folder's parts and what the transformer predicts (velocity or sample)
+    OUT/recipe.yaml         the recipe that made it
     OUT/samples.png         a grid of samples from held-out captions
 
 and CARE-Edit loads it through the paths real FLUX weights take (``model.backbone.path``,
@@ -17,10 +18,12 @@ and CARE-Edit loads it through the paths real FLUX weights take (``model.backbon
 (``model.vae.kind: pixel_unshuffle``): it has no weights, so nothing of it is saved.
 
 One step, top to bottom (:func:`train_step`): captions -> tokenizer -> T5 sequence and CLIP pooled
-embeddings -> noisy packed latents at a logit-normal time -> the transformer's own ``forward`` ->
-MSE to the velocity. Attention runs on SDPA's math kernel: the sequences are short, it is
-deterministic, and cuDNN's attention failed on a FLUX backward on the GPUs here. The same run on the same device kind, torch version and thread count writes the
-same bytes (deterministic algorithms, seeded data and noise): :func:`file_digests` lists them.
+embeddings -> noisy packed latents at a logit-normal time -> the transformer's own ``forward`` (the
+clean sample with ``prediction: sample``, turned into a velocity) -> MSE to the velocity.
+Attention runs on SDPA's math kernel: the sequences are short, it is deterministic, and cuDNN's
+attention failed on a FLUX backward on the GPUs here. The same run on the same device kind, torch
+version and thread count writes the same bytes (deterministic algorithms, seeded data and noise):
+:func:`file_digests` lists them.
 """
 
 from __future__ import annotations
@@ -81,6 +84,15 @@ class BaseRecipe:
     ema_decay: float = 0.999  # the saved weights are the EMA's (0 = the raw weights)
     save_dtype: str = "float16"  # transformer weights on disk: float16 halves the folder
     sample_steps: int = 20
+    # What the transformer's output means. "velocity" (FLUX's choice) or "sample", the clean image x0,
+    # turned into the velocity (x_t - x0) / t for the loss and the sampler. A token here is 8x8 raw
+    # pixels (192 values, as wide as the model): noise that high-dimensional is hard for a narrow
+    # network to predict, a clean image is not (Li & He, "Back to Basics: Let Denoising Generative
+    # Models Denoise", 2025), so pixel-space miniatures predict the sample.
+    prediction: str = "velocity"
+    t_min: float = 0.05  # "sample": the velocity's division by t is clamped at t_min
+    logit_mean: float = 0.0  # training times t = sigmoid(logit_mean + logit_std * N(0, 1)); t = 1 is noise
+    logit_std: float = 1.0
 
     def validate(self) -> None:
         a, t = self.arch, self.text
@@ -93,6 +105,8 @@ class BaseRecipe:
             "image_size": (self.image_size % (2 * self.pixel_factor) == 0, "must be a multiple of 2 * pixel_factor"),
             "save_dtype": (self.save_dtype in ("float16", "float32", "bfloat16"), "float16, float32 or bfloat16"),
             "steps": (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
+            "prediction": (self.prediction in ("velocity", "sample"), "velocity or sample"),
+            "t_min": (0 < self.t_min < 1, "must lie in (0, 1)"),
         }
         for key, (ok, msg) in checks.items():
             if not ok:
@@ -199,7 +213,15 @@ class TextToImage(nn.Module):
                 txt_ids=txt_ids,
                 return_dict=False,
             )[0]
-        return unpack_latents(out, h, w)
+        out = unpack_latents(out, h, w)
+        if self.recipe.prediction == "sample":
+            return velocity_from_sample(noisy, out, t, self.recipe.t_min)
+        return out
+
+
+def velocity_from_sample(noisy: Tensor, sample: Tensor, t: Tensor, t_min: float) -> Tensor:
+    """x_t = (1 - t) x0 + t noise  =>  velocity noise - x0 = (x_t - x0) / t; t [B] clamped at t_min."""
+    return (noisy - sample) / t.clamp_min(t_min).to(noisy.dtype)[:, None, None, None]
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -213,7 +235,7 @@ def train_step(
     b = x0.shape[0]
     drop = torch.rand(b, generator=text_gen) < r.caption_dropout  # on the host: no device sync
     texts = ["" if d else s for d, s in zip(drop.tolist(), texts)]
-    t = torch.sigmoid(torch.randn(b, generator=gen, device=device))
+    t = torch.sigmoid(r.logit_mean + r.logit_std * torch.randn(b, generator=gen, device=device))
     noise = torch.randn(x0.shape, generator=gen, device=device)
     tt = t[:, None, None, None]
     seq, pooled = encode_text(tokenizer, model.t5, model.clip, texts, r.text.max_length, device)
@@ -249,9 +271,17 @@ def _lr(r: BaseRecipe, step: int) -> float:
 
 
 def pretrain(
-    r: BaseRecipe, device: str = "cpu", log: Callable[[str], None] = print, log_every: int = 100
+    r: BaseRecipe,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+    snapshot: Optional[Callable[[int, TextToImage, Any], None]] = None,
+    snapshot_every: int = 0,
 ) -> tuple[TextToImage, Any, dict]:
-    """Train the base from scratch; returns (EMA model in eval mode, tokenizer, summary)."""
+    """Train the base from scratch; returns (EMA model in eval mode, tokenizer, summary).
+
+    ``snapshot(step, ema, tokenizer)`` is called every ``snapshot_every`` steps (samples or a saved
+    base part-way through a long run); it must not touch the training's random generators."""
     r.validate()
     torch.manual_seed(r.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -302,6 +332,9 @@ def pretrain(
         if (step + 1) % log_every == 0 or step + 1 == r.steps:
             recent = torch.stack(losses[-log_every:]).mean().item()  # the only host sync of a step
             log(f"step {step + 1}/{r.steps} loss {recent:.4f} lr {_lr(r, step):.2e} {time.time() - t0:.0f} s")
+        if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < r.steps:
+            ema.eval()
+            snapshot(step + 1, ema, tokenizer)
     ema.eval()
     summary = dict(train_seconds=round(time.time() - t0, 1), final_loss=torch.stack(losses[-100:]).mean().item())
     return ema, tokenizer, summary
@@ -346,6 +379,7 @@ def save_base(model: TextToImage, tokenizer, r: BaseRecipe, out: str, summary: O
         "text_encoder_2": ["transformers", "T5EncoderModel"],
         "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
         "vae": {"kind": "pixel_unshuffle", "pixel_factor": r.pixel_factor},
+        "prediction": r.prediction,  # what the transformer's output means (model.backbone.prediction)
     }
     with open(os.path.join(out, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
