@@ -6,6 +6,8 @@ impossible combinations before anything is built, naming the offending key.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,6 +38,10 @@ class BackboneConfig:
     arch: FluxArch = field(default_factory=FluxArch)
     gradient_checkpointing: bool = False
     attention_backend: Optional[str] = None  # e.g. "flash" / "efficient" / "math": pins torch SDPA's backend
+    # what the transformer's output means, as the base was pretrained: "velocity" (FLUX) or "sample"
+    # (the clean latent x0, turned into the velocity (x_t - x0) / max(t, t_min); pixel-space miniatures)
+    prediction: str = "velocity"
+    t_min: float = 0.05
 
 
 @dataclass
@@ -216,6 +222,19 @@ class ModelConfig:
         validate_model_config(self)
 
 
+def base_prediction(path: Optional[str]) -> Optional[str]:
+    """What a pretrained base folder says its transformer predicts (``model_index.json``'s
+    ``prediction``, written by ``launch.pretrain_base``), or None when the folder does not say (FLUX:
+    velocity). A base used with the wrong parameterisation trains and samples garbage without an error."""
+    if not path:
+        return None
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        return json.load(f).get("prediction")
+
+
 def _fail(key: str, msg: str) -> None:
     raise ValueError(f"model.{key}: {msg}")
 
@@ -260,6 +279,16 @@ def validate_model_config(cfg: Any) -> None:
     if cfg.vae.kind == "pixel_unshuffle" and cfg.vae.latent_channels != 3 * cfg.vae.pixel_factor**2:
         _fail("vae.latent_channels", f"must be 3 * pixel_factor^2 = {3 * cfg.vae.pixel_factor**2} for pixel_unshuffle")
     arch = cfg.backbone.arch
+    if cfg.backbone.prediction not in ("velocity", "sample"):
+        _fail("backbone.prediction", f"'{cfg.backbone.prediction}' is not one of velocity, sample")
+    if not 0 < cfg.backbone.t_min < 1:
+        _fail("backbone.t_min", "must lie in (0, 1)")
+    recorded = base_prediction(cfg.backbone.path)
+    if recorded is not None and recorded != cfg.backbone.prediction:
+        _fail(
+            "backbone.prediction",
+            f"'{cfg.backbone.prediction}', but the base at {cfg.backbone.path} was pretrained to predict '{recorded}'",
+        )
     if cfg.backbone.kind != "flux":
         _fail("backbone.kind", f"'{cfg.backbone.kind}' is not a known backbone (flux)")
     if cfg.backbone.path is None:

@@ -302,8 +302,11 @@ class CareEditModel(nn.Module):
 
         hidden = bb.run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask, feed_forward_args=expert_args)
         self._last_seq_len = txt.shape[1] + img.shape[1]
-        pred = bb.project_out(hidden[:, :n], temb)
-        return unpack_latents(pred, h, w), ctx
+        pred = unpack_latents(bb.project_out(hidden[:, :n], temb), h, w)
+        if self.cfg.backbone.prediction == "sample":  # the base predicts x0: velocity = (x_t - x0) / t
+            tt = t.clamp_min(self.cfg.backbone.t_min).to(pred.dtype)[:, None, None, None]
+            pred = (noisy - pred) / tt
+        return pred, ctx
 
     # -- training ---------------------------------------------------------------------------------
     def sample_time(self, batch_size: int, device: torch.device) -> Tensor:
