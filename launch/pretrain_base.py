@@ -1,11 +1,13 @@
 """Pretrain the miniature base (text-to-image on the synthetic scenes) and write it as a diffusers folder.
 
     python -m launch.pretrain_base --config configs/base_tiny.yaml --out DIR [--device cuda] [key=value ...]
-                                   [--expect DIGESTS.json]
+                                   [--expect DIGESTS.json] [--snapshot-every N]
 
 Writes DIR/ in diffusers' pipeline layout (train/pretrain_base.py says what is where), DIR/digests.json
 (sha256 of every weights file) and DIR/samples.png (the base's samples for held-out captions, each above
 its caption's scene). With ``--expect``, exits 1 unless the new weights equal those digests bit for bit.
+``--snapshot-every N`` also writes the base as it stands every N steps to DIR/snapshots/stepN/ (the same
+layout, with its samples and held-out loss): a long run can be judged, or used, before it ends.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline layout)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--expect", default=None, help="digests.json of a previous build: fail unless equal")
+    p.add_argument("--snapshot-every", type=int, default=0, help="write DIR/snapshots/stepN every N steps")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     return p.parse_args(argv)
 
@@ -42,7 +45,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # omegaconf's and validate()'s messages name the key
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
-    model, tokenizer, summary = pretrain(recipe, args.device, log=lambda line: print(line, flush=True))
+
+    def snapshot(step: int, ema, tok) -> None:
+        folder = os.path.join(args.out, "snapshots", f"step{step}")
+        info = dict(step=step, heldout_flow_mse=round(heldout_loss(ema, tok, recipe, args.device), 5))
+        save_base(ema, tok, recipe, folder, info)
+        info["colour_presence"] = save_samples(ema, tok, recipe, os.path.join(folder, "samples.png"), args.device)
+        print(f"snapshot {folder}: {json.dumps(info)}", flush=True)
+
+    model, tokenizer, summary = pretrain(
+        recipe,
+        args.device,
+        log=lambda line: print(line, flush=True),
+        snapshot=snapshot if args.snapshot_every > 0 else None,
+        snapshot_every=args.snapshot_every,
+    )
     summary["heldout_flow_mse"] = round(heldout_loss(model, tokenizer, recipe, args.device), 5)
     save_base(model, tokenizer, recipe, args.out, summary)
     summary["colour_presence"] = save_samples(

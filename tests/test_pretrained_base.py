@@ -125,6 +125,26 @@ def test_same_recipe_writes_the_same_bytes(micro_base, tmp_path):
     assert file_digests(str(tmp_path / "other")) != file_digests(out)
 
 
+def test_snapshots_leave_the_training_unchanged(micro_base, tmp_path):
+    """Snapshots part-way (held-out loss, samples, a saved folder, as ``--snapshot-every`` writes them)
+    must not move the training's random streams: the final weights are the same bytes."""
+    from train.pretrain_base import heldout_loss, save_samples
+
+    r, _, _, out = micro_base
+    seen = []
+
+    def snap(step, ema, tok):
+        seen.append((step, heldout_loss(ema, tok, r, "cpu")))
+        save_base(ema, tok, r, str(tmp_path / f"step{step}"))
+        save_samples(ema, tok, r, str(tmp_path / f"step{step}" / "samples.png"), "cpu", n=2)
+
+    model, tok, summary = pretrain(micro_recipe(), log=lambda s: None, snapshot=snap, snapshot_every=2)
+    save_base(model, tok, r, str(tmp_path / "final"), summary)
+    assert [s for s, _ in seen] == [2]  # the last step is the final base, not a snapshot
+    assert file_digests(str(tmp_path / "final")) == file_digests(out)
+    assert file_digests(str(tmp_path / "step2")) != file_digests(out)
+
+
 def test_tokenizer_knows_the_generators_words():
     tok = build_tokenizer(16)
     ids = tok("make the red circle blue").input_ids
