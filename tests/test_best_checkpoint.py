@@ -101,7 +101,6 @@ def test_bad_best_settings_fail_naming_the_key(tmp_path):
         (["checkpoint.best_metric=val/sucess_mean"], "checkpoint.best_metric"),
         (["checkpoint.best_metric=val/flow_loss", "checkpoint.best_mode=max"], "checkpoint.best_mode"),
         (["checkpoint.best_metric=val/success_mean", "checkpoint.best_mode=up"], "checkpoint.best_mode"),
-        (["checkpoint.best_metric=val/success_mean", "checkpoint.every=3"], "checkpoint.every"),
         (["checkpoint.best_metric=val/success_mean", "logging.eval_every=0"], "logging.eval_every"),
         (["checkpoint.best_metric=val/success_mean", "logging.eval_edits=0"], "logging.eval_edits"),
         (["logging.eval_every=-1"], "logging.eval_every"),

@@ -178,6 +178,11 @@ class Trainer:
             + (f" | compiled ({cfg.train.compile_backend}, {cfg.train.compile_mode}): {compiled}" if compiled else "")
             + (f" ({resumed.note})" if resumed and resumed.note else "")
         )
+        if cfg.checkpoint.best_metric and cfg.checkpoint.every % cfg.logging.eval_every:
+            self.logger.print(
+                f"warning: checkpoint.every ({cfg.checkpoint.every}) is not a multiple of logging.eval_every "
+                f"({cfg.logging.eval_every}): only checkpoints at evaluated steps compete for 'best'"
+            )
         self.losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
         self.guard = StepGuard(cfg.guards.max_consecutive_skips)
         self.batches = iter(self.loader)
