@@ -22,12 +22,16 @@ from train.checkpoint import BEST, Checkpointer, read_best, resolve_tag, step_ta
 from train.config import ConfigError, load_config
 from train.distributed import DistInfo
 
+# the toy's held-out samples come from tests.toy_model.build_toy_val_batch; the setting only has to be there
+TOY_VAL = "toy-val-{000000..000000}.tar"
+
 
 def _checkpointer(tmp_path, metric: str = "val/success_mean", mode: str = "max", keep: int = 2) -> Checkpointer:
     cfg = load_config(
         TOY_CONFIG,
         [
             f"run.dir={tmp_path}",
+            f"data.val_shards={TOY_VAL}",
             "logging.eval_every=1",
             "checkpoint.every=1",
             f"checkpoint.keep={keep}",
@@ -96,7 +100,7 @@ def test_a_lost_or_damaged_pointer_is_rebuilt_from_the_checkpoints_on_disk(tmp_p
 
 
 def test_bad_best_settings_fail_naming_the_key(tmp_path):
-    base = [f"run.dir={tmp_path}", "logging.eval_every=2", "checkpoint.every=4"]
+    base = [f"run.dir={tmp_path}", f"data.val_shards={TOY_VAL}", "logging.eval_every=2", "checkpoint.every=4"]
     cases = [
         (["checkpoint.best_metric=val/sucess_mean"], "checkpoint.best_metric"),
         (["checkpoint.best_metric=val/flow_loss", "checkpoint.best_mode=max"], "checkpoint.best_mode"),
@@ -104,6 +108,7 @@ def test_bad_best_settings_fail_naming_the_key(tmp_path):
         (["checkpoint.best_metric=val/success_mean", "logging.eval_every=0"], "logging.eval_every"),
         (["checkpoint.best_metric=val/success_mean", "logging.eval_edits=0"], "logging.eval_edits"),
         (["logging.eval_every=-1"], "logging.eval_every"),
+        (['data.val_shards=""'], "logging.eval_every"),  # nothing to evaluate on
         (["logging.eval_edits=40", "logging.eval_samples=32"], "logging.eval_edits"),
         (["logging.eval_edit_steps=0"], "logging.eval_edit_steps"),
     ]
@@ -116,6 +121,7 @@ def test_bad_best_settings_fail_naming_the_key(tmp_path):
 
 # ------------------------------------------------------------------------ kills during a save (toy runs)
 EVAL = [
+    f"data.val_shards={TOY_VAL}",
     "train.steps=6",
     "checkpoint.every=2",
     "checkpoint.keep=1",

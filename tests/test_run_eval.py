@@ -195,6 +195,7 @@ def test_evaluation_under_expert_parallelism_leaves_the_losses_unchanged(tmp_pat
     both must evaluate): the losses with evaluation are those without it."""
     common = ["model.experts.ep_size=2", "logging.images_every=0", "train.steps=4", "checkpoint.every=4"]
     evaluated = ["logging.eval_every=2", "logging.eval_samples=4", "logging.eval_edits=2", "logging.eval_edit_steps=1"]
+    evaluated.append("data.val_shards=toy-val-{000000..000000}.tar")  # the toy's val batch does not read it
     plain, with_eval = str(tmp_path / "plain"), str(tmp_path / "eval")
     run_ranks(2, plain, common, faults=Faults(toy_eval=True))
     run_ranks(2, with_eval, common + evaluated, faults=Faults(toy_eval=True))

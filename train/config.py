@@ -264,6 +264,11 @@ def validate_config(cfg: Any) -> None:
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
     _validate_eval(cfg.logging, cfg.checkpoint)
+    _check(
+        not cfg.logging.eval_every or bool(cfg.data.val_shards),
+        "logging.eval_every",
+        "the held-out evaluation needs data.val_shards (its samples); set it, or logging.eval_every=0",
+    )
     g = cfg.guards
     _check(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
     _check(g.hang_factor == 0 or g.hang_factor > 1, "guards.hang_factor", "must be > 1 (0 = off)")
