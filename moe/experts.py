@@ -64,12 +64,13 @@ def zero_mean_perturbation(
 ) -> Tensor:
     """``R_e - mean_j R_j`` with ``R_j ~ N(0, 1)`` drawn from ``seed + j``: a perturbation per expert
     that sums to zero over the experts (so a uniform mixture of perturbed copies equals the copy to first
-    order), and is the same for a given expert id on any expert-parallel layout."""
+    order), and is the same for a given expert id on any expert-parallel layout and any device: drawn on
+    the CPU (also when the model is built under a CUDA default device), then moved to ``device``."""
     draws = [
-        torch.randn(shape, generator=torch.Generator(device=device or "cpu").manual_seed(seed + j), device=device)
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + j), device="cpu")
         for j in range(num_experts)
     ]
-    return draws[expert_id] - torch.stack(draws).mean(0)
+    return (draws[expert_id] - torch.stack(draws).mean(0)).to(device if device is not None else "cpu")
 
 
 class _Expert(nn.Module):

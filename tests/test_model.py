@@ -573,3 +573,17 @@ def test_frozen_encoders_stay_in_eval_mode():
     model.eval()
     model.train()
     assert not any(m.training for m in frozen)
+
+
+def test_expert_perturbation_ignores_the_default_device():
+    """Models are built under a CUDA default device on GPUs (``with torch.device("cuda")``): the experts'
+    start perturbation must still come from its CPU generator, the same numbers on any device. (Under a
+    default device, ``torch.randn(generator=cpu_generator)`` raises.) The meta device stands in for CUDA."""
+    from moe.experts import zero_mean_perturbation
+
+    plain = zero_mean_perturbation((6, 4), 1, 4, seed=3)
+    with torch.device("meta"):
+        under = zero_mean_perturbation((6, 4), 1, 4, seed=3)
+    assert under.device.type == "cpu"
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+    assert zero_mean_perturbation((6, 4), 0, 4, seed=3).add(plain).abs().sum() > 0  # experts differ
