@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     shards = tiny_shards(root / "synthetic")
     plain, evaluated = str(root / "plain"), str(root / "eval")
-    _train(plain, shards + COMMON)
+    _train(plain, shards + COMMON + ["logging.eval_every=0", "checkpoint.best_metric=null"])  # tiny.yaml has them on
     out = _train(evaluated, shards + COMMON + EVAL)
     return {"plain": plain, "eval": evaluated, "shards": shards, "stdout": out}
 
@@ -76,6 +76,7 @@ def test_evaluation_does_not_change_the_training_losses(runs):
     a, b = read_losses(runs["plain"], "tiny"), read_losses(runs["eval"], "tiny")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     assert a == b, (a, b)
+    assert not any("val" in r for r in read_records(runs["plain"], "tiny"))  # evaluation off there
     val = {r["step"]: r["val"] for r in read_records(runs["eval"], "tiny") if "val" in r}
     assert sorted(val) == [2, 4, 5]  # every 2 steps, and the last
     for m in val.values():
