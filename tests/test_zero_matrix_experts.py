@@ -185,7 +185,9 @@ def test_real_experts_of_different_sizes_refuse_a_bucket_smaller_than_a_rank(tmp
     bucket = _small_bucket("ffn", SPLIT_ORDER)
     run = str(tmp_path)
     r, codes = _run(config, run, _overrides("ffn", SPLIT_ORDER, bucket), expect_ok=False)
-    assert codes == [2, 2], codes
+    # every rank refuses (exit 2); under load a rank that is still tearing gloo down when its peer has
+    # gone may abort instead (SIGABRT, -6) after printing the same refusal: still no training
+    assert 2 in codes and all(c in (2, -6) for c in codes), codes
     assert f"train.reduce_bucket_size: {bucket} elements is smaller than a rank's trainable gradients" in r.output(0)
     assert not os.path.exists(os.path.join(run, "tiny", "losses.jsonl"))
 
