@@ -47,7 +47,8 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The tests marked slow (4-rank resume, ep_size 4 export, real-model resume, learnability): ~4 min.
+# The tests marked slow (4-rank resume, ep_size 4 export, real-model resume, learnability, the ZeRO matrices
+# at ep_size 2 and 4 x dp 2, the miniature pipeline base -> CARE-Edit -> eval): ~15 min on 2 cores.
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS)
 
