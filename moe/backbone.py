@@ -48,6 +48,12 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, c4 // 4, h, w)
 
 
+def velocity_from_sample(noisy: Tensor, sample: Tensor, t: Tensor, t_min: float) -> Tensor:
+    """A sample-predicting base's output as a velocity: x_t = (1 - t) x0 + t noise, so the velocity
+    noise - x0 = (x_t - x0) / t; t [B] clamped at t_min (no blow-up as t -> 0)."""
+    return (noisy - sample) / t.clamp_min(t_min).to(noisy.dtype)[:, None, None, None]
+
+
 def grid_position_ids(gh: int, gw: int, offset: int, device: torch.device) -> Tensor:
     """[gh*gw, 3] RoPE ids (condition offset, row, col): each condition gets its own first-axis index."""
     ids = torch.zeros(gh, gw, 3, device=device)

@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from data.batch import EditBatch
 
-from .backbone import build_backbone, grid_position_ids, pack_latents, unpack_latents
+from .backbone import build_backbone, grid_position_ids, pack_latents, unpack_latents, velocity_from_sample
 from .config import ModelConfig
 from .encoders import FrozenTextEncoders, FrozenVAE, MaskEncoder, mask_to_grid
 from .expert_layer import ExpertContext, ExpertFeedForward, LayerSlot
@@ -303,9 +303,8 @@ class CareEditModel(nn.Module):
         hidden = bb.run_blocks(img, txt, temb, img_ids, txt_ids, attention_mask, feed_forward_args=expert_args)
         self._last_seq_len = txt.shape[1] + img.shape[1]
         pred = unpack_latents(bb.project_out(hidden[:, :n], temb), h, w)
-        if self.cfg.backbone.prediction == "sample":  # the base predicts x0: velocity = (x_t - x0) / t
-            tt = t.clamp_min(self.cfg.backbone.t_min).to(pred.dtype)[:, None, None, None]
-            pred = (noisy - pred) / tt
+        if self.cfg.backbone.prediction == "sample":  # the base predicts x0
+            pred = velocity_from_sample(noisy, pred, t, self.cfg.backbone.t_min)
         return pred, ctx
 
     # -- training ---------------------------------------------------------------------------------

@@ -259,7 +259,7 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
 def test_sample_prediction_is_turned_into_the_velocity():
     """x_t = (1 - t) x0 + t noise: a base that predicts x0 exactly gives the exact velocity noise - x0
     (float64, t >= t_min), and the division is clamped at t_min (no blow-up at t -> 0)."""
-    from train.pretrain_base import velocity_from_sample
+    from moe.backbone import velocity_from_sample
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(4, 48, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 48, 8, 8, generator=g)

@@ -57,6 +57,18 @@ def reference(tmp_path_factory):
     return read_losses(run)
 
 
+def matrix_overrides(ep_size: int, zero: int, overlap: bool, bucket: int) -> list[str]:
+    """One matrix cell as config overrides; bucket 0 keeps DeepSpeed's default bucket sizes."""
+    out = [f"model.experts.ep_size={ep_size}", f"train.zero_stage={zero}", f"train.overlap_comm={str(overlap).lower()}"]
+    if bucket:
+        out += [f"train.reduce_bucket_size={bucket}", f"train.allgather_bucket_size={bucket}"]
+    return out
+
+
+def case_id(zero: int, overlap: bool, bucket: int) -> str:
+    return f"zero{zero}-overlap{int(overlap)}-bucket{bucket or 'default'}"
+
+
 CASES = [(0, False, 0)] + [
     (zero, overlap, bucket) for zero in (1, 2) for overlap in (False, True) for bucket in (0, SMALL)
 ]
@@ -64,19 +76,10 @@ CASES = [(0, False, 0)] + [
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "zero, overlap, bucket", CASES, ids=[f"zero{z}-overlap{int(o)}-bucket{b or 'default'}" for z, o, b in CASES]
-)
+@pytest.mark.parametrize("zero, overlap, bucket", CASES, ids=[case_id(*c) for c in CASES])
 def test_ep2_equals_ep1_and_replicas_agree(tmp_path, reference, zero, overlap, bucket):
     run = str(tmp_path)
-    overrides = BASE + [
-        "model.experts.ep_size=2",
-        f"train.zero_stage={zero}",
-        f"train.overlap_comm={str(overlap).lower()}",
-    ]
-    if bucket:
-        overrides += [f"train.reduce_bucket_size={bucket}", f"train.allgather_bucket_size={bucket}"]
-    r = run_ranks(2, run, overrides)
+    r = run_ranks(2, run, BASE + matrix_overrides(2, zero, overlap, bucket))
     assert "replica check" not in r.output(0)  # passed at every step
     got = read_losses(run)
     assert sorted(got) == sorted(reference) == list(range(1, STEPS + 1))
@@ -221,19 +224,10 @@ def reference8(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "zero, overlap, bucket", CASES4, ids=[f"zero{z}-overlap{int(o)}-bucket{b}" for z, o, b in CASES4]
-)
+@pytest.mark.parametrize("zero, overlap, bucket", CASES4, ids=[case_id(*c) for c in CASES4])
 def test_ep4_dp2_equals_ep1_and_replicas_agree(tmp_path, reference8, zero, overlap, bucket):
     run = str(tmp_path)
-    overrides = [
-        "model.experts.ep_size=4",
-        f"train.zero_stage={zero}",
-        f"train.overlap_comm={str(overlap).lower()}",
-        f"train.reduce_bucket_size={bucket}",
-        f"train.allgather_bucket_size={bucket}",
-    ]
-    _ep4_run(run, overrides)
+    _ep4_run(run, matrix_overrides(4, zero, overlap, bucket))
     assert_same_run(run, reference8)
 
 

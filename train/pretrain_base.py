@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.captions import VOCABULARY, make_scenes
-from moe.backbone import flux_arch_kwargs, grid_position_ids, pack_latents, unpack_latents
+from moe.backbone import flux_arch_kwargs, grid_position_ids, pack_latents, unpack_latents, velocity_from_sample
 from moe.config import FluxArch
 from train.edit_success import COLOR_RADIUS  # one notion of "has this palette colour"
 
@@ -217,11 +217,6 @@ class TextToImage(nn.Module):
         if self.recipe.prediction == "sample":
             return velocity_from_sample(noisy, out, t, self.recipe.t_min)
         return out
-
-
-def velocity_from_sample(noisy: Tensor, sample: Tensor, t: Tensor, t_min: float) -> Tensor:
-    """x_t = (1 - t) x0 + t noise  =>  velocity noise - x0 = (x_t - x0) / t; t [B] clamped at t_min."""
-    return (noisy - sample) / t.clamp_min(t_min).to(noisy.dtype)[:, None, None, None]
 
 
 # ----------------------------------------------------------------------------------------- training
