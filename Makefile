@@ -32,11 +32,11 @@ data: $(STAMP)
 	$(PYTHON) -m data.synthetic --out $(SYNTH) --if-absent
 
 train: data
-	$(PYTHON) launch/train.py --config $(CONFIG) $(ARGS)
+	$(PYTHON) -m launch.train --config $(CONFIG) $(ARGS)
 
 # held-out edits of the `make train` run: success per task beside the do-nothing and oracle rows
 eval: $(STAMP)
-	$(PYTHON) launch/eval.py --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/val-{000000..000000}.tar' \
+	$(PYTHON) -m launch.eval --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/val-{000000..000000}.tar' \
 	    --out runs/tiny/eval --limit 96 --steps 20
 
 # ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120

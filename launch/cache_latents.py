@@ -1,6 +1,6 @@
 """Precompute VAE latents and text embeddings into cached shards, so GPUs stop re-encoding images.
 
-    python launch/cache_latents.py --config configs/flux_full.yaml --src 'shards/edit-{000000..000119}.tar' \\
+    python -m launch.cache_latents --config configs/flux_full.yaml --src 'shards/edit-{000000..000119}.tar' \\
         --out shards_cached/ [--device cuda] [--batch-size 16] [--keep-images] [key=value ...]
 
 It builds only the frozen encoders named by the config's ``model.vae`` / ``model.text`` (the same
@@ -12,10 +12,10 @@ ones training uses) and hands them to ``data.cache.cache_shards``. Train on the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
+    import by_path  # noqa: F401
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

@@ -1,7 +1,7 @@
 """Edit one image with a trained CARE-Edit model (flow-matching sampler, LoRA + experts + router +
 Mask Repaint + Latent Mixture as trained).
 
-``python launch/edit.py --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --image in.png
+``python -m launch.edit --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --image in.png
 --instruction "make the circle blue" --out out.png [--mask x0,y0,x1,y1 | --mask mask.png]
 [--reference ref.png] [--steps 20] [--text-guidance 1.0] [--image-guidance 1.0] [--seed 0]
 [--size H W] [--device cpu|cuda] [--ema] [--refined-mask-out m.png] [--routing-map-out r.png]``
@@ -25,7 +25,8 @@ import os
 import sys
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
+    import by_path  # noqa: F401
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
 """Evaluate a trained CARE-Edit model on held-out shards: JSON + plot.
 
-``python launch/eval.py --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --data 'val-{000000..000000}.tar'
+``python -m launch.eval --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --data 'val-{000000..000000}.tar'
 [--out DIR] [--steps N] [--limit N] [--batch-size N] [--seed N] [--device cpu|cuda] [--ema]
 [--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N] [--tag best | --tags a,b | --all-checkpoints]``
 
@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
+    import by_path  # noqa: F401
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Export the trained weights of a training checkpoint as one safetensors file.
 
-``python launch/export.py --checkpoint RUN/checkpoints|TAG_DIR --out weights.safetensors [--ema] [--tag best]``
+``python -m launch.export --checkpoint RUN/checkpoints|TAG_DIR --out weights.safetensors [--ema] [--tag best]``
 
 ``--tag`` picks a checkpoint of the run: ``latest`` (the default), ``best`` (the checkpoint with the best
 held-out metric, kept by a run with ``checkpoint.best_metric``) or a ``step<N>`` directory name.
@@ -20,7 +20,8 @@ import os
 import sys
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
+    import by_path  # noqa: F401
 
 
 def _check_paths(checkpoint: str, out: str) -> Optional[str]:

@@ -18,6 +18,9 @@ import os
 import sys
 from typing import Optional
 
+if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
+    import by_path  # noqa: F401
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

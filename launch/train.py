@@ -1,7 +1,7 @@
 """Train a CARE-Edit model: ``deepspeed launch/train.py --config configs/<recipe>.yaml [key=value ...]``.
 
-Also runs as a plain process (``python launch/train.py ...``, what ``make train`` does), under
-``torchrun`` and under ``srun``. The config is merged and validated *before* any process group or
+Also runs as a plain process (``python -m launch.train ...``, what ``make train`` does), by path
+(``python launch/train.py``), under ``torchrun`` and under ``srun``. The config is merged and validated *before* any process group or
 model is built, so a typo stops in a second with the key named.
 """
 
@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
+    import by_path  # noqa: F401
 
 from train.config import ConfigError, load_config  # noqa: E402
 

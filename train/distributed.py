@@ -1,6 +1,6 @@
 """Process-group set-up that works under `deepspeed`, `torchrun`, SLURM `srun` and as a plain process.
 
-Why: `make train` on a laptop runs ``python launch/train.py`` with no launcher, while clusters use
+Why: `make train` on a laptop runs ``python -m launch.train`` with no launcher, while clusters use
 the deepspeed launcher (which sets RANK/WORLD_SIZE/LOCAL_RANK and passes --local_rank) or srun
 (SLURM_PROCID/SLURM_NTASKS/...). We fill the env vars DeepSpeed expects and pick nccl on GPU, gloo
 on CPU.
