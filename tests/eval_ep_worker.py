@@ -69,11 +69,12 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
     from safetensors.torch import save_file
 
     from moe.model import build_model
-    from train.checkpoint import Checkpointer, seed_everything
+    from train.checkpoint import Checkpointer
     from train.config import load_config
     from train.distributed import init_distributed
     from train.engine import build_engine
     from train.export import _global_expert_name
+    from train.rng import seed_everything
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides(run_dir, ep_size))
     dist = init_distributed()

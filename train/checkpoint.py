@@ -45,13 +45,11 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 from omegaconf import OmegaConf
@@ -60,6 +58,7 @@ from train.config import checkpoint_dir
 from train.distributed import DistInfo, barrier
 from train.layout import capture_layout
 from train.portable import PORTABLE_DIR, ReshapeError, is_portable, read_meta
+from train.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -144,56 +143,6 @@ def verify_complete(path: str) -> Optional[str]:
 
 class IncompleteCheckpoint(FileNotFoundError):
     """A checkpoint that resume must not load (missing or truncated files); the message says which."""
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch (CPU + current CUDA device) RNG states, as weights_only-loadable types."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's generators (all ranks, all processes of the project)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def rng_untouched() -> Iterator[None]:
-    """Whatever runs inside leaves Python's, numpy's and torch's generators as it found them. For
-    logging: drawing the validation batch and sampling its edits must not change the training run's
-    noise, or a run's losses would depend on how often it logs images."""
-    state = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _to_tuple(x: Any) -> Any:
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from train.checkpoint import seed_everything
+from train.rng import seed_everything
 
 EXPORT_FORMAT = "care-edit-trained-weights"
 EXPORT_VERSION = "1"

@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from train.checkpoint import rng_untouched
 from train.evaluation import EvalSettings, ShardChecks, evaluate, flow_mse_per_sample, nanmean
+from train.rng import rng_untouched
 
 
 @contextlib.contextmanager

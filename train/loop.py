@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from train.checkpoint import Checkpointer, rng_untouched, seed_everything
+from train.checkpoint import Checkpointer
 from train.config import CUDA_GRAPH_MODES, checkpoint_dir, run_dir, save_resolved, tensorboard_dir
 from train.distributed import init_distributed
 from train.engine import build_engine
@@ -29,6 +29,7 @@ from train.guards import StepGuard, discard_step, is_oom, oom_advice
 from train.heldout import HeldOutEval
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.replica_check import ReplicaCheck
+from train.rng import rng_untouched, seed_everything
 from train.runlock import acquire_run_lock
 from train.signals import PreemptionFlag
 from train.watchdog import HangWatchdog
