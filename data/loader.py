@@ -40,6 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import augment
+from data.arith import ceil_div
 from data.batch import EditBatch
 from data.config import DataConfig
 from data.schema import SKIP_REASONS, SampleError, decode_sample, tags_to_ids
@@ -73,7 +74,7 @@ def shard_positions(
     perms: dict[int, list[int]] = {}
     k = start
     if epoch is not None:  # first position of this slot inside the epoch
-        k = max(k, -(-(epoch * n_shards - slot) // n_slots))
+        k = max(k, ceil_div(epoch * n_shards - slot, n_slots))
     while True:
         g = slot + k * n_slots
         e, i = divmod(g, n_shards)
@@ -217,29 +218,29 @@ class EditStream(IterableDataset):
         pending = {tuple(p) for p in st.get("pending", [])}
         start = min([pos0] + [p for p, _ in pending])
         if "start_global" in st:  # cross-configuration resume: first shard position not fully consumed
-            start = max(0, -(-(st["start_global"] - slot) // n_slots))
+            start = max(0, ceil_div(st["start_global"] - slot, n_slots))
             pos0, off0 = start, 0
         elif "start_epoch" in st:  # (states saved by older versions) from the start of that epoch
-            start = max(0, -(-(st["start_epoch"] * len(self.urls) - slot) // n_slots))
+            start = max(0, ceil_div(st["start_epoch"] * len(self.urls) - slot, n_slots))
             pos0, off0 = start, 0
         buckets: dict[tuple[int, int], list[dict]] = {}
         shuffle = not self.exact and cfg.shuffle_buffer > 1
-        cur_url, cur_pos, broken = [""], [0], [False]
+        shard = ShardCursor()
         tar_errors = set(st.get("tar_errors", []))  # positions whose tar error is already counted
 
         def on_tar_error(exn: Exception) -> bool:
-            broken[0] = True
-            if cur_pos[0] not in tar_errors:  # re-read after a restart: counted before
-                tar_errors.add(cur_pos[0])
+            shard.broken = True
+            if shard.pos not in tar_errors:  # re-read after a restart: counted before
+                tar_errors.add(shard.pos)
                 reason = "shard_open_error" if isinstance(exn, (FileNotFoundError, PermissionError)) else "corrupt_tar"
                 counter.seen += 1
-                counter.bad(reason, cur_url[0], repr(exn)[:300])
+                counter.bad(reason, shard.url, repr(exn)[:300])
             return False  # give up on this shard (the tar stream cannot be resynchronised)
 
         def mark_truncated(samples: Iterator[dict]) -> Iterator[dict]:
             """The sample grouped after a tar error is the partial one: part of that one event."""
             for s in samples:
-                if broken[0]:
+                if shard.broken:
                     s["__truncated__"] = True
                 yield s
 
@@ -260,14 +261,14 @@ class EditStream(IterableDataset):
             len(self.urls), slot, n_slots, cfg.seed, cfg.shuffle_shards and not self.exact, self.epoch, start
         )
         epoch = 0
-        for pos, epoch, shard in positions:
+        for pos, epoch, shard_index in positions:
             if pos < pos0 and not any(p == pos for p, _ in pending):
                 continue  # fully consumed before the restart: not even opened
-            url = cur_url[0] = self.urls[shard]
-            cur_pos[0], broken[0] = pos, False
+            url = self.urls[shard_index]
+            shard.url, shard.pos, shard.broken = url, pos, False
             stream = mark_truncated(wds.tarfile_to_samples(handler=on_tar_error)(iter([dict(url=url)])))
             if shuffle:
-                rng = random.Random(f"samples:{cfg.seed}:{epoch}:{shard}")
+                rng = random.Random(f"samples:{cfg.seed}:{epoch}:{shard_index}")
                 stream = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(stream)
             for idx, raw in enumerate(stream):
                 origin = (pos, idx)
@@ -282,7 +283,7 @@ class EditStream(IterableDataset):
                 if not replay:
                     counter.seen += 1
                 try:
-                    item = self._prepare(raw, random.Random(f"aug:{cfg.seed}:{epoch}:{shard}:{idx}"))
+                    item = self._prepare(raw, random.Random(f"aug:{cfg.seed}:{epoch}:{shard_index}:{idx}"))
                 except SampleError as exn:
                     counter.bad(exn.reason, url, f"{raw.get('__key__')}: {exn}")
                     continue
@@ -303,6 +304,16 @@ class EditStream(IterableDataset):
                 batch.extras["data_state"] = state(1 << 62, 0, epoch)
                 yield batch
             yield {"data_state": state(1 << 62, 0, epoch)}
+
+
+@dataclasses.dataclass
+class ShardCursor:
+    """The shard a worker reads now. The tar-error handler webdataset calls and the truncation
+    marker both run inside the shard's stream, so they read (and the handler sets) these fields."""
+
+    url: str = ""
+    pos: int = 0  # position in the slot's shard stream
+    broken: bool = False  # a tar error ended this shard: the sample grouped after it is partial
 
 
 def _identity(x: Any) -> Any:

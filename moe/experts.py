@@ -31,12 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.arith import ceil_div
+
 NUM_CONDITION_COLUMNS = 4  # context blocks of width c in a packed token: text, reference, mask, base
-
-
-def ceil_div(a: int, b: int) -> int:
-    """a / b rounded up, for b > 0 (``ceil_div(a, 8) * 8``: a rounded up to a multiple of 8)."""
-    return -(-a // b)
 
 
 def packed_width(dim: int, ctx_dim: int) -> int:
