@@ -40,8 +40,13 @@ def test_batch():
 
 
 class _NoLoader:
+    """The loader position the checkpoint stores (train.contracts.Resumable): this worker reads no data."""
+
     def state_dict(self) -> dict:
         return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def _perturb(model, ep_rank: int, num_local: int) -> None:

@@ -80,8 +80,14 @@ class FaultyLoader:
                 batch.extras[UNUSED_TAG] = f.unused_module
             yield batch
 
-    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, skip_stats, ...
-        return getattr(self.inner, name)
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def skip_stats(self) -> dict[str, int]:
+        return self.inner.skip_stats()
 
 
 def patch_forward(model: torch.nn.Module) -> torch.nn.Module:

@@ -72,6 +72,13 @@ class ToyEditModel(nn.Module):
     def flops_per_token(self) -> float:
         return float(2 * sum(p.numel() for n, p in self.named_parameters() if "deepspeed_experts" not in n))
 
+    def compile_regions(self, **compile_kwargs) -> str:
+        """Nothing is compiled: the stand-in runs eagerly under ``train.compile`` too ("": no log line)."""
+        return ""
+
+    def routing_warnings(self, stats: dict[str, float]) -> list[str]:
+        return []
+
     def _tokens(self, image: Tensor) -> Tensor:
         b, c, h, w = image.shape
         x = image.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # b c h' w' p p

@@ -55,6 +55,7 @@ import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
 from train.config import checkpoint_dir
+from train.contracts import Resumable
 from train.distributed import DistInfo, barrier
 from train.layout import capture_layout
 from train.portable import PORTABLE_DIR, ReshapeError, is_portable, read_meta
@@ -191,7 +192,7 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save
     def maybe_save(
-        self, engine: Any, step: int, loader: Any, ema: Any = None, metrics: Optional[dict[str, float]] = None
+        self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> Optional[str]:
         """Save at every ``checkpoint.every``-th step; the path written, or None."""
         if step % self.every == 0:
@@ -199,7 +200,7 @@ class Checkpointer:
         return None
 
     def save_final(
-        self, engine: Any, step: int, loader: Any, ema: Any = None, metrics: Optional[dict[str, float]] = None
+        self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> Optional[str]:
         """Save at the end of a run (done or preempted) unless this step is already saved."""
         if self.saved_step == step:
@@ -207,7 +208,7 @@ class Checkpointer:
         return self.save(engine, step, loader, ema, metrics)
 
     def save(
-        self, engine: Any, step: int, loader: Any, ema: Any = None, metrics: Optional[dict[str, float]] = None
+        self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> str:
         """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0).
 
@@ -227,7 +228,7 @@ class Checkpointer:
         self.saved_step = step
         return final
 
-    def _write(self, engine: Any, tmp_path: str, step: int, loader: Any, ema: Any) -> dict[str, int]:
+    def _write(self, engine: Any, tmp_path: str, step: int, loader: Resumable, ema: Any) -> dict[str, int]:
         """This rank's part, every file fsynced: DeepSpeed's shards, ``train_state_rank<r>.pt``, rank 0 the
         config. Returns {file name: size} of what this rank wrote."""
         written: dict[str, int] = {}
@@ -444,7 +445,7 @@ class Checkpointer:
             )
         return int(state["step"])
 
-    def load(self, engine: Any, found: Found, loader: Any, ema: Any = None) -> Resumed:
+    def load(self, engine: Any, found: Found, loader: Resumable, ema: Any = None) -> Resumed:
         if found.portable:
             return self._load_portable(engine, found, loader, ema)
         path = found.path
@@ -470,7 +471,7 @@ class Checkpointer:
         set_rng_state(state["rng"])
         return Resumed(step=int(state["step"]), path=path)
 
-    def _load_portable(self, engine: Any, found: Found, loader: Any, ema: Any) -> Resumed:
+    def _load_portable(self, engine: Any, found: Found, loader: Resumable, ema: Any) -> Resumed:
         """Any shape. The loader gets every source rank's state and decides (see ``EditLoader.load_state_dict``).
 
         The RNG streams are per rank, so they continue only at the source's world size; otherwise each

@@ -20,16 +20,13 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 from train.config import deepspeed_config, resolve_precision
+from train.contracts import TrainableModel
 from train.distributed import DistInfo
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def optimizer_param_groups(model: TrainableModel, weight_decay: float) -> list[dict]:
     """Trainable params split into decay / no-decay (biases, norms), then per MoE expert group."""
-    named = (
-        model.trainable_named_parameters()
-        if hasattr(model, "trainable_named_parameters")
-        else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    )
+    named = model.trainable_named_parameters()
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
     groups = [

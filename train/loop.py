@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from train.checkpoint import Checkpointer
 from train.config import CUDA_GRAPH_MODES, checkpoint_dir, run_dir, save_resolved, tensorboard_dir
+from train.contracts import TrainableModel, TrainLoader, require
 from train.distributed import init_distributed
 from train.engine import build_engine
 from train.guards import StepGuard, discard_step, is_oom, oom_advice
@@ -34,8 +35,8 @@ from train.runlock import acquire_run_lock
 from train.signals import PreemptionFlag
 from train.watchdog import HangWatchdog
 
-ModelFactory = Callable[[Any], torch.nn.Module]
-LoaderFactory = Callable[..., Any]
+ModelFactory = Callable[[Any], TrainableModel]
+LoaderFactory = Callable[..., TrainLoader]
 ValBatchFactory = Callable[[Any, int], Any]
 
 
@@ -132,13 +133,14 @@ class Trainer:
         # ---- model + engine (same seed on every rank: identical dense init, identical frozen weights)
         seed_everything(cfg.run.seed)
         model = model_factory(OmegaConf.to_object(cfg.model))
+        require(model, TrainableModel, "the model factory's model")
         self.eng = build_engine(cfg, model, dist)
         self.engine = self.eng.engine
         self.replicas = ReplicaCheck(self.engine.module, cfg.guards.replica_check_every)
         compiled = None
         # compiled in place (parameter names do not change) and lazily (traced at the first step), after the
         # engine has cast the parameters: what can be traced whole depends on their dtype
-        if cfg.train.compile and hasattr(model, "compile_regions"):
+        if cfg.train.compile:
             mode = {} if cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
             compiled = model.compile_regions(backend=cfg.train.compile_backend, **mode)
         # CUDA graph trees are told where each optimizer step begins: the outputs of the step before (its
@@ -151,6 +153,7 @@ class Trainer:
         self.loader = loader_factory(
             data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
         )
+        require(self.loader, TrainLoader, "the loader factory's loader")
         resumed = self.ckpt.load(self.engine, found, self.loader, self.eng.ema) if found else None
         self.step = resumed.step if resumed else 0
         self.last_ckpt: Optional[str] = None
@@ -168,7 +171,7 @@ class Trainer:
             os.path.join(run_dir(cfg), "images"),
             cfg.train.steps,
             self.step,
-            _flops_per_token(self.engine.module),
+            float(model.flops_per_token()),
         )
         self.logger.print(
             f"run dir {os.path.abspath(run_dir(cfg))} | tensorboard --logdir {os.path.abspath(tensorboard_dir(cfg))}"
@@ -294,11 +297,11 @@ class Trainer:
         self.logger.accumulate(res.scalars, res.samples, res.tokens)
         if step % cfg.logging.every == 0 or step == cfg.train.steps:
             extra = {"opt/lr": self.eng.scheduler.get_last_lr()[0], "guard/skipped_steps": float(self.guard.total)}
-            extra.update({f"data/{k}": float(v) for k, v in _skip_stats(self.loader).items()})
+            extra.update({f"data/{k}": float(v) for k, v in self.loader.skip_stats().items()})
             self.logger.flush(step, extra)
             # a router that sends every token of a sample the same way (or is certain everywhere)
             # trains no specialisation: say so where the user looks
-            for line in getattr(self.engine.module, "routing_warnings", lambda s: [])(res.scalars):
+            for line in self.engine.module.routing_warnings(res.scalars):
                 self.logger.print(f"step {step}: warning: {line}")
         if self.val_batch is not None and step % cfg.logging.images_every == 0:
             self.watchdog.phase(f"step {step}: image grid")
@@ -354,11 +357,3 @@ def _accumulate(scalars: dict[str, float], loss: torch.Tensor, out: Any, gas: in
         scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / gas
     for k, v in out.stats.items():
         scalars[k] = scalars.get(k, 0.0) + float(v) / gas
-
-
-def _skip_stats(loader: Any) -> dict[str, int]:
-    return loader.skip_stats() if hasattr(loader, "skip_stats") else {}
-
-
-def _flops_per_token(model: torch.nn.Module) -> float:
-    return float(model.flops_per_token()) if hasattr(model, "flops_per_token") else 0.0
