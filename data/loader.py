@@ -530,9 +530,10 @@ def build_train_loader(
     ``exact=True``: one pass, every sample once across all ranks and workers, no shuffling or
     random augmentation, last batches partial (evaluation). ``start_step`` without a saved state
     fast-forwards approximately (exact only if no sample in the skipped range was bad); prefer
-    ``load_state_dict``.
+    ``load_state_dict``. ``cfg`` is validated where it was made (``train.config.load_config`` validates
+    the data section with the rest; a ``DataConfig`` made otherwise is checked with its ``validate()``).
     """
-    cfg = as_config(cfg).validate()
+    cfg = as_config(cfg)
     if not cfg.train_shards:
         raise ValueError("data.train_shards is empty: set it to a brace pattern of shards")
     return EditLoader(cfg, expand_shards(cfg.train_shards), batch_size, rank, world_size, exact, start_step)
@@ -543,7 +544,7 @@ def build_val_batch(cfg: DataConfig, n: int) -> EditBatch:
 
     Always fixed size (``image_size``; buckets are ignored) so the samples stack into one batch.
     """
-    cfg = as_config(cfg).validate()
+    cfg = as_config(cfg)
     if not cfg.val_shards:
         raise ValueError("data.val_shards is empty: set it to a brace pattern of shards")
     vcfg = dataclasses.replace(cfg, buckets=[], num_workers=0)

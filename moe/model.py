@@ -110,8 +110,8 @@ def default_ep_rank(ep_size: int) -> int:
 
 class CareEditModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ep_rank: Optional[int] = None):
+        """``cfg`` is validated (``build_model`` says by whom)."""
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         ep_rank = default_ep_rank(cfg.experts.ep_size) if ep_rank is None else ep_rank
         self.vae = FrozenVAE(cfg.vae, cfg.init_seed)
@@ -620,6 +620,9 @@ def routing_collapse_warnings(stats: dict, min_spread: float = 0.01, min_entropy
 
 
 def build_model(cfg: ModelConfig, ep_rank: Optional[int] = None) -> CareEditModel:
-    """Validate the config, then build the model (frozen encoders and backbone, trainable CARE parts)."""
-    cfg.validate()
+    """The model (frozen encoders and backbone, trainable CARE parts) of a validated ``cfg``.
+
+    Validation runs once, where a config is made: ``train.config.load_config`` validates the whole
+    tree (the model section included); a ``ModelConfig`` made otherwise is checked with its ``validate()``.
+    """
     return CareEditModel(cfg, ep_rank=ep_rank)

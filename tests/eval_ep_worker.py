@@ -92,7 +92,7 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
     eng.ema.update(module)
     _perturb(module, ep_rank, num_local)
     eng.ema.update(module)
-    Checkpointer(cfg, dist).save(eng.engine, 1, _NoLoader(), eng.ema)
+    Checkpointer.for_run(cfg, dist).save(eng.engine, 1, _NoLoader(), eng.ema)
 
     g = torch.Generator().manual_seed(EDIT_SEED)
     res = module.edit(test_batch(), num_steps=EDIT_STEPS, generator=g)

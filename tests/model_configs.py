@@ -40,10 +40,13 @@ TINY = {
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    """The tiny config with dotted overrides, e.g. ``tiny_model_config(**{"experts.kind": "ffn"})``."""
+    """The tiny config with dotted overrides, e.g. ``tiny_model_config(**{"experts.kind": "ffn"})``; validated
+    (ValueError naming the key), as ``load_config`` validates a training config: ``build_model`` does not."""
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), TINY)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
-    return OmegaConf.to_object(cfg)
+    model_cfg = OmegaConf.to_object(cfg)
+    model_cfg.validate()
+    return model_cfg
 
 
 def make_batch(batch_size: int = 2, size: int = 32, has_ref=None, seed: int = 0) -> EditBatch:

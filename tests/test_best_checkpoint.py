@@ -39,7 +39,7 @@ def _checkpointer(tmp_path, metric: str = "val/success_mean", mode: str = "max",
             f"checkpoint.best_mode={mode}",
         ],
     )
-    return Checkpointer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    return Checkpointer.for_run(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
 
 
 def _save(ckpt: Checkpointer, step: int, metrics: dict | None) -> None:

@@ -40,7 +40,7 @@ def _copy(trained, tmp_path):
 
 def _checkpointer(run):
     cfg = load_config(TOY_CONFIG, [f"run.dir={run}", *COMMON])
-    return Checkpointer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    return Checkpointer.for_run(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
 
 
 def test_complete_checkpoints_carry_a_marker_listing_every_file(trained):

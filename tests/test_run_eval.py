@@ -100,7 +100,7 @@ def test_a_checkpoint_evaluated_again_gives_the_numbers_the_run_logged(runs):
     twice; and the module's own weights are back exactly after an evaluation with EMA weights."""
     from omegaconf import OmegaConf
 
-    from train.config import load_config
+    from train.config import as_train_config, load_config
     from train.engine import EMA
     from train.export import load_for_inference
     from train.heldout import HeldOutEval, ema_weights
@@ -110,7 +110,10 @@ def test_a_checkpoint_evaluated_again_gives_the_numbers_the_run_logged(runs):
     logged = {r["step"]: r["val"] for r in read_records(runs["eval"], "tiny") if "val" in r}[5]
     model, _ = load_for_inference(ckpt, ema=True)
     cfg = load_config(os.path.join(runs["eval"], "tiny", "config.yaml"))
-    heldout = HeldOutEval.build(cfg, default_factories()[2], torch.device("cpu"))
+    typed = as_train_config(cfg)
+    heldout = HeldOutEval.build(
+        typed.logging, typed.data, default_factories()[2], torch.device("cpu"), typed.train.steps, typed.run.seed
+    )
     model.train()  # as the training module is
     first = heldout.run(model, None, torch.float32)
     second = heldout.run(model, None, torch.float32)

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
-from train.config import checkpoint_dir
+from train.config import CheckpointConfig, checkpoint_dir
 from train.contracts import Resumable
 from train.distributed import DistInfo, barrier
 from train.layout import capture_layout
@@ -179,16 +179,47 @@ class Checkpointer:
     passes its replica-consistency check): if it raises, ``latest`` keeps naming the previous one.
     """
 
-    def __init__(self, cfg: Any, dist: DistInfo, before_save: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        directory: str,
+        dist: DistInfo,
+        *,
+        ep_size: int,
+        zero_stage: int,
+        seed: int,
+        config_yaml: str,
+        before_save: Optional[Callable[[int], None]] = None,
+    ) -> None:
+        """``cfg`` is the ``checkpoint`` section. The rest is what a checkpoint records or checks beyond it:
+        the run's parallel shape (``ep_size``, ``zero_stage``; the world size is ``dist``'s), the seed a
+        reshaped resume reseeds from, and the resolved config written into every checkpoint."""
         self.cfg = cfg
         self.dist = dist
-        self.dir = checkpoint_dir(cfg)
-        self.every = int(cfg.checkpoint.every)
-        self.keep = int(cfg.checkpoint.keep)
+        self.dir = directory
+        self.every = int(cfg.every)
+        self.keep = int(cfg.keep)
+        self.ep_size, self.zero_stage, self.seed = int(ep_size), int(zero_stage), int(seed)
+        self.config_yaml = config_yaml
         self.before_save = before_save
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
         self._layout: Optional[dict] = None
         os.makedirs(self.dir, exist_ok=True)
+
+    @classmethod
+    def for_run(cls, cfg: Any, dist: DistInfo, before_save: Optional[Callable[[int], None]] = None) -> "Checkpointer":
+        """The checkpointer of a run's whole config (``TrainConfig`` or the tree ``load_config`` returns):
+        the one place that picks its section and the few facts of other sections it needs."""
+        return cls(
+            cfg.checkpoint,
+            checkpoint_dir(cfg),
+            dist,
+            ep_size=cfg.model.experts.ep_size,
+            zero_stage=cfg.train.zero_stage,
+            seed=cfg.run.seed,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            before_save=before_save,
+        )
 
     # ---------------------------------------------------------------- save
     def maybe_save(
@@ -241,9 +272,7 @@ class Checkpointer:
                 exclude_frozen_parameters=True,
             )
         if self._layout is None:  # fixed for the run: which optimizer slot holds which global parameter
-            self._layout = capture_layout(
-                engine, self.dist.rank, self.dist.world_size, int(self.cfg.model.experts.ep_size)
-            )
+            self._layout = capture_layout(engine, self.dist.rank, self.dist.world_size, self.ep_size)
         state = {
             "step": step,
             "rank": self.dist.rank,
@@ -260,7 +289,7 @@ class Checkpointer:
             written[name] = _fsync(f)
         if self.dist.is_main:
             with open(os.path.join(tmp_path, "config.yaml"), "w") as f:
-                f.write(OmegaConf.to_yaml(self.cfg, resolve=True))
+                f.write(self.config_yaml)
                 written["config.yaml"] = _fsync(f)
         _fsync_dir(tmp_path)
         return written
@@ -305,7 +334,7 @@ class Checkpointer:
         in its marker (rank 0, after ``latest``). The previous best is always on disk (never pruned), so the
         pointer moves only to a strictly better checkpoint (a tie keeps the earlier step); a missing pointer,
         or one for another metric, is rebuilt the same way."""
-        metric, mode = self.cfg.checkpoint.best_metric, self.cfg.checkpoint.best_mode
+        metric, mode = self.cfg.best_metric, self.cfg.best_mode
         if not metric:
             return
         best: Optional[tuple[str, int, float]] = None
@@ -435,7 +464,7 @@ class Checkpointer:
             saved = OmegaConf.load(os.path.join(path, "config.yaml"))
             ep, zero = int(saved.model.experts.ep_size), int(saved.train.zero_stage)
         saved_shape = (int(state["world_size"]), ep, zero)
-        shape = (self.dist.world_size, int(self.cfg.model.experts.ep_size), int(self.cfg.train.zero_stage))
+        shape = (self.dist.world_size, self.ep_size, self.zero_stage)
         if saved_shape != shape:
             raise ReshapeError(
                 f"checkpoint {path} was written by {saved_shape[0]} ranks at ep_size {saved_shape[1]}, ZeRO "
@@ -489,7 +518,7 @@ class Checkpointer:
         if src["world_size"] == self.dist.world_size:
             set_rng_state(meta["rng"][self.dist.rank])
         else:
-            seed_everything(int(self.cfg.run.seed) * 1_000_003 + found.step * 1_009 + self.dist.rank + 1)
+            seed_everything(self.seed * 1_000_003 + found.step * 1_009 + self.dist.rank + 1)
             notes.append("RNG reseeded from (run.seed, step, rank): the noise differs from an uninterrupted run")
         batch = int(engine.train_batch_size())
         if batch != src["train_batch_size"]:

@@ -325,6 +325,17 @@ def _validate_eval(lg: Any, ck: Any) -> None:
     )
 
 
+def as_train_config(cfg: Any) -> TrainConfig:
+    """The validated tree (``load_config``) as the typed dataclasses: ``TrainConfig`` with its ``ModelConfig``
+    and ``DataConfig``. A run converts once, where it starts, and hands each component its own section."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, TrainConfig):
+        raise TypeError(f"expected the training config tree (load_config), got {type(obj).__name__}")
+    return obj
+
+
 def resolve_precision(cfg: Any, on_gpu: bool) -> str:
     """``auto`` means bf16 on GPU and fp32 on CPU (CPU bf16 is slow and breaks exact-resume tests)."""
     if cfg.train.precision == "auto":

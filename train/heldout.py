@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from data.config import DataConfig
+from train.config import LoggingConfig
 from train.evaluation import EvalSettings, ShardChecks, evaluate, flow_mse_per_sample, nanmean
 from train.rng import rng_untouched
 
@@ -61,33 +63,48 @@ def ema_weights(module: torch.nn.Module, ema: Any) -> Iterator[None]:
 class HeldOutEval:
     """The held-out samples (kept on the CPU), their success checks, and the evaluation of the module."""
 
-    def __init__(self, cfg: Any, samples: Any, checks: dict[str, Optional[dict]], device: torch.device) -> None:
-        lg = cfg.logging
-        self.every = int(lg.eval_every)
-        self.last_step = int(cfg.train.steps)
-        self.edits = min(int(lg.eval_edits), samples.batch_size)
-        self.edit_steps = int(lg.eval_edit_steps)
-        self.batch_size = int(lg.eval_batch_size)
-        self.seed = int(cfg.run.seed)
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        samples: Any,
+        checks: dict[str, Optional[dict]],
+        device: torch.device,
+        last_step: int,
+        seed: int,
+    ) -> None:
+        """``cfg`` is the ``logging`` section (``eval_*``); ``last_step`` (``train.steps``) is evaluated too;
+        ``seed`` (``run.seed``) seeds the sampled edits."""
+        self.every = int(cfg.eval_every)
+        self.last_step = int(last_step)
+        self.edits = min(int(cfg.eval_edits), samples.batch_size)
+        self.edit_steps = int(cfg.eval_edit_steps)
+        self.batch_size = int(cfg.eval_batch_size)
+        self.seed = int(seed)
         self.samples = samples
         self.checks = checks
         self.device = device
 
     @classmethod
-    def build(cls, cfg: Any, val_batch_factory: Callable[[Any, int], Any], device: torch.device) -> "HeldOutEval":
+    def build(
+        cls,
+        cfg: LoggingConfig,
+        data: DataConfig,
+        val_batch_factory: Callable[[Any, int], Any],
+        device: torch.device,
+        last_step: int,
+        seed: int,
+    ) -> "HeldOutEval":
         """Read the held-out subset once (the first ``eval_samples`` of ``data.val_shards``, in file order)
         and the success check of each sample from its shard JSON. Leaves the RNG streams as they were."""
-        from omegaconf import OmegaConf
-
         from data.loader import expand_shards
 
         with rng_untouched():
-            samples = val_batch_factory(OmegaConf.to_object(cfg.data), int(cfg.logging.eval_samples))
+            samples = val_batch_factory(data, int(cfg.eval_samples))
         checks: dict[str, Optional[dict]] = {}
-        if cfg.data.val_shards:
-            reader = ShardChecks(expand_shards(cfg.data.val_shards))
+        if data.val_shards:
+            reader = ShardChecks(expand_shards(data.val_shards))
             checks = {key: reader.get(key) for key in samples.keys}
-        return cls(cfg, samples, checks, device)
+        return cls(cfg, samples, checks, device, last_step, seed)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as torch_dist
 
+from train.config import LoggingConfig
 from train.distributed import DistInfo
 
 GRID_COLUMNS = ("source", "coarse mask", "refined mask", "routing map", "target", "edit")
@@ -32,7 +33,7 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
 class MetricLogger:
     def __init__(
         self,
-        cfg: Any,
+        cfg: LoggingConfig,
         dist: DistInfo,
         tb_dir: str,
         image_dir: str,
@@ -41,7 +42,7 @@ class MetricLogger:
         flops_per_token: float,
     ) -> None:
         self.dist = dist
-        self.every = int(cfg.logging.every)
+        self.every = int(cfg.every)
         self.image_dir = image_dir
         self.flops_per_token = flops_per_token
         self.writer = None
@@ -56,7 +57,7 @@ class MetricLogger:
 
             os.makedirs(image_dir, exist_ok=True)
             self.writer = SummaryWriter(tb_dir)
-            if cfg.logging.progress_bar:
+            if cfg.progress_bar:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=True)

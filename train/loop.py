@@ -19,10 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from train.checkpoint import Checkpointer
-from train.config import CUDA_GRAPH_MODES, checkpoint_dir, run_dir, save_resolved, tensorboard_dir
+from train.config import (
+    CUDA_GRAPH_MODES,
+    TrainConfig,
+    as_train_config,
+    checkpoint_dir,
+    run_dir,
+    save_resolved,
+    tensorboard_dir,
+)
 from train.contracts import TrainableModel, TrainLoader, require
 from train.distributed import init_distributed
 from train.engine import build_engine
@@ -76,7 +83,8 @@ def train(
     loader_factory: Optional[LoaderFactory] = None,
     val_batch_factory: Optional[ValBatchFactory] = None,
 ) -> TrainResult:
-    """Train ``cfg`` (validated, read-only); ``resume`` is None, "auto" or a checkpoint path."""
+    """Train ``cfg`` (validated: ``load_config``'s tree or a ``TrainConfig``); ``resume`` is None, "auto" or a
+    checkpoint path."""
     defaults = default_factories() if None in (model_factory, loader_factory, val_batch_factory) else (None,) * 3
     trainer = Trainer(
         cfg, resume, model_factory or defaults[0], loader_factory or defaults[1], val_batch_factory or defaults[2]
@@ -98,7 +106,9 @@ class Trainer:
         loader_factory: LoaderFactory,
         val_batch_factory: ValBatchFactory,
     ) -> None:
-        self.cfg = cfg
+        # the typed tree (TrainConfig), converted once here; each component is handed its own section
+        self.cfg: TrainConfig = as_train_config(cfg)
+        cfg = self.cfg
         self.dist = dist = init_distributed()
         self.lock = acquire_run_lock(run_dir(cfg), dist)  # before anything is written to the run dir
         g = cfg.guards
@@ -124,15 +134,19 @@ class Trainer:
             save_resolved(cfg, os.path.join(run_dir(cfg), "config.yaml"))
         # ---- which checkpoint to resume, checked against this run's shape before the (costly) model exists
         self.replicas: Optional[ReplicaCheck] = None
-        self.ckpt = Checkpointer(cfg, dist, before_save=self._check_replicas)
+        self.ckpt = Checkpointer.for_run(cfg, dist, before_save=self._check_replicas)
         found = self.ckpt.find(resume)
         # the held-out subset is read before the model is built: a missing val_shards stops in a second
-        self.heldout = HeldOutEval.build(cfg, val_batch_factory, dist.device) if cfg.logging.eval_every else None
+        self.heldout = None
+        if cfg.logging.eval_every:
+            self.heldout = HeldOutEval.build(
+                cfg.logging, cfg.data, val_batch_factory, dist.device, cfg.train.steps, cfg.run.seed
+            )
         self.val_metrics: tuple[int, dict[str, float]] = (-1, {})  # the last evaluation: (step, metrics)
 
         # ---- model + engine (same seed on every rank: identical dense init, identical frozen weights)
         seed_everything(cfg.run.seed)
-        model = model_factory(OmegaConf.to_object(cfg.model))
+        model = model_factory(cfg.model)
         require(model, TrainableModel, "the model factory's model")
         self.eng = build_engine(cfg, model, dist)
         self.engine = self.eng.engine
@@ -149,9 +163,8 @@ class Trainer:
         seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
 
         # ---- resume: position the loader, load everything
-        data_cfg = OmegaConf.to_object(cfg.data)
         self.loader = loader_factory(
-            data_cfg, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
+            cfg.data, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
         )
         require(self.loader, TrainLoader, "the loader factory's loader")
         resumed = self.ckpt.load(self.engine, found, self.loader, self.eng.ema) if found else None
@@ -162,10 +175,10 @@ class Trainer:
         self.val_batch = None
         if cfg.logging.images_every:
             with rng_untouched():
-                self.val_batch = val_batch_factory(data_cfg, cfg.logging.num_images).to(dist.device, self.eng.dtype)
+                self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.eng.dtype)
 
         self.logger = MetricLogger(
-            cfg,
+            cfg.logging,
             dist,
             tensorboard_dir(cfg),
             os.path.join(run_dir(cfg), "images"),
