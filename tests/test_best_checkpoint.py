@@ -3,7 +3,7 @@ held-out metric, is written atomically, is never pruned, and survives a kill dur
 
 The first tests drive ``Checkpointer._commit`` directly with stand-in checkpoint directories (one file of
 known size each, so ``complete.json`` and ``verify_complete`` work as for a real one); the last ones kill
-toy training runs in the middle of a save through the fault seams of tests/faults.py.
+toy training runs in the middle of a save through the fault seams of tests/helpers/faults.py.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import signal
 import pytest
 import torch
 
-from tests.faults import Faults
-from tests.train_harness import TOY_CONFIG, read_records, run_ranks, start_ranks
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import TOY_CONFIG, read_records, run_ranks, start_ranks
 from train.checkpoint import BEST, Checkpointer, read_best, resolve_tag, step_tag
 from train.config import ConfigError, load_config
 from train.distributed import DistInfo
 
-# the toy's held-out samples come from tests.toy_model.build_toy_val_batch; the setting only has to be there
+# the toy's held-out samples come from tests.helpers.toy_model.build_toy_val_batch; the setting only has to be there
 TOY_VAL = "toy-val-{000000..000000}.tar"
 
 

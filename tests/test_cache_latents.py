@@ -12,7 +12,7 @@ from data.loader import build_val_batch
 from data.synthetic import write_synthetic
 from launch.cache_latents import main as cache_main
 from moe.model import build_model
-from tests.model_configs import TINY
+from tests.helpers.model_configs import TINY
 
 
 def test_cached_shards_give_the_same_model_inputs_as_raw_images(tmp_path):
@@ -43,7 +43,7 @@ def test_cached_shards_give_the_same_model_inputs_as_raw_images(tmp_path):
     assert torch.equal(cached.fine_mask, plain.fine_mask)
 
     torch.manual_seed(0)
-    from tests.model_configs import tiny_model_config
+    from tests.helpers.model_configs import tiny_model_config
 
     model = build_model(tiny_model_config())
     from_cache = model.encode_conditions(cached)

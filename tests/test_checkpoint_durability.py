@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from tests.faults import Faults
-from tests.train_harness import TOY_CONFIG, read_losses, run_ranks, start_ranks, wait_for_step
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import TOY_CONFIG, read_losses, run_ranks, start_ranks, wait_for_step
 from train.checkpoint import COMPLETE, Checkpointer, IncompleteCheckpoint, verify_complete
 from train.config import load_config
 from train.distributed import DistInfo

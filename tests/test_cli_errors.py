@@ -11,7 +11,7 @@ traceback; what can be converted is converted with a ``note:``/``warning:`` line
   resized with a note; a box partly outside the image is clipped to it with a warning;
 * export: a file (an export) or a missing dir as ``--checkpoint``, ``--out`` a directory.
 
-The model is the tiny config at 32 px (as tests/eval_ep_worker.py builds it, ep_size 1, random
+The model is the tiny config at 32 px (as tests/helpers/eval_ep_worker.py builds it, ep_size 1, random
 trainable weights), written once as an export in-process: nothing is trained.
 """
 
@@ -40,7 +40,7 @@ def export(tmp_path_factory) -> str:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from tests import eval_ep_worker as W
+    from tests.helpers import eval_ep_worker as W
     from train.config import load_config
     from train.export import EXPORT_FORMAT, EXPORT_VERSION, build_inference_model
 

@@ -15,7 +15,7 @@ import torch
 from torch._dynamo.backends.debugging import aot_eager
 
 from moe.model import build_model
-from tests.model_configs import data_dependent_nodes, make_batch, tiny_model_config
+from tests.helpers.model_configs import data_dependent_nodes, make_batch, tiny_model_config
 from train.logging import edit_grid
 
 

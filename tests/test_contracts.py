@@ -15,9 +15,9 @@ def test_real_model_and_loader_satisfy_the_contracts():
 
 
 def test_test_doubles_satisfy_the_contracts():
-    from tests.eval_toy import EvalToyModel
-    from tests.faults import FaultyLoader
-    from tests.toy_model import ToyEditModel, ToyLoader
+    from tests.helpers.eval_toy import EvalToyModel
+    from tests.helpers.faults import FaultyLoader
+    from tests.helpers.toy_model import ToyEditModel, ToyLoader
 
     for model in (ToyEditModel, EvalToyModel):
         assert issubclass(model, TrainableModel), model

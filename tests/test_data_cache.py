@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from data.cache import cache_shards
 from data.config import DataConfig
 from data.loader import build_train_loader, build_val_batch
-from data.testing import broken_raw, valid_raw, write_raw_shard
+from tests.helpers.raw_shards import broken_raw, valid_raw, write_raw_shard
 
 
 def encode_images(x):

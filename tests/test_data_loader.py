@@ -10,18 +10,15 @@ from data.config import DataConfig
 from data.loader import build_train_loader, build_val_batch, shard_positions
 from data.schema import bbox_from_mask
 from data.shards import EditRecord, write_shards
-from data.testing import BREAKAGES, broken_raw, coord_image, truncate_inside, valid_raw, wide_raw, write_raw_shard
-
-
-def _shards(tmp_path, sizes, make=valid_raw, prefix="s"):
-    """Shards with sizes[i] valid samples each; returns (brace pattern, all keys)."""
-    keys, n = [], 0
-    for i, size in enumerate(sizes):
-        samples = [make(n + j) for j in range(size)]
-        n += size
-        write_raw_shard(str(tmp_path / f"{prefix}-{i:06d}.tar"), samples)
-        keys += [s["__key__"] for s in samples]
-    return str(tmp_path / f"{prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"), keys
+from tests.helpers.raw_shards import (
+    BREAKAGES,
+    broken_raw,
+    coord_image,
+    truncate_inside,
+    valid_raw,
+    wide_raw,
+    write_raw_shard,
+)
 
 
 def _cfg(pattern, **kw):
@@ -60,8 +57,8 @@ def test_shard_positions_cover_each_shard_once_per_epoch():
     assert sorted(seq[:7]) == list(range(7)) and seq[:7] != seq[7:]
 
 
-def test_exact_mode_every_sample_once_across_2_ranks_x_2_workers(tmp_path):
-    pattern, keys = _shards(tmp_path, [5, 6, 7, 3, 4, 6])
+def test_exact_mode_every_sample_once_across_2_ranks_x_2_workers(raw_shards):
+    pattern, keys = raw_shards([5, 6, 7, 3, 4, 6])
     seen = []
     for rank in range(2):
         loader = build_train_loader(_cfg(pattern), batch_size=4, rank=rank, world_size=2, exact=True)
@@ -71,12 +68,12 @@ def test_exact_mode_every_sample_once_across_2_ranks_x_2_workers(tmp_path):
 
 
 @pytest.mark.parametrize("with_buckets", [False, True])
-def test_resume_gives_the_batches_of_the_uninterrupted_run(tmp_path, with_buckets):
+def test_resume_gives_the_batches_of_the_uninterrupted_run(tmp_path, raw_shards, with_buckets):
     if with_buckets:  # mixed aspect ratios: samples wait in buckets across batches
-        pattern, _ = _shards(tmp_path, [9, 8, 10, 7], make=lambda i: (wide_raw if i % 3 == 0 else valid_raw)(i))
+        pattern, _ = raw_shards([9, 8, 10, 7], make=lambda i: (wide_raw if i % 3 == 0 else valid_raw)(i))
         kw = dict(buckets=[[32, 32], [32, 48]])
     else:
-        pattern, _ = _shards(tmp_path, [9, 8, 10, 7])
+        pattern, _ = raw_shards([9, 8, 10, 7])
         kw = {}
     # a bad sample in the part before the restart: its skip must not shift the order after it
     # bad data in the part before the restart: skipping it must not shift the order after it,
@@ -104,15 +101,15 @@ def test_resume_gives_the_batches_of_the_uninterrupted_run(tmp_path, with_bucket
     assert sum(len(k) for k in full) > 30
 
 
-def test_start_step_without_state_fast_forwards_clean_data_exactly(tmp_path):
-    pattern, _ = _shards(tmp_path, [9, 8, 10, 7])
+def test_start_step_without_state_fast_forwards_clean_data_exactly(raw_shards):
+    pattern, _ = raw_shards([9, 8, 10, 7])
     cfg = _cfg(pattern)
     full = _take(build_train_loader(cfg, 3, rank=0, world_size=2), 12)
     assert _take(build_train_loader(cfg, 3, rank=0, world_size=2, start_step=5), 7) == full[5:]
 
 
-def test_resume_with_other_world_size_keeps_step_and_epoch(tmp_path):
-    pattern, _ = _shards(tmp_path, [6, 6, 6, 6])
+def test_resume_with_other_world_size_keeps_step_and_epoch(raw_shards):
+    pattern, _ = raw_shards([6, 6, 6, 6])
     cfg = _cfg(pattern)
     a = build_train_loader(cfg, 4, 0, 2)
     _take(a, 5)
@@ -225,8 +222,8 @@ def _iter_batches(loader, n):
             return
 
 
-def test_val_batch_is_fixed_and_in_file_order(tmp_path):
-    pattern, keys = _shards(tmp_path, [5, 5])
+def test_val_batch_is_fixed_and_in_file_order(raw_shards):
+    pattern, keys = raw_shards([5, 5])
     cfg = _cfg(pattern, buckets=[[32, 48]])
     a, b = build_val_batch(cfg, 7), build_val_batch(cfg, 7)
     assert a.keys == keys[:7] and torch.equal(a.source, b.source)
@@ -234,8 +231,8 @@ def test_val_batch_is_fixed_and_in_file_order(tmp_path):
     assert ((a.tag_ids == -1) | (a.tag_ids >= 0)).all() and (a.tag_ids[:, 0] >= 1).all()
 
 
-def test_pipe_urls_stream_like_local_files(tmp_path):
-    pattern, keys = _shards(tmp_path, [4, 5])
+def test_pipe_urls_stream_like_local_files(raw_shards):
+    pattern, keys = raw_shards([4, 5])
     cfg = _cfg(f"pipe:cat {pattern}", num_workers=0)
     assert sorted(k for b in build_train_loader(cfg, 4, 0, 1, exact=True) for k in b.keys) == sorted(keys)
 

@@ -2,7 +2,7 @@
 
 * metrics on hand-made images: identical images give L1 = L2 = 0 and IoU 1; known differences give
   the values worked out by hand in each test;
-* a DeepSpeed checkpoint written at ep_size 2 by 2 gloo ranks (tests/eval_ep_worker.py) exports to
+* a DeepSpeed checkpoint written at ep_size 2 by 2 gloo ranks (tests/helpers/eval_ep_worker.py) exports to
   one ep_size 1 safetensors file whose tensors are exactly the ranks' trainable weights (and EMA)
   under global expert ids; the checkpoint and the export give the same edit for the same seed, bit
   for bit, and both match the edit the ep_size 2 model made before saving;
@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tests import eval_ep_worker as W
+from tests.helpers import eval_ep_worker as W
 from train.evaluation import (
     l1_per_sample,
     l2_per_sample,
@@ -79,7 +79,7 @@ def test_iou_thresholds_refined_mask_at_one_half():
 
 
 def test_embedding_metrics_with_local_encoders(tmp_path):
-    from tests.eval_encoders import make_tiny_encoders
+    from tests.helpers.eval_encoders import make_tiny_encoders
     from train.evaluation import EmbeddingEncoders, cosine_per_sample
 
     assert set(EmbeddingEncoders().skipped()) == {"clip_i", "clip_t", "dino"}  # nothing given: all skipped
@@ -282,7 +282,7 @@ def test_truncated_deepspeed_shard_is_refused_naming_the_file(ep2_run, tmp_path,
 def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_path, capsys):
     from data.synthetic import main as synthetic_main
     from launch.eval import main as eval_main
-    from tests.eval_encoders import make_tiny_encoders
+    from tests.helpers.eval_encoders import make_tiny_encoders
 
     data = tmp_path / "syn"
     synthetic_main(["--out", str(data), "--train", "4", "--val", "6", "--size", "32", "--samples-per-shard", "8"])

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from tests.train_harness import read_losses, run_ranks
+from tests.helpers.train_harness import read_losses, run_ranks
 from train.portable import load_pt
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]

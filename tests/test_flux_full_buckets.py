@@ -16,7 +16,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from tests.train_harness import ROOT
+from tests.helpers.train_harness import ROOT
 from train.config import load_config
 
 NO_WEIGHTS = [

@@ -16,7 +16,7 @@ from torch import nn
 from moe.dispatch import AllToAllDispatcher, reference_combine
 from moe.experts import FfnExpert, grouped_ffn_supported, packed_width
 from moe.router import topk_routing
-from tests.model_configs import data_dependent_nodes
+from tests.helpers.model_configs import data_dependent_nodes
 
 D, HIDDEN, CTX, NAMES = 32, 64, 8, ["text", "mask", "reference", "base"]
 BF16_TOL = 2e-2

@@ -27,8 +27,8 @@ import sys
 import pytest
 import torch
 
-from tests.train_harness import LAUNCH, ROOT, free_port, read_losses, start_ranks, tiny_shards
-from tests.train_harness import TINY_CONFIG as TINY
+from tests.helpers.train_harness import LAUNCH, ROOT, free_port, read_losses, start_ranks
+from tests.helpers.train_harness import TINY_CONFIG as TINY
 
 pytestmark = pytest.mark.multiprocess
 STEPS = 3
@@ -44,15 +44,10 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):
+def reference(tmp_path_factory, tiny_shards):
     """The same 2-rank run started by hand (env-var rendezvous): the losses every launcher must give."""
     run = str(tmp_path_factory.mktemp("by-hand"))
-    ranks = start_ranks(2, run, shards + ARGS, entry=LAUNCH, config=TINY)
+    ranks = start_ranks(2, run, tiny_shards + ARGS, entry=LAUNCH, config=TINY)
     codes = ranks.wait(300)
     assert codes == [0, 0], ranks.output()[-4000:]
     losses = read_losses(run, "tiny")
@@ -120,12 +115,19 @@ def _check_run(run_dir: str, reference: dict[int, float]) -> None:
     assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(3) for e in range(4)} <= files
 
 
-def test_single_host_hostfile_runs_two_ranks(tmp_path, shards, reference):
+def test_single_host_hostfile_runs_two_ranks(tmp_path, tiny_shards, reference):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run = str(tmp_path / "run")
     cmd = _runner(
-        str(hostfile), run, shards, "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())
+        str(hostfile),
+        run,
+        tiny_shards,
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
     )
     codes = _wait_all([_start(cmd, tmp_path / "runner.log")])
     out = (tmp_path / "runner.log").read_text()
@@ -136,7 +138,7 @@ def test_single_host_hostfile_runs_two_ranks(tmp_path, shards, reference):
     _check_run(run, reference)
 
 
-def test_two_node_hostfile_without_ssh_one_command_per_node(tmp_path, shards, reference):
+def test_two_node_hostfile_without_ssh_one_command_per_node(tmp_path, tiny_shards, reference):
     """``--no_ssh --node_rank N``: what each node of a 2-node job runs, here both on this host."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only key the world info: not resolved
@@ -146,7 +148,7 @@ def test_two_node_hostfile_without_ssh_one_command_per_node(tmp_path, shards, re
         cmd = _runner(
             str(hostfile),
             run,
-            shards,
+            tiny_shards,
             "--no_ssh",
             f"--node_rank={node}",
             "--master_addr",

@@ -6,19 +6,14 @@ import logging
 
 from data.config import DataConfig
 from data.loader import build_train_loader
-from data.testing import valid_raw, write_raw_shard
 
 SHARD = 6
 
 
-def _setup(tmp_path, n_shards=8):
-    keys = []
-    for i in range(n_shards):
-        samples = [valid_raw(i * SHARD + j) for j in range(SHARD)]
-        write_raw_shard(str(tmp_path / f"s-{i:06d}.tar"), samples)
-        keys += [s["__key__"] for s in samples]
+def _setup(raw_shards, n_shards=8):
+    pattern, keys = raw_shards([SHARD] * n_shards)
     cfg = DataConfig(
-        train_shards=str(tmp_path / f"s-{{000000..{n_shards - 1:06d}}}.tar"),
+        train_shards=pattern,
         image_size=32,
         num_workers=0,
         shuffle_buffer=5,
@@ -37,8 +32,8 @@ def _keys(loader, n=None):
     return out
 
 
-def test_two_ranks_to_one_continues_from_consumed_shards(tmp_path, caplog):
-    cfg, keys = _setup(tmp_path)
+def test_two_ranks_to_one_continues_from_consumed_shards(raw_shards, caplog):
+    cfg, keys = _setup(raw_shards)
     old = [build_train_loader(cfg, 4, r, 2) for r in range(2)]
     seen = _keys(old[0], 16) + _keys(old[1], 8)  # uneven on purpose: rank 0 is a shard further
     states = [ld.state_dict() for ld in old]
@@ -54,8 +49,8 @@ def test_two_ranks_to_one_continues_from_consumed_shards(tmp_path, caplog):
     assert len(again) < len(seen)  # not a restart of the epoch
 
 
-def test_one_rank_state_only_restarts_the_epoch_with_a_warning(tmp_path, caplog):
-    cfg, keys = _setup(tmp_path, 4)
+def test_one_rank_state_only_restarts_the_epoch_with_a_warning(raw_shards, caplog):
+    cfg, keys = _setup(raw_shards, 4)
     a = build_train_loader(cfg, 4, 1, 2)
     _keys(a, 4)
     b = build_train_loader(cfg, 4, 0, 1)

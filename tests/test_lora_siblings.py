@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from moe.backbone import FluxBackbone
 from moe.config import LoraConfig
 from moe.lora_siblings import SharedDown, SiblingLoraLinear, share_down
-from tests.model_configs import tiny_model_config
+from tests.helpers.model_configs import tiny_model_config
 
 
 def _pair(checkpointing: bool = True, rank: int = 4):

@@ -13,7 +13,7 @@ from moe.backbone import FluxBackbone, pack_latents, unpack_latents
 from moe.config import LoraConfig, ModelConfig
 from moe.model import build_model
 from moe.router import dense_weights
-from tests.model_configs import make_batch, tiny_model_config
+from tests.helpers.model_configs import make_batch, tiny_model_config
 
 
 def _model(seed=0, **overrides):

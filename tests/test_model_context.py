@@ -10,7 +10,7 @@ import torch
 
 from moe.expert_layer import ExpertFeedForward
 from moe.model import build_model
-from tests.model_configs import make_batch, tiny_model_config
+from tests.helpers.model_configs import make_batch, tiny_model_config
 
 
 def _model(seed: int, **overrides):

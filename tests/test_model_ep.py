@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, port: int, kind: str) -> None:
     from deepspeed.moe.layer import MoE
 
     from moe.model import build_model
-    from tests.model_configs import make_batch, tiny_model_config
+    from tests.helpers.model_configs import make_batch, tiny_model_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     overrides = {"experts.kind": kind, "experts.dispatch": "alltoall", "router.noise_std": 0.0}

@@ -375,7 +375,7 @@ def test_backbone_state_keys_are_diffusers_own():
 
     from moe.backbone import FluxBackbone, FluxDualBlock, flux_arch_kwargs
     from moe.config import LoraConfig
-    from tests.model_configs import tiny_model_config
+    from tests.helpers.model_configs import tiny_model_config
 
     cfg = tiny_model_config().backbone
     ours = FluxBackbone(cfg, LoraConfig(rank=0))

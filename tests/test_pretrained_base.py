@@ -174,7 +174,7 @@ def test_embedded_base_matches_its_digests():
 def test_bf16_with_the_pixel_unshuffle_codec(micro_base):
     """DeepSpeed casts parameters, not buffers: the codec must not impose a float32 buffer's dtype."""
     from moe.model import build_model
-    from tests.model_configs import make_batch
+    from tests.helpers.model_configs import make_batch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     care = build_model(_care_config(micro_base[3])).to(device)
@@ -287,7 +287,7 @@ def test_care_edit_reads_the_base_as_it_was_pretrained(micro_base, tmp_path):
         _care_config(out).validate()
     cfg = _care_config(out, **{"backbone.prediction": "sample"})
     cfg.validate()
-    from tests.model_configs import make_batch
+    from tests.helpers.model_configs import make_batch
 
     care = build_model(cfg).eval()
     cond = care.encode_conditions(make_batch(2, 32))

@@ -1,5 +1,5 @@
 """The replica-consistency check: one rank's copy of a replicated weight is nudged (through the model
-seam, tests/faults.py) -> the check stops the run naming the parameter, the ranks and the step, and
+seam, tests/helpers/faults.py) -> the check stops the run naming the parameter, the ranks and the step, and
 ``latest`` stays at the last consistent checkpoint. Unperturbed runs pass it (here at every step)."""
 
 import os
@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from tests.faults import Faults
-from tests.train_harness import read_losses, run_ranks
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import read_losses, run_ranks
 from train.replica_check import fingerprint
 
 pytestmark = pytest.mark.multiprocess

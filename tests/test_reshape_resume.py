@@ -1,6 +1,6 @@
 """Resume on another shape: ep_size 2 on 2 ranks -> ep_size 1 on 1 rank (ep 4 on 4 -> 2 and 1: slow).
 
-Each case trains the toy model (tests/reshape_entry.py: data and noise fixed per global
+Each case trains the toy model (tests/helpers/reshape_entry.py: data and noise fixed per global
 micro-batch, so one step is the same computation at 2 ranks x 1 micro-batch and 1 rank x 2)
 uninterrupted for 6 steps with checkpoints at 3 and 6, converts step 3 with
 ``launch.reshape_checkpoint`` and checks, at the new shape:
@@ -25,10 +25,10 @@ import sys
 import pytest
 import torch
 
-from tests.train_harness import ROOT, read_losses, start_ranks
+from tests.helpers.train_harness import ROOT, read_losses, start_ranks
 
 pytestmark = pytest.mark.multiprocess
-ENTRY = os.path.join(ROOT, "tests", "reshape_entry.py")
+ENTRY = os.path.join(ROOT, "tests", "helpers", "reshape_entry.py")
 COMMON = ["train.steps=6", "checkpoint.every=3", "checkpoint.keep=3", "ema.enabled=true", "logging.images_every=0"]
 RTOL = 1e-6
 

@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 
-from tests.faults import Faults
-from tests.train_harness import LAUNCH, ROOT, read_losses, read_records, run_ranks, tiny_shards
-from tests.train_harness import TINY_CONFIG as TINY
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import LAUNCH, ROOT, read_losses, read_records, run_ranks
+from tests.helpers.train_harness import TINY_CONFIG as TINY
 
 pytestmark = pytest.mark.multiprocess
 
@@ -62,10 +62,10 @@ def _train(run_dir: str, overrides: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_shards):
     """The same 5 steps without and with the held-out evaluation (every 2 steps and at the last)."""
     root = tmp_path_factory.mktemp("runs")
-    shards = tiny_shards(root / "synthetic")
+    shards = tiny_shards
     plain, evaluated = str(root / "plain"), str(root / "eval")
     _train(plain, shards + COMMON + ["logging.eval_every=0", "checkpoint.best_metric=null"])  # tiny.yaml has them on
     out = _train(evaluated, shards + COMMON + EVAL)

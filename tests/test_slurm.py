@@ -1,9 +1,9 @@
-"""launch/slurm against a real one-node SLURM (tests/slurm_cluster.py): array sweeps, summary, USR1 preemption.
+"""launch/slurm against a real one-node SLURM (tests/helpers/slurm_cluster.py): array sweeps, summary, USR1 preemption.
 
 The SLURM tests need Debian's ``slurm-wlm`` and ``munge`` and root (the private test cluster runs
 slurmd as SlurmUser=root); without them they are skipped with the reason. Set CARE_REQUIRE_SLURM=1
 (CI) to turn "cannot start SLURM" into a failure instead of a skip. The training jobs run the
-stand-in model (tests/train_entry.py via TRAIN_ENTRY, configs/toy_test.yaml) on gloo, one CPU each.
+stand-in model (tests/helpers/train_entry.py via TRAIN_ENTRY, configs/toy_test.yaml) on gloo, one CPU each.
 The grid and summary tests at the top need no SLURM. The last test runs `srun` alone (no batch script): the
 ranks and the rendezvous come from SLURM's variables through train/distributed.py.
 """
@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from tests.faults import Faults
-from tests.slurm_cluster import Cluster, SlurmUnavailable, _which, start_cluster
+from tests.helpers.faults import Faults
+from tests.helpers.slurm_cluster import Cluster, SlurmUnavailable, _which, start_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["logging.images_every=0", "logging.progress_bar=false"]
@@ -155,10 +155,10 @@ def _submit(
     cluster: Cluster, work: str, script: str, *args: str, sbatch: tuple[str, ...] = (), faults: Faults | None = None
 ) -> int:
     """sbatch from the repository root (CARE_ROOT = SLURM_SUBMIT_DIR), job working dir ``work`` (logs there);
-    ``faults`` reach the training tasks through sbatch's exported environment (tests/faults.py)."""
+    ``faults`` reach the training tasks through sbatch's exported environment (tests/helpers/faults.py)."""
     os.makedirs(os.path.join(work, "runs", "slurm"), exist_ok=True)
     env = cluster.env(
-        TRAIN_ENTRY="tests/train_entry.py",
+        TRAIN_ENTRY="tests/helpers/train_entry.py",
         PYTHON=sys.executable,
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
@@ -327,7 +327,7 @@ def test_srun_tasks_without_wrapper_take_ranks_and_rendezvous_from_slurm(slurm, 
     what 2 ranks started by hand compute."""
     import torch
 
-    from tests.train_harness import read_losses, start_ranks
+    from tests.helpers.train_harness import read_losses, start_ranks
 
     env = slurm.env(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, DS_ACCELERATOR="cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

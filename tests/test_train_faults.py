@@ -1,6 +1,6 @@
 """Failure paths: kill during a checkpoint save, preemption signal, NaN steps (gloo, 2 ranks, ep 2).
 
-The faults are injected through the entry's factories and a patched save (tests/faults.py).
+The faults are injected through the entry's factories and a patched save (tests/helpers/faults.py).
 """
 
 import math
@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-from tests.faults import Faults
-from tests.train_harness import read_losses, read_records, run_ranks, start_ranks, wait_for_step
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import read_losses, read_records, run_ranks, start_ranks, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
 EP2 = ["model.experts.ep_size=2", "logging.images_every=0"]

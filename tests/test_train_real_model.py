@@ -6,16 +6,11 @@ import sys
 
 import pytest
 
-from tests.faults import Faults
-from tests.train_harness import LAUNCH, ROOT, Ranks, read_losses, start_ranks, tiny_shards, wait_for_step
-from tests.train_harness import TINY_CONFIG as TINY
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import LAUNCH, ROOT, Ranks, read_losses, start_ranks, wait_for_step
+from tests.helpers.train_harness import TINY_CONFIG as TINY
 
 pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("synthetic"))
 
 
 def _start(run_dir, overrides, resume=None, log="run.log"):
@@ -31,11 +26,11 @@ def _start(run_dir, overrides, resume=None, log="run.log"):
     return Ranks([proc], [path])
 
 
-def test_tiny_real_model_single_process_trains_and_writes_everything(tmp_path, shards):
+def test_tiny_real_model_single_process_trains_and_writes_everything(tmp_path, tiny_shards):
     run = str(tmp_path)
     r = _start(
         run,
-        shards
+        tiny_shards
         + [
             "train.steps=4",
             "checkpoint.every=2",
@@ -78,11 +73,11 @@ def test_tiny_real_model_single_process_trains_and_writes_everything(tmp_path, s
     assert size < 4 * sum(p.numel() for n, p in model.named_parameters() if n in frozen) + 16 * trainable, size
 
 
-def test_tiny_real_model_trains_the_same_compiled(tmp_path, shards):
+def test_tiny_real_model_trains_the_same_compiled(tmp_path, tiny_shards):
     """``train.compile`` under the DeepSpeed engine: blocks compiled whole with their gradient checkpoint,
     the expert layers (dense dispatch) traced inside them, the losses compiled. Backend aot_eager runs
     those graphs with eager kernels, so the losses must match the eager run's to float32 rounding."""
-    common = shards + [
+    common = tiny_shards + [
         "train.steps=4",
         "checkpoint.every=4",
         "logging.every=2",
@@ -106,12 +101,12 @@ def test_tiny_real_model_trains_the_same_compiled(tmp_path, shards):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
-def test_logging_images_does_not_change_training(tmp_path, shards):
+def test_logging_images_does_not_change_training(tmp_path, tiny_shards):
     """Drawing the validation batch and sampling its edits leave the training run as it was: same losses
     with images every 2 steps as without. (Both had changed it: the batch and the sampler drew from the
     global generators, and ``model.train()`` after sampling put the frozen T5 back in training mode,
     so its dropout noised the text conditioning from the first image on.)"""
-    common = shards + ["train.steps=5", "checkpoint.every=100", "logging.every=5", "data.num_workers=0"]
+    common = tiny_shards + ["train.steps=5", "checkpoint.every=100", "logging.every=5", "data.num_workers=0"]
     plain, images = str(tmp_path / "plain"), str(tmp_path / "images")
     for run, every in ((plain, 0), (images, 2)):
         r = _start(run, common + [f"logging.images_every={every}"])
@@ -122,14 +117,14 @@ def test_logging_images_does_not_change_training(tmp_path, shards):
     assert a == b, (a, b)
 
 
-def test_tiny_real_model_two_ranks_zero2_expert_parallel(tmp_path, shards):
+def test_tiny_real_model_two_ranks_zero2_expert_parallel(tmp_path, tiny_shards):
     """2 gloo ranks, ZeRO 2, ep_size 2: ZeRO-2's gradient buckets must hold the same parameters on both
     ranks even when one rank's batch has no reference image (micro-batch 1: some batches have none)."""
     run = str(tmp_path)
     r = start_ranks(
         2,
         run,
-        shards
+        tiny_shards
         + [
             "train.steps=4",
             "train.micro_batch=1",
@@ -150,11 +145,11 @@ def test_tiny_real_model_two_ranks_zero2_expert_parallel(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_tiny_real_model_resume_is_exact(tmp_path, shards):
-    common = shards + ["train.steps=6", "checkpoint.every=3", "logging.images_every=0", "data.num_workers=1"]
+def test_tiny_real_model_resume_is_exact(tmp_path, tiny_shards):
+    common = tiny_shards + ["train.steps=6", "checkpoint.every=3", "logging.images_every=0", "data.num_workers=1"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     assert _start(full, common).wait(300) == [0]
-    # the real model through tests/train_entry.py, whose loader sleeps 1.5 s per step (tests/faults.py)
+    # the real model through tests/helpers/train_entry.py, whose loader sleeps 1.5 s per step (tests/helpers/faults.py)
     r = start_ranks(
         1, cut, common + ["--real-model", "logging.progress_bar=false"], config=TINY, faults=Faults(step_sleep_s=1.5)
     )

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from tests.faults import Faults
-from tests.train_harness import read_losses, run_ranks, start_ranks, wait_for_step
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import read_losses, run_ranks, start_ranks, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
 

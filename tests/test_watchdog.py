@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tests.faults import Faults
-from tests.train_harness import start_ranks
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import start_ranks
 from train.watchdog import HANG_EXIT_CODE, HangWatchdog
 
 
@@ -48,7 +48,7 @@ def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path):
     assert "hang watchdog: rank 1: step 5" in stalled and "last phase entered: 'data'" in stalled
     for out in (waiting, stalled):
         assert "Thread" in out and "train/loop.py" in out and "in train_step" in out  # faulthandler's stacks
-    assert 'tests/faults.py", line' in stalled  # where rank 1 really is: the injected sleep
+    assert 'tests/helpers/faults.py", line' in stalled  # where rank 1 really is: the injected sleep
     with open(os.path.join(run, "toy", "checkpoints", "latest")) as f:
         assert f.read() == "step00000004"
 

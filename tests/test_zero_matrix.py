@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from tests.faults import Faults
-from tests.train_harness import read_losses, run_ranks
+from tests.helpers.faults import Faults
+from tests.helpers.train_harness import read_losses, run_ranks
 from train.config import ConfigError, deepspeed_config, load_config
 
 STEPS = 4

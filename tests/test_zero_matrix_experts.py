@@ -15,7 +15,7 @@ projections differ in width. Which expert-parallel rank holds which experts foll
   trainer refuses a bucket smaller than a rank's gradients there (train/engine.py); with one bucket for
   all gradients the run equals ep_size 1.
 
-The tiny random-init model of tests/model_configs.py, 32 px synthetic shards, fp32 on the CPU.
+The tiny random-init model of tests/helpers/model_configs.py, 32 px synthetic shards, fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.faults import Faults
-from tests.model_configs import TINY, tiny_model_config
-from tests.train_harness import ROOT, read_losses, start_ranks
+from tests.helpers.faults import Faults
+from tests.helpers.model_configs import TINY, tiny_model_config
+from tests.helpers.train_harness import ROOT, read_losses, start_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -38,7 +38,7 @@ STEPS = 4
 DEFAULT_ORDER = "[text,mask,reference,base]"
 SPLIT_ORDER = "[text,reference,mask,base]"  # narrow experts on rank 0, wide ones on rank 1
 COMMON = [
-    "--real-model",  # tests/train_entry.py: the real model and loader, faults injected through their factories
+    "--real-model",  # tests/helpers/train_entry.py: the real model and loader, faults injected through their factories
     f"train.steps={STEPS}",
     "checkpoint.every=100",
     "guards.replica_check_every=1",

@@ -23,7 +23,7 @@
 # Knobs (environment variables, inherited through sbatch's default --export=ALL):
 #   CARE_ROOT          checkout to run from (default: $SLURM_SUBMIT_DIR, i.e. submit from the repo root)
 #   PYTHON             interpreter (default: $CARE_ROOT/.venv/bin/python if present, else python3)
-#   TRAIN_ENTRY        training script (default: launch/train.py; the tests use tests/train_entry.py)
+#   TRAIN_ENTRY        training script (default: launch/train.py; the tests use tests/helpers/train_entry.py)
 #   NPROC_PER_NODE     processes per node (default: $SLURM_GPUS_ON_NODE, else $SLURM_NTASKS_PER_NODE, else 1)
 #   CARE_MASTER_ADDR   rendezvous host (default: first host of $SLURM_JOB_NODELIST)
 #   CARE_MASTER_PORT   rendezvous port (default: 10000 + SLURM_JOB_ID % 20000: array tasks sharing a node differ)

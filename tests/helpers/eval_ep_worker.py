@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EDIT_STEPS = 2
 EDIT_SEED = 5
 
@@ -34,7 +34,7 @@ def overrides(run_dir: str, ep_size: int = 2) -> list[str]:
 
 
 def test_batch():
-    from tests.model_configs import make_batch
+    from tests.helpers.model_configs import make_batch
 
     return make_batch(batch_size=2, size=32, has_ref=[True, False], seed=11)
 

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from tests.faults import Faults
+from tests.helpers.faults import Faults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY = os.path.join(ROOT, "tests", "train_entry.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRY = os.path.join(ROOT, "tests", "helpers", "train_entry.py")
 TOY_CONFIG = os.path.join(ROOT, "configs", "toy_test.yaml")
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -94,7 +94,7 @@ def start_ranks(
 ) -> Ranks:
     """Start ``world`` processes of the training entry with RANK/WORLD_SIZE/MASTER_* set (gloo on CPU).
 
-    ``faults`` reach the entry's factories (tests/faults.py); ``env`` adds variables (e.g. SLURM_JOB_ID).
+    ``faults`` reach the entry's factories (tests/helpers/faults.py); ``env`` adds variables (e.g. SLURM_JOB_ID).
     """
     port = free_port()
     procs, logs = [], []

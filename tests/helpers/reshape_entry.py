@@ -16,11 +16,11 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from launch.train import main  # noqa: E402
-from tests.toy_model import ToyEditModel, ToyLoader, build_toy_val_batch, make_batch  # noqa: E402
+from tests.helpers.toy_model import ToyEditModel, ToyLoader, build_toy_val_batch, make_batch  # noqa: E402
 
 
 class GlobalToyModel(ToyEditModel):

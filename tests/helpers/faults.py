@@ -1,8 +1,8 @@
 """Faults injected into a training run through its seams (loader and model factories, a patched method).
 
 Why here and not in the loop: the training loop has no test switches; a subprocess test describes the
-faults it wants as JSON in ``$CARE_TEST_FAULTS`` (``tests.train_harness.start_ranks(faults=...)``) and
-``tests/train_entry.py`` wraps the factories with ``wrap_factories``:
+faults it wants as JSON in ``$CARE_TEST_FAULTS`` (``tests.helpers.train_harness.start_ranks(faults=...)``) and
+``tests/helpers/train_entry.py`` wraps the factories with ``wrap_factories``:
 
 * the loader wrapper knows which optimizer step each micro-batch belongs to (the loader is built at
   ``start_step``), sleeps where a step should be slow or stall, and tags batches in ``extras``;
@@ -43,8 +43,8 @@ class Faults:
     unused_at_step: int = 0  # one rank runs a submodule without autograd, so its weights get no gradient...
     unused_rank: int = 1
     unused_module: str = "head"  # ...(what a condition absent from one rank's batch can do to its path)
-    hetero_experts: bool = False  # not a fault: the toy's experts get different sizes (tests.toy_model)
-    toy_eval: bool = False  # not a fault: the toy gains what the held-out evaluation reads (tests.eval_toy)
+    hetero_experts: bool = False  # not a fault: the toy's experts get different sizes (tests.helpers.toy_model)
+    toy_eval: bool = False  # not a fault: the toy gains what the held-out evaluation reads (tests.helpers.eval_toy)
     crash_in_best_at_step: int = 0  # every rank SIGKILLs itself while moving `best` to this step's checkpoint
     skip_bucket_check: bool = False  # train.engine.check_bucket_layout patched out, to show what it prevents
     crash_in_save_at_step: int = 0  # every rank SIGKILLs itself after writing this step's checkpoint files
@@ -163,11 +163,11 @@ def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Call
     def build_model(model_cfg: Any) -> torch.nn.Module:
         model = model_factory(model_cfg)
         if faults.hetero_experts:
-            from tests.toy_model import make_experts_heterogeneous
+            from tests.helpers.toy_model import make_experts_heterogeneous
 
             model = make_experts_heterogeneous(model)
         if faults.toy_eval:
-            from tests.eval_toy import with_eval_interface
+            from tests.helpers.eval_toy import with_eval_interface
 
             model = with_eval_interface(model)
         return patch_forward(model)

@@ -1,10 +1,10 @@
-"""The toy model of tests/toy_model.py with the interface the held-out evaluation reads (train/heldout.py).
+"""The toy model of tests/helpers/toy_model.py with the interface the held-out evaluation reads (train/heldout.py).
 
 Why a subclass: ``train.evaluation.flow_mse_per_sample`` and ``evaluate`` call the real model's
 ``encode_target`` / ``encode_conditions`` / ``predict_velocity`` / ``dtype`` and read ``utilisation``
 from ``edit``; the toy's pixels stand in for latents and its source for the conditions. The forward the
 training runs is the toy's own, untouched, so a toy run's losses are the same with or without this.
-``tests/faults.py`` swaps a built toy to this class when ``Faults.toy_eval`` is set.
+``tests/helpers/faults.py`` swaps a built toy to this class when ``Faults.toy_eval`` is set.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from data.batch import EditBatch
-from tests.toy_model import EXPERTS, ToyEditModel, ToyEditResult
+from tests.helpers.toy_model import EXPERTS, ToyEditModel, ToyEditResult
 
 
 class EvalToyModel(ToyEditModel):

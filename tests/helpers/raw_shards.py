@@ -1,4 +1,4 @@
-"""Builders of small, optionally broken shards, for the tests and the benchmark.
+"""Builders of small, optionally broken shards, for the tests.
 
 Broken samples are written with ``webdataset.TarWriter`` directly (bypassing the checking
 writer, which would refuse them), the way a damaged or foreign shard would look.
