@@ -244,6 +244,17 @@ def inside_weights(result: dict, task: str) -> dict[str, float]:
     return out
 
 
+def top_expert(results: list[dict], task: str) -> str:
+    """'name weight' of the expert with the largest mean inside-mask weight for ``task`` over the seeds."""
+    per_seed = [inside_weights(r, task) for r in results if task in r["routing"]]
+    means = {e: mean_std([w[e] for w in per_seed])[0] for e in EXPERTS}
+    means = {e: m for e, m in means.items() if not math.isnan(m)}
+    if not means:
+        return "-"
+    best = max(means, key=means.get)
+    return f"{best} {means[best]:.2f}"
+
+
 def routing_contrast(results: list[dict]) -> tuple[float, float]:
     """(task spread, seed spread) of one variant's inside-mask combine weights: the std over tasks of each
     (layer, expert) weight, averaged over (layer, expert) and seeds; and the std over seeds of the same
@@ -410,13 +421,23 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         per_seed = [inside_weights(r, t) for r in by[REFERENCE] if t in r["routing"]]
         if per_seed:
             lines.append(f"| {t} | " + " | ".join(_num(*mean_std([w[e] for w in per_seed])) for e in EXPERTS) + " |")
-    lines += ["", "| variant | routing spread between tasks | between seeds | ratio |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Every variant's routing per task: the expert with the largest mean combine weight inside the fine mask"
+        " (averaged over layers and seeds) and that weight; beside it, how much the routing differs between tasks"
+        " and between seeds (the std over tasks, resp. seeds, of each layer's and expert's weight, averaged).",
+        "",
+        "| variant | " + " | ".join(TASKS) + " | spread between tasks | between seeds | ratio |",
+        "|---|" + "---|" * (len(TASKS) + 3),
+    ]
     contrast = {}
     for v, rs in by.items():
         ts, ss = routing_contrast(rs)
         contrast[v] = (ts, ss)
         ratio = ts / ss if ss and not math.isnan(ss) and ss > 0 else math.nan
-        lines.append(f"| {v} | {_num(ts)} | {_num(ss)} | {'-' if math.isnan(ratio) else f'{ratio:.1f}'} |")
+        cells = [top_expert(rs, t) for t in TASKS]
+        cells += [_num(ts), _num(ss), "-" if math.isnan(ratio) else f"{ratio:.1f}"]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if images:
         lines += ["", "Routing maps (rows: samples; columns: source | coarse mask | refined mask | routing map |"
                   " target | edit; routing colours: text red, mask green, reference blue, base grey), seed "
