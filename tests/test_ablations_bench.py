@@ -48,9 +48,13 @@ def test_every_set_of_the_grid_is_a_valid_config_of_the_recipe():
         cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), dotlist)
         assert cfg.run.seed == 2 and cfg.train.steps == 40 and cfg.checkpoint.every == 10
         assert cfg.checkpoint.keep == 5  # every checkpoint kept: the frontier's points
+        wanted = OmegaConf.from_dotlist(overrides)  # common, then the set's: the last of a key wins
         for o in overrides:  # the variant's overrides are applied (they come last)
             key = o.split("=", 1)[0]
-            assert OmegaConf.select(cfg, key) == OmegaConf.select(OmegaConf.from_dotlist([o]), key), (name, o)
+            assert OmegaConf.select(cfg, key) == OmegaConf.select(wanted, key), (name, o)
+    full, adapt = variants["full"], variants["adaptedit"]
+    assert load_config(os.path.join(ROOT, "configs", "tiny.yaml"), full).model.repaint.mode == "coupled"
+    assert load_config(os.path.join(ROOT, "configs", "tiny.yaml"), adapt).model.loss.region_alpha == 2
 
 
 def test_statistics_match_a_hand_computation():

@@ -77,6 +77,9 @@ def test_ablation_grid_lists_sets_validates_them_and_prints_the_sbatch_line():
     ).stdout
     assert task.split("\0") == [
         "configs/tiny.yaml",
+        "model.repaint.mode=coupled",  # the grid's common overrides: CARE-Edit's mask path
+        "model.repaint.use_gt_mask_in_training=false",
+        "model.loss.region_alpha=0",
         "model.router.top_k=1",
         "train.steps=5",
         "run.name=ablations-5-k1",
