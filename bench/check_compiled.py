@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from bench.common import emit, environment  # noqa: E402
 from moe.model import build_model  # noqa: E402
-from tests.model_configs import make_batch, tiny_model_config  # noqa: E402
+from tests.helpers.model_configs import make_batch, tiny_model_config  # noqa: E402
 
 
 def main() -> int:

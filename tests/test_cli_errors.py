@@ -1,4 +1,4 @@
-"""Issue 24: the CLIs' errors as a new user meets them (launch/edit.py, launch/export.py).
+"""The CLIs' errors as a new user meets them (launch/edit.py, launch/export.py).
 
 Bad input gets one ``error:`` line on stderr naming the argument and the file, exit code 2, no
 traceback; what can be converted is converted with a ``note:``/``warning:`` line and the edit runs:

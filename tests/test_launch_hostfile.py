@@ -1,4 +1,4 @@
-"""The ``deepspeed --hostfile`` launch path on one host (issue 8): real launch/train.py, tiny model, gloo.
+"""The ``deepspeed --hostfile`` launch path on one host: real launch/train.py, tiny model, gloo.
 
 What DeepSpeed 0.19.8's runner does with a hostfile (deepspeed/launcher/runner.py): a hostfile always
 means "multi-node" to it, so before launching it (a) checks passwordless ssh to the first host, and
