@@ -116,15 +116,17 @@ class EMA:
 
 
 @dataclass
-class Engine:
-    engine: Any  # deepspeed.DeepSpeedEngine
+class TrainingParts:
+    """What ``build_engine`` makes: the DeepSpeed engine (model + optimizer + ZeRO) and what steps beside it."""
+
+    deepspeed: Any  # deepspeed.DeepSpeedEngine
     scheduler: WarmupCosine
     ema: Optional[EMA]
     dtype: torch.dtype
     ds_config: dict
 
 
-def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> Engine:
+def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> TrainingParts:
     """``deepspeed.initialize`` with MoE optimizer groups, AdamW, schedule and optional EMA."""
     precision = resolve_precision(cfg, dist.on_gpu)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -140,4 +142,4 @@ def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> Engine:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
-    return Engine(engine=engine, scheduler=scheduler, ema=ema, dtype=dtype, ds_config=ds_config)
+    return TrainingParts(deepspeed=engine, scheduler=scheduler, ema=ema, dtype=dtype, ds_config=ds_config)

@@ -148,8 +148,8 @@ class Trainer:
         seed_everything(cfg.run.seed)
         model = model_factory(cfg.model)
         require(model, TrainableModel, "the model factory's model")
-        self.eng = build_engine(cfg, model, dist)
-        self.engine = self.eng.engine
+        self.parts = build_engine(cfg, model, dist)
+        self.engine = self.parts.deepspeed
         self.replicas = ReplicaCheck(self.engine.module, cfg.guards.replica_check_every)
         compiled = None
         # compiled in place (parameter names do not change) and lazily (traced at the first step), after the
@@ -167,15 +167,15 @@ class Trainer:
             cfg.data, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
         )
         require(self.loader, TrainLoader, "the loader factory's loader")
-        resumed = self.ckpt.load(self.engine, found, self.loader, self.eng.ema) if found else None
+        resumed = self.ckpt.load(self.engine, found, self.loader, self.parts.ema) if found else None
         self.step = resumed.step if resumed else 0
         self.last_ckpt: Optional[str] = None
         if found and found.portable:  # a native checkpoint of the new shape at once: `--resume auto` works from here
-            self.last_ckpt = self.ckpt.save(self.engine, self.step, self.loader, self.eng.ema)
+            self.last_ckpt = self.ckpt.save(self.engine, self.step, self.loader, self.parts.ema)
         self.val_batch = None
         if cfg.logging.images_every:
             with rng_untouched():
-                self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.eng.dtype)
+                self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.parts.dtype)
 
         self.logger = MetricLogger(
             cfg.logging,
@@ -219,12 +219,12 @@ class Trainer:
             self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
             self.replicas.maybe_check(self.step)
             self.last_ckpt = (
-                self.ckpt.maybe_save(self.engine, self.step, self.loader, self.eng.ema, self._metrics_at(self.step))
+                self.ckpt.maybe_save(self.engine, self.step, self.loader, self.parts.ema, self._metrics_at(self.step))
                 or self.last_ckpt
             )
         self.watchdog.phase(f"step {self.step}: final checkpoint")
         self.last_ckpt = (
-            self.ckpt.save_final(self.engine, self.step, self.loader, self.eng.ema, self._metrics_at(self.step))
+            self.ckpt.save_final(self.engine, self.step, self.loader, self.parts.ema, self._metrics_at(self.step))
             or self.last_ckpt
         )
         self.logger.print(
@@ -253,7 +253,7 @@ class Trainer:
                 batch = _next_batch(self.batches)
                 if res.skipped:
                     continue
-                batch = batch.to(self.dist.device, self.eng.dtype)
+                batch = batch.to(self.dist.device, self.parts.dtype)
                 phase("forward (expert all-to-alls)")
                 out = engine(batch)
                 phase("all-reduce: loss check")
@@ -293,8 +293,8 @@ class Trainer:
     def record(self, res: StepResult) -> None:
         """After a step: EMA, the held-out evaluation, losses.jsonl, the skip guard, console/TensorBoard, images."""
         cfg, step = self.cfg, res.step
-        if not res.skipped and self.eng.ema is not None:
-            self.eng.ema.update(self.engine.module)
+        if not res.skipped and self.parts.ema is not None:
+            self.parts.ema.update(self.engine.module)
         val = self.evaluate_heldout(step)
         if self.losses_file:
             line = {"step": step, "loss": res.loss, "skipped": res.skipped} | ({"val": val} if val else {})
@@ -309,7 +309,7 @@ class Trainer:
             res.scalars["opt/grad_norm"] = res.grad_norm
         self.logger.accumulate(res.scalars, res.samples, res.tokens)
         if step % cfg.logging.every == 0 or step == cfg.train.steps:
-            extra = {"opt/lr": self.eng.scheduler.get_last_lr()[0], "guard/skipped_steps": float(self.guard.total)}
+            extra = {"opt/lr": self.parts.scheduler.get_last_lr()[0], "guard/skipped_steps": float(self.guard.total)}
             extra.update({f"data/{k}": float(v) for k, v in self.loader.skip_stats().items()})
             self.logger.flush(step, extra)
             # a router that sends every token of a sample the same way (or is certain everywhere)
@@ -327,7 +327,7 @@ class Trainer:
         if self.heldout is None or not self.heldout.due(step):
             return {}
         self.watchdog.phase(f"step {step}: held-out evaluation")
-        metrics = self.heldout.run(self.engine.module, self.eng.ema, self.eng.dtype)
+        metrics = self.heldout.run(self.engine.module, self.parts.ema, self.parts.dtype)
         self.val_metrics = (step, metrics)
         self.logger.eval_metrics(step, metrics)
         return metrics

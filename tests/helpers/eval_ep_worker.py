@@ -86,13 +86,13 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
     seed_everything(cfg.run.seed)
     model = build_model(OmegaConf.to_object(cfg.model))
     eng = build_engine(cfg, model, dist)
-    module = eng.engine.module
+    module = eng.deepspeed.module
     ep_rank, num_local = rank % ep_size, 4 // ep_size
     _perturb(module, ep_rank, num_local)
     eng.ema.update(module)
     _perturb(module, ep_rank, num_local)
     eng.ema.update(module)
-    Checkpointer.for_run(cfg, dist).save(eng.engine, 1, _NoLoader(), eng.ema)
+    Checkpointer.for_run(cfg, dist).save(eng.deepspeed, 1, _NoLoader(), eng.ema)
 
     g = torch.Generator().manual_seed(EDIT_SEED)
     res = module.edit(test_batch(), num_steps=EDIT_STEPS, generator=g)
