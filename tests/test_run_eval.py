@@ -205,3 +205,13 @@ def test_evaluation_under_expert_parallelism_leaves_the_losses_unchanged(tmp_pat
     run_ranks(2, with_eval, common + evaluated, faults=Faults(toy_eval=True))
     assert read_losses(plain) == read_losses(with_eval)
     assert [r["step"] for r in read_records(with_eval) if "val" in r] == [2, 4]
+
+
+def test_in_run_edits_take_the_tasks_in_turn():
+    from train.heldout import balanced_by_task
+
+    tasks = ["remove", "remove", "remove", "recolor", "recolor", "style", "add", "remove"]
+    assert balanced_by_task(tasks, 4) == [0, 3, 5, 6]  # one of each task, in file order
+    assert balanced_by_task(tasks, 6) == [0, 1, 3, 4, 5, 6]  # then the second of each
+    assert balanced_by_task(tasks, 20) == list(range(8))  # no more than there are
+    assert balanced_by_task(tasks, 0) == []

@@ -98,7 +98,7 @@ class LoggingConfig:
     # on the first eval_samples samples of data.val_shards, with fixed noise, times and sampler seeds
     eval_every: int = 0
     eval_samples: int = 32  # samples for the held-out flow loss (inside / outside the fine mask)
-    eval_edits: int = 8  # of those, how many are edited and scored like launch/eval.py (0 = flow loss only)
+    eval_edits: int = 8  # of those, how many (from the tasks in turn) are edited and scored like launch/eval.py
     eval_edit_steps: int = 8  # sampling steps per edit
     eval_batch_size: int = 8  # samples per forward
 

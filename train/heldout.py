@@ -7,7 +7,8 @@ the loop calls :meth:`HeldOutEval.run` once, which measures on a fixed held-out 
 * the flow-matching loss on the first ``logging.eval_samples`` samples of ``data.val_shards``, inside
   and outside the fine mask (``train.evaluation.flow_mse_per_sample``: times 0.25 / 0.5 / 0.75 and
   noise from a generator seeded per chunk);
-* sampled edits of the first ``logging.eval_edits`` of them (``logging.eval_edit_steps`` steps, sampler
+* sampled edits of ``logging.eval_edits`` of them, taken from the tasks in turn (:func:`balanced_by_task`;
+  ``logging.eval_edit_steps`` steps, sampler
   noise from a seeded generator), scored by ``train.evaluation.evaluate``, the code ``launch/eval.py``
   runs: success per task and its mean over tasks (``train.edit_success``), L1 inside / outside the
   fine mask, refined-mask IoU.
@@ -77,6 +78,7 @@ class HeldOutEval:
         self.every = int(cfg.eval_every)
         self.last_step = int(last_step)
         self.edits = min(int(cfg.eval_edits), samples.batch_size)
+        self.edit_index = balanced_by_task(list(samples.task), self.edits)
         self.edit_steps = int(cfg.eval_edit_steps)
         self.batch_size = int(cfg.eval_batch_size)
         self.seed = int(seed)
@@ -121,9 +123,11 @@ class HeldOutEval:
         out["val/seconds"] = time.perf_counter() - t0
         return out
 
-    def _chunks(self, n: int) -> Iterator[Any]:
-        for start in range(0, n, self.batch_size):
-            yield self.samples.select(list(range(start, min(start + self.batch_size, n))))
+    def _chunks(self, n: int, index: Optional[list[int]] = None) -> Iterator[Any]:
+        """Batches of ``eval_batch_size`` of the samples ``index`` (default: the first ``n``)."""
+        index = list(range(n)) if index is None else index
+        for start in range(0, len(index), self.batch_size):
+            yield self.samples.select(index[start : start + self.batch_size])
 
     def _flow_loss(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
         values: dict[str, list[float]] = {"val/flow_loss": [], "val/flow_loss_inside": [], "val/flow_loss_outside": []}
@@ -134,10 +138,10 @@ class HeldOutEval:
         return {k: nanmean(v) for k, v in values.items()}
 
     def _edit_metrics(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
-        """The edits of the first ``eval_edits`` samples, scored by ``train.evaluation.evaluate``."""
+        """The edits of ``eval_edits`` samples spread over the tasks, scored by ``train.evaluation.evaluate``."""
 
         def batches() -> Iterator[Any]:
-            for chunk in self._chunks(self.edits):
+            for chunk in self._chunks(self.edits, self.edit_index):
                 chunk = chunk.to(self.device, dtype)
                 chunk.extras["checks"] = {k: self.checks.get(k) for k in chunk.keys}
                 yield chunk
@@ -163,6 +167,21 @@ class HeldOutEval:
         for task, row in sorted(result["per_task"].items()):
             out[f"val/success/{task}"] = row.get("success", math.nan)
         return out
+
+
+def balanced_by_task(tasks: list[str], n: int) -> list[int]:
+    """``n`` sample indices taken from the tasks in turn (in order of first appearance, each task's samples
+    in file order), so that a few edits cover every task the held-out subset has: shards written task
+    by task would otherwise give the first ``n`` samples one or two tasks."""
+    queues: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        queues.setdefault(t, []).append(i)
+    picked: list[int] = []
+    while len(picked) < min(n, len(tasks)):
+        for queue in queues.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return sorted(picked)
 
 
 def console_line(step: int, m: dict[str, float]) -> str:
