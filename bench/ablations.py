@@ -369,8 +369,9 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         )
     )
     recipe = "`configs/tiny.yaml`'s recipe and frozen base"
-    if ref["set"]:
-        recipe += " with " + ", ".join(f"`{s}`" for s in ref["set"])
+    pinned = [*ref["overrides"], *ref["set"]]  # the reference's overrides are the grid's common ones
+    if pinned:
+        recipe += " with " + ", ".join(f"`{s}`" for s in pinned)
     lines = [
         f"Measured {measured}. Seeds {', '.join(map(str, seeds))}; {ref['steps']} steps of micro-batch "
         f"{ref['micro_batch']} on {recipe}; held-out: {ev['num_samples']} samples ({counts}), the same for every run.",
