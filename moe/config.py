@@ -159,6 +159,9 @@ class RepaintConfig:
     hidden: int = 64
     # decoupled: during training the editing path uses the ground-truth fine mask, the prediction at inference
     use_gt_mask_in_training: bool = False
+    # > 1: the head also predicts a subgrid x subgrid patch of the mask per token, so the refined mask (the
+    # output, its loss and its IoU) is finer than the token grid; the editing path still reads one value per token
+    subgrid: int = 1
 
 
 @dataclass
@@ -270,6 +273,8 @@ def validate_model_config(cfg: Any) -> None:
         _fail("router.noise_std", "must be >= 0")
     if ro.ctx_dim < 1 or ro.attn_dim < 1 or ro.num_latents < 1:
         _fail("router", "ctx_dim, attn_dim and num_latents must be >= 1")
+    if cfg.repaint.subgrid < 1:
+        _fail("repaint.subgrid", f"must be >= 1, got {cfg.repaint.subgrid}")
     if cfg.repaint.mode not in ("coupled", "decoupled"):
         _fail("repaint.mode", f"'{cfg.repaint.mode}' is not one of coupled, decoupled")
     if cfg.mixture.enabled and "base" not in names:

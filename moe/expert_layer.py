@@ -110,6 +110,7 @@ class LayerRecord:
     routing: Routing
     gate: Optional[Tensor]  # [B, N] Latent Mixture gate per target token
     refined_logits: Optional[Tensor]  # [B, N]
+    refined_detail: Optional[Tensor] = None  # [B, N, s*s] Mask Repaint's patch offsets (repaint.subgrid > 1)
 
 
 @dataclass
@@ -188,6 +189,7 @@ class RouteOutput(NamedTuple):
     gate: Optional[Tensor]  # [B, N] Latent Mixture gate (mixture off: None)
     refined_logits: Optional[Tensor]  # [B, N] Mask Repaint's logits (repaint off: None)
     refined: Optional[Tensor]  # [B, N] the refined mask in [0, 1] (repaint off: None)
+    refined_detail: Optional[Tensor]  # [B, N, s*s] its patch offsets (repaint.subgrid > 1; else None)
 
 
 class ExpertFeedForward(nn.Module):
@@ -220,7 +222,7 @@ class ExpertFeedForward(nn.Module):
         self.use_gt_mask = cfg.repaint.use_gt_mask_in_training
         c = cfg.router.ctx_dim
         self.router = ConditionRouter(cfg.router, dim, len(self.expert_names), temb_dim=dim)
-        self.repaint = MaskRepaint(dim, c, cfg.repaint.hidden) if cfg.repaint.enabled else None
+        self.repaint = MaskRepaint(dim, c, cfg.repaint.hidden, cfg.repaint.subgrid) if cfg.repaint.enabled else None
         self.mixture = LatentMixture(dim) if cfg.mixture.enabled else None
 
         n_local = len(self.expert_names) // ex.ep_size
@@ -295,7 +297,9 @@ class ExpertFeedForward(nn.Module):
         out = self._route_fn(RouteInput(hidden=hidden, ctx=ctx, prior=slot.prior, gt_mask=gt))
         if out.refined is not None:
             slot.refined = out.refined
-        slot.record = LayerRecord(routing=out.routing, gate=out.gate, refined_logits=out.refined_logits)
+        slot.record = LayerRecord(
+            routing=out.routing, gate=out.gate, refined_logits=out.refined_logits, refined_detail=out.refined_detail
+        )
         return self._mix_fn(hidden, out.packed, out.index, out.weight)
 
     def route(self, inp: RouteInput) -> RouteOutput:
@@ -314,13 +318,13 @@ class ExpertFeedForward(nn.Module):
         with record_function("care/router_contexts"):
             contexts = self.router.contexts(x, ctx.text, ctx.text_mask, ref, ctx.has_ref, mask_tokens, base_tokens)
 
-        refined_logits = refined = None
+        refined_logits = refined = refined_detail = None
         if self.repaint is not None:
             inputs = (x, contexts[1], contexts[3], prior)
             if self.decoupled:  # AdaptEdit: the mask head learns from its own loss only
                 inputs = tuple(t.detach() for t in inputs)
             with record_function("care/repaint"):
-                refined_logits = self.repaint(*inputs, coarse, grid)
+                refined_logits, refined_detail = self.repaint(*inputs, coarse, grid)
             refined = torch.sigmoid(refined_logits)
             edit_mask = refined.detach() if self.decoupled else refined
             if gt_mask is not None:
@@ -341,7 +345,7 @@ class ExpertFeedForward(nn.Module):
         pad = self.packed_width - sum(t.shape[-1] for t in columns)  # aligned rows (experts.packed_width)
         columns.append(x.new_zeros(b, n, pad))
         packed = torch.cat(columns, dim=-1).reshape(b * n, -1)  # [S, W]
-        return RouteOutput(packed, index, weight, routing, gate, refined_logits, refined)
+        return RouteOutput(packed, index, weight, routing, gate, refined_logits, refined, refined_detail)
 
     def mix(self, hidden: Tensor, packed: Tensor, index: Tensor, weight: Tensor) -> Tensor:
         """Experts on the target tokens (weighted by the routing), the frozen FFN on the rest."""

@@ -38,6 +38,7 @@ from .losses import (
     routing_spread,
     tag_alignment_loss,
 )
+from .repaint import subgrid_logits
 from .router import dense_weights
 
 # RoPE first-axis offsets of the conditions in the image stream
@@ -397,6 +398,8 @@ class CareEditModel(nn.Module):
             [r.gate for r in records if r.gate is not None],
             batch.tag_ids.to(pred.device),
             [r.routing.logits for r in records if r.routing.logits is not None],
+            [r.refined_detail for r in records if r.refined_detail is not None],
+            self._subgrid_target(batch, ctx.grid, pred.device),
         )
         lc = self.cfg.loss
         weights = {
@@ -416,6 +419,14 @@ class CareEditModel(nn.Module):
             prediction=pred,
         )
 
+    def _subgrid_target(self, batch: EditBatch, grid: tuple[int, int], device: torch.device) -> Optional[Tensor]:
+        """The fine mask's share of each cell of Mask Repaint's fine grid [B, gh*s, gw*s] (``repaint.subgrid``
+        s > 1; else None): the target of the mask loss there."""
+        s = self.cfg.repaint.subgrid
+        if not self.cfg.repaint.enabled or s <= 1 or batch.fine_mask is None:
+            return None
+        return mask_to_grid(batch.fine_mask.to(device), (grid[0] * s, grid[1] * s))
+
     def loss_terms(
         self,
         pred: Tensor,
@@ -429,6 +440,8 @@ class CareEditModel(nn.Module):
         gates: list[Tensor],
         tag_ids: Tensor,
         logits: Optional[list[Tensor]] = None,
+        details: Optional[list[Tensor]] = None,
+        fine_target: Optional[Tensor] = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Every loss term (unweighted; only those with a non-zero weight), and the detached routing
         statistics per expert layer: ``util`` [L, E] (share of tokens selecting each expert), ``spread``
@@ -436,7 +449,8 @@ class CareEditModel(nn.Module):
         the signs of a collapsed router), and ``gate`` [L] (mean mixture gate) and ``gate_spread`` [L] (its
         standard deviation over tokens). A pure function of tensors (compiled by :meth:`compile_regions`);
         nothing in it waits for the GPU. probs/logits [S, E], index/weight [S, K], refined and gates [B, N]
-        per expert layer."""
+        per expert layer; with ``repaint.subgrid`` s > 1, details [B, N, s*s] per layer and fine_target
+        [B, gh*s, gw*s], and the mask loss is taken on that grid."""
         lc = self.cfg.loss
         b = pred.shape[0]
         terms: dict[str, Tensor] = {}
@@ -449,7 +463,15 @@ class CareEditModel(nn.Module):
             terms["load_balance"] = torch.stack([load_balance_loss(p, i, e) for p, i in zip(probs, index)]).mean()
         if lc.router_z > 0 and learned and logits:
             terms["router_z"] = torch.stack([router_z_loss(lg) for lg in logits]).mean()
-        if lc.mask_boundary > 0 and refined:
+        if lc.mask_boundary > 0 and refined and details and fine_target is not None:
+            # repaint.subgrid > 1: the mask loss on the fine grid, through the token logits and their patches
+            terms["mask_boundary"] = torch.stack(
+                [
+                    mask_boundary_loss(subgrid_logits(lg, d, grid), fine_target, lc.boundary_band, lc.boundary_weight)
+                    for lg, d in zip(refined, details)
+                ]
+            ).mean()
+        elif lc.mask_boundary > 0 and refined:
             fine = gt_mask.reshape(b, gh, gw)
             terms["mask_boundary"] = torch.stack(
                 [
@@ -586,8 +608,13 @@ class CareEditModel(nn.Module):
             return EditResult(images, cond.coarse.float(), torch.zeros_like(images))
         gh, gw = ctx.grid
         last = max(ctx.refined) if ctx.refined else None
-        refined = ctx.refined[last] if last is not None else ctx.coarse
-        refined = up(refined.float().reshape(b, 1, gh, gw))
+        detail = ctx.records[last].refined_detail if last is not None and last in ctx.records else None
+        if detail is not None:  # repaint.subgrid > 1: the mask on the fine grid
+            refined = torch.sigmoid(subgrid_logits(ctx.records[last].refined_logits.float(), detail.float(), (gh, gw)))
+            refined = up(refined[:, None])
+        else:
+            refined = ctx.refined[last] if last is not None else ctx.coarse
+            refined = up(refined.float().reshape(b, 1, gh, gw))
         record = ctx.records[max(ctx.records)]
         e = len(self.expert_names)
         dense = dense_weights(record.routing.index, record.routing.weight, e).reshape(b, gh, gw, e)

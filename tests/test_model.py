@@ -587,3 +587,52 @@ def test_expert_perturbation_ignores_the_default_device():
     assert under.device.type == "cpu"
     torch.testing.assert_close(under, plain, rtol=0, atol=0)
     assert zero_mean_perturbation((6, 4), 0, 4, seed=3).add(plain).abs().sum() > 0  # experts differ
+
+
+def test_subgrid_logits_place_each_patch_under_its_token():
+    from moe.repaint import subgrid_logits
+
+    logits = torch.tensor([[0.0, 10.0, 20.0, 30.0, 40.0, 50.0]])  # one sample, a 2x3 token grid
+    detail = torch.arange(6 * 4, dtype=torch.float32).reshape(1, 6, 4)  # 2x2 patch offsets per token
+    fine = subgrid_logits(logits, detail, (2, 3))
+    assert fine.shape == (1, 4, 6)
+    for i in range(2):
+        for j in range(3):
+            n = i * 3 + j
+            for u in range(2):
+                for v in range(2):  # token (i, j)'s offset (u, v) at (2i + u, 2j + v)
+                    assert fine[0, 2 * i + u, 2 * j + v] == logits[0, n] + detail[0, n, 2 * u + v]
+
+
+def test_repaint_subgrid_starts_as_the_token_mask_and_learns_below_the_token():
+    torch.manual_seed(0)
+    coarse_model = _model(**{"repaint.subgrid": 1})
+    torch.manual_seed(0)
+    fine_model = _model(**{"repaint.subgrid": 4})
+    batch = make_batch()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = coarse_model.edit(batch, num_steps=2, generator=g())
+    b = fine_model.edit(batch, num_steps=2, generator=g())
+    # zero-initialised offsets: the same edit and the same mask as one value per token
+    torch.testing.assert_close(a.images, b.images)
+    torch.testing.assert_close(a.refined_mask, b.refined_mask)
+    # the mask loss is taken on the fine grid and reaches the patch head
+    fine_model.train()
+    out = fine_model(batch)
+    params = dict(fine_model.trainable_named_parameters())
+    names = [n for n in params if ".repaint.detail." in n]
+    assert names
+    grads = torch.autograd.grad(out.terms["mask_boundary"], [params[n] for n in names])
+    assert all(gr.abs().max() > 0 for gr in grads)
+    # with offsets the refined mask varies inside a token cell (4x4 patches on an 8x8-pixel cell)
+    for layer in fine_model.expert_layers:
+        torch.nn.init.normal_(layer.repaint.detail.weight, std=1.0)
+    fine_model.eval()
+    m = fine_model.edit(batch, num_steps=2, generator=g()).refined_mask
+    cells = m.unfold(2, 8, 8).unfold(3, 8, 8)  # [B, 1, gh, gw, 8, 8]
+    assert (cells.amax(dim=(-1, -2)) - cells.amin(dim=(-1, -2))).max() > 0.05
+
+
+def test_repaint_subgrid_is_validated():
+    with pytest.raises(ValueError, match="repaint.subgrid"):
+        tiny_model_config(**{"repaint.subgrid": 0})
