@@ -32,11 +32,9 @@ claim of the papers (:data:`CLAIMS`), by a paired t-test over seeds at the 95% l
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +42,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import environment as bench_environment  # noqa: E402
+from bench.common import run_logged  # noqa: E402
+
 GRID = os.path.join(ROOT, "configs", "ablations.yaml")
 REFERENCE = "full"  # the variant every other one is compared with (the grid's first set)
 TASKS = ("add", "recolor", "remove", "replace", "style")
@@ -102,12 +105,7 @@ def train_command(variant: str, seed: int, overrides: list[str], args: argparse.
 
 
 def _run(cmd: list[str], log: str) -> None:
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); log {log}:\n{tail}")
+    run_logged(cmd, log, ROOT)
 
 
 def run_job(variant: str, seed: int, overrides: list[str], args: argparse.Namespace) -> dict:
@@ -170,22 +168,11 @@ def results_dir(args: argparse.Namespace) -> str:
     return args.results or os.path.join(args.out, "results")
 
 
-def environment(device: str) -> dict:
-    """What the numbers were measured with: date, device, library versions."""
-    import deepspeed
-    import diffusers
-    import torch
+def environment() -> dict:
+    """What the numbers were measured with: date, device, library versions (``bench.common``'s, and transformers)."""
     import transformers
 
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
-    return {
-        "date": datetime.date.today().isoformat(),
-        "device": gpu or f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
+    return bench_environment() | {"transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -466,7 +453,7 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
             f" {per_seed} | {t} | {row['verdict']} |"
         )
     ts, ss = contrast.get(REFERENCE, (math.nan, math.nan))
-    spec = "supported" if ts > 2 * ss else "not resolved" if not math.isnan(ts) else "not resolved"
+    spec = "supported" if ts > 2 * ss else "not resolved"  # NaN compares False
     lines.append(
         f"| experts specialise by task | full's routing spread between tasks against 2x between seeds | "
         f"{_num(ts)} vs {_num(ss)} | - | - | {spec} |"
@@ -577,7 +564,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     env_path = os.path.join(results_dir(args), "environment.json")
     failed = []
     if not args.report_only:
-        args.environment = environment(args.device) | {"run_device": args.device, "run_parallel": args.parallel}
+        args.environment = environment() | {"run_device": args.device, "run_parallel": args.parallel}
         if not os.path.isfile(env_path):  # the environment of the grid's first jobs (each result keeps its own)
             with open(env_path, "w") as f:
                 json.dump(args.environment, f)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +29,17 @@ def environment() -> dict:
     else:
         env["device"] = f"cpu ({platform.processor() or platform.machine()})"
     return env
+
+
+def run_logged(cmd: list[str], log: str, cwd: str, env: Optional[dict] = None) -> None:
+    """Run ``cmd`` in ``cwd`` with its output in ``log``; raise RuntimeError with the log's tail if it fails."""
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); log {log}:\n{tail}")
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> dict:
