@@ -3,7 +3,7 @@ Mask Repaint + Latent Mixture as trained).
 
 ``python -m launch.edit --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --image in.png
 --instruction "make the circle blue" --out out.png [--mask x0,y0,x1,y1 | --mask mask.png]
-[--reference ref.png] [--steps 20] [--text-guidance 1.0] [--image-guidance 1.0] [--seed 0]
+[--reference ref.png] [--steps 20] [--text-guidance S] [--image-guidance S] [--seed 0]
 [--size H W] [--device cpu|cuda] [--ema] [--refined-mask-out m.png] [--routing-map-out r.png]``
 
 The image is resized to ``--size`` (default: the training resolution, ``data.image_size``) and the
@@ -49,8 +49,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--reference", default=None, help="reference image (subject / style)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--text-guidance", type=float, default=1.0)
-    p.add_argument("--image-guidance", type=float, default=1.0)
+    p.add_argument("--text-guidance", type=float, default=None, help="default: the recipe's model.sampling")
+    p.add_argument("--image-guidance", type=float, default=None, help="default: the recipe's model.sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -308,8 +308,8 @@ def run_edit(
     model: torch.nn.Module,
     batch: EditBatch,
     steps: int,
-    text_guidance: float,
-    image_guidance: float,
+    text_guidance: Optional[float],
+    image_guidance: Optional[float],
     seed: int,
     device: str,
 ):
@@ -368,7 +368,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: cannot write {path}: {e}", file=sys.stderr)
             return 2
     util = " ".join(f"{k} {v:.2f}" for k, v in res.utilisation.items())
-    print(f"wrote {args.out} ({size[0]}x{size[1]}, {args.steps} steps, seed {args.seed}); expert utilisation: {util}")
+    g = res.guidance
+    print(
+        f"wrote {args.out} ({size[0]}x{size[1]}, {args.steps} steps, seed {args.seed}, text guidance {g['text']}, "
+        f"image guidance {g['image']}); expert utilisation: {util}"
+    )
     return 0
 
 

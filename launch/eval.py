@@ -42,8 +42,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=64, help="evaluate at most this many samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-guidance", type=float, default=1.0)
-    p.add_argument("--image-guidance", type=float, default=1.0)
+    p.add_argument("--text-guidance", type=float, default=None, help="default: the recipe's model.sampling")
+    p.add_argument("--image-guidance", type=float, default=None, help="default: the recipe's model.sampling")
     p.add_argument(
         "--keep-outside-box",
         action="store_true",

@@ -7,6 +7,7 @@ impossible combinations before anything is built, naming the offending key.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -182,6 +183,18 @@ class ConditionDropoutConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """The guidance the recipe edits with when a caller names none: ``CareEditModel.edit``, hence
+    ``launch/edit.py``, ``launch/eval.py``, the in-run held-out edits and the image grids. InstructPix2Pix
+    guidance: ``v = v(none) + image * (v(image) - v(none)) + text * (v(image, text) - v(image))``; 1 and 1
+    is the plain conditional prediction (one forward per step), anything else costs three. The passes
+    without text or image are in distribution because of ``condition_dropout``."""
+
+    text_guidance: float = 1.0
+    image_guidance: float = 1.0
+
+
+@dataclass
 class LossConfig:
     diffusion: float = 1.0
     region_alpha: float = 0.0  # diffusion weight 1 + alpha * fine mask (AdaptEdit uses 2)
@@ -213,6 +226,7 @@ class ModelConfig:
     repaint: RepaintConfig = field(default_factory=RepaintConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     condition_dropout: ConditionDropoutConfig = field(default_factory=ConditionDropoutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     use_reference: bool = True  # put reference-image tokens in the sequence when a sample has one
     # Seed of the frozen weights built at random when no path is given. Frozen weights are not saved
@@ -328,5 +342,9 @@ def validate_model_config(cfg: Any) -> None:
     ):
         if getattr(cfg.loss, key) < 0:
             _fail(f"loss.{key}", "loss weights must be >= 0")
+    for key in ("text_guidance", "image_guidance"):
+        g = getattr(cfg.sampling, key)
+        if not (math.isfinite(g) and g >= 0):
+            _fail(f"sampling.{key}", f"{g} must be a finite number >= 0 (1 = no guidance)")
     if cfg.loss.timestep_sampling not in ("logit_normal", "uniform"):
         _fail("loss.timestep_sampling", "must be logit_normal or uniform")

@@ -549,13 +549,14 @@ class CareEditModel(nn.Module):
         self,
         batch: EditBatch,
         num_steps: int = 20,
-        text_guidance: float = 1.0,
-        image_guidance: float = 1.0,
+        text_guidance: Optional[float] = None,
+        image_guidance: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         keep_outside_box: bool = False,
     ) -> EditResult:
         """Flow-matching Euler sampler (diffusers' scheduler) with InstructPix2Pix-style guidance:
         v = v(none) + s_img * (v(image) - v(none)) + s_txt * (v(image, text) - v(image)).
+        A guidance scale left as None is the recipe's (``model.sampling``).
 
         ``keep_outside_box``: after every step, the latents outside the user's box are replaced by the
         source's latents noised to the next time (with the sampler's own starting noise), as
@@ -564,6 +565,10 @@ class CareEditModel(nn.Module):
         inference-time constraint, and evaluations report with and without it."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if text_guidance is None:
+            text_guidance = self.cfg.sampling.text_guidance
+        if image_guidance is None:
+            image_guidance = self.cfg.sampling.image_guidance
         was_training = self.training
         self.eval()
         cond = self.encode_conditions(batch)

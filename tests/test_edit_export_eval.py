@@ -321,6 +321,10 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     assert set(result["skipped_metrics"]) == {"dino"} and "dino" not in m
     assert -1 <= m["clip_i"] <= 1 and -1 <= m["clip_t"] <= 1
     assert (out / "eval.png").stat().st_size > 0
+    # no --text-guidance / --image-guidance: the recipe's model.sampling, recorded and printed
+    sampling = read_export(exported["weights"])[1].model.sampling
+    assert result["guidance"] == {"text": sampling.text_guidance, "image": sampling.image_guidance}
+    assert f"sampling: 1 Euler steps, text guidance {sampling.text_guidance}, image" in stdout
     # edit success beside the do-nothing and oracle rows, on the same 5 samples, and their table
     assert result["num_checked"] == 5 and 0 <= m["success"] <= 1 and 0 <= m["success_mean_over_tasks"] <= 1
     assert result["baselines"]["do_nothing"]["metrics"]["success"] == 0.0

@@ -453,6 +453,24 @@ def test_edit_is_deterministic_for_a_seed_and_returns_maps():
     assert g.guidance == {"text": 2.0, "image": 1.5} and a.guidance == {"text": 1.0, "image": 1.0}
 
 
+def test_edit_guidance_defaults_to_the_recipes_sampling_config():
+    """model.sampling is what edit() uses when the caller names no scale; a named scale wins."""
+    batch = make_batch()
+    guided = _model(**{"sampling.text_guidance": 2.0, "sampling.image_guidance": 1.5})
+    plain = _model()  # same seed: the same weights
+    by_cfg = guided.edit(batch, num_steps=2, generator=torch.Generator().manual_seed(0))
+    named = plain.edit(
+        batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0)
+    )
+    assert by_cfg.guidance == {"text": 2.0, "image": 1.5}
+    assert torch.equal(by_cfg.images, named.images)
+    off = guided.edit(
+        batch, num_steps=2, text_guidance=1.0, image_guidance=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert off.guidance == {"text": 1.0, "image": 1.0}
+    assert torch.equal(off.images, plain.edit(batch, num_steps=2, generator=torch.Generator().manual_seed(0)).images)
+
+
 def test_weights_load_from_a_local_folder(tmp_path):
     """The path a user's real weights take: from_pretrained on local folders, no hub."""
     model = _model()
@@ -488,6 +506,8 @@ def test_weights_load_from_a_local_folder(tmp_path):
         ({"loss.router_z": -1.0}, "loss.router_z"),
         ({"condition_dropout.text": 1.5}, "condition_dropout.text"),
         ({"experts.init_std": -0.1}, "experts.init_std"),
+        ({"sampling.text_guidance": -1.0}, "sampling.text_guidance"),
+        ({"sampling.image_guidance": float("nan")}, "sampling.image_guidance"),
     ],
 )
 def test_bad_configs_fail_before_anything_is_built(overrides, key, monkeypatch):

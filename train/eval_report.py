@@ -61,6 +61,11 @@ def format_table(result: dict) -> str:
         lines.append(f"success unavailable: {result['skipped_metrics']['success']}")
     elif result.get("num_checked") is not None:
         lines.append(f"success over {result['num_checked']} of {result['num_samples']} samples (those with a check)")
+    g, settings = result.get("guidance") or {}, result.get("settings") or {}
+    if g.get("text") is not None and g.get("image") is not None and "steps" in settings:
+        lines.append(
+            f"sampling: {settings['steps']} Euler steps, text guidance {g['text']}, image guidance {g['image']}"
+        )
     return "\n".join(lines)
 
 

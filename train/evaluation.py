@@ -188,8 +188,8 @@ class EvalSettings:
     limit: int = 64
     batch_size: int = 8
     seed: int = 0
-    text_guidance: float = 1.0
-    image_guidance: float = 1.0
+    text_guidance: Optional[float] = None  # None: the model's own (model.sampling)
+    image_guidance: Optional[float] = None
     flow_loss: bool = True  # also the held-out flow-matching loss (3 more forwards per batch)
     keep_outside_box: bool = False  # the sampler keeps the source outside the user's box (CareEditModel.edit)
     group_by_task: bool = True  # one edit call per task in a batch: exact per-task utilisation, more calls
@@ -313,6 +313,8 @@ def evaluate(
     util: dict[str, dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
     g = torch.Generator(device=device).manual_seed(settings.seed)
     n = checked = 0
+    # the scales the edits used: the settings', or what the model resolved None to (CareEditModel.edit)
+    guidance = {"text": settings.text_guidance, "image": settings.image_guidance}
     for batch in batches:
         groups = sorted(set(batch.task)) if settings.group_by_task else ["all"]
         known = batch.extras.get("checks", {})
@@ -353,6 +355,7 @@ def evaluate(
                     for k, v in row.items():
                         base_sample[b][k].append(v[i].item())
                         base_task[b][t][k].append(v[i].item())
+            guidance = getattr(res, "guidance", None) or guidance  # a model without the field: the settings'
             for name, u in res.utilisation.items():
                 util[task][name].append((u, len(idx)))
             n += len(idx)
@@ -380,4 +383,5 @@ def evaluate(
         "utilisation_per_task": utilisation,
         "skipped_metrics": skipped,
         "settings": dataclasses.asdict(settings),
+        "guidance": guidance,
     }

@@ -172,7 +172,7 @@ def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Te
     try:
         g = torch.Generator(device=batch.source.device).manual_seed(seed)
         with torch.compiler.set_stance("force_eager"):
-            res = model.edit(batch, num_steps=num_steps, text_guidance=1.0, image_guidance=1.0, generator=g)
+            res = model.edit(batch, num_steps=num_steps, generator=g)  # the recipe's guidance
     finally:
         model.train(was_training)
 
