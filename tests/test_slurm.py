@@ -81,6 +81,7 @@ def test_ablation_grid_lists_sets_validates_them_and_prints_the_sbatch_line():
         "model.repaint.use_gt_mask_in_training=false",
         "model.repaint.subgrid=1",
         "model.loss.region_alpha=0",
+        "model.loss.logit_mean=0",
         "model.sampling.text_guidance=1",
         "model.sampling.image_guidance=1",
         "model.router.top_k=1",
