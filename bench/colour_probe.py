@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         probed += len(idx)
         if probed >= args.samples:
             break
+    if probed == 0:
+        print(f"error: --data {args.data}: no {' or '.join(PROBED_TASKS)} samples to probe", file=sys.stderr)
+        return 2
     shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     cols = names + ["none"]
     print(
