@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: install train eval lint test test-slow test-all data clean
+.PHONY: install train eval h200 lint test test-slow test-all data clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ train: data
 eval: $(STAMP)
 	$(PYTHON) -m launch.eval --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/val-{000000..000000}.tar' \
 	    --out runs/tiny/eval --limit 96 --steps 20
+
+# The one-H200 recipe in one command: pretrain a base on the GPU (configs/base_tiny.yaml), fine-tune
+# configs/mid.yaml's editor on it, score 200 held-out edits beside the do-nothing and oracle rows
+h200: data
+	$(PYTHON) bench/miniature.py --base-config configs/base_tiny.yaml --base runs/h200/base \
+	    --edit-config configs/mid.yaml --device cuda --out runs/h200 --eval-limit 200 $(ARGS)
 
 # ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120
 lint: $(STAMP)

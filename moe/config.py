@@ -138,8 +138,9 @@ class ExpertsConfig:
     dispatch: str = "auto"  # auto | dense (every expert on every token, sparse weights) | alltoall
     # ffn experts as torch._grouped_mm products (no per-expert loop; at ep_size 1 no host sync, so their
     # blocks trace whole and CUDA graphs take them). null = auto: on at ep_size 1. Used where supported
-    # (bf16, sm90+ GPU or CPU); elsewhere the per-expert loop. On one H100 a mid run trained 13.2 samples/s
-    # with it against 11.8 for the loop (train.compile), 17.2 against 9.8 with reduce-overhead (docs/PERF.md).
+    # (bf16, sm90+ GPU or CPU); elsewhere the per-expert loop. On one H100 a run of configs/gpu_smoke.yaml
+    # trained 13.2 samples/s with it against 11.8 for the loop (train.compile), 17.2 against 9.8 with
+    # reduce-overhead (docs/PERF.md).
     # Memory: the grouped GEMMs keep a stacked copy of the expert weights for the backward (FLUX width:
     # ~0.6 GB per expert layer), held across the whole forward unless gradient checkpointing is on
     grouped_gemm: Optional[bool] = None
