@@ -39,10 +39,10 @@ eval: $(STAMP)
 	$(PYTHON) -m launch.eval --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/val-{000000..000000}.tar' \
 	    --out runs/tiny/eval --limit 96 --steps 20
 
-# The one-H200 recipe in one command: pretrain a base on the GPU (configs/base_tiny.yaml), fine-tune
+# The one-H200 recipe in one command: pretrain a base on the GPU (configs/base_mid.yaml), fine-tune
 # configs/mid.yaml's editor on it, score 200 held-out edits beside the do-nothing and oracle rows
 h200: data
-	$(PYTHON) bench/miniature.py --base-config configs/base_tiny.yaml --base runs/h200/base \
+	$(PYTHON) bench/miniature.py --base-config configs/base_mid.yaml --base runs/h200/base \
 	    --edit-config configs/mid.yaml --device cuda --out runs/h200 --eval-limit 200 $(ARGS)
 
 # ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120
