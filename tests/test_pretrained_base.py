@@ -25,6 +25,7 @@ from train.pretrain_base import (
     encode_text,
     file_digests,
     pretrain,
+    recipe_from_dict,
     save_base,
 )
 
@@ -169,6 +170,20 @@ def test_embedded_base_matches_its_digests():
         assert file_digests(EMBEDDED) == json.load(f)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(EMBEDDED) for f in fs)
     assert total <= 10 * 2**20
+
+
+def test_the_h200_base_recipe_builds_the_embedded_base_model():
+    """configs/base_mid.yaml (make h200) makes the model configs/base_tiny.yaml made: the editor recipes
+    are written for that model, so only the optimisation may differ."""
+    from omegaconf import OmegaConf
+
+    tiny, mid = (
+        recipe_from_dict(OmegaConf.load(os.path.join(ROOT, "configs", f"base_{n}.yaml"))) for n in ("tiny", "mid")
+    )
+    mid.validate()
+    for field in ("arch", "text", "image_size", "pixel_factor", "prediction", "logit_mean", "num_scenes", "seed"):
+        assert getattr(mid, field) == getattr(tiny, field), field
+    assert mid.steps * mid.batch_size == tiny.steps * tiny.batch_size  # the same samples seen
 
 
 def test_bf16_with_the_pixel_unshuffle_codec(micro_base):

@@ -23,6 +23,32 @@ def test_tiny_merges_base_and_overrides():
     assert cfg.model.backbone.path == os.path.join(ROOT, "configs", "pretrained", "tiny")  # the embedded base
 
 
+def _leaves(cfg) -> dict:
+    """{dotted key: value} of a config's leaves."""
+    from omegaconf import OmegaConf
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
+
+
+def test_h200_recipe_is_the_cpu_editor_with_a_larger_micro_batch():
+    """configs/mid.yaml trains the same model on the same base as tiny.yaml; only the step's size, its
+    count and what follows from them (precision, warm-up, loaders, evaluation sizes) may differ."""
+    tiny, mid = _leaves(load_config(TINY)), _leaves(load_config(os.path.join(ROOT, "configs", "mid.yaml")))
+    differ = {k for k in tiny.keys() | mid.keys() if tiny.get(k) != mid.get(k)}
+    allowed = {"run.name", "train.steps", "train.micro_batch", "train.precision", "schedule.warmup_steps"}
+    allowed |= {k for k in differ if k.startswith(("logging.", "data.num_workers", "data.shuffle_buffer"))}
+    assert differ <= allowed, sorted(differ - allowed)
+    assert mid["train.micro_batch"] == 8 * tiny["train.micro_batch"]
+    assert not any(k.startswith("model.") for k in differ)
+
+
 def test_relative_weight_paths_resolve_from_the_repository_and_missing_ones_are_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative to the working directory first, then to the config's repository
     cfg = load_config(TINY)
