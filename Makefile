@@ -43,7 +43,7 @@ eval: $(STAMP)
 # configs/mid.yaml's editor on it, score 200 held-out edits beside the do-nothing and oracle rows
 h200: data
 	$(PYTHON) bench/miniature.py --base-config configs/base_mid.yaml --base runs/h200/base \
-	    --edit-config configs/mid.yaml --device cuda --out runs/h200 --eval-limit 200 $(ARGS)
+	    --edit-config configs/mid.yaml --device cuda --out runs/h200 --eval-limit 200 --eval-batch-size 200 $(ARGS)
 
 # ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, line length 120
 lint: $(STAMP)

@@ -2,7 +2,7 @@
 
     python bench/miniature.py --base-config configs/base_tiny.yaml --base DIR --edit-config configs/tiny.yaml \
         [--device cuda] [--out runs/miniature] [--parallel 4] [--eval-limit 64] [--eval-steps 20] \
-        [--variant NAME key=value ...] ...
+        [--eval-batch-size 32] [--variant NAME key=value ...] ...
 
 1. the synthetic edit set (``python -m data.synthetic --if-absent``);
 2. the base (``python -m launch.pretrain_base``), unless ``--base`` already holds one (``digests.json``);
@@ -43,6 +43,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--eval-limit", type=int, default=64)
     p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument(
+        "--eval-batch-size", type=int, default=32, help="held-out samples per edit batch (a GPU takes all 200)"
+    )
     p.add_argument(
         "--variant",
         nargs="+",
@@ -102,7 +105,7 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
                 "--steps",
                 str(args.eval_steps),
                 "--batch-size",
-                "32",
+                str(args.eval_batch_size),
             ],
             os.path.join(args.out, "logs", f"{name}.eval.log"),
         )

@@ -18,6 +18,9 @@ the miniature's word-level tokenizer is built from it (``train.pretrain_base``).
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 from PIL import Image
 
@@ -94,7 +97,27 @@ def make_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, str]:
     return img, text
 
 
-def make_scenes(seed: int, start: int, count: int, size: int) -> tuple[np.ndarray, list[str]]:
-    """Scenes ``start .. start + count - 1``: (uint8 [count, size, size, 3], captions)."""
+SCENES_PER_TASK = 1000  # a worker's share of a parallel make_scenes
+
+
+def make_scenes(seed: int, start: int, count: int, size: int, workers: int = 1) -> tuple[np.ndarray, list[str]]:
+    """Scenes ``start .. start + count - 1``: (uint8 [count, size, size, 3], captions).
+
+    ``workers`` > 1 renders blocks of :data:`SCENES_PER_TASK` scenes in that many processes (20,000
+    scenes take ~45 s in one, a sixth of the one-H200 recipe's pretraining). Every scene draws from its
+    own seeded stream, so the arrays are the same for any number of workers."""
+    if workers > 1 and count >= 2 * SCENES_PER_TASK:
+        blocks = [
+            (seed, s, min(SCENES_PER_TASK, start + count - s), size)
+            for s in range(start, start + count, SCENES_PER_TASK)
+        ]
+        # spawn, not fork: the caller has usually started torch's threads already
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_scene_block, blocks))
+        return np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]]
     images, texts = zip(*(make_scene(seed, i, size) for i in range(start, start + count)))
     return np.stack(images), list(texts)
+
+
+def _scene_block(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    return make_scenes(*args)

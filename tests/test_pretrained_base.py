@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -314,3 +315,12 @@ def test_care_edit_reads_the_base_as_it_was_pretrained(micro_base, tmp_path):
         raw, _ = care.predict_velocity(noisy, t, cond)
     expected = (noisy - raw) / torch.tensor([0.05, 0.6])[:, None, None, None]  # t clamped at t_min
     torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scenes_rendered_in_parallel_are_the_same_scenes():
+    from data.captions import SCENES_PER_TASK, make_scenes
+
+    count = 2 * SCENES_PER_TASK + 37  # three blocks, the last one short
+    one, texts_one = make_scenes(3, 11, count, 16)
+    two, texts_two = make_scenes(3, 11, count, 16, workers=2)
+    assert one.shape == (count, 16, 16, 3) and np.array_equal(one, two) and texts_one == texts_two
