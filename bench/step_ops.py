@@ -7,7 +7,7 @@ them: roughly one kernel launch per dispatched operation (views launch none but 
 time), plus a wait at every read of a GPU value on the host (``aten._local_scalar_dense``: ``.item()``,
 ``float(t)``, ``bool(t)``; on the CPU the optimizer's reads of its step counters count too, which
 stay on the host on a GPU). This counts both with a ``TorchDispatchMode`` on the CPU, for the model's
-forward and backward and a foreach AdamW step over its trainable tensors, on real held-out batches
+forward and backward and a fused AdamW step over its trainable tensors (the trainer's), on real held-out batches
 of the config's data. The count does not depend on the device, and barely on the micro-batch: a
 larger micro-batch buys samples at almost no host cost. The trainer adds its own per-step work
 (DeepSpeed's engine, the gradient-norm guard, logging), not counted here.
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).train()
     params = [p for _, p in model.trainable_named_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     for mb in args.micro_batch:
         batch = next(iter(iterate_heldout(cfg.data, args.data, mb, mb)))
         count_step(model, batch, optimizer)  # the first step builds caches (empty prompt, optimizer state)
