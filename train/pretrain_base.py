@@ -296,7 +296,8 @@ def pretrain(
         betas=(0.9, 0.99),
     )
     t0 = time.time()
-    images, texts = make_scenes(r.seed, 0, r.num_scenes, r.image_size, workers=len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    images, texts = make_scenes(r.seed, 0, r.num_scenes, r.image_size, workers=cores)
     images = torch.from_numpy(images).to(device)
     log(f"{r.num_scenes} scenes of {r.image_size} px made in {time.time() - t0:.0f} s")
     gen = torch.Generator(device).manual_seed(r.seed)
