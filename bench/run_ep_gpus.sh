@@ -2,7 +2,7 @@
 # Expert parallelism on one multi-GPU host, everything one device call needs:
 #   1. bench/bench_ep.py: per-GPU throughput of full-width FFN expert layers at ep 1 (1 GPU), and at
 #      ep 1 / ep 2 / ... on all GPUs (weak scaling: fixed tokens per GPU), all-to-all and all-reduce time;
-#   2. a real training run (configs/mid.yaml, FFN experts, bf16, ZeRO 2) at ep_size = number of GPUs,
+#   2. a real training run (configs/gpu_smoke.yaml, FFN experts, bf16, ZeRO 2) at ep_size = number of GPUs,
 #      checkpointed halfway, converted with launch.reshape_checkpoint and resumed at ep_size 1 on one
 #      GPU with the same global batch (grad_accum x GPUs): the loss must continue where it stopped.
 # Usage (after the wheel install line): bash bench/run_ep_gpus.sh NUM_GPUS OUT_DIR
@@ -24,7 +24,7 @@ done
 python3 -m data.synthetic --out artifacts/synthetic --if-absent > "$out/data.log" 2>&1
 steps=40
 # constant lr (no warm-up, min_lr = lr): the 20-step first leg and the 40-step runs share one schedule
-common=(--config configs/mid.yaml train.steps=$steps schedule.warmup_steps=0 schedule.min_lr=3.0e-4 checkpoint.every=20 logging.every=5 logging.images_every=0 run.dir=/tmp/runs run.name=reshape)
+common=(--config configs/gpu_smoke.yaml train.steps=$steps schedule.warmup_steps=0 schedule.min_lr=3.0e-4 checkpoint.every=20 logging.every=5 logging.images_every=0 run.dir=/tmp/runs run.name=reshape)
 python3 -m deepspeed.launcher.runner --num_gpus "$n" launch/train.py "${common[@]}" model.experts.ep_size=$n \
   train.steps=20 > "$out/train_ep$n.log" 2>&1
 cp /tmp/runs/reshape/losses.jsonl "$out/losses_ep${n}_first20.jsonl"

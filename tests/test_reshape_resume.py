@@ -215,3 +215,18 @@ def test_portable_checkpoint_missing_an_expert_file_is_refused(native_ep2, tmp_p
     os.remove(os.path.join(dst, "expert_0002_states.pt"))
     with pytest.raises(ReshapeError, match="expert_0002_states.pt: missing"):
         read_params_for(dst, trainable)
+
+
+@pytest.mark.parametrize("group, on_moments", [({"fused": True}, True), ({"capturable": True}, True), ({}, False)])
+def test_loaded_adam_step_lives_where_the_optimizer_reads_it(group, on_moments):
+    """A fused (or capturable) AdamW reads its step on the parameters' device, the others on the CPU;
+    a step left on the CPU fails a fused GPU optimizer's first step after a portable resume. The meta
+    device stands in for a GPU here."""
+    from train.portable_load import _adam_state
+
+    moments = {"exp_avg": torch.zeros(3, device="meta"), "exp_avg_sq": torch.zeros(3, device="meta")}
+    state = _adam_state(7, moments, group)
+    assert state["step"].device.type == ("meta" if on_moments else "cpu")
+    assert state["step"].dtype == torch.float32 and state["exp_avg"] is moments["exp_avg"]
+    if not on_moments:
+        assert float(state["step"]) == 7.0

@@ -6,10 +6,11 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.distributed as torch_dist
 
 from train.config import ConfigError, deepspeed_config, load_config
-from train.engine import warmup_cosine
+from train.engine import build_optimizer, warmup_cosine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -166,6 +167,30 @@ def test_deepspeed_config_is_generated_from_the_tree():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False  # auto = fp32 on CPU
     assert deepspeed_config(cfg, world_size=4, on_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_optimizer_is_fused_adamw_with_the_plain_one_s_numbers():
+    """The trainer's AdamW is fused (one kernel or loop for all tensors) and steps like torch's plain
+    single-tensor AdamW with the same settings."""
+    torch.manual_seed(0)
+    optim = load_config(TINY, ["optim.weight_decay=0.1"]).optim
+    weights = [torch.randn(5, 3), torch.randn(3)]
+    fused_p = [torch.nn.Parameter(w.clone()) for w in weights]
+    plain_p = [torch.nn.Parameter(w.clone()) for w in weights]
+    fused = build_optimizer([{"params": fused_p}], optim)
+    plain = torch.optim.AdamW(
+        plain_p, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay, foreach=False
+    )
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in ((fused_p, fused), (plain_p, plain)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_p, plain_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))
 
 
 def test_warmup_cosine_schedule():

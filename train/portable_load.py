@@ -56,9 +56,12 @@ def _group_step(i: int, entries: list[dict], path: str) -> Optional[float]:
     return step
 
 
-def _adam_state(step: float, moments: dict[str, torch.Tensor]) -> dict:
-    # torch keeps Adam's step as a float32 CPU scalar tensor (capturable/fused off, as DeepSpeed builds it)
-    return {"step": torch.tensor(float(step), dtype=torch.float32), **moments}
+def _adam_state(step: float, moments: dict[str, torch.Tensor], group: dict) -> dict:
+    """Adam's state as torch keeps it: the step a float32 scalar tensor, on the CPU unless the group is
+    fused or capturable, whose kernels read it on the moments' device (torch's own load_state_dict rule)."""
+    on_device = group.get("fused") or group.get("capturable")
+    device = next(iter(moments.values())).device if on_device else "cpu"
+    return {"step": torch.tensor(float(step), dtype=torch.float32, device=device), **moments}
 
 
 @torch.no_grad()
@@ -81,17 +84,18 @@ def _apply_optimizer(engine: Any, params: dict[str, dict], name_of: dict[int, st
                 for key, dst in (("fp32", hp), *((k, bufs[k]) for k in MOMENTS if step is not None)):
                     dst.narrow(0, hi.start, hi.numel).copy_(e[key].flatten().narrow(0, lo.start, lo.numel))
             if step is not None:
-                opt.optimizer.state[hp] = _adam_state(step, bufs)
+                opt.optimizer.state[hp] = _adam_state(step, bufs, opt.optimizer.param_groups[i])
         elif kind == "unfused":  # bf16 at ZeRO 0: an fp32 master per parameter, Adam state on the master
             for _, e, master in zip(lps, entries, opt.fp32_groups[i]):
                 master.data.copy_(e["fp32"])
                 if step is not None:
                     opt.optimizer.state[master] = _adam_state(
-                        step, {k: e[k].to(master.device).clone() for k in MOMENTS}
+                        step, {k: e[k].to(master.device).clone() for k in MOMENTS}, opt.optimizer.param_groups[i]
                     )
         elif step is not None:  # fp32 at ZeRO 0: the parameters are the masters
             for p, e in zip(lps, entries):
-                opt.state[p] = _adam_state(step, {k: e[k].to(p.device, p.dtype).clone() for k in MOMENTS})
+                moments = {k: e[k].to(p.device, p.dtype).clone() for k in MOMENTS}
+                opt.state[p] = _adam_state(step, moments, opt.param_groups[i])
 
 
 def load_portable(engine: Any, path: str, ema: Any = None) -> dict:
