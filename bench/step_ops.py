@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from moe.model import build_model
     from train.config import as_train_config, load_config
+    from train.engine import build_optimizer, optimizer_param_groups
     from train.evaluation import iterate_heldout
 
     cfg = as_train_config(load_config(args.config, args.overrides))
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).train()
-    params = [p for _, p in model.trainable_named_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    groups = optimizer_param_groups(model, cfg.optim.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, cfg.optim)  # the trainer's optimizer
     for mb in args.micro_batch:
         batch = next(iter(iterate_heldout(cfg.data, args.data, mb, mb)))
         count_step(model, batch, optimizer)  # the first step builds caches (empty prompt, optimizer state)
