@@ -1,14 +1,15 @@
 """The ablation grid on the pretrained miniature: every set of configs/ablations.yaml, fine-tuned on the
 same frozen base, over several seeds, scored on held-out edits beside doing nothing.
 
-    python bench/ablations.py [--config configs/tiny.yaml] [--steps 1000] [--micro-batch 16]
-        [--checkpoint-every 250] [--seeds 0 1 2] [--variants full k1 ...] [--device cuda] [--parallel 12]
-        [--eval-limit 200] [--eval-steps 20] [--out runs/ablations] [--write docs/RESULTS.md]
+    python bench/ablations.py [--config configs/mid.yaml] [--steps 1000] [--micro-batch 64]
+        [--checkpoint-every 500] [--seeds 0 1 2] [--variants full k1 ...] [--device cuda] [--parallel 11]
+        [--eval-limit 200] [--eval-steps 20] [--eval-batch-size 200] [--out runs/ablations] [--write docs/RESULTS.md]
         [--results DIR] [--images ablations] [--report-only] [--set key=value ...]
 
 The variants are the ``sets`` of configs/ablations.yaml (the file the SLURM sweep runs), each applied
-with the grid's ``common`` overrides on top of ``--config`` (the recipe ``make train`` runs, whose base
-is the embedded pretrained one), then ``--set`` overrides. Every (variant, seed) is one job of three
+with the grid's ``common`` overrides on top of ``--config`` (by default the one-H200 recipe, on the
+embedded pretrained base; its steps are where that recipe's held-out success stops rising), then
+``--set`` overrides. Every (variant, seed) is one job of three
 commands a user would type, ``--parallel`` jobs at a time (several small runs share one GPU):
 
 1. ``python -m launch.train`` with the seed, steps, batch and a checkpoint every ``--checkpoint-every``
@@ -146,6 +147,7 @@ def run_job(variant: str, seed: int, overrides: list[str], args: argparse.Namesp
     result = {
         "variant": variant,
         "seed": seed,
+        "config": args.config,
         "overrides": overrides,
         "steps": args.steps,
         "micro_batch": args.micro_batch,
@@ -355,7 +357,7 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
             }
         )
     )
-    recipe = "`configs/tiny.yaml`'s recipe and frozen base"
+    recipe = f"`{ref.get('config', 'configs/tiny.yaml')}`'s recipe and frozen base"
     pinned = [*ref["overrides"], *ref["set"]]  # the reference's overrides are the grid's common ones
     if pinned:
         recipe += " with " + ", ".join(f"`{s}`" for s in pinned)
@@ -508,11 +510,11 @@ def load_results(folder: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/tiny.yaml", help="the recipe every variant modifies")
+    p.add_argument("--config", default="configs/mid.yaml", help="the recipe every variant modifies")
     p.add_argument("--grid", default=GRID, help="the variants: its `sets` (and `common` overrides)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--checkpoint-every", type=int, default=250, help="kept checkpoints: the frontier's points")
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="kept checkpoints: the frontier's points")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the grid's sets (default: all)")
     p.add_argument("--set", action="append", default=[], help="key=value for every run (after the recipe)")
@@ -520,7 +522,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     p.add_argument("--eval-limit", type=int, default=200)
     p.add_argument("--eval-steps", type=int, default=20)
-    p.add_argument("--eval-batch-size", type=int, default=50)
+    p.add_argument("--eval-batch-size", type=int, default=200)
     p.add_argument("--routing-per-task", type=int, default=6)
     p.add_argument("--data", default="artifacts/synthetic", help="the synthetic set (made here when absent)")
     p.add_argument("--out", default="runs/ablations")
@@ -535,12 +537,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def documented_command(args: argparse.Namespace, env: dict) -> str:
     """The command that makes this grid and its report (the run's device and parallelism as recorded)."""
-    parts = ["python bench/ablations.py", f"--steps {args.steps}", f"--micro-batch {args.micro_batch}",
-             f"--checkpoint-every {args.checkpoint_every}", "--seeds " + " ".join(map(str, args.seeds))]  # fmt: skip
+    parts = ["python bench/ablations.py", f"--config {args.config}", f"--steps {args.steps}",
+             f"--micro-batch {args.micro_batch}", f"--checkpoint-every {args.checkpoint_every}",
+             "--seeds " + " ".join(map(str, args.seeds))]  # fmt: skip
     if args.variants:
         parts.append("--variants " + " ".join(args.variants))
     parts += [f"--set {s}" for s in args.set]
-    parts += [f"--eval-limit {args.eval_limit}", f"--eval-steps {args.eval_steps}"]
+    parts += [f"--eval-limit {args.eval_limit}", f"--eval-steps {args.eval_steps}",
+              f"--eval-batch-size {args.eval_batch_size}"]
     if args.results:
         parts.append(f"--results {args.results}")
     parts += [f"--device {env.get('run_device', args.device)}", f"--parallel {env.get('run_parallel', args.parallel)}"]

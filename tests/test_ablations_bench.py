@@ -45,7 +45,7 @@ def test_every_set_of_the_grid_is_a_valid_config_of_the_recipe():
         cmd = ablations.train_command(name, 2, overrides, args)
         assert cmd[1:3] == ["-m", "launch.train"]
         dotlist = cmd[cmd.index("--config") + 2 :]
-        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), dotlist)
+        cfg = load_config(os.path.join(ROOT, args.config), dotlist)
         assert cfg.run.seed == 2 and cfg.train.steps == 40 and cfg.checkpoint.every == 10
         assert cfg.checkpoint.keep == 5  # every checkpoint kept: the frontier's points
         wanted = OmegaConf.from_dotlist(overrides)  # common, then the set's: the last of a key wins
