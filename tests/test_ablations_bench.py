@@ -105,6 +105,10 @@ def test_report_tables_and_verdicts():
     claim = next(line for line in md.splitlines() if "beats static fusion" in line)
     assert "+10.0 ± 1.0 pt" in claim and "+10, +11, +9" in claim and claim.endswith("| supported |")
     assert "K = 3 of 4 beats K = 1" not in md  # no k1 results: no row
+    assert "on `configs/tiny.yaml`'s recipe" in md  # results from before `config` was recorded
+    for r in results:
+        r["config"] = "configs/mid.yaml"
+    assert "on `configs/mid.yaml`'s recipe" in ablations.report(results, ["full"], {}, "cmd")
     with pytest.raises(ValueError, match="reference"):
         ablations.report(results[1::2], ["full", "static-fusion"], {}, "cmd")
 
@@ -137,3 +141,13 @@ def test_finished_jobs_are_reused_and_sections_replaced(tmp_path, monkeypatch):
     doc.write_text("head\n<!-- ablation-grid:start -->\nold\n<!-- ablation-grid:end -->\ntail\n")
     ablations.write_section(str(doc), "new table")
     assert doc.read_text() == "head\n<!-- ablation-grid:start -->\nnew table\n<!-- ablation-grid:end -->\ntail\n"
+
+
+def test_documented_command_rebuilds_the_grid():
+    """The command printed above the report carries every argument that changes the results."""
+    args = ablations.parse_args(["--config", "configs/tiny.yaml", "--eval-batch-size", "50", "--set", "a.b=1"])
+    cmd = ablations.documented_command(args, {"run_device": "cuda", "run_parallel": 11})
+    assert cmd.startswith("python bench/ablations.py --config configs/tiny.yaml --steps 1000 --micro-batch 64 ")
+    assert "--set a.b=1" in cmd and "--eval-batch-size 50" in cmd and cmd.endswith("--device cuda --parallel 11")
+    reparsed = ablations.parse_args(cmd.split()[2:])
+    assert (reparsed.config, reparsed.eval_batch_size, reparsed.set) == (args.config, 50, ["a.b=1"])
