@@ -159,7 +159,10 @@ class RepaintConfig:
     enabled: bool = True
     mode: str = "coupled"  # coupled | decoupled (stop-gradient into the editing path; AdaptEdit)
     hidden: int = 64
-    # decoupled: during training the editing path uses the ground-truth fine mask, the prediction at inference
+    # During training the editing path reads the ground-truth fine mask, the prediction at inference
+    # (AdaptEdit's teacher forcing). Decoupled, the mask head learns from its own loss on detached
+    # features; coupled, that loss also trains the shared features it reads (the diffusion loss then
+    # reaches the head only through the router's prior, the previous layer's refined mask).
     use_gt_mask_in_training: bool = False
     # > 1: the head also predicts a subgrid x subgrid patch of the mask per token, so the refined mask (the
     # output, its loss and its IoU) is finer than the token grid; the editing path still reads one value per token

@@ -146,7 +146,7 @@ class ExpertContext:
     presence: Tensor  # [B, 3] float: text, reference, mask present
     available: Tensor  # [B, E] bool: experts that may be selected
     coarse: Tensor  # [B, N] coarse box on the token grid (area fraction)
-    gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (decoupled repaint, training)
+    gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (teacher-forced repaint, training)
     slots: list[LayerSlot] = field(default_factory=list)  # by layer position
 
     def enter(self, position: int) -> LayerSlot:
@@ -176,7 +176,7 @@ class RouteInput:
     hidden: Tensor  # [B, N_img, D] normed image-stream tokens, target first
     ctx: ExpertContext
     prior: Tensor  # [B, N] refined mask of the layer before (the coarse box for the first)
-    gt_mask: Optional[Tensor] = None  # [B, N] fine mask in place of the refined one (decoupled repaint)
+    gt_mask: Optional[Tensor] = None  # [B, N] fine mask in place of the refined one (repaint.use_gt_mask_in_training)
 
 
 class RouteOutput(NamedTuple):
@@ -293,7 +293,7 @@ class ExpertFeedForward(nn.Module):
         return self._forward(hidden, ctx, slot)
 
     def _forward(self, hidden: Tensor, ctx: ExpertContext, slot: LayerSlot) -> Tensor:
-        gt = ctx.gt_mask if (self.decoupled and self.use_gt_mask and self.training) else None
+        gt = ctx.gt_mask if (self.use_gt_mask and self.training) else None
         out = self._route_fn(RouteInput(hidden=hidden, ctx=ctx, prior=slot.prior, gt_mask=gt))
         if out.refined is not None:
             slot.refined = out.refined

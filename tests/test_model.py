@@ -223,6 +223,46 @@ def test_decoupled_repaint_keeps_the_mask_loss_out_of_the_editing_path():
     assert any(g is not None and g.abs().max() > 0 and ".repaint." not in n for (n, _), g in zip(params.items(), grads))
 
 
+def test_coupled_teacher_forcing_edits_with_the_fine_mask_and_trains_shared_features():
+    """coupled + use_gt_mask_in_training: in training the editing path reads the fine mask, so the edit
+    does not depend on the last layer's refined mask, while the mask loss still reaches the features the
+    head reads (decoupled, it would not)."""
+
+    def build(teacher: bool):
+        torch.manual_seed(0)
+        m = _model(**{"repaint.use_gt_mask_in_training": teacher})
+        m.train()
+        for layer in m.expert_layers:  # the zero-initialised output conv passes no gradient back at first
+            torch.nn.init.normal_(layer.repaint.out.weight, std=0.1)
+        return m
+
+    batch = make_batch()
+    model = build(True)
+    torch.manual_seed(3)
+    out = model(batch)
+    params = dict(model.trainable_named_parameters())
+    grads = torch.autograd.grad(out.terms["mask_boundary"], list(params.values()), allow_unused=True, retain_graph=True)
+    assert any(g is not None and g.abs().max() > 0 and ".repaint." not in n for (n, _), g in zip(params.items(), grads))
+    last = {id(p) for p in model.expert_layers[-1].repaint.parameters()}
+    diff = torch.autograd.grad(out.terms["diffusion"], list(params.values()), allow_unused=True)
+    for (n, p), g in zip(params.items(), diff):
+        if id(p) in last:  # no later layer reads it and the edit reads the fine mask
+            assert g is None or g.abs().max() == 0, n
+
+    def diffusion_after_perturbing_the_last_head(m) -> tuple[float, float]:
+        torch.manual_seed(3)
+        before = m(batch).terms["diffusion"].item()
+        with torch.no_grad():
+            m.expert_layers[-1].repaint.out.bias.add_(3.0)
+        torch.manual_seed(3)
+        return before, m(batch).terms["diffusion"].item()
+
+    before, after = diffusion_after_perturbing_the_last_head(build(True))
+    assert before == after  # the edit read the fine mask
+    before, after = diffusion_after_perturbing_the_last_head(build(False))
+    assert before != after  # coupled without teacher forcing reads the refined mask
+
+
 @pytest.mark.parametrize(
     "overrides, present, absent",
     [
