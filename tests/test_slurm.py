@@ -79,11 +79,7 @@ def test_ablation_grid_lists_sets_validates_them_and_prints_the_sbatch_line():
         "configs/tiny.yaml",
         "model.repaint.mode=coupled",  # the grid's common overrides: CARE-Edit's mask path
         "model.repaint.use_gt_mask_in_training=false",
-        "model.repaint.subgrid=1",
         "model.loss.region_alpha=0",
-        "model.loss.logit_mean=0",
-        "model.sampling.text_guidance=1",
-        "model.sampling.image_guidance=1",
         "model.router.top_k=1",
         "train.steps=5",
         "run.name=ablations-5-k1",
