@@ -1,7 +1,7 @@
 """The ablation grid on the pretrained miniature: every set of configs/ablations.yaml, fine-tuned on the
 same frozen base, over several seeds, scored on held-out edits beside doing nothing.
 
-    python bench/ablations.py [--config configs/mid.yaml] [--steps 1000] [--micro-batch 64]
+    python bench/ablations.py [--config configs/mid.yaml] [--steps N] [--micro-batch N]
         [--checkpoint-every 500] [--seeds 0 1 2] [--variants full k1 ...] [--device cuda] [--parallel 11]
         [--eval-limit 200] [--eval-steps 20] [--eval-batch-size 200] [--out runs/ablations] [--write docs/RESULTS.md]
         [--results DIR] [--images ablations] [--report-only] [--set key=value ...]
@@ -513,8 +513,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mid.yaml", help="the recipe every variant modifies")
     p.add_argument("--grid", default=GRID, help="the variants: its `sets` (and `common` overrides)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's train.steps")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the recipe's train.micro_batch")
     p.add_argument("--checkpoint-every", type=int, default=500, help="kept checkpoints: the frontier's points")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the grid's sets (default: all)")
@@ -533,7 +533,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--image-variants", nargs="+", default=["full", "static-fusion", "k1"])
     p.add_argument("--section", default="ablation-grid", help="the report's marker name in --write")
     p.add_argument("--report-only", action="store_true", help="only build the report from OUT/results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps is None or args.micro_batch is None:  # the recipe's own, so they live in one place
+        from train.config import load_config
+
+        train = load_config(os.path.join(ROOT, args.config), []).train
+        args.steps = train.steps if args.steps is None else args.steps
+        args.micro_batch = train.micro_batch if args.micro_batch is None else args.micro_batch
+    return args
 
 
 def documented_command(args: argparse.Namespace, env: dict) -> str:

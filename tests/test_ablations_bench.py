@@ -147,7 +147,15 @@ def test_documented_command_rebuilds_the_grid():
     """The command printed above the report carries every argument that changes the results."""
     args = ablations.parse_args(["--config", "configs/tiny.yaml", "--eval-batch-size", "50", "--set", "a.b=1"])
     cmd = ablations.documented_command(args, {"run_device": "cuda", "run_parallel": 11})
-    assert cmd.startswith("python bench/ablations.py --config configs/tiny.yaml --steps 1000 --micro-batch 64 ")
+    assert cmd.startswith("python bench/ablations.py --config configs/tiny.yaml --steps 1300 --micro-batch 8 ")
     assert "--set a.b=1" in cmd and "--eval-batch-size 50" in cmd and cmd.endswith("--device cuda --parallel 11")
     reparsed = ablations.parse_args(cmd.split()[2:])
     assert (reparsed.config, reparsed.eval_batch_size, reparsed.set) == (args.config, 50, ["a.b=1"])
+
+
+def test_steps_and_batch_default_to_the_recipe():
+    args = ablations.parse_args([])
+    assert (args.config, args.steps, args.micro_batch) == ("configs/mid.yaml", 1000, 64)
+    args = ablations.parse_args(["--config", "configs/tiny.yaml"])
+    assert (args.steps, args.micro_batch) == (1300, 8)
+    assert ablations.parse_args(["--config", "configs/tiny.yaml", "--steps", "7"]).steps == 7
