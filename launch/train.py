@@ -42,6 +42,7 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from train.checkpoint import IncompleteCheckpoint
+    from train.distributed import shutdown_distributed
     from train.engine import BucketLayoutError
     from train.guards import TooManySkippedSteps
     from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
@@ -67,6 +68,9 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
     except BucketLayoutError as e:  # ZeRO buckets would flush at different points on the ranks
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    # Every rank finished: tear the process group down now, not at interpreter exit. A refusal above
+    # returns without it (a barrier could wait for a rank that stopped elsewhere).
+    shutdown_distributed()
     return 0
 
 

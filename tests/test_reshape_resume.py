@@ -37,7 +37,7 @@ def _run(world, run_dir, overrides, resume=None, tag="run", expect=0):
     ranks = start_ranks(world, run_dir, COMMON + overrides, resume=resume, entry=ENTRY, tag=tag)
     codes = ranks.wait(300)
     if expect is not None:
-        assert codes == [expect] * world, f"exit codes {codes}:\n" + ranks.output()[-4000:]
+        assert codes == [expect] * world, ranks.report(codes)
     return ranks
 
 

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tests.helpers.faults import Faults
-from tests.helpers.train_harness import read_losses, read_records, run_ranks, start_ranks, wait_for_step
+from tests.helpers.train_harness import ROOT, read_losses, read_records, run_ranks, start_ranks, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
 EP2 = ["model.experts.ep_size=2", "logging.images_every=0"]
@@ -50,6 +50,17 @@ def test_sigusr1_checkpoints_at_next_step_and_exits_cleanly(tmp_path):
     assert 3 <= last < 200
     assert _latest(run) == f"step{last:08d}"
     assert f"preempted: step {last}" in ranks.output(0)
+
+
+def test_a_finished_run_tears_its_process_group_down_before_exit(tmp_path):
+    """Left to interpreter exit, gloo's leftover asynchronous work (ZeRO 2's overlapped reductions) can
+    abort a rank with SIGABRT after a run that succeeded: launch/train.py destroys the group first."""
+    entry = os.path.join(ROOT, "tests", "helpers", "teardown_entry.py")
+    overrides = EP2 + ["train.steps=2", "train.zero_stage=2", "train.overlap_comm=true"]
+    ranks = start_ranks(2, str(tmp_path), overrides, entry=entry)
+    assert ranks.wait(180) == [0, 0], ranks.output()[-3000:]
+    for rank in (0, 1):
+        assert "process group up at exit: False" in ranks.output(rank), ranks.output(rank)[-2000:]
 
 
 def test_nan_loss_on_one_rank_is_skipped_on_all_and_counted(tmp_path):

@@ -77,7 +77,7 @@ def _run(config: str, run: str, overrides: list[str], expect_ok: bool = True, fa
     r = start_ranks(2, run, COMMON + overrides, config=config, faults=faults)
     codes = r.wait(300)
     if expect_ok:
-        assert codes == [0, 0], f"exit codes {codes}:\n" + r.output()[-4000:]
+        assert codes == [0, 0], r.report(codes)
     return r, codes
 
 

@@ -129,3 +129,18 @@ def all_ranks_any(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down while the interpreter is still whole: a barrier, then
+    ``destroy_process_group``. For the end of a run that every rank finished.
+
+    Left to interpreter exit, gloo's worker threads may still hold finished asynchronous work (ZeRO's
+    overlapped reductions) whose tensors are released after Python is torn down: that release takes
+    the GIL and the process dies of SIGABRT after a run that succeeded (seen on one rank of two, at
+    random). The barrier keeps a rank from tearing down while another is still in a collective.
+    """
+    if torch_dist.is_initialized():
+        if torch_dist.get_world_size() > 1:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()

@@ -80,6 +80,12 @@ class Ranks:
         with open(self.logs[rank]) as f:
             return f.read()
 
+    def report(self, codes: list[int], chars: int = 4000) -> str:
+        """The exit codes and the log tail of rank 0 and of every rank that failed (a rank that dies at
+        exit after rank 0 finished shows nothing in rank 0's log)."""
+        ranks = [0] + [r for r, c in enumerate(codes) if c != 0 and r != 0]
+        return f"exit codes {codes}:\n" + "\n".join(f"--- rank {r} ---\n{self.output(r)[-chars:]}" for r in ranks)
+
 
 def start_ranks(
     world: int,
@@ -137,7 +143,7 @@ def run_ranks(
     ranks = start_ranks(world, run_dir, overrides, resume, tag=tag, faults=faults, env=env)
     codes = ranks.wait(timeout)
     if expect_ok:
-        assert codes == [0] * world, f"exit codes {codes}:\n" + ranks.output()[-4000:]
+        assert codes == [0] * world, ranks.report(codes)
     return ranks
 
 
