@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .dispatch import build_dispatcher
 from .encoders import seeded
 from .experts import build_expert, packed_width
-from .repaint import LatentMixture, MaskRepaint
+from .repaint import LatentMixture, MaskRepaint, confine_to_coarse
 from .router import ConditionRouter, Routing, routing_confidence
 
 
@@ -146,6 +146,7 @@ class ExpertContext:
     presence: Tensor  # [B, 3] float: text, reference, mask present
     available: Tensor  # [B, E] bool: experts that may be selected
     coarse: Tensor  # [B, N] coarse box on the token grid (area fraction)
+    coarse_cells: Optional[Tensor] = None  # [B, N, s*s] its area fraction per subgrid cell (repaint.within_coarse)
     gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (teacher-forced repaint, training)
     slots: list[LayerSlot] = field(default_factory=list)  # by layer position
 
@@ -220,6 +221,7 @@ class ExpertFeedForward(nn.Module):
         self.frozen_ff = strip_lora(frozen_ff)
         self.decoupled = cfg.repaint.mode == "decoupled"
         self.use_gt_mask = cfg.repaint.use_gt_mask_in_training
+        self.within_coarse = cfg.repaint.within_coarse
         c = cfg.router.ctx_dim
         self.router = ConditionRouter(cfg.router, dim, len(self.expert_names), temb_dim=dim)
         self.repaint = MaskRepaint(dim, c, cfg.repaint.hidden, cfg.repaint.subgrid) if cfg.repaint.enabled else None
@@ -325,6 +327,10 @@ class ExpertFeedForward(nn.Module):
                 inputs = tuple(t.detach() for t in inputs)
             with record_function("care/repaint"):
                 refined_logits, refined_detail = self.repaint(*inputs, coarse, grid)
+                if self.within_coarse:
+                    refined_logits, refined_detail = confine_to_coarse(
+                        refined_logits, refined_detail, coarse, ctx.coarse_cells
+                    )
             refined = torch.sigmoid(refined_logits)
             edit_mask = refined.detach() if self.decoupled else refined
             if gt_mask is not None:

@@ -38,7 +38,7 @@ from .losses import (
     routing_spread,
     tag_alignment_loss,
 )
-from .repaint import subgrid_logits
+from .repaint import cells_of_grid, subgrid_logits
 from .router import dense_weights
 
 # RoPE first-axis offsets of the conditions in the image stream
@@ -292,6 +292,7 @@ class CareEditModel(nn.Module):
             presence=presence,
             available=available,
             coarse=coarse,
+            coarse_cells=self._coarse_cells(cond.coarse, (gh, gw)),
             gt_mask=gt,
             slots=[LayerSlot() for _ in self.expert_layers],
         )
@@ -418,6 +419,14 @@ class CareEditModel(nn.Module):
             num_tokens=pred.shape[0] * self._last_seq_len,
             prediction=pred,
         )
+
+    def _coarse_cells(self, coarse: Tensor, grid: tuple[int, int]) -> Optional[Tensor]:
+        """The coarse box's area fraction per cell of Mask Repaint's fine grid, per token [B, N, s*s], where
+        the refined mask is confined to it on that grid (``repaint.within_coarse`` with ``subgrid`` s > 1)."""
+        s = self.cfg.repaint.subgrid
+        if not (self.cfg.repaint.enabled and self.cfg.repaint.within_coarse) or s <= 1:
+            return None
+        return cells_of_grid(mask_to_grid(coarse, (grid[0] * s, grid[1] * s)), s).to(coarse.dtype)
 
     def _subgrid_target(self, batch: EditBatch, grid: tuple[int, int], device: torch.device) -> Optional[Tensor]:
         """The fine mask's share of each cell of Mask Repaint's fine grid [B, gh*s, gw*s] (``repaint.subgrid``

@@ -65,6 +65,30 @@ class MaskRepaint(nn.Module):
         return logits, detail
 
 
+OUTSIDE_LOGIT = -1.0e4  # a logit whose sigmoid is 0 in every dtype the model runs in; its BCE gradient is 0 too
+
+
+def confine_to_coarse(
+    logits: Tensor, detail: Optional[Tensor], coarse: Tensor, coarse_cells: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Mask Repaint's logits [B, N] and patch offsets [B, N, s*s] with everything outside the coarse mask
+    set to :data:`OUTSIDE_LOGIT`: tokens the box does not touch (``coarse`` [B, N], its area fraction), and
+    subgrid cells it does not touch (``coarse_cells`` [B, N, s*s], same layout as the offsets). Nothing
+    reaches the head from those positions (their values are constants), and their mask is exactly 0."""
+    logits = logits.masked_fill(coarse <= 0, OUTSIDE_LOGIT)
+    if detail is not None and coarse_cells is not None:
+        detail = detail.masked_fill(coarse_cells <= 0, OUTSIDE_LOGIT)
+    return logits, detail
+
+
+def cells_of_grid(fine: Tensor, s: int) -> Tensor:
+    """A map on the fine grid [B, gh*s, gw*s] -> per token, its s x s cells [B, N, s*s] in the layout of
+    Mask Repaint's patch offsets (the inverse of :func:`subgrid_logits`' placement)."""
+    b = fine.shape[0]
+    cells = F.pixel_unshuffle(fine[:, None], s)  # [B, s*s, gh, gw]
+    return cells.reshape(b, s * s, -1).transpose(1, 2)
+
+
 def subgrid_logits(logits: Tensor, detail: Tensor, grid: tuple[int, int]) -> Tensor:
     """Token logits [B, N] + patch offsets [B, N, s*s] -> mask logits on the fine grid [B, gh*s, gw*s]
     (token (i, j)'s offset (u, v) lands at (i*s + u, j*s + v), as ``pixel_shuffle`` places channels)."""

@@ -693,6 +693,59 @@ def test_repaint_subgrid_starts_as_the_token_mask_and_learns_below_the_token():
     assert (cells.amax(dim=(-1, -2)) - cells.amin(dim=(-1, -2))).max() > 0.05
 
 
+def test_cells_of_grid_inverts_the_subgrid_placement():
+    from moe.repaint import cells_of_grid, subgrid_logits
+
+    detail = torch.randn(2, 6, 4)
+    fine = subgrid_logits(torch.zeros(2, 6), detail, (2, 3))  # 2x2 cells under a 2x3 token grid
+    torch.testing.assert_close(cells_of_grid(fine, 2), detail, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("subgrid", [1, 4])
+def test_repaint_within_coarse_is_zero_outside_the_box_and_unchanged_inside(subgrid):
+    """``repaint.within_coarse``: the refined mask is exactly 0 on every token (subgrid 1) or subgrid cell
+    the coarse box does not touch, the head's logits are unchanged where it does, and the mask loss still
+    trains the head."""
+    from moe.encoders import mask_to_grid
+    from moe.repaint import cells_of_grid
+
+    def build(within: bool):
+        model = _model(**{"repaint.subgrid": subgrid, "repaint.within_coarse": within})
+        torch.manual_seed(1)
+        for layer in model.expert_layers:  # heads that paint everywhere, outside the box too
+            torch.nn.init.normal_(layer.repaint.out.weight, std=1.0)
+            torch.nn.init.constant_(layer.repaint.out.bias, 4.0)
+            if layer.repaint.detail is not None:
+                torch.nn.init.normal_(layer.repaint.detail.weight, std=1.0)
+        return model
+
+    batch = make_batch()
+    free, confined = build(False), build(True)
+    gh, gw = 4, 4  # the tiny model's token grid at 32 px
+    touched = mask_to_grid(batch.coarse_mask, (gh * subgrid, gw * subgrid)) > 0  # cells the box reaches
+    outside = ~torch.nn.functional.interpolate(touched[:, None].float(), size=(32, 32), mode="nearest").bool()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    free_mask = free.edit(batch, num_steps=2, generator=g()).refined_mask
+    confined_mask = confined.edit(batch, num_steps=2, generator=g()).refined_mask
+    assert outside.any() and free_mask[outside].max() > 0.5  # without it, the head paints outside the box
+    assert confined_mask[outside].max() == 0
+    # the first expert layer reads the same inputs in both: where the box reaches, the same logits
+    _, free_ctx = _velocity(free, batch)
+    _, ctx = _velocity(confined, batch)
+    a, b = free_ctx.records[0], ctx.records[0]
+    inside = mask_to_grid(batch.coarse_mask, (gh, gw)).reshape(2, -1) > 0
+    torch.testing.assert_close(b.refined_logits[inside], a.refined_logits[inside], rtol=0, atol=0)
+    assert (b.refined_logits[~inside] <= -1e3).all()
+    if subgrid > 1:
+        cells = cells_of_grid(touched.float(), subgrid) > 0
+        torch.testing.assert_close(b.refined_detail[cells], a.refined_detail[cells], rtol=0, atol=0)
+    confined.train()
+    out = confined(batch)
+    heads = [p for n, p in confined.trainable_named_parameters() if ".repaint." in n]
+    grads = torch.autograd.grad(out.terms["mask_boundary"], heads, allow_unused=True)
+    assert torch.isfinite(out.terms["mask_boundary"]) and any(gr is not None and gr.abs().max() > 0 for gr in grads)
+
+
 def test_repaint_subgrid_is_validated():
     with pytest.raises(ValueError, match="repaint.subgrid"):
         tiny_model_config(**{"repaint.subgrid": 0})

@@ -79,6 +79,7 @@ def test_ablation_grid_lists_sets_validates_them_and_prints_the_sbatch_line():
         "configs/tiny.yaml",
         "model.repaint.mode=coupled",  # the grid's common overrides: CARE-Edit's mask path
         "model.repaint.use_gt_mask_in_training=false",
+        "model.repaint.within_coarse=false",
         "model.loss.region_alpha=0",
         "model.router.top_k=1",
         "train.steps=5",
