@@ -167,7 +167,7 @@ class RepaintConfig:
     # > 1: the head also predicts a subgrid x subgrid patch of the mask per token, so the refined mask (the
     # output, its loss and its IoU) is finer than the token grid; the editing path still reads one value per token
     subgrid: int = 1
-    # The refined mask is zero wherever the coarse mask is (per token, and per subgrid cell): refinement
+    # The refined mask is zero on every token (and subgrid cell) the coarse mask does not reach: refinement
     # only takes away. The loader draws the coarse box from the fine mask's bounding box (data/augment.py),
     # so the fine mask never reaches outside it and the head's capacity goes to the boundary inside.
     within_coarse: bool = False
