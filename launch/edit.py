@@ -4,12 +4,15 @@ Mask Repaint + Latent Mixture as trained).
 ``python -m launch.edit --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --image in.png
 --instruction "make the circle blue" --out out.png [--mask x0,y0,x1,y1 | --mask mask.png]
 [--reference ref.png] [--steps 20] [--text-guidance S] [--image-guidance S] [--seed 0]
-[--size H W] [--device cpu|cuda] [--ema] [--refined-mask-out m.png] [--routing-map-out r.png]``
+[--size H W] [--device cpu|cuda] [--ema] [--keep-outside-box] [--refined-mask-out m.png]
+[--routing-map-out r.png]``
 
 The image is resized to ``--size`` (default: the training resolution, ``data.image_size``) and the
 outputs are written at that size. ``--mask`` is a box in the input image's pixels (end exclusive,
 like the dataset's bbox) or a PNG (white = region); the model is routed by the mask's bounding box
 (the coarse mask it was trained with). Without a mask the whole image is the region.
+``--keep-outside-box`` makes the sampler keep the image outside the mask's box, as inpainting
+samplers do (``CareEditModel.edit``): with a lossless codec the result there is the input, exactly.
 
 Bad input is refused with one line naming the argument and exit code 2 (a missing or unreadable
 image, a box wholly outside the image, an empty instruction, ...); what can be converted is, with a
@@ -55,6 +58,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument(
+        "--keep-outside-box",
+        action="store_true",
+        help="the sampler keeps the image outside the mask's box (an inpainting-style constraint)",
+    )
     p.add_argument("--refined-mask-out", default=None)
     p.add_argument("--routing-map-out", default=None)
     return p.parse_args(argv)
@@ -312,6 +320,7 @@ def run_edit(
     image_guidance: Optional[float],
     seed: int,
     device: str,
+    keep_outside_box: bool = False,
 ):
     """``model.edit`` with a seeded generator on ``device`` (same seed -> same edit)."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -321,6 +330,7 @@ def run_edit(
         text_guidance=text_guidance,
         image_guidance=image_guidance,
         generator=g,
+        keep_outside_box=keep_outside_box,
     )
 
 
@@ -353,7 +363,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:  # InputError, or a ValueError of the batch's own checks
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = run_edit(model, batch, args.steps, args.text_guidance, args.image_guidance, args.seed, args.device)
+    res = run_edit(
+        model,
+        batch,
+        args.steps,
+        args.text_guidance,
+        args.image_guidance,
+        args.seed,
+        args.device,
+        keep_outside_box=args.keep_outside_box,
+    )
     outputs = [
         (args.out, res.images[0], True),
         (args.refined_mask_out, res.refined_mask[0], False),

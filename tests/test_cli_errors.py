@@ -287,6 +287,24 @@ def test_edit_runs_on_converted_inputs_and_says_so(export, images, tmp_path, cap
     assert rc == 0 and "clipped to 8,8,48,32" in capsys.readouterr().err
 
 
+def test_edit_keep_outside_box_returns_the_input_outside_the_box(export, tmp_path):
+    """``--keep-outside-box``: with configs/tiny.yaml's lossless codec the edit outside the box is the input,
+    to 8-bit rounding; without it the model redraws the whole image."""
+    rgb = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)  # the model's size: no resizing
+    src = tmp_path / "in32.png"
+    Image.fromarray(rgb).save(src)
+    outside = np.ones((32, 32), bool)
+    outside[8:20, 4:24] = False  # the box below, on the codec's 4-pixel grid
+    worst = {}
+    for keep in (True, False):
+        out = tmp_path / f"keep_{keep}.png"
+        args = ["--checkpoint", export, "--image", str(src), "--mask", "4,8,24,20", "--instruction", "make it blue"]
+        args += ["--out", str(out), "--steps", "2"] + (["--keep-outside-box"] if keep else [])
+        assert edit_main(args) == 0
+        worst[keep] = np.abs(np.asarray(Image.open(out)).astype(int) - rgb)[outside].max()
+    assert worst[True] <= 1 and worst[False] > 8, worst
+
+
 # ------------------------------------------------------------------------------------------ export
 def test_export_refuses_bad_paths_with_one_line_and_exit_code_2(export, tmp_path, capsys):
     capsys.readouterr()
