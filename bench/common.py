@@ -31,6 +31,26 @@ def environment() -> dict:
     return env
 
 
+def recipe_model(config: str, overrides: list[str], device: Optional[torch.device] = None) -> tuple:
+    """A recipe (``config`` + ``overrides``) -> (its ``TrainConfig``, its model in training mode), built
+    after seeding with ``run.seed`` as the trainer does, on ``device`` (default: where it was built)."""
+    from moe.model import build_model
+    from train.config import as_train_config, load_config
+
+    cfg = as_train_config(load_config(config, overrides))
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model).train()
+    return cfg, model.to(device) if device is not None else model
+
+
+def heldout_batch(cfg, data: str, size: int, device: Optional[torch.device] = None):
+    """The first ``size`` held-out samples of ``data`` (shards) as one batch, loaded as ``cfg.data`` says."""
+    from train.evaluation import iterate_heldout
+
+    batch = next(iter(iterate_heldout(cfg.data, data, size, size)))
+    return batch.to(device) if device is not None else batch
+
+
 def run_logged(cmd: list[str], log: str, cwd: str, env: Optional[dict] = None) -> None:
     """Run ``cmd`` in ``cwd`` with its output in ``log``; raise RuntimeError with the log's tail if it fails."""
     os.makedirs(os.path.dirname(log) or ".", exist_ok=True)

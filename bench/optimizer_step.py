@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import emit, environment, time_interleaved  # noqa: E402
+from bench.common import emit, environment, heldout_batch, recipe_model, time_interleaved  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,17 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
 
-    from moe.model import build_model
-    from train.config import as_train_config, load_config
     from train.engine import build_optimizer, optimizer_param_groups
-    from train.evaluation import iterate_heldout
 
-    cfg = as_train_config(load_config(args.config, args.overrides))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model).to(device).train()
+    cfg, model = recipe_model(args.config, args.overrides, device)
     mb = args.micro_batch or cfg.train.micro_batch
-    batch = next(iter(iterate_heldout(cfg.data, args.data, mb, mb))).to(device)
+    batch = heldout_batch(cfg, args.data, mb, device)
 
     def groups() -> list[dict]:
         return optimizer_param_groups(model, cfg.optim.weight_decay)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import emit, environment, time_interleaved  # noqa: E402
+from bench.common import emit, environment, heldout_batch, recipe_model, time_interleaved  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,19 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from moe.model import build_model
-    from train.config import as_train_config, load_config
-    from train.evaluation import iterate_heldout
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases, batch, mb = {}, None, 0
     for name, *overrides in args.case:
-        cfg = as_train_config(load_config(args.config, overrides))
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model).to(device).train()
+        cfg, model = recipe_model(args.config, overrides, device)
         if batch is None:
             mb = cfg.train.micro_batch
-            batch = next(iter(iterate_heldout(cfg.data, args.data, mb, mb))).to(device)
+            batch = heldout_batch(cfg, args.data, mb, device)
 
         def step(model=model, batch=batch) -> None:
             model.zero_grad(set_to_none=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, heldout_batch, recipe_model  # noqa: E402
 
 SYNC = "aten._local_scalar_dense"
 
@@ -72,19 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
 
-    from moe.model import build_model
-    from train.config import as_train_config, load_config
     from train.engine import build_optimizer, optimizer_param_groups
-    from train.evaluation import iterate_heldout
 
-    cfg = as_train_config(load_config(args.config, args.overrides))
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model).train()
+    cfg, model = recipe_model(args.config, args.overrides)
     groups = optimizer_param_groups(model, cfg.optim.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, cfg.optim)  # the trainer's optimizer
     for mb in args.micro_batch:
-        batch = next(iter(iterate_heldout(cfg.data, args.data, mb, mb)))
+        batch = heldout_batch(cfg, args.data, mb)
         count_step(model, batch, optimizer)  # the first step builds caches (empty prompt, optimizer state)
         phases = count_step(model, batch, optimizer)
         emit(

@@ -58,7 +58,8 @@ def test_a_finished_run_tears_its_process_group_down_before_exit(tmp_path):
     entry = os.path.join(ROOT, "tests", "helpers", "teardown_entry.py")
     overrides = EP2 + ["train.steps=2", "train.zero_stage=2", "train.overlap_comm=true"]
     ranks = start_ranks(2, str(tmp_path), overrides, entry=entry)
-    assert ranks.wait(180) == [0, 0], ranks.output()[-3000:]
+    codes = ranks.wait(180)
+    assert codes == [0, 0], ranks.report(codes)
     for rank in (0, 1):
         assert "process group up at exit: False" in ranks.output(rank), ranks.output(rank)[-2000:]
 
