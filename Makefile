@@ -28,16 +28,20 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# the synthetic edit set: 10,000 training samples, 200 for validation (tuning) and 400 for the sealed test split
 data: $(STAMP)
-	$(PYTHON) -m data.synthetic --out $(SYNTH) --if-absent
+	$(PYTHON) -m data.synthetic --out $(SYNTH) --workers 2 --if-absent
 
 train: data
 	$(PYTHON) -m launch.train --config $(CONFIG) $(ARGS)
 
-# held-out edits of the `make train` run: success per task beside the do-nothing and oracle rows
+# held-out edits of the `make train` run on the sealed test split (SPLIT=val: the validation split, for
+# tuning): success per task beside every row that needs no model (do-nothing, paint bucket, copy-the-
+# reference, noise) and the oracle, and the criteria the edits failed
+SPLIT ?= test
 eval: $(STAMP)
-	$(PYTHON) -m launch.eval --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/val-{000000..000000}.tar' \
-	    --out runs/tiny/eval --limit 96 --steps 20
+	$(PYTHON) -m launch.eval --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/$(SPLIT)-{000000..000000}.tar' \
+	    --out runs/tiny/eval-$(SPLIT) --limit 200 --steps 20
 
 # The one-H200 recipe in one command: pretrain a base on the GPU (configs/base_mid.yaml), fine-tune
 # configs/mid.yaml's editor on it, score 200 held-out edits beside the do-nothing and oracle rows

@@ -1,15 +1,18 @@
 """The miniature pipeline end to end: pretrain a base, fine-tune CARE-Edit on it, score held-out edits.
 
     python bench/miniature.py --base-config configs/base_tiny.yaml --base DIR --edit-config configs/tiny.yaml \
-        [--device cuda] [--out runs/miniature] [--parallel 4] [--eval-limit 64] [--eval-steps 20] \
-        [--eval-batch-size 32] [--variant NAME key=value ...] ...
+        [--device cuda] [--out runs/miniature] [--data DIR] [--train-samples N] [--data-workers N] \
+        [--parallel 4] [--eval-split test|val] [--eval-limit 64] [--eval-steps 20] [--eval-batch-size 32] \
+        [--variant NAME key=value ...] ...
 
-1. the synthetic edit set (``python -m data.synthetic --if-absent``);
+1. the synthetic edit set (``python -m data.synthetic --if-absent``: ``--train-samples`` training samples
+   rendered in ``--data-workers`` processes, the validation and the sealed test split);
 2. the base (``python -m launch.pretrain_base``), unless ``--base`` already holds one (``digests.json``);
 3. one CARE-Edit run per ``--variant`` (``launch/train.py`` on the edit config with the base's paths and
    the variant's overrides; ``--parallel`` at a time: several small runs share one GPU);
-4. ``launch/eval.py`` on each run's last checkpoint: edit success per task, L1 inside / outside the
-   mask, IoU, beside the do-nothing and oracle rows.
+4. ``launch/eval.py`` on each run's last checkpoint, on ``--eval-split`` (the sealed test split unless
+   told otherwise): edit success per task, L1 inside / outside the mask and the box, IoU, beside every
+   row that needs no model and the oracle.
 
 Each stage is the command a user types; this script only sequences them and gathers the results.
 Prints one JSON line per run and writes ``OUT/summary.json``. Finished stages are reused.
@@ -38,6 +41,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--base-override", action="append", default=[], help="key=value for the pretraining recipe")
     p.add_argument("--edit-config", default="configs/tiny.yaml")
     p.add_argument("--data", default="artifacts/synthetic")
+    p.add_argument("--train-samples", type=int, default=10000, help="training samples of the synthetic set")
+    p.add_argument("--data-workers", type=int, default=os.cpu_count() or 1, help="processes rendering the set")
+    p.add_argument("--eval-split", default="test", choices=("test", "val"), help="test: the sealed split")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/miniature")
     p.add_argument("--parallel", type=int, default=1)
@@ -80,8 +86,8 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
                 f"model.backbone.path={base}",
                 f"model.text.t5_path={base}",
                 f"model.text.clip_path={base}",
-                f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
-                f"data.val_shards={args.data}/val-{{000000..000000}}.tar",
+                f"data.train_shards={args.patterns['train']}",
+                f"data.val_shards={args.patterns['val']}",
                 "logging.progress_bar=false",
                 *overrides,
             ],
@@ -95,7 +101,7 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
                 "--checkpoint",
                 os.path.join(run_dir, name, "checkpoints"),
                 "--data",
-                f"{args.data}/val-{{000000..000000}}.tar",
+                args.patterns[args.eval_split],
                 "--device",
                 args.device,
                 "--out",
@@ -129,9 +135,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     _run(
-        [sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent"],
+        [sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent"]
+        + ["--train", str(args.train_samples), "--workers", str(args.data_workers)],
         os.path.join(args.out, "logs", "data.log"),
     )
+    with open(os.path.join(args.data, "synthetic.json")) as f:
+        args.patterns = json.load(f)["patterns"]
+    print(json.dumps(dict(stage="data", seconds=round(time.time() - t0, 1))), flush=True)
     if not os.path.isfile(os.path.join(args.base, "digests.json")):
         _run(
             [

@@ -204,6 +204,7 @@ VAL_METRICS = {
     "val/l1": "min",
     "val/l1_inside": "min",
     "val/l1_outside": "min",
+    "val/l1_outside_box": "min",
     "val/mask_iou": "max",
 }
 FLOW_METRICS = ("val/flow_loss", "val/flow_loss_inside", "val/flow_loss_outside")

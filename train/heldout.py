@@ -158,10 +158,12 @@ class HeldOutEval:
         m = result["metrics"]
         out = {
             "val/success_mean": m.get("success_mean_over_tasks", math.nan),
+            "val/success_ci95": m.get("success_mean_over_tasks_ci95", math.nan),
             "val/success_samples": m.get("success", math.nan),
             "val/l1": m["l1"],
             "val/l1_inside": m["l1_inside"],
             "val/l1_outside": m["l1_outside"],
+            "val/l1_outside_box": m["l1_outside_box"],
             "val/mask_iou": m["mask_iou"],
         }
         for task, row in sorted(result["per_task"].items()):
@@ -196,7 +198,8 @@ def console_line(step: int, m: dict[str, float]) -> str:
     ]
     if "val/l1" in m:
         tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
-        parts.append(f"success {f('val/success_mean')}" + (f" ({tasks})" if tasks else " (no checks)"))
+        ci = f" ± {m['val/success_ci95']:.2f}" if "val/success_ci95" in m else ""
+        parts.append(f"success {f('val/success_mean')}{ci}" + (f" ({tasks})" if tasks else " (no checks)"))
         parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
     parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
     return " | ".join(parts)

@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.captions import VOCABULARY, make_scenes
 from moe.backbone import flux_arch_kwargs, grid_position_ids, pack_latents, unpack_latents, velocity_from_sample
 from moe.config import FluxArch
-from train.edit_success import COLOR_RADIUS  # one notion of "has this palette colour"
+from train.edit_success import MATCH  # one notion of "has this palette colour"
 
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"  # ids 0, 1, 2 (CLIP pools at EOS; its legacy path is eos id 2)
 
@@ -404,21 +404,26 @@ def recipe_from_dict(d: dict) -> BaseRecipe:
 
 
 # ------------------------------------------------------------------------------------------- checks
-def colour_presence(images: Tensor, texts: list[str], radius: float = COLOR_RADIUS, min_share: float = 0.004) -> float:
+def colour_presence(images: Tensor, texts: list[str], radius: float = MATCH, min_share: float = 0.004) -> float:
     """Share of images whose palette colours are exactly the ones their caption names: a colour counts
     as present when at least ``min_share`` of the pixels lie within ``radius`` of it (RGB in [0, 1]).
-    A coarse check that the base draws what it is told (noise shows every colour and fails).
+    A coarse check that the base draws what it is told (noise shows every colour and fails). Styled
+    scenes ("..., in sepia") are left out: a style changes the colours their caption names.
     images [B, 3, H, W] in [-1, 1]."""
+    from data.captions import STYLE_SUFFIX
     from data.synthetic import COLORS
 
     x = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3]
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # [P, 3]
-    ok = 0
+    ok = scored = 0
     for img, text in zip(x, texts):
+        if text.endswith(tuple(STYLE_SUFFIX.values())):
+            continue
         share = ((img[..., None, :] - palette).norm(dim=-1) < radius).float().mean(dim=(0, 1))  # [P]
         present = {name for name, s in zip(COLORS, share.tolist()) if s >= min_share}
         ok += present == ({w.strip(",") for w in text.split()} & set(COLORS))
-    return ok / max(len(texts), 1)
+        scored += 1
+    return ok / max(scored, 1)
 
 
 @torch.no_grad()
