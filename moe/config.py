@@ -118,6 +118,11 @@ class RouterConfig:
     attn_dim: int = 64  # query/key width of the router's latent attention
     num_latents: int = 4  # learned latent queries summarising the task context
     noise_std: float = 0.0  # std of Gaussian noise on router logits during training (0 = off)
+    # the selected experts' combine weights: renormalized (the K probabilities rescaled to sum to 1) or
+    # probability (the softmax probabilities as they are, as the Switch Transformer does). At K = 1 a
+    # renormalised weight is always exactly 1, so the diffusion loss never reaches the router; auto takes
+    # probability at K = 1 and renormalized above it.
+    weights: str = "auto"
     # false (default): top-K over every expert for every sample; a missing reference is a learned
     # "absent" context that the Reference expert reads. true: experts whose condition is absent are
     # removed before the top-K (an ablation: a sample without a reference then has K of 3 to choose)
@@ -289,6 +294,8 @@ def validate_model_config(cfg: Any) -> None:
         _fail("experts.dispatch", "dense dispatch needs every expert on every rank (ep_size 1)")
     if ro.kind not in ("learned", "uniform", "static"):
         _fail("router.kind", f"'{ro.kind}' is not one of learned, uniform, static")
+    if ro.weights not in ("auto", "renormalized", "probability"):
+        _fail("router.weights", f"'{ro.weights}' is not one of auto, renormalized, probability")
     if not 1 <= ro.top_k <= n:
         _fail("router.top_k", f"{ro.top_k} must be between 1 and the number of enabled experts ({n})")
     if ro.noise_std < 0:
