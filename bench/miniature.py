@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.common import run_logged  # noqa: E402
+from data.synthetic import written_patterns  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -44,6 +45,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=10000, help="training samples of the synthetic set")
     p.add_argument("--data-workers", type=int, default=os.cpu_count() or 1, help="processes rendering the set")
     p.add_argument("--eval-split", default="test", choices=("test", "val"), help="test: the sealed split")
+    p.add_argument(
+        "--eval-keep-outside-box",
+        action="store_true",
+        help="also score each run with the sampler keeping the source outside the box (eval/<name>-keep)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/miniature")
     p.add_argument("--parallel", type=int, default=1)
@@ -65,6 +71,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _run(cmd: list[str], log: str) -> None:
     run_logged(cmd, log, ROOT)
+
+
+def evaluate(checkpoints: str, out: str, name: str, args: argparse.Namespace) -> None:
+    """launch/eval.py on a run's last checkpoint (with --keep-outside-box when ``name`` ends in -keep)."""
+    t0 = time.time()
+    _run(
+        [sys.executable, "launch/eval.py", "--checkpoint", checkpoints, "--data", args.patterns[args.eval_split]]
+        + ["--device", args.device, "--out", out, "--limit", str(args.eval_limit), "--steps", str(args.eval_steps)]
+        + ["--batch-size", str(args.eval_batch_size)]
+        + (["--keep-outside-box"] if name.endswith("-keep") else []),
+        os.path.join(args.out, "logs", f"{name}.eval.log"),
+    )
+    print(json.dumps(dict(stage=f"eval {name}", seconds=round(time.time() - t0, 1))), flush=True)
 
 
 def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
@@ -94,41 +113,29 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
             os.path.join(args.out, "logs", f"{name}.train.log"),
         )
         train_s = time.time() - t0
-        _run(
-            [
-                sys.executable,
-                "launch/eval.py",
-                "--checkpoint",
-                os.path.join(run_dir, name, "checkpoints"),
-                "--data",
-                args.patterns[args.eval_split],
-                "--device",
-                args.device,
-                "--out",
-                eval_dir,
-                "--limit",
-                str(args.eval_limit),
-                "--steps",
-                str(args.eval_steps),
-                "--batch-size",
-                str(args.eval_batch_size),
-            ],
-            os.path.join(args.out, "logs", f"{name}.eval.log"),
-        )
+        evaluate(os.path.join(run_dir, name, "checkpoints"), eval_dir, name, args)
+        if args.eval_keep_outside_box:
+            evaluate(os.path.join(run_dir, name, "checkpoints"), eval_dir + "-keep", name + "-keep", args)
         with open(result_path) as f:
             result = json.load(f)
         result["train_wall_s"] = round(train_s, 1)
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
-    with open(result_path) as f:
-        result = json.load(f)
-    return dict(
-        name=name,
-        overrides=overrides,
-        train_wall_s=result.get("train_wall_s"),
-        metrics=result.get("metrics"),
-        baselines=result.get("baselines"),
-    )
+    row = dict(name=name, overrides=overrides)
+    for suffix in ("", "-keep"):
+        path = os.path.join(args.out, "eval", name + suffix, "eval.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                result = json.load(f)
+            row["keep_outside_box" if suffix else "result"] = dict(
+                train_wall_s=result.get("train_wall_s"),
+                success_mean_over_tasks=result["metrics"].get("success_mean_over_tasks"),
+                success_per_task={t: d.get("success") for t, d in result["per_task"].items()},
+                l1_outside_box=result["metrics"].get("l1_outside_box"),
+                metrics=result.get("metrics"),
+                baselines=result.get("baselines"),
+            )
+    return row
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -139,8 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         + ["--train", str(args.train_samples), "--workers", str(args.data_workers)],
         os.path.join(args.out, "logs", "data.log"),
     )
-    with open(os.path.join(args.data, "synthetic.json")) as f:
-        args.patterns = json.load(f)["patterns"]
+    args.patterns = written_patterns(args.data)
     print(json.dumps(dict(stage="data", seconds=round(time.time() - t0, 1))), flush=True)
     if not os.path.isfile(os.path.join(args.base, "digests.json")):
         _run(

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from data import world, world_v1
-from data.shards import EditRecord, record_to_sample, write_shards
+from data.shards import EditRecord, brace_pattern, record_to_sample, write_shards
 from data.world import COLORS, FINISHES, SHAPES, STYLES, object_phrase  # noqa: F401 (the world's names)
 
 EDIT_KINDS = ["recolor", "remove", "replace", "add", "style"]
@@ -48,6 +48,8 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SPLITS = tuple(SPLIT_IDS)
 WORLDS = ("v2", "v1")
 CHECK_VERSION = 2
+DEFAULT_COUNTS = {"train": 10000, "val": 200, "test": 400}  # what `make data` writes
+SAMPLES_PER_SHARD = 1000
 
 
 def _rgb(name: str, prefix: str = "") -> dict:
@@ -154,14 +156,14 @@ def encoded_samples(seed: int, split: str, n: int, size: int, world_name: str, w
 
 def write_synthetic(
     out: str,
-    train: int = 10000,
-    val: int = 200,
+    train: int = DEFAULT_COUNTS["train"],
+    val: int = DEFAULT_COUNTS["val"],
     size: int = 128,
     seed: int = 0,
-    samples_per_shard: int = 1000,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
     if_absent: bool = False,
     progress: bool = True,
-    test: int = 400,
+    test: int = DEFAULT_COUNTS["test"],
     world_name: str = "v2",
     workers: int = 1,
 ) -> dict[str, str]:
@@ -199,16 +201,28 @@ def write_synthetic(
     return patterns
 
 
+def written_patterns(out: str) -> dict[str, str]:
+    """``{split: brace pattern}`` of the set :func:`write_synthetic` wrote into ``out`` (its synthetic.json),
+    or, before anything is written there, of the set its defaults (``make data``) will write."""
+    path = os.path.join(out, "synthetic.json")
+    if not os.path.isfile(path):
+        return {split: brace_pattern(out, split, -(-n // SAMPLES_PER_SHARD)) for split, n in DEFAULT_COUNTS.items()}
+    with open(path) as f:
+        return json.load(f)["patterns"]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="Write the synthetic edit set as shards.")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--train", type=int, default=10000)
-    ap.add_argument("--val", type=int, default=200)
-    ap.add_argument("--test", type=int, default=400, help="the sealed test split (final tables only)")
+    ap.add_argument("--train", type=int, default=DEFAULT_COUNTS["train"])
+    ap.add_argument("--val", type=int, default=DEFAULT_COUNTS["val"])
+    ap.add_argument(
+        "--test", type=int, default=DEFAULT_COUNTS["test"], help="the sealed test split (final tables only)"
+    )
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", default="v2", choices=WORLDS, help="v1: the first world, as it was")
-    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD)
     ap.add_argument("--workers", type=int, default=1, help="rendering processes (the output does not change)")
     ap.add_argument("--if-absent", action="store_true", help="do nothing if these shards exist")
     a = ap.parse_args(argv)

@@ -219,24 +219,6 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
     import sys
 
     data = tmp_path / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data.synthetic",
-            "--out",
-            str(data),
-            "--train",
-            "400",
-            "--val",
-            "32",
-            "--samples-per-shard",
-            "50",
-        ],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
     common = [
         sys.executable,
         "bench/miniature.py",
@@ -244,6 +226,10 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
         str(tmp_path / "base"),
         "--data",
         str(data),
+        "--train-samples",
+        "400",
+        "--data-workers",
+        "2",
         "--out",
         str(tmp_path / "mini"),
         "--eval-limit",
@@ -269,8 +255,8 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(tmp_path / "mini" / "summary.json") as f:
         runs = {r["name"]: r for r in json.load(f)["results"]}
-    tuned_m, untrained_m = runs["tuned"]["metrics"], runs["untrained"]["metrics"]
-    do_nothing = runs["tuned"]["baselines"]["do_nothing"]["metrics"]
+    tuned_m, untrained_m = runs["tuned"]["result"]["metrics"], runs["untrained"]["result"]["metrics"]
+    do_nothing = runs["tuned"]["result"]["baselines"]["do_nothing"]["metrics"]
     assert tuned_m["l1_inside"] < 0.85 * do_nothing["l1_inside"]
     assert tuned_m["flow_mse_outside"] < 0.8 * untrained_m["flow_mse_outside"]
 
