@@ -44,11 +44,9 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
     from train.checkpoint import IncompleteCheckpoint
     from train.distributed import shutdown_distributed
     from train.engine import BucketLayoutError
-    from train.guards import TooManySkippedSteps
+    from train.faults import ReplicaMismatch, RunLocked, TooManySkippedSteps
     from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
     from train.portable import ReshapeError
-    from train.replica_check import ReplicaMismatch
-    from train.runlock import RunLocked
 
     # Each refusal is one line naming what to do, and its own exit code (docs/FAULTS.md)
     try:

@@ -106,12 +106,12 @@ class LoggingConfig:
 @dataclass
 class GuardConfig:
     max_consecutive_skips: int = 5  # non-finite loss / grad norm steps in a row that stop the run
-    # hang watchdog (train/watchdog.py): a step running longer than max(hang_min_s, hang_factor x the median
+    # hang watchdog (train/faults/watchdog.py): a step running longer than max(hang_min_s, hang_factor x the median
     # of the recent steps) dumps every thread's stack and exits with code 75 (requeue); hang_factor 0 = off
     hang_factor: float = 20.0
     hang_min_s: float = 600.0
     hang_warmup_steps: int = 5  # steps timed before the watchdog arms (compilation, warm-up)
-    # replica-consistency check (train/replica_check.py) every N steps (0 = only before checkpoints: it
+    # replica-consistency check (train/faults/replica_check.py) every N steps (0 = only before checkpoints: it
     # always runs before a checkpoint is written)
     replica_check_every: int = 200
 

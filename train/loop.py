@@ -33,14 +33,19 @@ from train.config import (
 from train.contracts import TrainableModel, TrainLoader, require
 from train.distributed import init_distributed
 from train.engine import build_engine
-from train.guards import StepGuard, discard_step, is_oom, oom_advice
+from train.faults import (
+    HangWatchdog,
+    PreemptionFlag,
+    ReplicaCheck,
+    StepGuard,
+    acquire_run_lock,
+    discard_step,
+    is_oom,
+    oom_advice,
+)
 from train.heldout import HeldOutEval
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
-from train.replica_check import ReplicaCheck
 from train.rng import rng_untouched, seed_everything
-from train.runlock import acquire_run_lock
-from train.signals import PreemptionFlag
-from train.watchdog import HangWatchdog
 
 ModelFactory = Callable[[Any], TrainableModel]
 LoaderFactory = Callable[..., TrainLoader]
