@@ -7,7 +7,7 @@
         # or --resume runs/flux/checkpoints/portable/step00040000
 
 Runs on one CPU process (no GPU, no process group). It reads the DeepSpeed shards of every rank
-and writes a portable checkpoint (``train/portable.py``): fp32 master weights, Adam moments and
+and writes a portable checkpoint (``train/checkpoint/portable.py``): fp32 master weights, Adam moments and
 step counts, the lr schedule, DeepSpeed's counters, EMA, loader and RNG states, with experts
 under global ids. Every file it needs is checked before any tensor is read, so a missing shard
 stops it at once, naming the file. The default destination ``<checkpoints>/portable/<tag>`` is
@@ -61,7 +61,7 @@ def check_target(num_experts: list[int], world_size: Optional[int], ep_size: Opt
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion needs no GPU
-    from train.portable import PORTABLE_DIR, ReshapeError, convert, read_layouts
+    from train.checkpoint import PORTABLE_DIR, ReshapeError, convert, read_layouts
 
     try:
         src = resolve_src(args.src)

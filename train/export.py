@@ -1,6 +1,6 @@
 """Trained weights out of a DeepSpeed checkpoint: read, merge expert-parallel shards, save, load.
 
-Why this module exists: a training checkpoint (``train/checkpoint.py``) is a directory of DeepSpeed
+Why this module exists: a training checkpoint (``train/checkpoint/``) is a directory of DeepSpeed
 shards that only the same DeepSpeed layout can resume. Inference and evaluation want the *trained*
 weights alone, at ``experts.ep_size=1``, on any device. What the checkpoint holds (DeepSpeed 0.19.8):
 

@@ -24,7 +24,7 @@ STEP_TAG = re.compile(r"^step(\d+)$")
 
 
 def latest_step(ckpt_dir: str) -> int:
-    """Step of the checkpoint ``<ckpt_dir>/latest`` names (the atomic pointer train/checkpoint.py writes); 0 if none."""
+    """Step of the checkpoint ``<ckpt_dir>/latest`` names (the atomic pointer train/checkpoint/ writes); 0 if none."""
     try:
         with open(os.path.join(ckpt_dir, "latest")) as f:
             tag = f.read().strip()
