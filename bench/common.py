@@ -45,7 +45,7 @@ def recipe_model(config: str, overrides: list[str], device: Optional[torch.devic
 
 def heldout_batch(cfg, data: str, size: int, device: Optional[torch.device] = None):
     """The first ``size`` held-out samples of ``data`` (shards) as one batch, loaded as ``cfg.data`` says."""
-    from train.evaluation import iterate_heldout
+    from train.eval import iterate_heldout
 
     batch = next(iter(iterate_heldout(cfg.data, data, size, size)))
     return batch.to(device) if device is not None else batch

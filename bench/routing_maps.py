@@ -81,8 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from train.evaluation import iterate_heldout
-    from train.export import load_for_inference
+    from train.eval import iterate_heldout, load_for_inference
     from train.logging import edit_grid
 
     model, cfg = load_for_inference(args.checkpoint, device=args.device)

@@ -12,7 +12,7 @@ unambiguous. Edits, with exact fine masks::
     style    "invert the colors of the image" / sepia / posterize      mask = the whole image
 
 Each sample's JSON also holds a ``check`` field: what the target must contain (the new colour, the
-removed object's colour, the style), which ``train.edit_success`` uses to say whether an edit
+removed object's colour, the style), which ``train.eval.edit_success`` uses to say whether an edit
 succeeded.
 
 Everything is a function of (seed, split, index), so a sample does not depend on how many were
@@ -125,7 +125,7 @@ def _color_check(name: str, prefix: str = "") -> dict:
 def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecord:
     """The sample ``index`` of ``split``: a pure function of its arguments.
 
-    The JSON's ``check`` field says what the target must contain, for ``train.edit_success``:
+    The JSON's ``check`` field says what the target must contain, for ``train.eval.edit_success``:
     ``color``/``rgb`` (0..255) and ``shape`` of the object the target gains (recolor, add, replace),
     ``old_color``/``old_rgb`` (and ``old_shape``) of the one it loses (recolor, remove, replace),
     ``style`` for a style edit.

@@ -337,7 +337,7 @@ def run_edit(
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from train.config import ConfigError
-    from train.export import WeightsError, load_for_inference
+    from train.eval import WeightsError, load_for_inference
 
     try:
         check_args(args)

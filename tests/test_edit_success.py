@@ -20,7 +20,7 @@ import torch
 
 from data import augment
 from data.synthetic import COLORS, make_sample
-from train.edit_success import (
+from train.eval.edit_success import (
     COLOR_RADIUS,
     MAX_L1_OUTSIDE,
     color_iou,
@@ -251,7 +251,7 @@ def _val_shards(tmp_path, with_checks: bool = True, n: int = 20) -> str:
 
 def _evaluate(model, pattern: str, limit: int, group_by_task: bool = True) -> dict:
     from data.config import DataConfig
-    from train.evaluation import EvalSettings, evaluate, iterate_heldout
+    from train.eval import EvalSettings, evaluate, iterate_heldout
 
     settings = EvalSettings(steps=1, limit=limit, batch_size=6, flow_loss=False, group_by_task=group_by_task)
     cfg = DataConfig(image_size=32, shuffle_buffer=1)
@@ -281,7 +281,7 @@ def test_evaluate_reports_success_with_do_nothing_and_oracle_rows(tmp_path):
 
 
 def test_evaluate_on_shards_without_checks_reports_success_unavailable(tmp_path):
-    from train.eval_report import format_table
+    from train.eval import format_table
 
     res = _evaluate(_CopyModel("target"), _val_shards(tmp_path, with_checks=False), limit=8)
     assert res["num_samples"] == 8 and res["num_checked"] == 0
@@ -296,7 +296,7 @@ def test_report_table_and_plot(tmp_path, monkeypatch):
 
     from PIL import Image
 
-    from train.eval_report import format_table, plot_results
+    from train.eval import format_table, plot_results
 
     res = _evaluate(_CopyModel("target"), _val_shards(tmp_path), limit=12)
     lines = format_table(res).splitlines()

@@ -94,7 +94,7 @@ class LoggingConfig:
     edit_steps: int = 8  # sampling steps for the grid's edits
     tensorboard_dir: Optional[str] = None  # default: <run dir>/tb
     progress_bar: bool = True
-    # held-out evaluation inside the run (train/heldout.py) every N steps and at the last step (0 = never),
+    # held-out evaluation inside the run (train/eval/heldout.py) every N steps and at the last step (0 = never),
     # on the first eval_samples samples of data.val_shards, with fixed noise, times and sampler seeds
     eval_every: int = 0
     eval_samples: int = 32  # samples for the held-out flow loss (inside / outside the fine mask)
@@ -193,7 +193,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-# The held-out metrics the in-run evaluation logs (train/heldout.py), with the direction that is better;
+# The held-out metrics the in-run evaluation logs (train/eval/heldout.py), with the direction that is better;
 # ``val/success/<task>`` (a task of data.schema.TASKS) is also one, better when higher.
 VAL_METRICS = {
     "val/flow_loss": "min",

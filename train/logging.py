@@ -15,6 +15,7 @@ import torch.distributed as torch_dist
 
 from train.config import LoggingConfig
 from train.distributed import DistInfo
+from train.eval import val_console_line
 
 GRID_COLUMNS = ("source", "coarse mask", "refined mask", "routing map", "target", "edit")
 
@@ -105,12 +106,10 @@ class MetricLogger:
         """The held-out evaluation's numbers (``val/...``) to TensorBoard and the console (rank 0)."""
         if not self.dist.is_main:
             return
-        from train.heldout import console_line as eval_line
-
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
-        self.print(eval_line(step, metrics))
+        self.print(val_console_line(step, metrics))
 
     def image_grid(self, step: int, grid: torch.Tensor) -> str:
         """Write a [3,H,W] grid in [0,1] to TensorBoard and ``images/step<N>.png`` (rank 0)."""

@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from data.loader import build_train_loader, build_val_batch
+from moe.model import build_model
 from train.checkpoint import Checkpointer
 from train.config import (
     CUDA_GRAPH_MODES,
@@ -33,6 +35,7 @@ from train.config import (
 from train.contracts import TrainableModel, TrainLoader, require
 from train.distributed import init_distributed
 from train.engine import build_engine
+from train.eval import HeldOutEval
 from train.faults import (
     HangWatchdog,
     PreemptionFlag,
@@ -43,7 +46,6 @@ from train.faults import (
     is_oom,
     oom_advice,
 )
-from train.heldout import HeldOutEval
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.rng import rng_untouched, seed_everything
 
@@ -75,9 +77,7 @@ class StepResult:
 
 
 def default_factories() -> tuple[ModelFactory, LoaderFactory, ValBatchFactory]:
-    from data.loader import build_train_loader, build_val_batch
-    from moe.model import build_model
-
+    """The real model, loader and held-out batch (``tests/helpers`` hands ``train()`` stand-ins instead)."""
     return build_model, build_train_loader, build_val_batch
 
 

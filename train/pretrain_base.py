@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.captions import VOCABULARY, make_scenes
 from moe.backbone import flux_arch_kwargs, grid_position_ids, pack_latents, unpack_latents, velocity_from_sample
 from moe.config import FluxArch
-from train.edit_success import COLOR_RADIUS  # one notion of "has this palette colour"
+from train.eval import COLOR_RADIUS  # one notion of "has this palette colour"
 
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"  # ids 0, 1, 2 (CLIP pools at EOS; its legacy path is eos id 2)
 

@@ -21,7 +21,7 @@ A kill at any point leaves ``latest`` naming the previous complete checkpoint; a
 directory is ignored and removed by the next save.
 
 ``best`` (with ``checkpoint.best_metric``): a JSON pointer ``{"tag", "step", "metric", "mode",
-"value"}`` to the checkpoint whose held-out metric (``train/heldout.py``, evaluated at the
+"value"}`` to the checkpoint whose held-out metric (``train/eval/heldout.py``, evaluated at the
 checkpoint's step) is the best so far; it moves only on a strict improvement. Each checkpoint's
 ``complete.json`` records the held-out metrics of its step, and ``best`` is chosen among the complete
 checkpoints on disk (the previous best is never pruned), so a pointer lost to a kill, or one for another

@@ -1,4 +1,4 @@
-"""The evaluation's report: a console table and a bar plot of :func:`train.evaluation.evaluate`'s result.
+"""The evaluation's report: a console table and a bar plot of :func:`train.eval.evaluation.evaluate`'s result.
 
 Rows are the model and the two baselines on the same samples (do-nothing: the source returned;
 oracle: the target returned), so every number can be read against what doing nothing and a

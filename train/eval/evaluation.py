@@ -14,7 +14,7 @@ every metric is computed per sample, and reduced by the caller (mean over sample
   resolution. It measures the denoiser itself, which pixel metrics of a few-step sample through a
   (possibly random, in tests and the tiny benchmark) VAE decoder may not.
 * L1 of the *source* to the target (``l1_source``): the do-nothing edit, a baseline for L1.
-* edit success (``success``): yes/no per sample from ``train.edit_success``, for samples whose
+* edit success (``success``): yes/no per sample from ``train.eval.edit_success``, for samples whose
   shard JSON says what the target must contain; reported per task, as the mean over samples and
   as the mean over tasks (``success_mean_over_tasks``).
 * two baseline rows on the same samples: ``do_nothing`` (the source as the edit) and ``oracle``
@@ -33,7 +33,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from train.edit_success import edit_success
+from data.config import DataConfig
+from data.loader import EditLoader, expand_shards
+from train.eval.edit_success import edit_success
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -232,14 +234,11 @@ class ShardChecks:
         return None
 
 
-def iterate_heldout(data_cfg: Any, shards: str, batch_size: int, limit: int):
+def iterate_heldout(data_cfg: DataConfig, shards: str, batch_size: int, limit: int):
     """Batches of the held-out shards in file order (evaluation view, each sample once), ``limit`` samples.
 
     Each batch carries ``extras["checks"]``: ``{sample key: check dict or None}`` (see :class:`ShardChecks`).
     """
-    from data.config import DataConfig
-    from data.loader import EditLoader, expand_shards
-
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
     cfg = dataclasses.replace(cfg, buckets=[], num_workers=0, cached=False)
     urls = expand_shards(shards)
@@ -261,7 +260,7 @@ BASELINES = ("do_nothing", "oracle")
 BASELINE_IOU_MASK = {"do_nothing": "coarse box", "oracle": "fine mask"}
 NO_CHECKS = (
     "no evaluated sample has a success check: a 'check' field in its shard JSON (data.synthetic "
-    "writes one) for a task train.edit_success knows"
+    "writes one) for a task train.eval.edit_success knows"
 )
 
 
@@ -302,7 +301,7 @@ def evaluate(
 
     Beside the model's row, two baselines on the same samples: ``do_nothing`` (the source returned
     as the edit; its mask IoU is the coarse box's) and ``oracle`` (the target; IoU of the fine mask,
-    1 by definition). ``success`` (``train.edit_success``) needs the batch's ``extras["checks"]``
+    1 by definition). ``success`` (``train.eval.edit_success``) needs the batch's ``extras["checks"]``
     (:func:`iterate_heldout` sets it); samples without a check are left out of its means, and when
     no sample has one, success is listed in ``skipped_metrics``.
     """

@@ -6,7 +6,7 @@ from the ``check`` dict that ``data.synthetic`` writes into each sample's JSON (
 must contain: the named colour, the removed object's colour, the style) and from the target
 image itself (which pixels the object covers, at whatever resolution the evaluation runs).
 
-Conventions as in ``train.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks
+Conventions as in ``train.eval.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks
 ``[B, 1, H, W]`` in ``{0, 1}``, any resolution. A pixel *has* a palette colour when its RGB
 distance to it is below :data:`COLOR_RADIUS`. ``region`` is the fine mask dilated by
 :func:`dilation_px` pixels, so the soft edge pixels of a resized object are looked at too.

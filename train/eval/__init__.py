@@ -1,0 +1,75 @@
+"""Evaluation: what a trained editor does on held-out edits, beside the do-nothing and oracle rows.
+
+* ``evaluation.py``: the metrics as plain functions on tensors and the evaluation pass
+  (``evaluate``, ``iterate_heldout``), which ``launch/eval.py`` and the in-run evaluation share;
+* ``edit_success.py``: did an edit succeed, per task, against the synthetic set's ground truth;
+* ``heldout.py``: the held-out evaluation inside a run (``logging.eval_every``), logged as ``val/...``;
+* ``report.py``, ``run_report.py``: the table and plot of one evaluation, and of a run's checkpoints;
+* ``export.py``: trained weights out of a checkpoint (expert shards merged), for inference and evaluation.
+
+Everything outside this folder imports from here.
+"""
+
+from train.eval.edit_success import CHECKED_TASKS, COLOR_RADIUS, edit_success
+from train.eval.evaluation import (
+    EmbeddingEncoders,
+    EvalSettings,
+    cosine_per_sample,
+    evaluate,
+    flow_mse_per_sample,
+    iterate_heldout,
+    l1_per_sample,
+    l2_per_sample,
+    mask_iou_per_sample,
+    masked_l1_per_sample,
+    to_unit,
+)
+from train.eval.export import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    WeightsError,
+    build_inference_model,
+    export_checkpoint,
+    load_for_inference,
+    read_checkpoint_tensors,
+    read_export,
+    resolve_checkpoint,
+)
+from train.eval.heldout import HeldOutEval, balanced_by_task, ema_weights, val_console_line
+from train.eval.report import format_table, plot_results
+from train.eval.run_report import markdown_table, plot_run, run_row
+
+__all__ = [
+    "CHECKED_TASKS",
+    "COLOR_RADIUS",
+    "EXPORT_FORMAT",
+    "EXPORT_VERSION",
+    "EmbeddingEncoders",
+    "EvalSettings",
+    "HeldOutEval",
+    "WeightsError",
+    "balanced_by_task",
+    "build_inference_model",
+    "cosine_per_sample",
+    "edit_success",
+    "ema_weights",
+    "evaluate",
+    "export_checkpoint",
+    "flow_mse_per_sample",
+    "format_table",
+    "iterate_heldout",
+    "l1_per_sample",
+    "l2_per_sample",
+    "load_for_inference",
+    "markdown_table",
+    "mask_iou_per_sample",
+    "masked_l1_per_sample",
+    "plot_results",
+    "plot_run",
+    "read_checkpoint_tensors",
+    "read_export",
+    "resolve_checkpoint",
+    "run_row",
+    "to_unit",
+    "val_console_line",
+]
