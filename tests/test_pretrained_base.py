@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moe.config import FluxArch
-from train.pretrain_base import (
+from pretrain import (
     BaseRecipe,
     TextArch,
     build_tokenizer,
@@ -131,7 +131,7 @@ def test_same_recipe_writes_the_same_bytes(micro_base, tmp_path):
 def test_snapshots_leave_the_training_unchanged(micro_base, tmp_path):
     """Snapshots part-way (held-out loss, samples, a saved folder, as ``--snapshot-every`` writes them)
     must not move the training's random streams: the final weights are the same bytes."""
-    from train.pretrain_base import heldout_loss, save_samples
+    from pretrain import heldout_loss, save_samples
 
     r, _, _, out = micro_base
     seen = []
