@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from data.config import DataConfig
-from data.loader import EditLoader, expand_shards
+from data.loader import EditLoader
+from data.shards import expand_shards
 from train.eval.edit_success import edit_success
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from data.config import DataConfig
-from data.loader import expand_shards
+from data.shards import expand_shards
 from train.config import LoggingConfig
 from train.eval.evaluation import EvalSettings, ShardChecks, evaluate, flow_mse_per_sample, nanmean
 from train.rng import rng_untouched
