@@ -267,7 +267,7 @@ def main() -> None:
     care_peak = peak_gib(reset=False)
 
     seq = args.text_len + tokens_img
-    fwd_flops = model.flops_per_token() * seq  # per sample
+    fwd_flops = model.flops_per_token(seq_len=seq) * seq  # per sample
     # frozen weights get no weight gradient: model FLOPs of a step ~ forward + activation backward
     model_flops = 2 * fwd_flops + 2 * n_trainable * seq  # + weight gradients of the trainable parts (upper bound)
     hw_flops = model_flops + (fwd_flops if cfg.backbone.gradient_checkpointing else 0)
