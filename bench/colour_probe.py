@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from data.synthetic import COLORS  # noqa: E402
-from train.eval import COLOR_RADIUS  # noqa: E402
+from train.eval import COLOR_RADIUS, iterate_heldout, load_for_inference, to_unit  # noqa: E402
 
 PROBED_TASKS = ("recolor", "add")
 
@@ -60,9 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-guidance", type=float, default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-
-    from train.eval import iterate_heldout, load_for_inference, to_unit
-
     model, cfg = load_for_inference(args.checkpoint, device=args.device)
     names = list(COLORS)
     palette = torch.tensor([COLORS[c] for c in names], dtype=torch.float32) / 255

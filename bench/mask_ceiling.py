@@ -22,6 +22,9 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The project's modules (and torch) are imported inside the functions: `--help` and a bad argument answer at
+# once, before the model's code loads.
+
 
 def ceilings(fine, box, grid: int) -> dict[str, float]:
     """Mean IoU against ``fine`` ([B, 1, H, W] in {0, 1}) of the box and of the perfect grid x grid mask."""

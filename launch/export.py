@@ -23,6 +23,9 @@ from typing import Optional
 if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
     import by_path  # noqa: F401
 
+# The project's modules are imported inside the functions, after the arguments are parsed: `--help` and a
+# bad argument answer at once, before torch, DeepSpeed and the model load.
+
 
 def _check_paths(checkpoint: str, out: str) -> Optional[str]:
     """One line saying what is wrong with the paths before anything is read, or None."""
