@@ -166,7 +166,7 @@ def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Te
     without gradient checkpointing its block calls ran as graphs too. On the H100
     (``configs/gpu_smoke.yaml``, ``reduce-overhead``) the step after each image step took 22-79 s,
     the later ones too (likely graphs recorded for the sampler again); sampling eagerly, 2 s
-    (docs/perf-log.md, 20:09 entry)."""
+    (docs/history/perf-log.md, 20:09 entry)."""
     was_training = model.training
     model.eval()
     try:
