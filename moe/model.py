@@ -222,7 +222,9 @@ class CareEditModel(nn.Module):
             position = self._position_of_block.get(block_index)
             return () if position is None else (ctx, ctx.enter(position))
 
-        hidden = bb.run_blocks(stream.tokens, txt, temb, stream.ids, txt_ids, attention_mask, expert_args)
+        hidden = bb.run_blocks(
+            stream.tokens, txt, temb, stream.ids, txt_ids, attention_mask, feed_forward_args=expert_args
+        )
         pred = unpack_latents(bb.project_out(hidden[:, : ctx.num_target], temb), h, w)
         if self.cfg.backbone.prediction == "sample":  # the base predicts x0
             pred = velocity_from_sample(noisy, pred, t, self.cfg.backbone.t_min)

@@ -15,7 +15,6 @@ import torch.distributed as torch_dist
 
 from train.config import LoggingConfig
 from train.distributed import DistInfo
-from train.eval import val_console_line
 
 GRID_COLUMNS = ("source", "coarse mask", "refined mask", "routing map", "target", "edit")
 
@@ -128,6 +127,24 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def val_console_line(step: int, m: dict[str, float]) -> str:
+    """``step 250 | val flow 0.41 (inside 0.90, outside 0.30) | success 0.25 (recolor 0.50 ...) | ...``."""
+
+    def f(key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "-"
+
+    parts = [
+        f"step {step}",
+        f"val flow {f('val/flow_loss')} (inside {f('val/flow_loss_inside')}, outside {f('val/flow_loss_outside')})",
+    ]
+    if "val/l1" in m:
+        tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
+        parts.append(f"success {f('val/success_mean')}" + (f" ({tasks})" if tasks else " (no checks)"))
+        parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
+    parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
+    return " | ".join(parts)
 
 
 def console_line(step: int, m: dict[str, float]) -> str:

@@ -35,7 +35,7 @@ from train.eval.export import (
     read_export,
     resolve_checkpoint,
 )
-from train.eval.heldout import HeldOutEval, balanced_by_task, ema_weights, val_console_line
+from train.eval.heldout import HeldOutEval, balanced_by_task, ema_weights
 from train.eval.report import format_table, plot_results
 from train.eval.run_report import markdown_table, plot_run, run_row
 
@@ -71,5 +71,4 @@ __all__ = [
     "resolve_checkpoint",
     "run_row",
     "to_unit",
-    "val_console_line",
 ]

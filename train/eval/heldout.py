@@ -181,21 +181,3 @@ def balanced_by_task(tasks: list[str], n: int) -> list[int]:
             if queue and len(picked) < n:
                 picked.append(queue.pop(0))
     return sorted(picked)
-
-
-def val_console_line(step: int, m: dict[str, float]) -> str:
-    """``step 250 | val flow 0.41 (inside 0.90, outside 0.30) | success 0.25 (recolor 0.50 ...) | ...``."""
-
-    def f(key: str) -> str:
-        return f"{m[key]:.4f}" if key in m else "-"
-
-    parts = [
-        f"step {step}",
-        f"val flow {f('val/flow_loss')} (inside {f('val/flow_loss_inside')}, outside {f('val/flow_loss_outside')})",
-    ]
-    if "val/l1" in m:
-        tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
-        parts.append(f"success {f('val/success_mean')}" + (f" ({tasks})" if tasks else " (no checks)"))
-        parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
-    parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
-    return " | ".join(parts)
