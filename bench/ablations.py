@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 from bench.common import environment as bench_environment  # noqa: E402
 from bench.common import run_logged  # noqa: E402
 from data.synthetic import written_patterns  # noqa: E402
+from train.config import load_config  # noqa: E402
 
 GRID = os.path.join(ROOT, "configs", "ablations.yaml")
 REFERENCE = "full"  # the variant every other one is compared with (the grid's first set)
@@ -536,8 +537,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="only build the report from OUT/results")
     args = p.parse_args(argv)
     if args.steps is None or args.micro_batch is None:  # the recipe's own, so they live in one place
-        from train.config import load_config
-
         train = load_config(os.path.join(ROOT, args.config), []).train
         args.steps = train.steps if args.steps is None else args.steps
         args.micro_batch = train.micro_batch if args.micro_batch is None else args.micro_batch

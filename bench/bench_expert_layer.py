@@ -7,7 +7,7 @@ DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX wid
 Prints one JSON line per case and a short table last. Ratios are measured in the same run, the cases
 timed in interleaved rounds (``bench.common.time_interleaved``). ``--graphs`` adds the cases that trace
 whole as CUDA graphs, compared with the graphed dense layer: without launch gaps, and replaying in
-their own memory pool, they gave the steadiest ratios (docs/perf-log.md, 17:01 entry).
+their own memory pool, they gave the steadiest ratios (docs/history/perf-log.md, 17:01 entry).
 ``--profile`` adds each case's kernel statistics: the device-busy time (no host launch gaps) and
 the kernel count, which tell a GPU-bound gap from a host-bound one.
 """
@@ -236,7 +236,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
             if "autotune" in suffix:
                 # torch 2.11 fails to compile it: autotuning picked a Triton kernel for a row-major
                 # weight stack, code generation froze the stack K-major, and Triton rejected the kernel
-                # ("Tensor descriptor last dim must be 1"; docs/perf-log.md, 20:09 entry)
+                # ("Tensor descriptor last dim must be 1"; docs/history/perf-log.md, 20:09 entry)
                 continue
             grouped_experts = [_copy(e) for e in ffn_experts]
             cases[f"ours_ffn_grouped_gemm@{suffix}"] = wrap(
@@ -273,7 +273,7 @@ def _reference(reference: str, case: str) -> str:
 
 def _extra_modes(args) -> dict[str, dict]:
     """Case-name suffix -> torch.compile arguments of the cases run in more modes than the default one
-    (the autotune modes: max-autotune's options with prologue fusion off, as measured in docs/perf-log.md,
+    (the autotune modes: max-autotune's options with prologue fusion off, as measured in docs/history/perf-log.md,
     20:09 entry)."""
     if not args.compile:
         return {}

@@ -2,7 +2,7 @@
 
     python bench/bench_replica_check.py [--params 7.5e8] [--tensor-numel 1.2e7] [--dtype bf16] [--iters 5]
 
-The check (train/replica_check.py) fingerprints every trainable parameter, moves one [N, 2] int64
+The check (train/faults/replica_check.py) fingerprints every trainable parameter, moves one [N, 2] int64
 tensor to the host and gathers the fingerprints (a few kB per rank). The fingerprinting dominates;
 this times it on random tensors of the given total size (default: about one rank's share of the
 flagship recipe's ~3B trainable expert parameters at ep_size 4) on the GPU if there is one.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from train.replica_check import fingerprint  # noqa: E402
+from train.faults import fingerprint  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

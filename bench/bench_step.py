@@ -32,6 +32,10 @@ from torch.profiler import record_function  # noqa: E402
 
 from bench.common import emit, environment, gap_stats, kernel_stats, measure_matmul_peak, profiled, time_ms  # noqa: E402
 from data.batch import EditBatch  # noqa: E402
+from moe.backbone import FluxBackbone  # noqa: E402
+from moe.config import LoraConfig  # noqa: E402
+from moe.model import build_model  # noqa: E402
+from train.config import load_config  # noqa: E402
 
 DEFAULT_OVERRIDES = [
     "model.backbone.path=null",
@@ -171,11 +175,6 @@ def main() -> None:
         "(reduce-overhead: CUDA graphs; what CUDA graph trees record is logged)",
     )
     args, overrides = p.parse_known_args()
-    from moe.backbone import FluxBackbone
-    from moe.config import LoraConfig
-    from moe.model import build_model
-    from train.config import load_config
-
     cfg = OmegaConf.to_object(load_config(args.config, DEFAULT_OVERRIDES + overrides).model)
     dev = torch.device(args.device)
     on_gpu = dev.type == "cuda"
@@ -267,7 +266,7 @@ def main() -> None:
     care_peak = peak_gib(reset=False)
 
     seq = args.text_len + tokens_img
-    fwd_flops = model.flops_per_token() * seq  # per sample
+    fwd_flops = model.flops_per_token(seq_len=seq) * seq  # per sample
     # frozen weights get no weight gradient: model FLOPs of a step ~ forward + activation backward
     model_flops = 2 * fwd_flops + 2 * n_trainable * seq  # + weight gradients of the trainable parts (upper bound)
     hw_flops = model_flops + (fwd_flops if cfg.backbone.gradient_checkpointing else 0)

@@ -34,6 +34,8 @@ def environment() -> dict:
 def recipe_model(config: str, overrides: list[str], device: Optional[torch.device] = None) -> tuple:
     """A recipe (``config`` + ``overrides``) -> (its ``TrainConfig``, its model in training mode), built
     after seeding with ``run.seed`` as the trainer does, on ``device`` (default: where it was built)."""
+    # the model's and the trainer's code load only where a bench builds a model: bench/ablations.py uses this
+    # module to drive its runs as subprocesses
     from moe.model import build_model
     from train.config import as_train_config, load_config
 
@@ -45,7 +47,7 @@ def recipe_model(config: str, overrides: list[str], device: Optional[torch.devic
 
 def heldout_batch(cfg, data: str, size: int, device: Optional[torch.device] = None):
     """The first ``size`` held-out samples of ``data`` (shards) as one batch, loaded as ``cfg.data`` says."""
-    from train.evaluation import iterate_heldout
+    from train.eval import iterate_heldout  # loaded where used (see recipe_model)
 
     batch = next(iter(iterate_heldout(cfg.data, data, size, size)))
     return batch.to(device) if device is not None else batch

@@ -4,7 +4,7 @@
         [--grid 8] [--limit 200]
 
 Mask Repaint predicts one value per image token; evaluation upsamples it to pixels and thresholds it at
-0.5 (``train.evaluation.mask_iou_per_sample``). This prints one JSON line with the held-out mean IoU
+0.5 (``train.eval.evaluation.mask_iou_per_sample``). This prints one JSON line with the held-out mean IoU
 against the fine mask of: the coarse box (what the model is given), and the *perfect* token-level mask
 (the fine mask averaged over each token's pixels) upsampled nearest (as ``CareEditModel.edit`` does) or
 bilinearly, alone and intersected with the box. If the perfect token mask scores below the box, no
@@ -22,12 +22,15 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The project's modules (and torch) are imported inside the functions: `--help` and a bad argument answer at
+# once, before the model's code loads.
+
 
 def ceilings(fine, box, grid: int) -> dict[str, float]:
     """Mean IoU against ``fine`` ([B, 1, H, W] in {0, 1}) of the box and of the perfect grid x grid mask."""
     import torch.nn.functional as F
 
-    from train.evaluation import mask_iou_per_sample
+    from train.eval import mask_iou_per_sample
 
     size = fine.shape[-2:]
     token = F.adaptive_avg_pool2d(fine.float(), (grid, grid))  # each token's share of fine-mask pixels
@@ -54,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--limit", type=int, default=200)
     args = p.parse_args(argv)
     from data.config import DataConfig
-    from train.evaluation import iterate_heldout
+    from train.eval import iterate_heldout
 
     data_cfg = dataclasses.replace(DataConfig(), image_size=args.image_size)
     batch = next(iter(iterate_heldout(data_cfg, args.data, args.limit, args.limit)))

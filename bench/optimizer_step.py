@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import emit, environment, heldout_batch, recipe_model, time_interleaved  # noqa: E402
+from train.engine import build_optimizer, optimizer_param_groups  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=30, help="timed calls of each case")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
-
-    from train.engine import build_optimizer, optimizer_param_groups
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model = recipe_model(args.config, args.overrides, device)
     mb = args.micro_batch or cfg.train.micro_batch

@@ -26,6 +26,9 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The project's modules (and torch) are imported inside the functions: `--help` and a bad argument answer at
+# once, before the model's code loads.
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from train.evaluation import iterate_heldout
-    from train.export import load_for_inference
+    from train.eval import iterate_heldout, load_for_inference
     from train.logging import edit_grid
 
     model, cfg = load_for_inference(args.checkpoint, device=args.device)

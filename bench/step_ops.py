@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.common import emit, heldout_batch, recipe_model  # noqa: E402
+from train.engine import build_optimizer, optimizer_param_groups  # noqa: E402
 
 SYNC = "aten._local_scalar_dense"
 
@@ -71,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
-
-    from train.engine import build_optimizer, optimizer_param_groups
-
     cfg, model = recipe_model(args.config, args.overrides)
     groups = optimizer_param_groups(model, cfg.optim.weight_decay)
     params = [p for g in groups for p in g["params"]]

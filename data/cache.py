@@ -14,6 +14,7 @@ loader's evaluation view), so the loader applies **no augmentation** in cached m
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
@@ -27,9 +28,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from data import augment
-from data.loader import expand_shards
 from data.schema import SampleError, bbox_from_mask, decode_sample, encode_png, mask_array, parse_meta
-from data.shards import ShardReport, write_shards
+from data.shards import ShardReport, expand_shards, write_shards
 
 log = logging.getLogger(__name__)
 ImageEncoder = Callable[[Tensor], Tensor]
@@ -137,8 +137,6 @@ def decode_cached_sample(raw: dict) -> dict:
     meta = parse_meta(raw["json"])
     try:
         lat, text = st_load(raw["latent.safetensors"]), st_load(raw["text.safetensors"])
-        import io
-
         mask_img = Image.open(io.BytesIO(raw["mask.png"]))
         mask_img.load()
     except Exception as exn:

@@ -14,7 +14,7 @@ same pixels the editor will.
 Everything is a function of (seed, index): a dataset of N scenes is the same on any machine.
 
 :data:`VOCABULARY` lists every word the generator writes, in captions and in edit instructions;
-the miniature's word-level tokenizer is built from it (``train.pretrain_base``).
+the miniature's word-level tokenizer is built from it (``pretrain.text_to_image``).
 """
 
 from __future__ import annotations

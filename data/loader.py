@@ -37,34 +37,27 @@ from typing import Any, Iterator, Optional
 
 import torch
 import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import augment
 from data.arith import ceil_div
 from data.batch import EditBatch
+from data.cache import collate_cached, decode_cached_sample
 from data.config import DataConfig
 from data.schema import SKIP_REASONS, SampleError, decode_sample, tags_to_ids
+from data.shards import expand_shards
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-def as_config(cfg: Any) -> DataConfig:
+def as_config(cfg: DataConfig | DictConfig) -> DataConfig:
     """Accept a DataConfig or an OmegaConf DictConfig built from it (``OmegaConf.structured``)."""
     if isinstance(cfg, DataConfig):
         return cfg
-    from omegaconf import OmegaConf
-
     obj = OmegaConf.to_object(cfg)
     return obj if isinstance(obj, DataConfig) else DataConfig(**obj)
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Brace patterns (``"::"``-separated) to a list of urls; local paths or ``pipe:`` commands."""
-    urls = wds.shardlists.expand_urls(spec) if spec else []
-    if not urls:
-        raise ValueError(f"data: shard spec {spec!r} expands to no shards")
-    return urls
 
 
 def shard_positions(
@@ -123,7 +116,8 @@ def _stack_float(items: list[dict], name: str) -> Optional[torch.Tensor]:
     return augment.to_float(torch.stack([it[name] for it in items]))
 
 
-def _collate(items: list[dict], cached: bool) -> EditBatch:
+def _batch_fields(items: list[dict]) -> dict[str, Any]:
+    """The ``EditBatch`` fields every batch has, stacked from prepared samples."""
     tags = [it["tag_ids"] for it in items]
     tag_ids = torch.full((len(items), max(1, max(len(t) for t in tags))), -1, dtype=torch.long)
     for i, t in enumerate(tags):
@@ -135,7 +129,7 @@ def _collate(items: list[dict], cached: bool) -> EditBatch:
             return None
         return torch.stack([it[name] if it[name] is not None else torch.zeros_like(it[like]) for it in items])
 
-    out: dict[str, Any] = dict(
+    return dict(
         has_reference=has_ref,
         fine_mask=torch.stack([it["fine_mask"] for it in items]),
         coarse_mask=torch.stack([it["coarse_mask"] for it in items]),
@@ -148,11 +142,97 @@ def _collate(items: list[dict], cached: bool) -> EditBatch:
         target=_stack_float(items, "target"),
         reference=augment.to_float(ref) if (ref := stack_ref("reference", "source")) is not None else None,
     )
-    if cached:
-        from data.cache import collate_cached
 
-        out.update(collate_cached(items))
-    return EditBatch(**out)
+
+def collate_images(items: list[dict]) -> EditBatch:
+    """A batch of samples decoded from images."""
+    return EditBatch(**_batch_fields(items))
+
+
+def collate_with_cache(items: list[dict]) -> EditBatch:
+    """A batch of cached samples: the common fields plus latents and text embeddings (``data.cache``)."""
+    return EditBatch(**_batch_fields(items), **collate_cached(items))
+
+
+@dataclasses.dataclass
+class WorkerState:
+    """One worker's place in its shard stream, restored from its saved ``data_state`` and reported with
+    every batch (the ordering it relies on: module docstring). The sample loop (``EditStream._run``)
+    asks it what to skip; it never decodes a sample itself."""
+
+    worker: int  # the logical worker
+    counter: SkipCounter  # samples seen and skipped per reason
+    pos: int = 0  # (pos, offset): the first raw sample of the stream not consumed before the restart
+    offset: int = 0
+    start: int = 0  # the first shard position to open
+    skip_raw: int = 0  # approximate fast-forward (``start_step`` without a saved state): raw samples to pass
+    pending: set = dataclasses.field(default_factory=set)  # origins (pos, idx) still in a bucket at the save
+    tar_errors: set = dataclasses.field(default_factory=set)  # shard positions whose tar error is counted
+
+    @classmethod
+    def restore(
+        cls, saved: dict, cfg: DataConfig, worker: int, slot: int, n_slots: int, n_shards: int
+    ) -> "WorkerState":
+        """From a batch's ``data_state`` ({} for a fresh start), or the start a resume at another shape
+        chose (``start_global``; ``start_epoch`` in states saved by older versions): a fresh shard there."""
+        pos, offset = saved.get("pos", 0), saved.get("offset", 0)
+        pending = {tuple(p) for p in saved.get("pending", [])}
+        start = min([pos] + [p for p, _ in pending])
+        if "start_global" in saved:  # cross-configuration resume: first shard position not fully consumed
+            start = max(0, ceil_div(saved["start_global"] - slot, n_slots))
+            pos, offset = start, 0
+        elif "start_epoch" in saved:  # (states saved by older versions) from the start of that epoch
+            start = max(0, ceil_div(saved["start_epoch"] * n_shards - slot, n_slots))
+            pos, offset = start, 0
+        return cls(
+            worker=worker,
+            counter=SkipCounter(cfg, saved.get("skips"), saved.get("seen", 0)),
+            pos=pos,
+            offset=offset,
+            start=start,
+            skip_raw=saved.get("skip_raw", 0),
+            pending=pending,
+            tar_errors=set(saved.get("tar_errors", [])),
+        )
+
+    def consumed_shard(self, pos: int) -> bool:
+        """Every sample of shard position ``pos`` was consumed before the restart: it is not even opened."""
+        return pos < self.pos and not any(p == pos for p, _ in self.pending)
+
+    def replayed(self, origin: tuple[int, int]) -> bool:
+        """The raw sample at ``origin`` was read before the restart (it is re-read only if it was pending)."""
+        return origin < (self.pos, self.offset)
+
+    def passes(self, origin: tuple[int, int]) -> bool:
+        """Skip the raw sample at ``origin`` undecoded: consumed before the restart, or fast-forwarded."""
+        if self.replayed(origin) and origin not in self.pending:
+            return True
+        if self.skip_raw > 0:
+            self.skip_raw -= 1
+            return True
+        return False
+
+    def tar_error(self, pos: int, url: str, exn: Exception) -> None:
+        """A shard's tar stream broke: one bad event per shard position, also across restarts."""
+        if pos in self.tar_errors:  # re-read after a restart: counted before
+            return
+        self.tar_errors.add(pos)
+        reason = "shard_open_error" if isinstance(exn, (FileNotFoundError, PermissionError)) else "corrupt_tar"
+        self.counter.seen += 1
+        self.counter.bad(reason, url, repr(exn)[:300])
+
+    def report(self, pos: int, offset: int, epoch: int, waiting: list[tuple[int, int]]) -> dict:
+        """The ``data_state`` a batch carries: resuming from it continues right after that batch."""
+        return dict(
+            worker=self.worker,
+            pos=pos,
+            offset=offset,
+            epoch=epoch,
+            pending=waiting,
+            skips={r: c for r, c in self.counter.skips.items() if c},
+            seen=self.counter.seen,
+            tar_errors=sorted(p for p in self.tar_errors if p >= pos - 1),
+        )
 
 
 class EditStream(IterableDataset):
@@ -174,33 +254,42 @@ class EditStream(IterableDataset):
         self.rank, self.world_size, self.exact = rank, world_size, exact
         self.start_step, self.states, self.epoch = start_step, states, epoch
         self.n_workers = max(cfg.num_workers, 1)
+        # cached shards hold latents and text embeddings instead of images: the decode and the batch
+        # layout are chosen once, here
+        self._decode = self._decode_cached if cfg.cached else self._decode_images
+        self._collate = collate_with_cache if cfg.cached else collate_images
 
     # -- one sample -------------------------------------------------------------------------------
     def _prepare(self, raw: dict, rng: Optional[random.Random]) -> dict:
         """Raw members -> tensors for collate; raises SampleError."""
-        cfg = self.cfg
-        if cfg.cached:
-            from data.cache import decode_cached_sample
-
-            item = decode_cached_sample(raw)
-        else:
-            d = decode_sample(raw)
-            out_hw = augment.choose_bucket(d["src"].width, d["src"].height, cfg.buckets, cfg.image_size)
-            item = augment.transform(
-                d["src"],
-                d["tgt"],
-                d["ref"],
-                d["mask"],
-                out_hw,
-                None if self.exact else rng,
-                cfg.random_crop_scale,
-                cfg.hflip,
-                d["meta"]["instruction"],
-            )
-            item.update(key=d["key"], meta=d["meta"], has_ref=d["ref"] is not None)
+        item = self._decode(raw, rng)
         meta = item["meta"]
         item.update(instruction=meta["instruction"], task=meta["task"], tag_ids=tags_to_ids(meta["tags"]))
         return item
+
+    def _decode_images(self, raw: dict, rng: Optional[random.Random]) -> dict:
+        """Images decoded, checked and augmented (one crop and flip for source, target and masks)."""
+        cfg = self.cfg
+        d = decode_sample(raw)
+        out_hw = augment.choose_bucket(d["src"].width, d["src"].height, cfg.buckets, cfg.image_size)
+        item = augment.transform(
+            d["src"],
+            d["tgt"],
+            d["ref"],
+            d["mask"],
+            out_hw,
+            None if self.exact else rng,
+            cfg.random_crop_scale,
+            cfg.hflip,
+            d["meta"]["instruction"],
+        )
+        item.update(key=d["key"], meta=d["meta"], has_ref=d["ref"] is not None)
+        return item
+
+    @staticmethod
+    def _decode_cached(raw: dict, rng: Optional[random.Random]) -> dict:
+        """A cached sample: its view was fixed when it was cached, so nothing is augmented."""
+        return decode_cached_sample(raw)
 
     # -- the worker loop ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[EditBatch]:
@@ -209,32 +298,51 @@ class EditStream(IterableDataset):
         lw = (physical + self.start_step) % self.n_workers
         yield from self._run(lw, copy.deepcopy(self.states.get(lw, {})))
 
-    def _run(self, lw: int, st: dict) -> Iterator[EditBatch]:
-        cfg, B = self.cfg, self.batch_size
+    def _run(self, lw: int, saved: dict) -> Iterator[EditBatch]:
+        """The worker's batches: samples of its shard positions, bucketed by size, each batch with the
+        state that resumes right after it."""
         slot, n_slots = self.rank * self.n_workers + lw, self.world_size * self.n_workers
-        counter = SkipCounter(cfg, st.get("skips"), st.get("seen", 0))
-        pos0, off0 = st.get("pos", 0), st.get("offset", 0)
-        skip_raw = st.get("skip_raw", 0)  # approximate fast-forward (start_step without a state)
-        pending = {tuple(p) for p in st.get("pending", [])}
-        start = min([pos0] + [p for p, _ in pending])
-        if "start_global" in st:  # cross-configuration resume: first shard position not fully consumed
-            start = max(0, ceil_div(st["start_global"] - slot, n_slots))
-            pos0, off0 = start, 0
-        elif "start_epoch" in st:  # (states saved by older versions) from the start of that epoch
-            start = max(0, ceil_div(st["start_epoch"] * len(self.urls) - slot, n_slots))
-            pos0, off0 = start, 0
+        state = WorkerState.restore(saved, self.cfg, lw, slot, n_slots, len(self.urls))
         buckets: dict[tuple[int, int], list[dict]] = {}
-        shuffle = not self.exact and cfg.shuffle_buffer > 1
-        shard = ShardCursor()
-        tar_errors = set(st.get("tar_errors", []))  # positions whose tar error is already counted
+
+        def waiting() -> list[tuple[int, int]]:
+            return sorted(it["origin"] for b in buckets.values() for it in b)
+
+        shuffle_shards = self.cfg.shuffle_shards and not self.exact
+        positions = shard_positions(
+            len(self.urls), slot, n_slots, self.cfg.seed, shuffle_shards, self.epoch, state.start
+        )
+        epoch = 0
+        for pos, epoch, shard_index in positions:
+            if state.consumed_shard(pos):
+                continue  # fully consumed before the restart: not even opened
+            for item in self._shard_samples(state, pos, epoch, shard_index):
+                hw = tuple(item["fine_mask"].shape[-2:])
+                buckets.setdefault(hw, []).append(item)
+                if len(buckets[hw]) == self.batch_size:
+                    batch = self._collate(buckets.pop(hw))
+                    origin = item["origin"]
+                    after = (state.pos, state.offset) if state.replayed(origin) else (origin[0], origin[1] + 1)
+                    batch.extras["data_state"] = state.report(*after, epoch, waiting())
+                    yield batch
+        # finite mode: flush partial batches so every sample is yielded once, then report the
+        # final counts (skips after the last batch would otherwise never reach the main process)
+        if self.epoch is not None:
+            for hw in sorted(buckets):
+                batch = self._collate(buckets.pop(hw))
+                batch.extras["data_state"] = state.report(1 << 62, 0, epoch, waiting())
+                yield batch
+            yield {"data_state": state.report(1 << 62, 0, epoch, waiting())}
+
+    def _shard_samples(self, state: WorkerState, pos: int, epoch: int, shard_index: int) -> Iterator[dict]:
+        """The prepared samples of the shard at position ``pos``, in the seeded shuffle's order, each with its
+        ``origin`` (pos, raw index); those consumed before a restart and bad ones (counted) left out."""
+        url = self.urls[shard_index]
+        shard = ShardCursor(url=url, pos=pos)
 
         def on_tar_error(exn: Exception) -> bool:
             shard.broken = True
-            if shard.pos not in tar_errors:  # re-read after a restart: counted before
-                tar_errors.add(shard.pos)
-                reason = "shard_open_error" if isinstance(exn, (FileNotFoundError, PermissionError)) else "corrupt_tar"
-                counter.seen += 1
-                counter.bad(reason, shard.url, repr(exn)[:300])
+            state.tar_error(pos, url, exn)
             return False  # give up on this shard (the tar stream cannot be resynchronised)
 
         def mark_truncated(samples: Iterator[dict]) -> Iterator[dict]:
@@ -244,66 +352,26 @@ class EditStream(IterableDataset):
                     s["__truncated__"] = True
                 yield s
 
-        def state(pos: int, off: int, epoch: int) -> dict:
-            waiting = sorted(it["origin"] for b in buckets.values() for it in b)
-            return dict(
-                worker=lw,
-                pos=pos,
-                offset=off,
-                epoch=epoch,
-                pending=waiting,
-                skips={r: c for r, c in counter.skips.items() if c},
-                seen=counter.seen,
-                tar_errors=sorted(p for p in tar_errors if p >= pos - 1),
-            )
-
-        positions = shard_positions(
-            len(self.urls), slot, n_slots, cfg.seed, cfg.shuffle_shards and not self.exact, self.epoch, start
-        )
-        epoch = 0
-        for pos, epoch, shard_index in positions:
-            if pos < pos0 and not any(p == pos for p, _ in pending):
-                continue  # fully consumed before the restart: not even opened
-            url = self.urls[shard_index]
-            shard.url, shard.pos, shard.broken = url, pos, False
-            stream = mark_truncated(wds.tarfile_to_samples(handler=on_tar_error)(iter([dict(url=url)])))
-            if shuffle:
-                rng = random.Random(f"samples:{cfg.seed}:{epoch}:{shard_index}")
-                stream = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(stream)
-            for idx, raw in enumerate(stream):
-                origin = (pos, idx)
-                replay = origin < (pos0, off0)
-                if replay and origin not in pending:
-                    continue  # consumed before the restart: skipped undecoded
-                if skip_raw > 0:
-                    skip_raw -= 1
-                    continue
-                if raw.get("__truncated__"):
-                    continue  # counted once, as the corrupt_tar event
-                if not replay:
-                    counter.seen += 1
-                try:
-                    item = self._prepare(raw, random.Random(f"aug:{cfg.seed}:{epoch}:{shard_index}:{idx}"))
-                except SampleError as exn:
-                    counter.bad(exn.reason, url, f"{raw.get('__key__')}: {exn}")
-                    continue
-                item["origin"] = origin
-                hw = tuple(item["fine_mask"].shape[-2:])
-                buckets.setdefault(hw, []).append(item)
-                if len(buckets[hw]) == B:
-                    items = buckets.pop(hw)
-                    batch = _collate(items, cfg.cached)
-                    batch.extras["data_state"] = state(*((pos, idx + 1) if not replay else (pos0, off0)), epoch)
-                    yield batch
-        # finite mode: flush partial batches so every sample is yielded once, then report the
-        # final counts (skips after the last batch would otherwise never reach the main process)
-        if self.epoch is not None:
-            for hw in sorted(buckets):
-                items = buckets.pop(hw)
-                batch = _collate(items, cfg.cached)
-                batch.extras["data_state"] = state(1 << 62, 0, epoch)
-                yield batch
-            yield {"data_state": state(1 << 62, 0, epoch)}
+        cfg = self.cfg
+        stream = mark_truncated(wds.tarfile_to_samples(handler=on_tar_error)(iter([dict(url=url)])))
+        if not self.exact and cfg.shuffle_buffer > 1:
+            rng = random.Random(f"samples:{cfg.seed}:{epoch}:{shard_index}")
+            stream = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(stream)
+        for idx, raw in enumerate(stream):
+            origin = (pos, idx)
+            if state.passes(origin):
+                continue
+            if raw.get("__truncated__"):
+                continue  # counted once, as the corrupt_tar event
+            if not state.replayed(origin):
+                state.counter.seen += 1
+            try:
+                item = self._prepare(raw, random.Random(f"aug:{cfg.seed}:{epoch}:{shard_index}:{idx}"))
+            except SampleError as exn:
+                state.counter.bad(exn.reason, url, f"{raw.get('__key__')}: {exn}")
+                continue
+            item["origin"] = origin
+            yield item
 
 
 @dataclasses.dataclass

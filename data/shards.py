@@ -1,9 +1,10 @@
-"""The one shard writer: checked samples in, WebDataset tar shards and a skip report out.
+"""Shard names and the one shard writer: checked samples in, WebDataset tar shards and a skip report out.
 
 Both ``data.build_shards`` (real data from a manifest) and ``data.synthetic`` write through
 :func:`write_shards`, so the synthetic set exercises exactly the code path real data takes.
 Writing itself is ``webdataset.ShardWriter``; this module adds the checks, the bbox derivation
-from the fine mask, and the report of what was skipped and why.
+from the fine mask, and the report of what was skipped and why. Every reader (the loader, the
+caches, the evaluation) names shards with the same brace patterns: :func:`expand_shards`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class ShardReport:
 
     def to_json(self) -> dict:
         return dict(written=self.written, skipped=dict(self.skipped), shards=self.shards, pattern=self.pattern)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns (``"::"``-separated) to a list of urls; local paths or ``pipe:`` commands."""
+    urls = wds.shardlists.expand_urls(spec) if spec else []
+    if not urls:
+        raise ValueError(f"data: shard spec {spec!r} expands to no shards")
+    return urls
 
 
 def brace_pattern(out_dir: str, prefix: str, n: int) -> str:

@@ -11,7 +11,7 @@ each with an exact fine mask (the edited object's visible pixels)::
     style    "invert the colors of the image" / sepia / grayscale        mask = the whole image
 
 Each sample's JSON holds a ``check`` field (``version: 2``) that the success checker
-(``train.edit_success``) and the model-free baseline editors (``train.baselines``) read: the colour
+(``train.eval.edit_success``) and the model-free baseline editors (``train.eval.baselines``) read: the colour
 the instruction names, the old object's colour, the style.
 
 Splits: ``train``, ``val`` (tuning: in-run evaluation, guidance sweeps, ablations) and ``test`` (the

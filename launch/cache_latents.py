@@ -20,6 +20,11 @@ if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from data.cache import cache_shards  # noqa: E402
+from moe.config import ModelConfig  # noqa: E402
+from moe.encoders import FrozenTextEncoders, FrozenVAE  # noqa: E402
+from train.config import load_config  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,12 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-images", action="store_true", help="also store the images of the cached view")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args, overrides = parser.parse_known_args(argv)
-
-    from data.cache import cache_shards
-    from moe.config import ModelConfig
-    from moe.encoders import FrozenTextEncoders, FrozenVAE
-    from train.config import load_config
-
     cfg = load_config(args.config, overrides)
     model_cfg: ModelConfig = OmegaConf.to_object(cfg.model)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

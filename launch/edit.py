@@ -31,6 +31,9 @@ from typing import Optional
 if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
     import by_path  # noqa: F401
 
+# The project's modules are imported inside the functions, after the arguments are parsed: `--help` and a
+# bad argument answer at once, before torch, DeepSpeed and the model load.
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
@@ -337,7 +340,7 @@ def run_edit(
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from train.config import ConfigError
-    from train.export import WeightsError, load_for_inference
+    from train.eval import WeightsError, load_for_inference
 
     try:
         check_args(args)

@@ -4,7 +4,7 @@
 [--out DIR] [--steps N] [--limit N] [--batch-size N] [--seed N] [--device cpu|cuda] [--ema]
 [--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N] [--tag best | --tags a,b | --all-checkpoints]``
 
-Metrics (train/evaluation.py): edit success per task (train/edit_success.py; for shards whose JSON
+Metrics (train/eval/evaluation.py): edit success per task (train/eval/edit_success.py; for shards whose JSON
 says what the target must contain, as data/synthetic.py writes them), L1, L2, L1 inside / outside
 the fine mask, refined-mask IoU, expert utilisation per task; CLIP-I and CLIP-T with ``--clip``
 (transformers CLIPModel + CLIPProcessor), DINO with ``--dino`` (AutoModel + AutoImageProcessor),
@@ -17,7 +17,7 @@ model's edits failed; writes ``eval.json`` (with the split: ``test`` for the sea
 
 With a run's checkpoint directory: ``--tag best`` (or ``latest``, ``step<N>``) evaluates that checkpoint;
 ``--all-checkpoints`` evaluates every complete checkpoint the run kept, ``--tags a,b,c`` the listed ones,
-with the same samples and seeds, and writes one row per checkpoint against its step (train/run_report.py):
+with the same samples and seeds, and writes one row per checkpoint against its step (train/eval/run_report.py):
 ``run_eval.md`` (table), ``run_eval.json`` (the rows, each checkpoint's full result, and the held-out
 metrics the run itself recorded at that step) and ``run_eval.png`` (the metrics against the step).
 """
@@ -33,6 +33,9 @@ from typing import Optional
 
 if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
     import by_path  # noqa: F401
+
+# The project's modules are imported inside the functions, after the arguments are parsed: `--help` and a
+# bad argument answer at once, before torch, DeepSpeed and the model load.
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -98,8 +101,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, encoders: obj
 
     from omegaconf import OmegaConf
 
-    from train.evaluation import EvalSettings, evaluate, iterate_heldout
-    from train.export import load_for_inference
+    from train.eval import EvalSettings, evaluate, iterate_heldout, load_for_inference
 
     model, cfg = load_for_inference(checkpoint, device=args.device, ema=args.ema)
     data_cfg = OmegaConf.to_object(cfg.data)
@@ -130,9 +132,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, encoders: obj
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from train.eval_report import format_table, plot_results
-    from train.evaluation import EmbeddingEncoders
-    from train.export import WeightsError
+    from train.eval import EmbeddingEncoders, WeightsError, format_table, plot_results
 
     checkpoint = args.checkpoint
     try:
@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def evaluate_run(paths: list[str], args: argparse.Namespace, encoders: object) -> int:
     """Every checkpoint in ``paths`` with the same samples and seeds: run_eval.{md,json,png} in ``--out``."""
     from train.checkpoint import checkpoint_metrics
-    from train.run_report import markdown_table, plot_run, run_row
+    from train.eval import markdown_table, plot_run, run_row
 
     rows, results = [], {}
     for path in paths:

@@ -10,7 +10,7 @@ encoder, condition embeddings, tag predictor), or their EMA with ``--ema``, with
 shards merged into an ep_size 1 model (global expert ids), and the resolved config (YAML, with
 ``model.experts.ep_size: 1``) in the safetensors metadata under ``config``. Frozen weights are not
 included: they come from their own paths, or from the config's random init seeded with ``run.seed``.
-``launch/edit.py`` and ``launch/eval.py`` take the file as ``--checkpoint``. See train/export.py.
+``launch/edit.py`` and ``launch/eval.py`` take the file as ``--checkpoint``. See train/eval/export.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from typing import Optional
 
 if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
     import by_path  # noqa: F401
+
+# The project's modules are imported inside the functions, after the arguments are parsed: `--help` and a
+# bad argument answer at once, before torch, DeepSpeed and the model load.
 
 
 def _check_paths(checkpoint: str, out: str) -> Optional[str]:
@@ -52,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     from train.checkpoint import resolve_tag
     from train.config import ConfigError
-    from train.export import WeightsError, export_checkpoint
+    from train.eval import WeightsError, export_checkpoint
 
     problem = _check_paths(args.checkpoint, args.out)
     if problem:

@@ -3,7 +3,7 @@
     python -m launch.pretrain_base --config configs/base_tiny.yaml --out DIR [--device cuda] [key=value ...]
                                    [--expect DIGESTS.json] [--snapshot-every N]
 
-Writes DIR/ in diffusers' pipeline layout (train/pretrain_base.py says what is where), DIR/digests.json
+Writes DIR/ in diffusers' pipeline layout (pretrain/save.py says what is where), DIR/digests.json
 (sha256 of every weights file) and DIR/samples.png (the base's samples for held-out captions, each above
 its caption's scene). With ``--expect``, exits 1 unless the new weights equal those digests bit for bit.
 ``--snapshot-every N`` also writes the base as it stands every N steps to DIR/snapshots/stepN/ (the same
@@ -21,6 +21,9 @@ from typing import Optional
 if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
     import by_path  # noqa: F401
 
+# The project's modules are imported inside the functions, after the arguments are parsed: `--help` and a
+# bad argument answer at once, before torch, DeepSpeed and the model load.
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +40,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from omegaconf import OmegaConf
 
-    from train.pretrain_base import file_digests, heldout_loss, pretrain, recipe_from_dict, save_base, save_samples
+    from pretrain import file_digests, heldout_loss, pretrain, recipe_from_dict, save_base, save_samples
 
     if not os.path.isfile(args.config):
         print(f"error: --config {args.config}: no such file", file=sys.stderr)

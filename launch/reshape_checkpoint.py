@@ -7,7 +7,7 @@
         # or --resume runs/flux/checkpoints/portable/step00040000
 
 Runs on one CPU process (no GPU, no process group). It reads the DeepSpeed shards of every rank
-and writes a portable checkpoint (``train/portable.py``): fp32 master weights, Adam moments and
+and writes a portable checkpoint (``train/checkpoint/portable.py``): fp32 master weights, Adam moments and
 step counts, the lr schedule, DeepSpeed's counters, EMA, loader and RNG states, with experts
 under global ids. Every file it needs is checked before any tensor is read, so a missing shard
 stops it at once, naming the file. The default destination ``<checkpoints>/portable/<tag>`` is
@@ -24,6 +24,9 @@ from typing import Optional
 
 if not __package__:  # run as a file (deepspeed launch/train.py): launch/by_path.py says why
     import by_path  # noqa: F401
+
+# The project's modules are imported inside the functions, after the arguments are parsed: `--help` and a
+# bad argument answer at once, before torch, DeepSpeed and the model load.
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -61,7 +64,7 @@ def check_target(num_experts: list[int], world_size: Optional[int], ep_size: Opt
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion needs no GPU
-    from train.portable import PORTABLE_DIR, ReshapeError, convert, read_layouts
+    from train.checkpoint import PORTABLE_DIR, ReshapeError, convert, read_layouts
 
     try:
         src = resolve_src(args.src)

@@ -41,14 +41,12 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from train.checkpoint import IncompleteCheckpoint
+    # the heavy imports (torch, deepspeed, the model) only after the config is valid: a typo stops in a second
+    from train.checkpoint import IncompleteCheckpoint, ReshapeError
     from train.distributed import shutdown_distributed
     from train.engine import BucketLayoutError
-    from train.guards import TooManySkippedSteps
-    from train.loop import train  # heavy imports (torch, deepspeed) only after the config is valid
-    from train.portable import ReshapeError
-    from train.replica_check import ReplicaMismatch
-    from train.runlock import RunLocked
+    from train.faults import ReplicaMismatch, RunLocked, TooManySkippedSteps
+    from train.loop import train
 
     # Each refusal is one line naming what to do, and its own exit code (docs/FAULTS.md)
     try:

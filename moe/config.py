@@ -10,7 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 EXPERT_NAMES = ("text", "mask", "reference", "base")
 
@@ -269,9 +269,16 @@ def _fail(key: str, msg: str) -> None:
     raise ValueError(f"model.{key}: {msg}")
 
 
-def validate_model_config(cfg: Any) -> None:
-    ex, ro = cfg.experts, cfg.router
-    names = list(ex.enabled)
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first impossible setting (checked in this order)."""
+    names = list(cfg.experts.enabled)
+    _validate_experts(cfg.experts, cfg.router, names)
+    _validate_mask_and_codec(cfg, names)
+    _validate_backbone(cfg)
+    _validate_weights(cfg)
+
+
+def _validate_experts(ex: ExpertsConfig, ro: RouterConfig, names: list[str]) -> None:
     if not names:
         _fail("experts.enabled", "at least one expert must be enabled")
     unknown = [n for n in names if n not in EXPERT_NAMES]
@@ -302,6 +309,10 @@ def validate_model_config(cfg: Any) -> None:
         _fail("router.noise_std", "must be >= 0")
     if ro.ctx_dim < 1 or ro.attn_dim < 1 or ro.num_latents < 1:
         _fail("router", "ctx_dim, attn_dim and num_latents must be >= 1")
+
+
+def _validate_mask_and_codec(cfg: ModelConfig, names: list[str]) -> None:
+    """Mask Repaint, the Latent Mixture and the image codec."""
     if cfg.repaint.subgrid < 1:
         _fail("repaint.subgrid", f"must be >= 1, got {cfg.repaint.subgrid}")
     if cfg.repaint.mode not in ("coupled", "decoupled"):
@@ -312,7 +323,12 @@ def validate_model_config(cfg: Any) -> None:
         _fail("vae.kind", f"'{cfg.vae.kind}' is not one of autoencoder_kl, pixel_unshuffle")
     if cfg.vae.kind == "pixel_unshuffle" and cfg.vae.latent_channels != 3 * cfg.vae.pixel_factor**2:
         _fail("vae.latent_channels", f"must be 3 * pixel_factor^2 = {3 * cfg.vae.pixel_factor**2} for pixel_unshuffle")
-    arch = cfg.backbone.arch
+
+
+def _validate_backbone(cfg: ModelConfig) -> None:
+    """The backbone's parameterisation (against what a pretrained base says it predicts) and, when it is
+    built from ``backbone.arch`` (no path), the shapes the other parts must agree with."""
+    ex, arch = cfg.experts, cfg.backbone.arch
     if cfg.backbone.prediction not in ("velocity", "sample"):
         _fail("backbone.prediction", f"'{cfg.backbone.prediction}' is not one of velocity, sample")
     if not 0 < cfg.backbone.t_min < 1:
@@ -325,21 +341,26 @@ def validate_model_config(cfg: Any) -> None:
         )
     if cfg.backbone.kind != "flux":
         _fail("backbone.kind", f"'{cfg.backbone.kind}' is not a known backbone (flux)")
-    if cfg.backbone.path is None:
-        if sum(arch.axes_dims_rope) != arch.attention_head_dim:
-            _fail("backbone.arch.axes_dims_rope", f"must sum to attention_head_dim ({arch.attention_head_dim})")
-        if arch.in_channels != cfg.vae.latent_channels * 4 * arch.patch_size**2:
-            _fail("backbone.arch.in_channels", "must equal vae.latent_channels * 4 (2x2 packing) * patch_size^2")
-        if arch.joint_attention_dim != cfg.text.t5_d_model and cfg.text.t5_path is None:
-            _fail("text.t5_d_model", f"must equal backbone.arch.joint_attention_dim ({arch.joint_attention_dim})")
-        if arch.pooled_projection_dim != cfg.text.clip_hidden and cfg.text.clip_path is None:
-            _fail("text.clip_hidden", f"must equal backbone.arch.pooled_projection_dim ({arch.pooled_projection_dim})")
-        blocks = ex.blocks if ex.blocks is not None else []
-        bad = [b for b in blocks if not 0 <= b < arch.num_layers]
-        if bad:
-            _fail("experts.blocks", f"{bad} out of range for {arch.num_layers} dual-stream blocks")
-        if ex.blocks is None and not 0 <= ex.num_blocks <= arch.num_layers:
-            _fail("experts.num_blocks", f"must be between 0 and backbone.arch.num_layers ({arch.num_layers})")
+    if cfg.backbone.path is not None:
+        return
+    if sum(arch.axes_dims_rope) != arch.attention_head_dim:
+        _fail("backbone.arch.axes_dims_rope", f"must sum to attention_head_dim ({arch.attention_head_dim})")
+    if arch.in_channels != cfg.vae.latent_channels * 4 * arch.patch_size**2:
+        _fail("backbone.arch.in_channels", "must equal vae.latent_channels * 4 (2x2 packing) * patch_size^2")
+    if arch.joint_attention_dim != cfg.text.t5_d_model and cfg.text.t5_path is None:
+        _fail("text.t5_d_model", f"must equal backbone.arch.joint_attention_dim ({arch.joint_attention_dim})")
+    if arch.pooled_projection_dim != cfg.text.clip_hidden and cfg.text.clip_path is None:
+        _fail("text.clip_hidden", f"must equal backbone.arch.pooled_projection_dim ({arch.pooled_projection_dim})")
+    blocks = ex.blocks if ex.blocks is not None else []
+    bad = [b for b in blocks if not 0 <= b < arch.num_layers]
+    if bad:
+        _fail("experts.blocks", f"{bad} out of range for {arch.num_layers} dual-stream blocks")
+    if ex.blocks is None and not 0 <= ex.num_blocks <= arch.num_layers:
+        _fail("experts.num_blocks", f"must be between 0 and backbone.arch.num_layers ({arch.num_layers})")
+
+
+def _validate_weights(cfg: ModelConfig) -> None:
+    """LoRA's rank, the dropout probabilities, the loss weights and the sampling guidance."""
     if cfg.lora.rank < 0:
         _fail("lora.rank", "must be >= 0 (0 disables LoRA)")
     for key in ("text", "base", "reference", "mask"):

@@ -1,4 +1,10 @@
-"""Loss terms. Each is a plain function of tensors, returned separately so it can be logged.
+"""The losses: every term as a plain function of tensors, and where they are selected and weighted.
+
+:func:`combine_losses` is the one place the terms meet: it reads a :class:`ForwardRecord` (what one
+training forward produced: the prediction and its target, each expert layer's routing and refined
+mask, the batch's fine mask and tags), computes each term whose weight (``model.loss.*``) is above 0,
+unweighted so it can be logged on its own, and their weighted sum, the loss the optimizer follows.
+:func:`routing_statistics` reads the same record for the logs.
 
 Ideal inputs: flow matching 0 at the true velocity; load balance 1 (its minimum) for uniform
 routing; router z-loss 0 where logsumexp(logits) = 0; mask boundary 0 when the refined mask equals
@@ -8,13 +14,112 @@ a binary fine mask; mixture smoothness 0 for routing weights constant over the g
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backbone import pack_latents
+from .config import LossConfig
+from .repaint import subgrid_logits
 from .router import dense_weights
+
+# TAG-MoE's learned head: (routing signature [B, E], tag ids [B, T]) -> (predicted, task embedding) [B, d]
+TaskHead = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class ForwardRecord:
+    """What one training forward produced, as the losses read it. Per expert layer lists, in layer order;
+    S = B * N target tokens."""
+
+    pred: Tensor  # [B, C, h, w] predicted velocity
+    velocity: Tensor  # [B, C, h, w] its target, noise - x0
+    grid: tuple[int, int]  # (gh, gw): the token grid, N = gh * gw
+    probs: list[Tensor]  # [S, E] router probabilities
+    index: list[Tensor]  # [S, K] selected experts (-1 = empty slot)
+    weight: list[Tensor]  # [S, K] their weights
+    logits: list[Tensor]  # [S, E] router logits (learned router)
+    refined: list[Tensor]  # [B, N] Mask Repaint's logits (repaint on)
+    details: list[Tensor]  # [B, N, s*s] their subgrid offsets (repaint.subgrid s > 1)
+    gates: list[Tensor]  # [B, N] Latent Mixture gates (mixture on)
+    fine: Optional[Tensor]  # [B, N] the fine mask on the token grid
+    fine_subgrid: Optional[Tensor]  # [B, gh*s, gw*s] the fine mask on Mask Repaint's subgrid (s > 1)
+    tag_ids: Tensor  # [B, T] the samples' tags (-1 = none)
+
+
+def combine_losses(
+    rec: ForwardRecord, cfg: LossConfig, num_experts: int, learned_router: bool, task_head: Optional[TaskHead] = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(weighted total, {term: unweighted value}) over the terms whose weight in ``cfg`` is above 0 (a weight
+    of 0 removes a term and its cost). Load balance, router z-loss and smoothness regularise a learned
+    router only; tag alignment needs the model's ``task_head``. A pure function of tensors (compiled by
+    ``CareEditModel.compile_regions``); nothing in it waits for the GPU."""
+    b, (gh, gw), e = rec.pred.shape[0], rec.grid, num_experts
+    terms: dict[str, Tensor] = {}
+    region = region_weight(rec.fine, cfg.region_alpha) if cfg.region_alpha > 0 else None
+    terms["diffusion"] = flow_matching_loss(pack_latents(rec.pred), pack_latents(rec.velocity), region)
+    if cfg.load_balance > 0 and learned_router and rec.probs:
+        terms["load_balance"] = torch.stack([load_balance_loss(p, i, e) for p, i in zip(rec.probs, rec.index)]).mean()
+    if cfg.router_z > 0 and learned_router and rec.logits:
+        terms["router_z"] = torch.stack([router_z_loss(lg) for lg in rec.logits]).mean()
+    if cfg.mask_boundary > 0 and rec.refined:
+        terms["mask_boundary"] = _mask_term(rec, cfg)
+    if cfg.mixture_smoothness > 0 and learned_router and rec.index:
+        terms["mixture_smoothness"] = torch.stack(
+            [
+                mixture_smoothness_loss(dense_weights(i, w, e).reshape(b, gh, gw, e))
+                for i, w in zip(rec.index, rec.weight)
+            ]
+        ).mean()
+    if cfg.tag_alignment > 0 and rec.probs and task_head is not None:
+        signature = torch.stack([p.reshape(b, -1, e).mean(dim=1) for p in rec.probs]).mean(dim=0)
+        predicted, task = task_head(signature, rec.tag_ids)
+        terms["tag_alignment"] = tag_alignment_loss(predicted, task)
+    weights = {name: getattr(cfg, name) for name in terms}  # each term's weight is the config field of its name
+    return sum(weights[k] * v for k, v in terms.items()), terms
+
+
+def _mask_term(rec: ForwardRecord, cfg: LossConfig) -> Tensor:
+    """Mask Repaint's loss, mean over expert layers: on the subgrid through the token logits and their
+    patches (``repaint.subgrid`` > 1), else on the token grid."""
+    b, (gh, gw) = rec.pred.shape[0], rec.grid
+    if rec.details and rec.fine_subgrid is not None:
+        per_layer = [
+            mask_boundary_loss(
+                subgrid_logits(lg, d, rec.grid), rec.fine_subgrid, cfg.boundary_band, cfg.boundary_weight
+            )
+            for lg, d in zip(rec.refined, rec.details)
+        ]
+    else:
+        fine = rec.fine.reshape(b, gh, gw)
+        per_layer = [
+            mask_boundary_loss(lg.reshape(b, gh, gw), fine, cfg.boundary_band, cfg.boundary_weight)
+            for lg in rec.refined
+        ]
+    return torch.stack(per_layer).mean()
+
+
+@torch.no_grad()
+def routing_statistics(rec: ForwardRecord, num_experts: int) -> dict[str, Tensor]:
+    """Detached routing statistics per expert layer, for the logs: ``util`` [L, E] (share of tokens
+    selecting each expert), ``spread`` [L] and ``entropy`` [L] (:func:`routing_spread`,
+    :func:`routing_entropy`: the signs of a collapsed router), ``gate`` [L] (mean mixture gate) and
+    ``gate_spread`` [L] (its standard deviation over tokens). No kernel in it waits for the GPU."""
+    b, e = rec.pred.shape[0], num_experts
+    stats: dict[str, Tensor] = {}
+    if rec.index:
+        stats["util"] = torch.stack([dense_weights(i, (i >= 0).float(), e).mean(dim=0) for i in rec.index])
+        stats["spread"] = torch.stack(
+            [routing_spread(dense_weights(i, w, e).reshape(b, -1, e)) for i, w in zip(rec.index, rec.weight)]
+        )
+        stats["entropy"] = torch.stack([routing_entropy(p) for p in rec.probs])
+    if rec.gates:
+        stats["gate"] = torch.stack([g.float().mean() for g in rec.gates])
+        stats["gate_spread"] = torch.stack([g.float().reshape(b, -1).std(dim=1).mean() for g in rec.gates])
+    return stats
 
 
 def flow_matching_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""The `best` checkpoint pointer (train/checkpoint.py): moves only on a strict improvement of the configured
+"""The `best` checkpoint pointer (train/checkpoint/checkpointer.py): moves only on a strict improvement of the configured
 held-out metric, is written atomically, is never pruned, and survives a kill during a save.
 
 The first tests drive ``Checkpointer._commit`` directly with stand-in checkpoint directories (one file of

@@ -18,7 +18,8 @@ from tests.helpers.train_harness import TOY_CONFIG, read_losses, run_ranks, star
 from train.checkpoint import COMPLETE, Checkpointer, IncompleteCheckpoint, verify_complete
 from train.config import load_config
 from train.distributed import DistInfo
-from train.runlock import Holder, RunLocked, _try_lock, gone_reason
+from train.faults import RunLocked
+from train.faults.runlock import Holder, _try_lock, gone_reason
 
 pytestmark = pytest.mark.multiprocess
 COMMON = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=3", "logging.images_every=0"]

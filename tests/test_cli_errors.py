@@ -42,7 +42,7 @@ def export(tmp_path_factory) -> str:
 
     from tests.helpers import eval_ep_worker as W
     from train.config import load_config
-    from train.export import EXPORT_FORMAT, EXPORT_VERSION, build_inference_model
+    from train.eval import EXPORT_FORMAT, EXPORT_VERSION, build_inference_model
 
     root = tmp_path_factory.mktemp("cli_export")
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), W.overrides(str(root), ep_size=1))

@@ -112,7 +112,7 @@ def test_context_tensors_are_not_static_inputs():
     ``ff_args`` (the context and the layer's slot). Read through a module attribute, torch.compile marks
     such tensors static (fixed addresses, like parameters), and CUDA graphs then re-record every expert
     block at every step, since each forward's context is new (measured: 10 s steps on the H100,
-    docs/perf-log.md)."""
+    docs/history/perf-log.md)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     seen: dict[str, object] = {}
@@ -146,7 +146,7 @@ def test_context_tensors_are_not_static_inputs():
 def test_image_sampling_beside_compiled_training_compiles_nothing():
     """The training loop's image grid samples eagerly: through the compiled blocks it compiled their
     no-gradient variants at the first image step, and under CUDA graphs ran its block calls as graphs,
-    likely recorded again at every image step (docs/perf-log.md, 20:09 entry). So sampling after a
+    likely recorded again at every image step (docs/history/perf-log.md, 20:09 entry). So sampling after a
     compiled training step compiles no graph and samples what the eager model samples, and the next
     training step compiles nothing either: the model as built is in the training mode that sampling
     restores (the frozen blocks were not, and recompiled after the first image step on the H100)."""

@@ -23,14 +23,18 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from tests.helpers import eval_ep_worker as W
-from train.evaluation import (
+from train.eval import (
+    WeightsError,
     l1_per_sample,
     l2_per_sample,
+    load_for_inference,
     mask_iou_per_sample,
     masked_l1_per_sample,
+    read_checkpoint_tensors,
+    read_export,
+    resolve_checkpoint,
     to_unit,
 )
-from train.export import WeightsError, load_for_inference, read_checkpoint_tensors, read_export, resolve_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +84,7 @@ def test_iou_thresholds_refined_mask_at_one_half():
 
 def test_embedding_metrics_with_local_encoders(tmp_path):
     from tests.helpers.eval_encoders import make_tiny_encoders
-    from train.evaluation import EmbeddingEncoders, cosine_per_sample
+    from train.eval import EmbeddingEncoders, cosine_per_sample
 
     assert set(EmbeddingEncoders().skipped()) == {"clip_i", "clip_t", "dino"}  # nothing given: all skipped
     clip, dino = make_tiny_encoders(str(tmp_path))
@@ -216,7 +220,7 @@ def test_same_edit_from_checkpoint_and_export(ep2_run, exported, tmp_path):
 @pytest.mark.multiprocess
 def test_ep4_checkpoint_merges_to_the_same_weights_and_edit(tmp_path):
     """ep_size 4 (one expert of each layer per rank, 4 gloo ranks): the same merge, the same edit."""
-    from train.export import export_checkpoint
+    from train.eval import export_checkpoint
 
     run_dir = str(tmp_path)
     mp.spawn(W.worker, args=(4, _free_port(), run_dir, 4), nprocs=4, join=True)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from data import augment, world
 from data.synthetic import make_sample
-from train.baselines import BASELINES, baseline_edits
-from train.edit_success import CRITERIA, box_of, edit_criteria, edit_success, first_failure
+from train.eval import BASELINES, baseline_edits
+from train.eval.edit_success import CRITERIA, box_of, edit_criteria, edit_success, first_failure
 
 N_SAMPLES = 200  # about 40 a task: 5% is two samples
 
@@ -199,7 +199,7 @@ def _val_shards(tmp_path, with_checks: bool = True, n: int = 20) -> str:
 
 def _evaluate(model, pattern: str, limit: int, group_by_task: bool = True) -> dict:
     from data.config import DataConfig
-    from train.evaluation import EvalSettings, evaluate, iterate_heldout
+    from train.eval import EvalSettings, evaluate, iterate_heldout
 
     settings = EvalSettings(steps=1, limit=limit, batch_size=6, flow_loss=False, group_by_task=group_by_task)
     cfg = DataConfig(image_size=64, shuffle_buffer=1)
@@ -231,7 +231,7 @@ def test_evaluate_reports_every_baseline_row_and_why_edits_failed(tmp_path):
 
 
 def test_evaluate_on_shards_without_checks_reports_success_unavailable(tmp_path):
-    from train.eval_report import format_table
+    from train.eval import format_table
 
     res = _evaluate(_CopyModel("target"), _val_shards(tmp_path, with_checks=False), limit=8)
     assert res["num_samples"] == 8 and res["num_checked"] == 0
@@ -246,7 +246,7 @@ def test_report_table_and_plot(tmp_path, monkeypatch):
 
     from PIL import Image
 
-    from train.eval_report import ROW_NAMES, format_table, plot_results
+    from train.eval import ROW_NAMES, format_table, plot_results
 
     res = _evaluate(_CopyModel("source"), _val_shards(tmp_path), limit=12)
     lines = format_table(res).splitlines()

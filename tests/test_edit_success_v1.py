@@ -1,4 +1,4 @@
-"""The first checker (``train.edit_success_v1``) on the first world (``data.world_v1``) is unchanged:
+"""The first checker (``train.eval.edit_success_v1``) on the first world (``data.world_v1``) is unchanged:
 real generated samples, resolution by resolution, and small hand-made cases for each criterion; the
 first world's samples are the same as before, and the current checker hands their checks to it.
 
@@ -21,7 +21,7 @@ import torch
 
 from data import augment
 from data.world_v1 import COLORS, make_sample
-from train.edit_success_v1 import (
+from train.eval.edit_success_v1 import (
     COLOR_RADIUS,
     MAX_L1_OUTSIDE,
     color_iou,
@@ -246,7 +246,7 @@ def test_first_world_samples_are_reproduced_bit_for_bit():
 
 
 def test_current_checker_judges_first_world_checks_with_the_first_checker():
-    from train.edit_success import edit_criteria
+    from train.eval.edit_success import edit_criteria
 
     src, tgt, mask, tasks, checks = _real_samples(64, 30)
     for edit in (tgt, src, (src + tgt) / 2):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.helpers.train_harness import read_losses, run_ranks
-from train.portable import load_pt
+from train.checkpoint import load_pt
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

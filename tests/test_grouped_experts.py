@@ -78,7 +78,7 @@ def test_grouped_ffn_matches_reference_at_ep1():
 def test_grouped_ffn_dispatch_has_no_data_dependent_sizes():
     """At ep_size 1 the grouped path must trace whole with every size known before the data: a size
     read from the data (``torch.bincount`` counting the groups did) is a device-to-host synchronisation
-    on CUDA in every expert layer, and CUDA graphs split around it (docs/perf-log.md, 22:17 entry)."""
+    on CUDA in every expert layer, and CUDA graphs split around it (docs/history/perf-log.md, 22:17 entry)."""
     data_dependent = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moe.config import FluxArch
-from train.pretrain_base import (
+from pretrain import (
     BaseRecipe,
     TextArch,
     build_tokenizer,
@@ -131,7 +131,7 @@ def test_same_recipe_writes_the_same_bytes(micro_base, tmp_path):
 def test_snapshots_leave_the_training_unchanged(micro_base, tmp_path):
     """Snapshots part-way (held-out loss, samples, a saved folder, as ``--snapshot-every`` writes them)
     must not move the training's random streams: the final weights are the same bytes."""
-    from train.pretrain_base import heldout_loss, save_samples
+    from pretrain import heldout_loss, save_samples
 
     r, _, _, out = micro_base
     seen = []
@@ -176,7 +176,8 @@ def test_embedded_base_matches_its_digests():
 
 def test_the_h200_base_recipe_builds_the_embedded_base_model():
     """configs/base_mid.yaml (make h200) makes the model configs/base_tiny.yaml made: the editor recipes
-    are written for that model, so only the optimisation may differ."""
+    are written for that model, so only the optimisation and the resolution (128 px there, 16x16
+    tokens of the same 8x8-pixel patches) may differ."""
     from omegaconf import OmegaConf
 
     tiny, mid = (
@@ -184,8 +185,9 @@ def test_the_h200_base_recipe_builds_the_embedded_base_model():
     )
     mid.validate()
     optimisation = {"steps", "batch_size", "lr", "min_lr", "warmup_steps", "ema_decay"}
+    assert (tiny.image_size, mid.image_size) == (64, 128)
     for field in dataclasses.fields(BaseRecipe):
-        if field.name not in optimisation:
+        if field.name not in optimisation | {"image_size"}:
             assert getattr(mid, field.name) == getattr(tiny, field.name), field.name
     assert mid.steps * mid.batch_size == tiny.steps * tiny.batch_size  # the same samples seen
 

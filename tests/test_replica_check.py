@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers.faults import Faults
 from tests.helpers.train_harness import read_losses, run_ranks
-from train.replica_check import fingerprint
+from train.faults import fingerprint
 
 pytestmark = pytest.mark.multiprocess
 COMMON = ["logging.images_every=0", "train.steps=6", "checkpoint.every=2", "guards.replica_check_every=1"]

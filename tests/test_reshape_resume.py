@@ -46,7 +46,7 @@ def _ckpt(run_dir, step):
 
 
 def _convert(src, dst=None):
-    from train.portable import convert
+    from train.checkpoint import convert
 
     dst = dst or src + "-portable"  # not "step...": outside keep-last-K pruning
     convert(src, dst, log=lambda s: None)
@@ -54,7 +54,7 @@ def _convert(src, dst=None):
 
 
 def _load_portable(path):
-    from train.portable import DENSE, META, load_pt
+    from train.checkpoint.portable import DENSE, META, load_pt
 
     tensors = {}
     for f in sorted(os.listdir(path)):
@@ -194,7 +194,7 @@ def test_resume_auto_at_another_shape_uses_the_conversion_of_latest(native_ep2, 
 
 @pytest.mark.parametrize("victim", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "train_state_rank1.pt"])
 def test_missing_shard_stops_conversion_naming_it(native_ep2, tmp_path, victim):
-    from train.portable import ReshapeError
+    from train.checkpoint import ReshapeError
 
     src = str(tmp_path / "step00000003")
     shutil.copytree(_ckpt(native_ep2, 3), src)
@@ -205,8 +205,8 @@ def test_missing_shard_stops_conversion_naming_it(native_ep2, tmp_path, victim):
 
 
 def test_portable_checkpoint_missing_an_expert_file_is_refused(native_ep2, tmp_path):
-    from train.portable import ReshapeError
-    from train.portable_load import read_params_for
+    from train.checkpoint import ReshapeError
+    from train.checkpoint.portable_load import read_params_for
 
     dst = _convert(_ckpt(native_ep2, 3), str(tmp_path / "p"))
     _, tensors = _load_portable(dst)
@@ -222,7 +222,7 @@ def test_loaded_adam_step_lives_where_the_optimizer_reads_it(group, on_moments):
     """A fused (or capturable) AdamW reads its step on the parameters' device, the others on the CPU;
     a step left on the CPU fails a fused GPU optimizer's first step after a portable resume. The meta
     device stands in for a GPU here."""
-    from train.portable_load import _adam_state
+    from train.checkpoint.portable_load import _adam_state
 
     moments = {"exp_avg": torch.zeros(3, device="meta"), "exp_avg_sq": torch.zeros(3, device="meta")}
     state = _adam_state(7, moments, group)

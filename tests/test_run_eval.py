@@ -1,4 +1,4 @@
-"""Held-out evaluation inside a run (train/heldout.py), the `best` checkpoint it picks, and launch/eval.py
+"""Held-out evaluation inside a run (train/eval/heldout.py), the `best` checkpoint it picks, and launch/eval.py
 over a whole run; the real CARE-Edit model on the tiny recipe (CPU, fp32), and the toy at ep_size 2.
 
 * the same run with and without evaluation has the same training losses, bit for bit (the evaluation
@@ -102,8 +102,7 @@ def test_a_checkpoint_evaluated_again_gives_the_numbers_the_run_logged(runs):
 
     from train.config import as_train_config, load_config
     from train.engine import EMA
-    from train.export import load_for_inference
-    from train.heldout import HeldOutEval, ema_weights
+    from train.eval import HeldOutEval, ema_weights, load_for_inference
     from train.loop import default_factories
 
     ckpt = os.path.join(runs["eval"], "tiny", "checkpoints", "step00000005")
@@ -136,7 +135,7 @@ def test_a_checkpoint_evaluated_again_gives_the_numbers_the_run_logged(runs):
 def test_export_tag_best(runs, tmp_path, capsys):
     from launch.export import main as export_main
     from train.checkpoint import read_best
-    from train.export import read_checkpoint_tensors, read_export
+    from train.eval import read_checkpoint_tensors, read_export
 
     ckpt_dir = os.path.join(runs["eval"], "tiny", "checkpoints")
     val = {r["step"]: r["val"]["val/flow_loss"] for r in read_records(runs["eval"], "tiny") if "val" in r}
@@ -208,7 +207,7 @@ def test_evaluation_under_expert_parallelism_leaves_the_losses_unchanged(tmp_pat
 
 
 def test_in_run_edits_take_the_tasks_in_turn():
-    from train.heldout import balanced_by_task
+    from train.eval import balanced_by_task
 
     tasks = ["remove", "remove", "remove", "recolor", "recolor", "style", "add", "remove"]
     assert balanced_by_task(tasks, 4) == [0, 3, 5, 6]  # one of each task, in file order

@@ -104,7 +104,7 @@ def test_checks_match_the_instructions_and_nothing_changes_outside_the_mask():
 def test_a_finish_is_never_one_flat_colour():
     """No single colour matches more than about two thirds of a finished object's pixels within the
     checker's match distance: the reason a flat fill cannot pass a recolor, an add or a replace."""
-    from train.edit_success import MATCH
+    from train.eval.edit_success import MATCH
 
     for finish in world.FINISHES:
         for name, rgb in world.COLORS.items():

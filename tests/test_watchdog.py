@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers.faults import Faults
 from tests.helpers.train_harness import start_ranks
-from train.watchdog import HANG_EXIT_CODE, HangWatchdog
+from train.faults import HANG_EXIT_CODE, HangWatchdog
 
 
 def test_limit_is_off_during_warm_up_then_the_larger_of_floor_and_factor_x_median():

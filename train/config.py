@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
+from data.schema import TASKS
 from moe.config import ModelConfig
 
 
@@ -94,7 +95,7 @@ class LoggingConfig:
     edit_steps: int = 8  # sampling steps for the grid's edits
     tensorboard_dir: Optional[str] = None  # default: <run dir>/tb
     progress_bar: bool = True
-    # held-out evaluation inside the run (train/heldout.py) every N steps and at the last step (0 = never),
+    # held-out evaluation inside the run (train/eval/heldout.py) every N steps and at the last step (0 = never),
     # on the first eval_samples samples of data.val_shards, with fixed noise, times and sampler seeds
     eval_every: int = 0
     eval_samples: int = 32  # samples for the held-out flow loss (inside / outside the fine mask)
@@ -106,12 +107,12 @@ class LoggingConfig:
 @dataclass
 class GuardConfig:
     max_consecutive_skips: int = 5  # non-finite loss / grad norm steps in a row that stop the run
-    # hang watchdog (train/watchdog.py): a step running longer than max(hang_min_s, hang_factor x the median
+    # hang watchdog (train/faults/watchdog.py): a step running longer than max(hang_min_s, hang_factor x the median
     # of the recent steps) dumps every thread's stack and exits with code 75 (requeue); hang_factor 0 = off
     hang_factor: float = 20.0
     hang_min_s: float = 600.0
     hang_warmup_steps: int = 5  # steps timed before the watchdog arms (compilation, warm-up)
-    # replica-consistency check (train/replica_check.py) every N steps (0 = only before checkpoints: it
+    # replica-consistency check (train/faults/replica_check.py) every N steps (0 = only before checkpoints: it
     # always runs before a checkpoint is written)
     replica_check_every: int = 200
 
@@ -193,7 +194,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-# The held-out metrics the in-run evaluation logs (train/heldout.py), with the direction that is better;
+# The held-out metrics the in-run evaluation logs (train/eval/heldout.py), with the direction that is better;
 # ``val/success/<task>`` (a task of data.schema.TASKS) is also one, better when higher.
 VAL_METRICS = {
     "val/flow_loss": "min",
@@ -215,8 +216,6 @@ def metric_direction(name: str) -> Optional[str]:
     if name in VAL_METRICS:
         return VAL_METRICS[name]
     if name.startswith("val/success/"):
-        from data.schema import TASKS
-
         return "max" if name[len("val/success/") :] in TASKS else None
     return None
 
@@ -225,16 +224,57 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
 
 
-def validate_config(cfg: Any) -> None:
-    """Reject impossible values (ours, then ModelConfig's and DataConfig's), naming the key."""
-    t, o, s = cfg.train, cfg.optim, cfg.schedule
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject impossible values (ours, then ModelConfig's and DataConfig's), naming the key.
+
+    ``cfg`` is the merged tree (a DictConfig of ``TrainConfig``'s fields, as OmegaConf's structured
+    configs are read: the annotation names the schema)."""
+    _validate_steps(cfg.train)
+    o, s = cfg.optim, cfg.schedule
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 = off)")
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+    _check(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be between 0 and optim.lr ({o.lr})")
+    _check(0 < cfg.ema.decay < 1, "ema.decay", "must be in (0, 1)")
+    _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
+    _validate_eval(cfg.logging, cfg.checkpoint)
+    _check(
+        not cfg.logging.eval_every or bool(cfg.data.val_shards),
+        "logging.eval_every",
+        "the held-out evaluation needs data.val_shards (its samples); set it, or logging.eval_every=0",
+    )
+    _validate_guards(cfg.guards)
+    _check(cfg.train.reduce_bucket_size >= 1, "train.reduce_bucket_size", "must be >= 1 (elements)")
+    _check(cfg.train.allgather_bucket_size >= 1, "train.allgather_bucket_size", "must be >= 1 (elements)")
+    # before any launcher env; SLURM_NTASKS counts only inside an srun step (a batch script's own shell
+    # carries it too, but a process started there without srun is alone: train.distributed)
+    in_srun_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1") if in_srun_step else "1"))
+    ep = cfg.model.experts.ep_size
+    _check(world % ep == 0, "model.experts.ep_size", f"{ep} must divide the number of processes ({world})")
+    for section in ("model", "data"):
+        obj = OmegaConf.to_object(cfg[section])
+        try:
+            obj.validate()
+        except ValueError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(f"{section}.") else f"{section}: {msg}") from None
+
+
+def _validate_steps(t: StepsConfig) -> None:
+    """Step counts, precision, ZeRO stage and compilation."""
     _check(t.steps >= 1, "train.steps", "must be >= 1")
     _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"'{t.precision}' is not auto, bf16 or fp32")
     _check(t.zero_stage in (0, 1, 2), "train.zero_stage", f"{t.zero_stage} is not 0, 1 or 2")
     if t.compile:
-        import torch._dynamo
+        import torch._dynamo  # torch only here: a config is checked (launch/train.py) before torch is loaded
 
         backends = torch._dynamo.list_backends(exclude_tags=())
         _check(
@@ -253,47 +293,17 @@ def validate_config(cfg: Any) -> None:
         f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}",
     )
     _check(t.compile or t.compile_mode == "default", "train.compile_mode", "needs train.compile=true")
-    _check(o.lr > 0, "optim.lr", "must be > 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 = off)")
-    _check(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
-    _check(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be between 0 and optim.lr ({o.lr})")
-    _check(0 < cfg.ema.decay < 1, "ema.decay", "must be in (0, 1)")
-    _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
-    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
-    _check(cfg.logging.images_every >= 0, "logging.images_every", "must be >= 0 (0 = never)")
-    _validate_eval(cfg.logging, cfg.checkpoint)
-    _check(
-        not cfg.logging.eval_every or bool(cfg.data.val_shards),
-        "logging.eval_every",
-        "the held-out evaluation needs data.val_shards (its samples); set it, or logging.eval_every=0",
-    )
-    g = cfg.guards
+
+
+def _validate_guards(g: GuardConfig) -> None:
     _check(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be >= 1")
     _check(g.hang_factor == 0 or g.hang_factor > 1, "guards.hang_factor", "must be > 1 (0 = off)")
     _check(g.hang_min_s > 0, "guards.hang_min_s", "must be > 0")
     _check(g.hang_warmup_steps >= 1, "guards.hang_warmup_steps", "must be >= 1")
     _check(g.replica_check_every >= 0, "guards.replica_check_every", "must be >= 0 (0 = only before checkpoints)")
-    _check(t.reduce_bucket_size >= 1, "train.reduce_bucket_size", "must be >= 1 (elements)")
-    _check(t.allgather_bucket_size >= 1, "train.allgather_bucket_size", "must be >= 1 (elements)")
-    # before any launcher env; SLURM_NTASKS counts only inside an srun step (a batch script's own shell
-    # carries it too, but a process started there without srun is alone: train.distributed)
-    in_srun_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1") if in_srun_step else "1"))
-    ep = cfg.model.experts.ep_size
-    _check(world % ep == 0, "model.experts.ep_size", f"{ep} must divide the number of processes ({world})")
-    for section in ("model", "data"):
-        obj = OmegaConf.to_object(cfg[section])
-        try:
-            obj.validate()
-        except ValueError as e:
-            msg = str(e)
-            raise ConfigError(msg if msg.startswith(f"{section}.") else f"{section}: {msg}") from None
 
 
-def _validate_eval(lg: Any, ck: Any) -> None:
+def _validate_eval(lg: LoggingConfig, ck: CheckpointConfig) -> None:
     """The in-run evaluation and the `best` pointer: sizes, and a metric the evaluation logs at checkpoint steps."""
     _check(lg.eval_every >= 0, "logging.eval_every", "must be >= 0 (0 = never)")
     _check(lg.eval_samples >= 1, "logging.eval_samples", "must be >= 1")
@@ -326,7 +336,7 @@ def _validate_eval(lg: Any, ck: Any) -> None:
     )
 
 
-def as_train_config(cfg: Any) -> TrainConfig:
+def as_train_config(cfg: TrainConfig | DictConfig) -> TrainConfig:
     """The validated tree (``load_config``) as the typed dataclasses: ``TrainConfig`` with its ``ModelConfig``
     and ``DataConfig``. A run converts once, where it starts, and hands each component its own section."""
     if isinstance(cfg, TrainConfig):
@@ -337,17 +347,19 @@ def as_train_config(cfg: Any) -> TrainConfig:
     return obj
 
 
-def resolve_precision(cfg: Any, on_gpu: bool) -> str:
-    """``auto`` means bf16 on GPU and fp32 on CPU (CPU bf16 is slow and breaks exact-resume tests)."""
-    if cfg.train.precision == "auto":
+def resolve_precision(t: StepsConfig, on_gpu: bool) -> str:
+    """``train.precision``: ``auto`` means bf16 on GPU and fp32 on CPU (CPU bf16 is slow and breaks
+    exact-resume tests)."""
+    if t.precision == "auto":
         return "bf16" if on_gpu else "fp32"
-    return cfg.train.precision
+    return t.precision
 
 
-def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed config dict, generated from the training config (the single source of truth)."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+    """The DeepSpeed config dict, generated from the training config (the single source of truth): its
+    ``train`` and ``optim`` sections."""
     t = cfg.train
-    precision = resolve_precision(cfg, on_gpu)
+    precision = resolve_precision(t, on_gpu)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -373,7 +385,7 @@ def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool) -> dict:
     return ds
 
 
-def save_resolved(cfg: Any, path: str) -> None:
+def save_resolved(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically: a half-written config would mislead a resume)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -381,13 +393,16 @@ def save_resolved(cfg: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def run_dir(cfg: Any) -> str:
+def run_dir(cfg: TrainConfig) -> str:
+    """``<run.dir>/<run.name>``: the run's checkpoints, logs, images and resolved config."""
     return os.path.join(cfg.run.dir, cfg.run.name)
 
 
-def checkpoint_dir(cfg: Any) -> str:
+def checkpoint_dir(cfg: TrainConfig) -> str:
+    """``checkpoint.dir``, or ``checkpoints/`` in the run directory."""
     return cfg.checkpoint.dir or os.path.join(run_dir(cfg), "checkpoints")
 
 
-def tensorboard_dir(cfg: Any) -> str:
+def tensorboard_dir(cfg: TrainConfig) -> str:
+    """``logging.tensorboard_dir``, or ``tb/`` in the run directory."""
     return cfg.logging.tensorboard_dir or os.path.join(run_dir(cfg), "tb")

@@ -19,7 +19,7 @@ import torch.distributed as torch_dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from train.config import deepspeed_config, resolve_precision
+from train.config import OptimConfig, TrainConfig, deepspeed_config, resolve_precision
 from train.contracts import TrainableModel
 from train.distributed import DistInfo
 
@@ -126,7 +126,7 @@ class TrainingParts:
     ds_config: dict
 
 
-def build_optimizer(groups: list[dict], o: Any) -> torch.optim.AdamW:
+def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``groups`` with ``optim``'s settings, fused wherever torch has the kernel (CPU, CUDA).
 
     Fused, one kernel (GPU) or one loop (CPU) per group steps every tensor instead of about two
@@ -138,9 +138,9 @@ def build_optimizer(groups: list[dict], o: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused)
 
 
-def build_engine(cfg: Any, model: nn.Module, dist: DistInfo) -> TrainingParts:
+def build_engine(cfg: TrainConfig, model: nn.Module, dist: DistInfo) -> TrainingParts:
     """``deepspeed.initialize`` with MoE optimizer groups, AdamW, schedule and optional EMA."""
-    precision = resolve_precision(cfg, dist.on_gpu)
+    precision = resolve_precision(cfg.train, dist.on_gpu)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     ds_config = deepspeed_config(cfg, dist.world_size, dist.on_gpu)
     o = cfg.optim

@@ -105,12 +105,10 @@ class MetricLogger:
         """The held-out evaluation's numbers (``val/...``) to TensorBoard and the console (rank 0)."""
         if not self.dist.is_main:
             return
-        from train.heldout import console_line as eval_line
-
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
-        self.print(eval_line(step, metrics))
+        self.print(val_console_line(step, metrics))
 
     def image_grid(self, step: int, grid: torch.Tensor) -> str:
         """Write a [3,H,W] grid in [0,1] to TensorBoard and ``images/step<N>.png`` (rank 0)."""
@@ -129,6 +127,25 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def val_console_line(step: int, m: dict[str, float]) -> str:
+    """``step 250 | val flow 0.41 (inside 0.90, outside 0.30) | success 0.25 (recolor 0.50 ...) | ...``."""
+
+    def f(key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "-"
+
+    parts = [
+        f"step {step}",
+        f"val flow {f('val/flow_loss')} (inside {f('val/flow_loss_inside')}, outside {f('val/flow_loss_outside')})",
+    ]
+    if "val/l1" in m:
+        tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
+        ci = f" ± {m['val/success_ci95']:.2f}" if "val/success_ci95" in m else ""
+        parts.append(f"success {f('val/success_mean')}{ci}" + (f" ({tasks})" if tasks else " (no checks)"))
+        parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
+    parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
+    return " | ".join(parts)
 
 
 def console_line(step: int, m: dict[str, float]) -> str:
@@ -167,7 +184,7 @@ def edit_grid(model: Any, batch: Any, num_steps: int, seed: int = 0) -> torch.Te
     without gradient checkpointing its block calls ran as graphs too. On the H100
     (``configs/gpu_smoke.yaml``, ``reduce-overhead``) the step after each image step took 22-79 s,
     the later ones too (likely graphs recorded for the sampler again); sampling eagerly, 2 s
-    (docs/perf-log.md, 20:09 entry)."""
+    (docs/history/perf-log.md, 20:09 entry)."""
     was_training = model.training
     model.eval()
     try:

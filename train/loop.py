@@ -19,8 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from omegaconf import DictConfig
 
-from train.checkpoint import Checkpointer
+from data.config import DataConfig
+from data.loader import build_train_loader, build_val_batch
+from moe.config import ModelConfig
+from moe.model import build_model
+from train.checkpoint import Checkpointer, Found, Resumed
 from train.config import (
     CUDA_GRAPH_MODES,
     TrainConfig,
@@ -33,18 +38,23 @@ from train.config import (
 from train.contracts import TrainableModel, TrainLoader, require
 from train.distributed import init_distributed
 from train.engine import build_engine
-from train.guards import StepGuard, discard_step, is_oom, oom_advice
-from train.heldout import HeldOutEval
+from train.eval import HeldOutEval
+from train.faults import (
+    HangWatchdog,
+    PreemptionFlag,
+    ReplicaCheck,
+    StepGuard,
+    acquire_run_lock,
+    discard_step,
+    is_oom,
+    oom_advice,
+)
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
-from train.replica_check import ReplicaCheck
 from train.rng import rng_untouched, seed_everything
-from train.runlock import acquire_run_lock
-from train.signals import PreemptionFlag
-from train.watchdog import HangWatchdog
 
-ModelFactory = Callable[[Any], TrainableModel]
-LoaderFactory = Callable[..., TrainLoader]
-ValBatchFactory = Callable[[Any, int], Any]
+ModelFactory = Callable[[ModelConfig], TrainableModel]
+LoaderFactory = Callable[..., TrainLoader]  # (data section, micro-batch, rank, world size, start_step=...)
+ValBatchFactory = Callable[[DataConfig, int], Any]  # (data section, n) -> one batch of held-out samples
 
 
 @dataclass
@@ -70,14 +80,12 @@ class StepResult:
 
 
 def default_factories() -> tuple[ModelFactory, LoaderFactory, ValBatchFactory]:
-    from data.loader import build_train_loader, build_val_batch
-    from moe.model import build_model
-
+    """The real model, loader and held-out batch (``tests/helpers`` hands ``train()`` stand-ins instead)."""
     return build_model, build_train_loader, build_val_batch
 
 
 def train(
-    cfg: Any,
+    cfg: TrainConfig | DictConfig,
     resume: Optional[str] = None,
     model_factory: Optional[ModelFactory] = None,
     loader_factory: Optional[LoaderFactory] = None,
@@ -100,7 +108,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: TrainConfig | DictConfig,
         resume: Optional[str],
         model_factory: ModelFactory,
         loader_factory: LoaderFactory,
@@ -143,12 +151,25 @@ class Trainer:
                 cfg.logging, cfg.data, val_batch_factory, dist.device, cfg.train.steps, cfg.run.seed
             )
         self.val_metrics: tuple[int, dict[str, float]] = (-1, {})  # the last evaluation: (step, metrics)
+        model, compiled = self._build_model(model_factory)
+        seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
+        resumed = self._resume(found, loader_factory)
+        self.val_batch = None
+        if cfg.logging.images_every:
+            with rng_untouched():
+                self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.parts.dtype)
+        self._start_logging(model, found, resumed, compiled)
+        self.guard = StepGuard(cfg.guards.max_consecutive_skips)
+        self.batches = iter(self.loader)
 
-        # ---- model + engine (same seed on every rank: identical dense init, identical frozen weights)
+    def _build_model(self, model_factory: ModelFactory) -> tuple[TrainableModel, Optional[str]]:
+        """The model and its engine, seeded alike on every rank (identical dense init, identical frozen
+        weights), compiled when ``train.compile`` asks; (model, the compile summary or None)."""
+        cfg = self.cfg
         seed_everything(cfg.run.seed)
         model = model_factory(cfg.model)
         require(model, TrainableModel, "the model factory's model")
-        self.parts = build_engine(cfg, model, dist)
+        self.parts = build_engine(cfg, model, self.dist)
         self.engine = self.parts.deepspeed
         self.replicas = ReplicaCheck(self.engine.module, cfg.guards.replica_check_every)
         compiled = None
@@ -160,9 +181,11 @@ class Trainer:
         # CUDA graph trees are told where each optimizer step begins: the outputs of the step before (its
         # gradients included) are dead by then; inside a step the trees track which outputs are alive
         self.cuda_graphs = cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
-        seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
+        return model, compiled
 
-        # ---- resume: position the loader, load everything
+    def _resume(self, found: Optional[Found], loader_factory: LoaderFactory) -> Optional[Resumed]:
+        """The loader positioned at the resumed step, and everything ``found`` holds loaded (None: a fresh start)."""
+        cfg, dist = self.cfg, self.dist
         self.loader = loader_factory(
             cfg.data, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
         )
@@ -172,11 +195,14 @@ class Trainer:
         self.last_ckpt: Optional[str] = None
         if found and found.portable:  # a native checkpoint of the new shape at once: `--resume auto` works from here
             self.last_ckpt = self.ckpt.save(self.engine, self.step, self.loader, self.parts.ema)
-        self.val_batch = None
-        if cfg.logging.images_every:
-            with rng_untouched():
-                self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.parts.dtype)
+        return resumed
 
+    def _start_logging(
+        self, model: TrainableModel, found: Optional[Found], resumed: Optional[Resumed], compiled: Optional[str]
+    ) -> None:
+        """The metric logger, the run's first line (where everything is, what was resumed and compiled) and
+        ``losses.jsonl`` (rank 0)."""
+        cfg, dist = self.cfg, self.dist
         self.logger = MetricLogger(
             cfg.logging,
             dist,
@@ -201,8 +227,6 @@ class Trainer:
                 f"({cfg.logging.eval_every}): only checkpoints at evaluated steps compete for 'best'"
             )
         self.losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
-        self.guard = StepGuard(cfg.guards.max_consecutive_skips)
-        self.batches = iter(self.loader)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:

@@ -1,8 +1,8 @@
 """The process's random generators: seed them, save and restore them, and run code that leaves them as found.
 
-Why apart from train/checkpoint.py: the checkpoint stores these states for an exact resume, but the
-held-out evaluation (train/heldout.py), the logged image grid (train/loop.py) and the export
-(train/export.py) use them too, and none of those is about checkpoints.
+Why apart from train/checkpoint/: the checkpoint stores these states for an exact resume, but the
+held-out evaluation (train/eval/heldout.py), the logged image grid (train/loop.py) and the export
+(train/eval/export.py) use them too, and none of those is about checkpoints.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from train.config import ConfigError, load_config
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -122,8 +124,6 @@ def split_args(args: list[str]) -> tuple[Optional[str], tuple[str, ...]]:
 
 def check_task(grid: Grid, index: int, base: Optional[str], extra: tuple[str, ...], world_size: int) -> Optional[str]:
     """The config error of task ``index`` for ``world_size`` processes (None when it validates)."""
-    from train.config import ConfigError, load_config
-
     config, overrides = grid.task(index, base, extra)
     saved = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = str(world_size)  # validate_config checks ep_size against it

@@ -20,11 +20,13 @@ import shlex
 import sys
 from typing import Optional
 
+from train.config import ConfigError, checkpoint_dir, load_config, run_dir, tensorboard_dir
+
 STEP_TAG = re.compile(r"^step(\d+)$")
 
 
 def latest_step(ckpt_dir: str) -> int:
-    """Step of the checkpoint ``<ckpt_dir>/latest`` names (the atomic pointer train/checkpoint.py writes); 0 if none."""
+    """Step of the checkpoint ``<ckpt_dir>/latest`` names (the atomic pointer train/checkpoint/ writes); 0 if none."""
     try:
         with open(os.path.join(ckpt_dir, "latest")) as f:
             tag = f.read().strip()
@@ -37,8 +39,6 @@ def latest_step(ckpt_dir: str) -> int:
 
 
 def info(config: str, overrides: list[str]) -> dict[str, str]:
-    from train.config import checkpoint_dir, load_config, run_dir, tensorboard_dir
-
     cfg = load_config(config, overrides)
     ckpt = checkpoint_dir(cfg)
     return {
@@ -55,8 +55,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    from train.config import ConfigError
-
     try:
         values = info(a.config, a.overrides)
     except (ConfigError, FileNotFoundError) as e:

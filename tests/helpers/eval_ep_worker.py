@@ -51,10 +51,10 @@ class _NoLoader:
 
 def _perturb(model, ep_rank: int, num_local: int) -> None:
     """Deterministic change per parameter, keyed by its global name (so ep1 and ep2 layouts agree)."""
-    from train.export import _global_expert_name
+    from train.checkpoint import global_expert_name
 
     for name, p in model.trainable_named_parameters():
-        gname = _global_expert_name(name, ep_rank, num_local)
+        gname = global_expert_name(name, ep_rank, num_local)
         g = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(gname)) % 2**31)
         p.data.add_(0.05 * torch.randn(p.shape, generator=g))
 
@@ -74,11 +74,10 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
     from safetensors.torch import save_file
 
     from moe.model import build_model
-    from train.checkpoint import Checkpointer
+    from train.checkpoint import Checkpointer, global_expert_name
     from train.config import load_config
     from train.distributed import init_distributed
     from train.engine import build_engine
-    from train.export import _global_expert_name
     from train.rng import seed_everything
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides(run_dir, ep_size))
@@ -97,9 +96,9 @@ def worker(rank: int, world: int, port: int, run_dir: str, ep_size: int = 2) -> 
     g = torch.Generator().manual_seed(EDIT_SEED)
     res = module.edit(test_batch(), num_steps=EDIT_STEPS, generator=g)
     mine = {
-        _global_expert_name(n, ep_rank, num_local): p.detach().clone() for n, p in module.trainable_named_parameters()
+        global_expert_name(n, ep_rank, num_local): p.detach().clone() for n, p in module.trainable_named_parameters()
     }
-    ema = {f"ema/{_global_expert_name(n, ep_rank, num_local)}": t.clone() for n, t in eng.ema.shadow.items()}
+    ema = {f"ema/{global_expert_name(n, ep_rank, num_local)}": t.clone() for n, t in eng.ema.shadow.items()}
     out = {**mine, **ema}
     if rank == 0:
         out.update({"edit/images": res.images, "edit/refined_mask": res.refined_mask})

@@ -1,6 +1,6 @@
-"""The toy model of tests/helpers/toy_model.py with the interface the held-out evaluation reads (train/heldout.py).
+"""The toy model of tests/helpers/toy_model.py with the interface the held-out evaluation reads (train/eval/heldout.py).
 
-Why a subclass: ``train.evaluation.flow_mse_per_sample`` and ``evaluate`` call the real model's
+Why a subclass: ``train.eval.evaluation.flow_mse_per_sample`` and ``evaluate`` call the real model's
 ``encode_target`` / ``encode_conditions`` / ``predict_velocity`` / ``dtype`` and read ``utilisation``
 from ``edit``; the toy's pixels stand in for latents and its source for the conditions. The forward the
 training runs is the toy's own, untouched, so a toy run's losses are the same with or without this.

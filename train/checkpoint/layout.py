@@ -6,7 +6,7 @@ optimizer-state index is which parameter. Expert parameters are named with *loca
 at ep_size 2 is global expert 2. Each rank therefore stores, next to its training state, a small
 ``layout`` dict: world size, ep_size, its expert-parallel and expert-data-parallel ranks, the ZeRO
 stage, the optimizer wrapper DeepSpeed chose, and the optimizer's parameter groups as lists of
-*global* names in the optimizer's own order. ``train/portable.py`` reads checkpoints with it.
+*global* names in the optimizer's own order. ``portable.py`` reads checkpoints with it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Editors that need no model: the rows every benchmark table carries beside the trained editor.
 
 A success metric is only as good as the dumbest thing that passes it. Each of these is scored by the
-same checker on the same samples as the editor (``train.evaluation.evaluate``); the checker is right only
+same checker on the same samples as the editor (``train.eval.evaluation.evaluate``); the checker is right only
 when the oracle passes it and do-nothing, noise and the paint bucket fail it on every task
 (``tests/test_edit_success.py`` asserts this per task).
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.edit_success import dilate, regions
+from train.eval.edit_success import dilate, regions
 
 BASELINES = ("do_nothing", "paint_bucket", "paint_bucket_target_colour", "copy_reference", "noise", "oracle")
 RING_PX = 2

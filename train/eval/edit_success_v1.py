@@ -1,8 +1,8 @@
 """The first success checker, for samples of the first synthetic world (``data.world_v1``, whose check
-has no ``version``): kept so results on that world stay reproducible. ``train.edit_success`` calls it.
+has no ``version``): kept so results on that world stay reproducible. ``train.eval.edit_success`` calls it.
 
 It judges colour only inside the fine mask widened by a pixel and never looks at shape, so a flat fill
-of the box in the named colour passes most of its edits; :mod:`train.edit_success` is the checker
+of the box in the named colour passes most of its edits; :mod:`train.eval.edit_success` is the checker
 that the current world is scored by.
 
 Pixel errors (L1, IoU) say how far an edit is from the target, not whether it did what was asked:
@@ -11,7 +11,7 @@ from the ``check`` dict that ``data.synthetic`` writes into each sample's JSON (
 must contain: the named colour, the removed object's colour, the style) and from the target
 image itself (which pixels the object covers, at whatever resolution the evaluation runs).
 
-Conventions as in ``train.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks
+Conventions as in ``train.eval.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks
 ``[B, 1, H, W]`` in ``{0, 1}``, any resolution. A pixel *has* a palette colour when its RGB
 distance to it is below :data:`COLOR_RADIUS`. ``region`` is the fine mask dilated by
 :func:`dilation_px` pixels, so the soft edge pixels of a resized object are looked at too.

@@ -1,7 +1,7 @@
 """A run's checkpoints side by side: their held-out metrics against the step, as a table and a line plot.
 
 ``launch/eval.py --all-checkpoints`` (or ``--tags``) evaluates each checkpoint with
-``train.evaluation.evaluate`` and hands the results here: one row per checkpoint, ordered by step,
+``train.eval.evaluation.evaluate`` and hands the results here: one row per checkpoint, ordered by step,
 written as markdown (``run_eval.md``), JSON (``run_eval.json``) and a PNG (``run_eval.png``). The plot
 is drawn with PIL primitives (matplotlib is not a dependency): one panel per group of metrics, the step
 on the x axis, every axis labelled, with tick values, a marker per checkpoint and a legend.

@@ -5,12 +5,12 @@ run overfits, or while its edits stay noise. Every ``logging.eval_every`` steps 
 the loop calls :meth:`HeldOutEval.run` once, which measures on a fixed held-out subset:
 
 * the flow-matching loss on the first ``logging.eval_samples`` samples of ``data.val_shards``, inside
-  and outside the fine mask (``train.evaluation.flow_mse_per_sample``: times 0.25 / 0.5 / 0.75 and
+  and outside the fine mask (``train.eval.evaluation.flow_mse_per_sample``: times 0.25 / 0.5 / 0.75 and
   noise from a generator seeded per chunk);
 * sampled edits of ``logging.eval_edits`` of them, taken from the tasks in turn (:func:`balanced_by_task`;
   ``logging.eval_edit_steps`` steps, sampler
-  noise from a seeded generator), scored by ``train.evaluation.evaluate``, the code ``launch/eval.py``
-  runs: success per task and its mean over tasks (``train.edit_success``), L1 inside / outside the
+  noise from a seeded generator), scored by ``train.eval.evaluation.evaluate``, the code ``launch/eval.py``
+  runs: success per task and its mean over tasks (``train.eval.edit_success``), L1 inside / outside the
   fine mask, refined-mask IoU.
 
 Why it cannot change the training (a run with evaluation has the same losses as one without): it runs
@@ -35,8 +35,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from data.config import DataConfig
+from data.shards import expand_shards
 from train.config import LoggingConfig
-from train.evaluation import EvalSettings, ShardChecks, evaluate, flow_mse_per_sample, nanmean
+from train.eval.evaluation import EvalSettings, ShardChecks, evaluate, flow_mse_per_sample, nanmean
 from train.rng import rng_untouched
 
 
@@ -98,8 +99,6 @@ class HeldOutEval:
     ) -> "HeldOutEval":
         """Read the held-out subset once (the first ``eval_samples`` of ``data.val_shards``, in file order)
         and the success check of each sample from its shard JSON. Leaves the RNG streams as they were."""
-        from data.loader import expand_shards
-
         with rng_untouched():
             samples = val_batch_factory(data, int(cfg.eval_samples))
         checks: dict[str, Optional[dict]] = {}
@@ -138,7 +137,7 @@ class HeldOutEval:
         return {k: nanmean(v) for k, v in values.items()}
 
     def _edit_metrics(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
-        """The edits of ``eval_edits`` samples spread over the tasks, scored by ``train.evaluation.evaluate``."""
+        """The edits of ``eval_edits`` samples spread over the tasks, scored by ``train.eval.evaluation.evaluate``."""
 
         def batches() -> Iterator[Any]:
             for chunk in self._chunks(self.edits, self.edit_index):
@@ -184,22 +183,3 @@ def balanced_by_task(tasks: list[str], n: int) -> list[int]:
             if queue and len(picked) < n:
                 picked.append(queue.pop(0))
     return sorted(picked)
-
-
-def console_line(step: int, m: dict[str, float]) -> str:
-    """``step 250 | val flow 0.41 (inside 0.90, outside 0.30) | success 0.25 (recolor 0.50 ...) | ...``."""
-
-    def f(key: str) -> str:
-        return f"{m[key]:.4f}" if key in m else "-"
-
-    parts = [
-        f"step {step}",
-        f"val flow {f('val/flow_loss')} (inside {f('val/flow_loss_inside')}, outside {f('val/flow_loss_outside')})",
-    ]
-    if "val/l1" in m:
-        tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
-        ci = f" ± {m['val/success_ci95']:.2f}" if "val/success_ci95" in m else ""
-        parts.append(f"success {f('val/success_mean')}{ci}" + (f" ({tasks})" if tasks else " (no checks)"))
-        parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
-    parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
-    return " | ".join(parts)

@@ -1,4 +1,4 @@
-"""Load a portable checkpoint (``train/portable.py``) into a live engine of any shape.
+"""Load a portable checkpoint (``portable.py``) into a live engine of any shape.
 
 Why not through ``engine.load_checkpoint``: DeepSpeed refuses optimizer state written at another
 data-parallel width ("Automatic adjustment of ZeRO's optimizer state partitioning with a new world
@@ -14,7 +14,7 @@ name, the parameters it holds now and writes them where this engine's optimizer 
 
 Everything is checked before the first tensor is written: the expert count per layer, the set of
 trainable names and their shapes, the number of optimizer groups and one step count per group.
-The loader position and RNG are the caller's (``train/checkpoint.py``).
+The loader position and RNG are the caller's (``resume.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from train.layout import expert_id, expert_ranks, global_names, lp_groups, moe_layers, optimizer_kind
-from train.portable import DENSE, MOMENTS, ReshapeError, expert_file, load_pt, read_meta
+from train.checkpoint.layout import expert_id, expert_ranks, global_names, lp_groups, moe_layers, optimizer_kind
+from train.checkpoint.portable import DENSE, MOMENTS, ReshapeError, expert_file, load_pt, read_meta
 
 
 def read_params_for(path: str, trainable: dict[str, torch.nn.Parameter]) -> dict[str, dict]:

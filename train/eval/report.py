@@ -1,6 +1,6 @@
-"""The evaluation's report: a console table and a bar plot of :func:`train.evaluation.evaluate`'s result.
+"""The evaluation's report: a console table and a bar plot of :func:`train.eval.evaluation.evaluate`'s result.
 
-Rows are the model and the editors that need no model on the same samples (``train.baselines``:
+Rows are the model and the editors that need no model on the same samples (``train.eval.baselines``:
 do-nothing, paint bucket, copy-the-reference, noise, and the oracle that returns the target), so every
 number can be read against what doing nothing, a flat fill and a perfect edit score. Under the table,
 the share of the model's edits failing each success criterion, per task, says why edits fail. The plot uses matplotlib when it is installed and PIL primitives otherwise

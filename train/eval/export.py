@@ -1,6 +1,6 @@
 """Trained weights out of a DeepSpeed checkpoint: read, merge expert-parallel shards, save, load.
 
-Why this module exists: a training checkpoint (``train/checkpoint.py``) is a directory of DeepSpeed
+Why this module exists: a training checkpoint (``train/checkpoint/``) is a directory of DeepSpeed
 shards that only the same DeepSpeed layout can resume. Inference and evaluation want the *trained*
 weights alone, at ``experts.ep_size=1``, on any device. What the checkpoint holds (DeepSpeed 0.19.8):
 
@@ -17,7 +17,7 @@ weights alone, at ``experts.ep_size=1``, on any device. What the checkpoint hold
 
 The frozen parts (VAE, text encoders, backbone) are not in the checkpoint: they are rebuilt from
 their own paths, or randomly initialised from the config after seeding with ``run.seed`` exactly as
-``train.loop`` does before building the model, so the same frozen weights come back.
+``train/loop.py`` does before building the model, so the same frozen weights come back.
 
 Loading never unpickles code: ``torch.load(..., weights_only=True)`` for DeepSpeed's ``.pt`` files,
 safetensors for exports. Every read error is re-raised as :class:`WeightsError` naming the file.
@@ -28,20 +28,24 @@ from __future__ import annotations
 import glob
 import os
 import re
+import tempfile
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from moe.model import build_model
+from train.checkpoint import EXPERT_MARKER, expert_id, global_expert_name
+from train.config import load_config
 from train.rng import seed_everything
 
 EXPORT_FORMAT = "care-edit-trained-weights"
 EXPORT_VERSION = "1"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERT_MARKER = ".deepspeed_experts."
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-_EXPERT_KEY = re.compile(re.escape(EXPERT_MARKER) + r"(\d+)\.")
 
 
 class WeightsError(RuntimeError):
@@ -79,8 +83,6 @@ def load_pt(path: str) -> Any:
 
 def checkpoint_config(tag_dir: str, overrides: Optional[list[str]] = None) -> DictConfig:
     """The resolved training config saved next to the checkpoint, re-validated, at ``ep_size=1``."""
-    from train.config import load_config
-
     path = os.path.join(tag_dir, "config.yaml")
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: missing (every checkpoint carries its resolved config)")
@@ -89,14 +91,6 @@ def checkpoint_config(tag_dir: str, overrides: Optional[list[str]] = None) -> Di
 
 def _raw_config(tag_dir: str) -> DictConfig:
     return OmegaConf.load(os.path.join(tag_dir, "config.yaml"))
-
-
-def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
-    """``...deepspeed_experts.<local>.x`` -> ``...deepspeed_experts.<ep_rank*num_local+local>.x``."""
-    m = _EXPERT_KEY.search(name)
-    if m is None:
-        return name
-    return name[: m.start(1)] + str(ep_rank * num_local + int(m.group(1))) + name[m.end(1) :]
 
 
 def read_checkpoint_tensors(tag_dir: str, ema: bool = False) -> dict[str, Tensor]:
@@ -116,11 +110,10 @@ def read_checkpoint_tensors(tag_dir: str, ema: bool = False) -> dict[str, Tensor
     tensors = {k: v for k, v in state["module"].items() if EXPERT_MARKER not in k}
     files = sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt")))
     for f in files:
-        expert_id = int(_EXPERT_FILE.search(f).group(2))
+        file_expert = int(_EXPERT_FILE.search(f).group(2))
         for key, value in load_pt(f).items():
-            m = _EXPERT_KEY.search(key)
-            if m is None or int(m.group(1)) != expert_id:
-                raise WeightsError(f"{f}: key {key!r} does not belong to expert {expert_id}")
+            if expert_id(key) != file_expert:
+                raise WeightsError(f"{f}: key {key!r} does not belong to expert {file_expert}")
             if key in tensors:
                 raise WeightsError(f"{f}: {key!r} also appears in another expert file")
             tensors[key] = value
@@ -137,7 +130,7 @@ def _read_ema(tag_dir: str, ep_size: int, num_local: int) -> dict[str, Tensor]:
             raise WeightsError(f"{f}: no EMA state (was the run trained with ema.enabled=true?)")
         for name, value in state["ema"]["shadow"].items():
             if EXPERT_MARKER in name:
-                tensors[_global_expert_name(name, rank % ep_size, num_local)] = value
+                tensors[global_expert_name(name, rank % ep_size, num_local)] = value
             elif rank == 0:  # replicated weights: identical on every rank
                 tensors[name] = value
     return tensors
@@ -146,8 +139,6 @@ def _read_ema(tag_dir: str, ep_size: int, num_local: int) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------ model
 def build_inference_model(cfg: DictConfig, device: str = "cpu") -> nn.Module:
     """The model of ``cfg`` at ep_size 1, frozen weights as training built them, on ``device``."""
-    from moe.model import build_model
-
     model_cfg = OmegaConf.to_object(cfg.model)
     model_cfg.experts.ep_size = 1
     seed_everything(int(cfg.run.seed))
@@ -188,8 +179,6 @@ def load_trained(model: nn.Module, tensors: dict[str, Tensor], source: str) -> N
 # ------------------------------------------------------------------------------------------ export
 def export_checkpoint(checkpoint: str, out: str, ema: bool = False) -> dict[str, Tensor]:
     """Write the trained weights (or EMA) of ``checkpoint`` + its config as one safetensors file."""
-    from safetensors.torch import save_file
-
     tag_dir = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(tag_dir)
     model = build_inference_model(cfg)
@@ -211,10 +200,6 @@ def export_checkpoint(checkpoint: str, out: str, ema: bool = False) -> dict[str,
 
 def read_export(path: str) -> tuple[dict[str, Tensor], DictConfig]:
     """(tensors, config) of an exported file; a corrupt, truncated or foreign file raises WeightsError."""
-    from safetensors import safe_open
-
-    from train.config import load_config
-
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such weights file")
     try:
@@ -225,8 +210,6 @@ def read_export(path: str) -> tuple[dict[str, Tensor], DictConfig]:
         raise WeightsError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
     if meta.get("format") != EXPORT_FORMAT or "config" not in meta:
         raise WeightsError(f"{path}: not a care-edit export (metadata format={meta.get('format')!r})")
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
         tmp.write(meta["config"])
     try:

@@ -7,7 +7,7 @@ noise fail it, while an edit that draws the right object, pattern and background
 error a decoder leaves. It reads only images: source, target, edit and the box, so it judges any
 data set that has targets (the synthetic world's ``check`` field only says which checker applies).
 
-Conventions as in ``train.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks ``[B, 1, H, W]``,
+Conventions as in ``train.eval.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks ``[B, 1, H, W]``,
 any resolution. Two pixels *match* when their RGB distance is below :data:`MATCH` (half the closest
 palette pair's distance, so no pixel matches two palette colours). Regions, per sample:
 
@@ -35,7 +35,7 @@ Criteria, in the order a failure is reported (:data:`CRITERIA`); success needs a
   the source fails by construction.
 
 Samples whose check has no ``version`` (the first world, ``data.world_v1``) are judged by the first
-checker, :mod:`train.edit_success_v1`. A sample without a check gets NaN: success unavailable, left
+checker, :mod:`train.eval.edit_success_v1`. A sample without a check gets NaN: success unavailable, left
 out of the means.
 """
 
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train import edit_success_v1
+from train.eval import edit_success_v1
 
 MATCH = 0.14  # half the RGB distance of the closest palette pair (yellow and orange, 0.28 in [0, 1])
 MAX_L1_OUTSIDE = 0.05

@@ -11,7 +11,7 @@ its own checkpoints, once, on any machine without GPUs or a process group:
     python -m launch.reshape_checkpoint --src <run>/checkpoints[/<tag>]   # -> <run>/checkpoints/portable/<tag>
 
 and ``--resume <that directory>`` continues at any world size, ep_size and ZeRO stage 0/1/2
-(``train/portable_load.py``).
+(``portable_load.py``).
 
 What a portable checkpoint holds (every file ``torch.load(weights_only=True)``-safe):
 
@@ -25,7 +25,7 @@ What a portable checkpoint holds (every file ``torch.load(weights_only=True)``-s
 * ``config.yaml``: the source run's resolved config, for reference.
 
 Where the tensors come from (DeepSpeed 0.19.8 files, read with the ``layout`` each rank recorded in
-``train_state_rank<r>.pt``, see ``train/layout.py``):
+``train_state_rank<r>.pt``, see ``layout.py``):
 
 * ZeRO 1/2 (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``): ``single_partition_of_fp32_groups``
   and ``base_optimizer_state`` are flat partitions per optimizer group; ``param_slice_mappings``
@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from train.layout import LAYOUT_VERSION, expert_id
+from train.checkpoint.layout import LAYOUT_VERSION, expert_id
 
 PORTABLE_DIR = "portable"  # default place of conversions: <checkpoint dir>/portable/<tag>, outside pruning
 FORMAT = "care-edit-portable"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from train.config import TrainConfig
 from train.distributed import all_ranks_any
 
 
@@ -94,7 +95,8 @@ def discard_step(engine: Any, micro_steps: int) -> None:
     engine.skipped_steps += 1
 
 
-def oom_advice(cfg: Any) -> str:
+def oom_advice(cfg: TrainConfig) -> str:
+    """What to lower after an out-of-memory error, with the run's current values."""
     m = cfg.model
     return (
         "out of memory. Lower, in this order: train.micro_batch "

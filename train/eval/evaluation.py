@@ -14,14 +14,14 @@ every metric is computed per sample, and reduced by the caller (mean over sample
   resolution. It measures the denoiser itself, which pixel metrics of a few-step sample through a
   (possibly random, in tests and the tiny benchmark) VAE decoder may not.
 * L1 of the *source* to the target (``l1_source``): the do-nothing edit, a baseline for L1.
-* edit success (``success``): yes/no per sample from ``train.edit_success``, for samples whose
+* edit success (``success``): yes/no per sample from ``train.eval.edit_success``, for samples whose
   shard JSON says what the target must contain; reported per task, as the mean over samples and
   as the mean over tasks (``success_mean_over_tasks``).
 * L1 outside the user's box (``l1_outside_box``): preservation where the user asked for nothing.
-* ``fail_<criterion>``: the share of samples failing each criterion of ``train.edit_success``, which
+* ``fail_<criterion>``: the share of samples failing each criterion of ``train.eval.edit_success``, which
   says why edits fail.
 * baseline rows on the same samples, scored by the same code: the editors that need no model
-  (``train.baselines``: do-nothing, paint bucket, copy-the-reference, noise) and the oracle (the target).
+  (``train.eval.baselines``: do-nothing, paint bucket, copy-the-reference, noise) and the oracle (the target).
 * CLIP-I / DINO: cosine of image embeddings of edit and target; CLIP-T: cosine of the edit's CLIP
   image embedding and the instruction's CLIP text embedding. Encoders load from local folders only.
 """
@@ -36,8 +36,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from train.baselines import BASELINES, baseline_edits
-from train.edit_success import CRITERIA, edit_criteria
+from data.config import DataConfig
+from data.loader import EditLoader
+from data.shards import expand_shards
+from train.eval.baselines import BASELINES, baseline_edits
+from train.eval.edit_success import CRITERIA, edit_criteria
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -236,13 +239,11 @@ class ShardChecks:
         return None
 
 
-def iterate_heldout(data_cfg: Any, shards: str, batch_size: int, limit: int):
+def iterate_heldout(data_cfg: DataConfig, shards: str, batch_size: int, limit: int):
     """Batches of the held-out shards in file order (evaluation view, each sample once), ``limit`` samples.
 
     Each batch carries ``extras["checks"]``: ``{sample key: check dict or None}`` (see :class:`ShardChecks`).
     """
-    from data.config import DataConfig
-    from data.loader import EditLoader, expand_shards
 
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
     cfg = dataclasses.replace(cfg, buckets=[], num_workers=0, cached=False)
@@ -264,7 +265,7 @@ def iterate_heldout(data_cfg: Any, shards: str, batch_size: int, limit: int):
 BASELINE_IOU_MASK = {b: "coarse box" for b in BASELINES} | {"oracle": "fine mask"}
 NO_CHECKS = (
     "no evaluated sample has a success check: a 'check' field in its shard JSON (data.synthetic "
-    "writes one) for a task train.edit_success knows"
+    "writes one) for a task train.eval.edit_success knows"
 )
 
 
@@ -276,7 +277,7 @@ def l1_outside_box(edit: Tensor, target: Tensor, box: Tensor) -> Tensor:
 def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[dict]]) -> dict[str, Tensor]:
     """Per-sample metrics every row of the report has: L1 inside / outside the fine mask and outside the
     box, mask IoU, success, and ``fail_<criterion>`` (1 where the sample failed that criterion of
-    ``train.edit_success``, NaN where it has no check)."""
+    ``train.eval.edit_success``, NaN where it has no check)."""
     target, source, fine = to_unit(sub.target).cpu(), to_unit(sub.source).cpu(), sub.fine_mask.float().cpu()
     box = sub.coarse_mask.float().cpu()
     inside, outside = masked_l1_per_sample(edit, target, fine)
@@ -293,7 +294,7 @@ def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[di
 
 
 def _baseline_rows(sub: Any, checks: list[Optional[dict]], seed: int) -> dict[str, dict[str, Tensor]]:
-    """The rows of ``train.baselines`` on this sub-batch, scored like the model's."""
+    """The rows of ``train.eval.baselines`` on this sub-batch, scored like the model's."""
     edits = baseline_edits(
         to_unit(sub.source).cpu(),
         to_unit(sub.target).cpu(),
@@ -347,10 +348,10 @@ def evaluate(
 ) -> dict:
     """Edit every held-out sample (per task group, for per-task utilisation) and reduce the metrics.
 
-    Beside the model's row, the editors that need no model (``train.baselines``: do-nothing, paint
+    Beside the model's row, the editors that need no model (``train.eval.baselines``: do-nothing, paint
     bucket, copy-the-reference, noise, oracle) on the same samples, scored by the same code (the
     oracle's mask IoU is the fine mask's, the others' the coarse box's). ``samples`` lists, per sample,
-    its key, task, success and the criteria it failed. ``success`` (``train.edit_success``) needs the batch's ``extras["checks"]``
+    its key, task, success and the criteria it failed. ``success`` (``train.eval.edit_success``) needs the batch's ``extras["checks"]``
     (:func:`iterate_heldout` sets it); samples without a check are left out of its means, and when
     no sample has one, success is listed in ``skipped_metrics``.
     """

@@ -1,0 +1,54 @@
+"""Checkpoints: sharded DeepSpeed checkpoints committed atomically, exact resume, and conversion to any shape.
+
+* ``Checkpointer`` (``checkpointer.py``): when to save, the commit protocol (``latest`` and ``best``
+  move only onto complete checkpoints), pruning; ``find`` / ``load`` for ``--resume`` (``resume.py``);
+* ``disk.py``: the directory's names, completeness markers and pointers, read by the launch scripts too;
+* ``layout.py``: which rank held which experts and optimizer slots, recorded at save time;
+* ``portable.py`` / ``portable_load.py``: a checkpoint converted once to a shape-independent one
+  (``python -m launch.reshape_checkpoint``), and loaded at any world size, ep_size and ZeRO stage.
+
+Everything outside this folder imports from here.
+"""
+
+from train.checkpoint.checkpointer import Checkpointer
+from train.checkpoint.disk import (
+    BEST,
+    COMPLETE,
+    LATEST,
+    IncompleteCheckpoint,
+    checkpoint_metrics,
+    list_checkpoints,
+    read_best,
+    read_latest,
+    resolve_tag,
+    step_tag,
+    verify_complete,
+)
+from train.checkpoint.layout import EXPERT_MARKER, expert_id, global_expert_name
+from train.checkpoint.portable import PORTABLE_DIR, ReshapeError, convert, load_pt, read_layouts
+from train.checkpoint.resume import Found, Resumed
+
+__all__ = [
+    "BEST",
+    "COMPLETE",
+    "EXPERT_MARKER",
+    "LATEST",
+    "PORTABLE_DIR",
+    "Checkpointer",
+    "Found",
+    "IncompleteCheckpoint",
+    "ReshapeError",
+    "Resumed",
+    "checkpoint_metrics",
+    "convert",
+    "expert_id",
+    "global_expert_name",
+    "list_checkpoints",
+    "load_pt",
+    "read_best",
+    "read_latest",
+    "read_layouts",
+    "resolve_tag",
+    "step_tag",
+    "verify_complete",
+]
