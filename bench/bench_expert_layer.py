@@ -28,9 +28,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.common import emit, environment, gap_stats, kernel_stats, profiled, time_interleaved  # noqa: E402
-from moe.dispatch import AllToAllDispatcher, DenseDispatcher, _slots_by_expert  # noqa: E402
+from moe.dispatch import AllToAllDispatcher, DenseDispatcher  # noqa: E402
 from moe.expert_layer import CareMoE  # noqa: E402
 from moe.experts import FfnExpert, LoraExpert, packed_width  # noqa: E402
+from moe.permute import slots_by_expert  # noqa: E402
 from moe.router import topk_routing  # noqa: E402
 
 D, FFN, E, K, CTX = 3072, 12288, 4, 3, 64
@@ -182,7 +183,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
     offs = (torch.arange(1, E + 1, device=dev) * (s * K) // E).to(torch.int32)  # E near-equal groups of all rows
     # the group sizes our layer gets from the routing: they end in partial tiles, where equal groups of
     # S*K/E rows (3,072 or 12,288) are whole tiles
-    routed_offs = _slots_by_expert(index, E)[3][:E].cumsum(0).to(torch.int32)  # as the dispatcher counts them
+    routed_offs = slots_by_expert(index, E)[3][:E].cumsum(0).to(torch.int32)  # as the dispatcher counts them
 
     def floor_grouped(rows, offs=offs):
         h = F.gelu(torch._grouped_mm(rows, stacked_in.transpose(1, 2), offs=offs), approximate="tanh")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_supported
+from .permute import GatherSlots, PermuteRows, inverse_permutation, slots_by_expert
 from .router import dense_weights
 
 
@@ -87,76 +88,10 @@ class _VariableAllToAll(torch.autograd.Function):
         return back, None, None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` with inverse ``inverse``.
-
-    Autograd would take the gradient of a general row gather as a scatter-add (atomic adds, slow in
-    bf16 at these sizes); for a permutation it is the inverse gather.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _GatherSlots(torch.autograd.Function):
-    """The packed rows of the S*K routing slots in expert order: ``out[j] = x[order[j] // k]``.
-
-    Each token is read K times; its gradient is the inverse gather back to slot order, then a sum
-    over the token's K slots (no atomic scatter-add).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k, ctx.tokens = k, x.shape[0]
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        slots = grad.index_select(0, inverse)
-        return slots.view(ctx.tokens, ctx.k, slots.shape[1]).sum(1), None, None, None
-
-
-def _inverse_permutation(perm: Tensor) -> Tensor:
-    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
-
-
-def _slots_by_expert(index: Tensor, n_total: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Routing slots (S*K of them, slot = token * K + k) grouped by expert, unassigned ones (index -1) last.
-
-    Returns order [S*K] (slot ids in expert order), its inverse, the expert of each ordered slot
-    (n_total for unassigned) and counts [n_total + 1] (the last: unassigned slots).
-    """
-    flat = index.reshape(-1)
-    key = torch.where(flat >= 0, flat, n_total)
-    order = torch.argsort(key, stable=True)
-    return order, _inverse_permutation(order), key[order], _count_keys(key, n_total + 1)
-
-
-def _count_keys(key: Tensor, n: int) -> Tensor:
-    """How often each of 0..n-1 occurs in ``key`` -> [n] int64, a shape known before the data.
-
-    Not ``torch.bincount``: its output length depends on the data (max(key) + 1), so on CUDA it reads
-    the maximum back to the host, a device-to-host synchronisation in the middle of every expert layer,
-    and a traced graph gets a data-dependent size there (which CUDA graphs must split around). A
-    comparison with the n ids and a sum is one small reduction, without atomics.
-    """
-    ids = torch.arange(n, device=key.device, dtype=key.dtype)
-    return (key[None, :] == ids[:, None]).sum(1)
-
-
 def _combine(out_rows: Tensor, order: Tensor, inverse: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """Expert outputs [S*K, D] in expert order -> y [S, D] = sum_k weight[s, k] * out(slot s*K + k)."""
     s, k = index.shape
-    y = _PermuteRows.apply(out_rows, inverse, order).view(s, k, out_rows.shape[1])  # back to slot order
+    y = PermuteRows.apply(out_rows, inverse, order).view(s, k, out_rows.shape[1])  # back to slot order
     w = torch.where(index >= 0, weight, 0).to(y.dtype)
     # elementwise, not bmm: a [S, 1, K] x [S, K, D] batch of tiny products (and its gradient) takes
     # cuBLAS's slow batched path, 3.3 ms at 16K tokens on the H100 for ~0.3 ms of memory traffic
@@ -195,8 +130,8 @@ class AllToAllDispatcher:
         n_local = len(experts)
         n_total = n_local * self.ep_size
         s, k = index.shape
-        order, inverse, expert_of_slot, counts = _slots_by_expert(index, n_total)
-        rows = _GatherSlots.apply(packed, order, inverse, k)  # [S*K, W], unassigned slots last
+        order, inverse, expert_of_slot, counts = slots_by_expert(index, n_total)
+        rows = GatherSlots.apply(packed, order, inverse, k)  # [S*K, W], unassigned slots last
         grouped_gemm = self.grouped_gemm and grouped_ffn_supported(list(experts), rows.dtype, rows.device)
 
         if self.ep_size == 1 and grouped_gemm:  # no host round trip: group sizes stay on the device
@@ -221,8 +156,8 @@ class AllToAllDispatcher:
             by_expert = torch.argsort(
                 torch.repeat_interleave(local_of_chunk, src_chunks, output_size=rows.shape[0]), stable=True
             )
-            inverse_by_expert = _inverse_permutation(by_expert)
-            rows = _PermuteRows.apply(rows, by_expert, inverse_by_expert)
+            inverse_by_expert = inverse_permutation(by_expert)
+            rows = PermuteRows.apply(rows, by_expert, inverse_by_expert)
             local_counts = recv_counts.sum(0)
             local_host = [sum(col) for col in zip(*recv_host)]
         else:
@@ -237,7 +172,7 @@ class AllToAllDispatcher:
             chunks = rows.split(local_host, dim=0)
             out_rows = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)], dim=0)
         if self.ep_size > 1:
-            out_rows = _PermuteRows.apply(out_rows, inverse_by_expert, by_expert)
+            out_rows = PermuteRows.apply(out_rows, inverse_by_expert, by_expert)
             out_rows = _VariableAllToAll.apply(out_rows, send_splits, recv_splits, group)
         if n_assigned < s * k:
             out_rows = torch.cat([out_rows, out_rows.new_zeros(s * k - n_assigned, out_rows.shape[1])])
