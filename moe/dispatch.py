@@ -17,12 +17,17 @@ router chose Base (the extra slot is then empty, -1), so each expert appears onc
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
   outputs back and combines. Rows move by permutations in both directions (no atomic scatter-add);
   with ep_size 1 that is one gather, the experts, one permutation back and an elementwise combine.
-  With ``grouped_gemm`` (the default at ep_size 1), FFN experts in bf16 run as grouped GEMMs
-  (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1 without any host synchronisation (the group
-  sizes stay on the device), so it is the one FFN path CUDA graphs can take. Its shapes are static, so
-  empty slots are computed (by the last local expert) and zeroed: S*(K+1) rows where the per-expert
-  loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). Measured against the
-  per-expert loop and a dense layer of the same FLOPs: docs/PERF.md.
+  With ``grouped_gemm``, FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`),
+  at ep_size 1 without any host synchronisation (the group sizes stay on the device). Its shapes are
+  static, so empty slots are computed (by the last local expert) and zeroed: S*(K+1) rows where the
+  per-expert loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). At ep_size 1
+  this is the reference for the grouped dispatcher.
+* :class:`GroupedDispatcher` (FFN experts at ep_size 1, the default there) computes the same grouped
+  GEMMs with the permutation, the biases, the routing weights and the combine fused around them
+  (:func:`moe.grouped_ffn.fused_grouped_ffn`): no host synchronisation, so CUDA graphs take it. Where
+  grouped GEMMs do not run it falls back to the all-to-all dispatcher's per-expert loop.
+
+Measured against each other and a dense layer of the same FLOPs: docs/PERF.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_supported
+from .grouped_ffn import fused_grouped_ffn
 from .permute import GatherSlots, PermuteRows, inverse_permutation, slots_by_expert
 from .router import dense_weights
 
@@ -179,10 +185,37 @@ class AllToAllDispatcher:
         return _combine(out_rows, order, inverse, index, weight)
 
 
+class GroupedDispatcher:
+    """FFN experts on one rank as grouped GEMMs with the permutation fused into them
+    (:func:`moe.grouped_ffn.fused_grouped_ffn`): the fast path, with ``AllToAllDispatcher(grouped_gemm=True)``
+    as its reference. Where grouped GEMMs do not run (float32, GPUs before sm90), ``fallback`` does."""
+
+    name = "grouped"
+    ep_size, ep_rank = 1, 0
+
+    def __init__(self, fallback: Optional[AllToAllDispatcher] = None):
+        self.fallback = fallback if fallback is not None else AllToAllDispatcher(1, 0)
+
+    def host_sync_free(self, experts: Sequence[nn.Module]) -> bool:
+        """True where the fused path runs: its group sizes stay on the device."""
+        p = next(experts[0].parameters())
+        return grouped_ffn_supported(list(experts), p.dtype, p.device)
+
+    def __call__(
+        self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group: Optional[Any] = None
+    ) -> Tensor:
+        if not grouped_ffn_supported(list(experts), packed.dtype, packed.device):
+            return self.fallback(packed, index, weight, experts, group)
+        return fused_grouped_ffn(list(experts), packed, index, weight)
+
+
 def build_dispatcher(mode: str, expert_kind: str, ep_size: int, ep_rank: int, grouped_gemm: bool = False):
-    """``auto``: dense for low-rank experts on one rank, all-to-all otherwise (docs/DESIGN.md section 9)."""
-    if mode == "auto":
-        mode = "dense" if (expert_kind == "lora" and ep_size == 1) else "alltoall"
+    """``auto``: on one rank, dense for low-rank experts and grouped for FFN experts with grouped GEMMs on;
+    all-to-all otherwise (docs/DESIGN.md section 9)."""
+    if mode == "auto" and ep_size == 1:
+        mode = "dense" if expert_kind == "lora" else ("grouped" if grouped_gemm else "alltoall")
     if mode == "dense":
         return DenseDispatcher()
+    if mode == "grouped":
+        return GroupedDispatcher()
     return AllToAllDispatcher(ep_size, ep_rank, grouped_gemm)

@@ -1,0 +1,138 @@
+"""FFN experts on one rank with the permutation fused into the grouped GEMMs (``GroupedDispatcher``).
+
+The same function as the reference path (``AllToAllDispatcher`` with grouped GEMMs: gather the slot rows
+in expert order, :func:`moe.experts.grouped_ffn_forward`, permute back, weight, sum; tests compare them),
+with fewer passes over memory and fewer kernels around the three grouped GEMMs:
+
+* The packed tokens are gathered straight into the two GEMM inputs: the token columns [T, D] and the
+  condition columns [T, Wc]. There is no [T, W] copy of the packed rows, and no slicing copy after it.
+* The condition bias rides in the condition GEMM: the gathered condition rows carry a column of ones,
+  the stacked condition weights the bias in that row. Its gradient comes out of the GEMM's weight
+  gradient, with no one-hot product.
+* The routing weight scales the hidden activations in the bias + gelu pass (:class:`BiasGeluScale`).
+  The second GEMM then writes weighted rows, empty slots (weight 0) come out zero without a pass of
+  their own, and the combine is a sum of K gathered rows. The weight's gradient is a row sum in the
+  gelu backward pass.
+* The output bias is added per token, ``sum_e w[s, e] b_e``, an [S, E] x [E, D] product: its gradient
+  reads the S token rows, not the S*K slot rows.
+
+The routing slots are sorted once (:func:`moe.permute.slots_by_expert`) and the backward reuses the
+order. Group sizes stay on the device: no host synchronisation, so the layer traces whole and CUDA graphs
+take it. Shapes: S tokens, K slots per token, T = S*K rows, W packed width, D model width, F hidden
+width, E experts, Wc condition columns + 1, rounded up to a multiple of 8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from data.arith import ceil_div
+
+from .experts import FfnExpert, condition_weights, stacked_for_grouped_mm
+from .permute import PermuteRows, slots_by_expert
+from .router import dense_weights
+
+
+def fused_grouped_ffn(experts: list[FfnExpert], packed: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+    """packed [S, W], index/weight [S, K] (local expert ids, -1 = empty slot) -> [S, D]
+    = ``sum_k weight[s, k] * experts[index[s, k]](packed[s])``."""
+    s, k = index.shape
+    n, d = len(experts), experts[0].dim
+    order, inverse, expert_of_slot, counts = slots_by_expert(index, n)
+    # empty slots, sorted last, ride along in the last expert's group with weight 0
+    offs = (counts[:n] + F.pad(counts[n:], (n - 1, 0))).cumsum(0).to(torch.int32)
+    expert_of_row = expert_of_slot.clamp(max=n - 1)
+    w_row = PermuteRows.apply(torch.where(index >= 0, weight, 0).to(packed.dtype).reshape(-1), order, inverse)
+
+    n_cond = condition_extent(experts)
+    x_rows, cond_rows = GatherTokenRows.apply(packed, order, inverse, k, d, n_cond)  # [T, D], [T, Wc]
+    x = x_rows + torch._grouped_mm(cond_rows, condition_weights_with_bias(experts, n_cond), offs=offs)
+    w_in = stacked_for_grouped_mm([e.proj_in.weight for e in experts])  # [E, D, F]
+    h = torch._grouped_mm(x, w_in, offs=offs)  # [T, F], before the bias
+    a = BiasGeluScale.apply(h, torch.stack([e.proj_in.bias for e in experts]), expert_of_row, w_row)
+    w_out = stacked_for_grouped_mm([e.proj_out.weight for e in experts])  # [E, F, D]
+    rows = torch._grouped_mm(a, w_out, offs=offs)  # [T, D], weighted, without the output bias
+    y = PermuteRows.apply(rows, inverse, order).view(s, k, d).sum(1)  # back to slot order, K slots summed
+    b_out = torch.stack([e.proj_out.bias for e in experts])  # [E, D]
+    return y + dense_weights(index, weight, n).to(y.dtype) @ b_out
+
+
+def condition_extent(experts: list[FfnExpert]) -> int:
+    """How many columns after the token's D any of ``experts`` reads: the condition columns to gather."""
+    return max(hi for e in experts for _, hi in e.cond_ranges) - experts[0].dim
+
+
+def _condition_width(n_cond: int) -> int:
+    """The gathered condition rows' width: the condition columns and the column of ones, rounded up to a
+    multiple of 8 (16-byte rows in bf16, as grouped GEMM operands need)."""
+    return ceil_div(n_cond + 1, 8) * 8
+
+
+def condition_weights_with_bias(experts: list[FfnExpert], n_cond: int) -> Tensor:
+    """Every expert's condition projection as the condition GEMM's weight operand [E, Wc, D]: the weights
+    of the first ``n_cond`` condition columns (zero outside each expert's own), then the bias (the row the
+    column of ones reads), then zero rows."""
+    w, b = condition_weights(experts, n_cond)  # [E, n_cond, D], [E, D]
+    pad = w.new_zeros(len(experts), _condition_width(n_cond) - n_cond - 1, w.shape[2])
+    return torch.cat([w, b[:, None, :], pad], dim=1)
+
+
+class GatherTokenRows(torch.autograd.Function):
+    """The two GEMM inputs gathered from the packed tokens in expert order (row j reads token
+    ``order[j] // k``): the token columns x [T, D], and the first ``n_cond`` condition columns followed
+    by a column of ones and zeros to the width Wc.
+
+    The gradient goes back to slot order by the inverse gather and sums each token's K slots (no atomic
+    scatter-add); the columns no expert reads (and the padding) get zero.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, packed: Tensor, order: Tensor, inverse: Tensor, k: int, dim: int, n_cond: int):
+        tokens = order // k
+        x = packed[:, :dim].index_select(0, tokens)
+        cond = packed[:, dim : dim + n_cond].index_select(0, tokens)
+        t = cond.shape[0]
+        ones, pad = cond.new_ones(t, 1), cond.new_zeros(t, _condition_width(n_cond) - n_cond - 1)
+        ctx.save_for_backward(inverse)
+        ctx.k, ctx.n_cond, ctx.packed_shape = k, n_cond, packed.shape
+        return x, torch.cat([cond, ones, pad], dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_x: Tensor, grad_cond: Tensor):
+        (inverse,) = ctx.saved_tensors
+        s, w = ctx.packed_shape
+        rows = torch.cat([grad_x, grad_cond[:, : ctx.n_cond]], dim=1).index_select(0, inverse)
+        per_token = rows.view(s, ctx.k, rows.shape[1]).sum(1)  # [S, D + n_cond]
+        return F.pad(per_token, (0, w - per_token.shape[1])), None, None, None, None, None
+
+
+class BiasGeluScale(torch.autograd.Function):
+    """``gelu_tanh(h + bias[expert_of_row]) * w[:, None]``: the first GEMM's bias, the activation and the
+    routing weight in one pass. h [T, F] (the GEMM's output), bias [E, F], expert_of_row [T], w [T].
+
+    The backward recomputes the pre-activation from h (kept: no second [T, F] buffer) and returns the
+    weight's gradient as a row sum in the same pass. The bias gradient is one [E, T] x [T, F] product
+    with the one-hot expert matrix (rows are sorted by expert), where autograd's gradient of the gather
+    would scatter-add T rows into E (atomics).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, bias: Tensor, expert_of_row: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(h, bias, expert_of_row, w)
+        return F.gelu(h + bias.index_select(0, expert_of_row), approximate="tanh") * w[:, None]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        h, bias, expert_of_row, w = ctx.saved_tensors
+        pre = h + bias.index_select(0, expert_of_row)
+        grad_pre = torch.ops.aten.gelu_backward(grad * w[:, None], pre, approximate="tanh")
+        grad_bias = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = F.one_hot(expert_of_row, bias.shape[0]).to(grad.dtype).t().mm(grad_pre)
+        if ctx.needs_input_grad[3]:
+            grad_w = (grad.float() * F.gelu(pre, approximate="tanh").float()).sum(1).to(w.dtype)
+        return grad_pre, grad_bias, None, grad_w
