@@ -132,7 +132,9 @@ class BiasGeluScale(torch.autograd.Function):
         grad_pre = torch.ops.aten.gelu_backward(grad * w[:, None], pre, approximate="tanh")
         grad_bias = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_bias = F.one_hot(expert_of_row, bias.shape[0]).to(grad.dtype).t().mm(grad_pre)
+            experts = torch.arange(bias.shape[0], device=expert_of_row.device)
+            onehot = (expert_of_row[None, :] == experts[:, None]).to(grad.dtype)  # [E, T]
+            grad_bias = onehot.mm(grad_pre)
         if ctx.needs_input_grad[3]:
             grad_w = (grad.float() * F.gelu(pre, approximate="tanh").float()).sum(1).to(w.dtype)
         return grad_pre, grad_bias, None, grad_w
