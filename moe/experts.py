@@ -94,14 +94,20 @@ class _Expert(nn.Module):
         w, b = self.full_condition_weight(packed.shape[1] - self.dim)
         return F.linear(packed[:, self.dim :], w, b)
 
-    def full_condition_weight(self, width: int) -> tuple[Tensor, Tensor]:
-        """The condition projection over all ``width`` condition columns: weight [out, width] (zero
-        outside the expert's columns) and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m,
-        a bias W and a weight -W on the m column."""
+    def own_condition_weight(self) -> tuple[Tensor, Tensor]:
+        """The condition projection on the expert's own columns as they are packed: weight [out, cond_width]
+        and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m, a bias W and a weight -W on the
+        m column."""
         w = self.cond.weight  # [out, cond_width]
         bias = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         if self.name == "base":
             w, bias = torch.cat([w[:, :-1], -w[:, -1:]], dim=1), w[:, -1]
+        return w, bias
+
+    def full_condition_weight(self, width: int) -> tuple[Tensor, Tensor]:
+        """The condition projection over all ``width`` condition columns: weight [out, width] (zero
+        outside the expert's columns) and bias [out] (:meth:`own_condition_weight`)."""
+        w, bias = self.own_condition_weight()
         pieces, pos, col = [], 0, 0
         for lo, hi in self.cond_ranges:
             lo, hi = lo - self.dim, hi - self.dim
