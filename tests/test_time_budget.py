@@ -32,6 +32,7 @@ def test_the_decision_comes_once_at_the_end_of_the_calibration():
     assert len(calls) == 1 and not budget.active
     assert not TimeBudget(budget_s=100, calibration=8, most=1000, start_step=8).active  # resumed past it
     assert not TimeBudget(budget_s=0, calibration=8, most=1000, start_step=0).active  # no budget
+    assert not TimeBudget(budget_s=100, calibration=8, most=8, start_step=0).active  # a run that short just runs
 
 
 def _decided(output: str) -> int:

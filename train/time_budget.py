@@ -52,7 +52,7 @@ class TimeBudget:
     @property
     def active(self) -> bool:
         """Whether a decision is still to come (a run resumed past the calibration keeps its count)."""
-        return self.budget_s > 0 and self.start_step < self.calibration
+        return self.budget_s > 0 and self.start_step < self.calibration < self.most
 
     def step_started(self, step: int) -> None:
         """Call before step ``step`` (1-based) runs."""
