@@ -22,6 +22,8 @@ generated, and the splits use disjoint seeds and key prefixes.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from PIL import Image
 
@@ -113,23 +115,22 @@ def _color_check(name: str, prefix: str = "") -> dict:
     return {f"{prefix}color": name, f"{prefix}rgb": list(COLORS[name])}
 
 
-def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecord:
-    """The sample ``index`` of ``split``: a pure function of its arguments.
-
-    The JSON's ``check`` field says what the target must contain, for ``train.edit_success``:
-    ``color``/``rgb`` (0..255) and ``shape`` of the object the target gains (recolor, add, replace),
-    ``old_color``/``old_rgb`` (and ``old_shape``) of the one it loses (recolor, remove, replace),
-    ``style`` for a style edit.
-    """
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """The background, 2-3 objects (each (colour, shape) once) and the rendered source."""
     bg = background(rng, size)
     objs: list[dict] = []
     for _ in range(int(rng.integers(2, 4))):
         o = _new_obj(rng, objs, size, {(p["color"], p["kind"]) for p in objs})
         if o is not None:
             objs.append(o)
-    src = render(bg, objs)
-    kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+    return bg, objs, render(bg, objs)
+
+
+def _edit(
+    rng: np.random.Generator, kind: str, bg: np.ndarray, objs: list[dict], src: np.ndarray, size: int
+) -> tuple[str, np.ndarray, np.ndarray, Optional[np.ndarray], str, list[str], dict]:
+    """One edit of the scene: (task, target, mask, reference, instruction, preservation, check). The rng's
+    draws are in the first world's order, so its samples are what they always were."""
     taken = {(p["color"], p["kind"]) for p in objs}
     ref = None
     target = objs[int(rng.integers(len(objs)))]
@@ -141,23 +142,21 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
         if new is None:  # crowded scene: fall back to a recolor (still deterministic)
             kind = "recolor"
         else:
-            tgt = render(bg, objs + [new])
             mask = shape_mask(new["kind"], new["cx"], new["cy"], new["r"], size)
-            instruction = f"add a {new['color']} {new['kind']}"
-            pres = ["background", "layout"]
             check = dict(_color_check(new["color"]), shape=new["kind"])
+            instruction = f"add a {new['color']} {new['kind']}"
+            return kind, render(bg, objs + [new]), mask, ref, instruction, ["background", "layout"], check
     if kind == "recolor":
         colors = [c for c in COLORS if c != target["color"] and (c, target["kind"]) not in taken]
         color = colors[int(rng.integers(len(colors)))]
         tgt = render(bg, [dict(o, color=color) if o is target else o for o in objs])
-        mask, instruction = old_mask, f"make the {name} {color}"
-        pres = ["background", "structure"]
         check = dict(_color_check(color), **_color_check(target["color"], "old_"), shape=target["kind"])
-    elif kind == "remove":
+        return kind, tgt, old_mask, ref, f"make the {name} {color}", ["background", "structure"], check
+    if kind == "remove":
         tgt = render(bg, [o for o in objs if o is not target])
-        mask, instruction = old_mask, f"remove the {name}"
         check = dict(_color_check(target["color"], "old_"), old_shape=target["kind"])
-    elif kind == "replace":
+        return kind, tgt, old_mask, ref, f"remove the {name}", pres, check
+    if kind == "replace":
         choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken and s != target["kind"]]
         color, shape = choices[int(rng.integers(len(choices)))]
         new = dict(target, color=color, kind=shape)
@@ -168,12 +167,24 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
         check = dict(
             _color_check(color), shape=shape, **_color_check(target["color"], "old_"), old_shape=target["kind"]
         )
-    elif kind == "style":
-        style = list(STYLES)[int(rng.integers(len(STYLES)))]
-        tgt = _style(src, style)
-        mask, instruction = np.ones((size, size), bool), STYLES[style]
-        pres = ["layout", "structure"]
-        check = dict(style=style)
+        return kind, tgt, mask, ref, instruction, pres, check
+    style = list(STYLES)[int(rng.integers(len(STYLES)))]
+    mask = np.ones((size, size), bool)
+    return kind, _style(src, style), mask, ref, STYLES[style], ["layout", "structure"], dict(style=style)
+
+
+def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecord:
+    """The sample ``index`` of ``split``: a pure function of its arguments.
+
+    The JSON's ``check`` field says what the target must contain, for ``train.edit_success``:
+    ``color``/``rgb`` (0..255) and ``shape`` of the object the target gains (recolor, add, replace),
+    ``old_color``/``old_rgb`` (and ``old_shape``) of the one it loses (recolor, remove, replace),
+    ``style`` for a style edit.
+    """
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+    bg, objs, src = _scene(rng, size)
+    kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+    kind, tgt, mask, ref, instruction, pres, check = _edit(rng, kind, bg, objs, src, size)
     return EditRecord(
         key=f"syn{seed}-{split}-{index:07d}",
         src=Image.fromarray(src),

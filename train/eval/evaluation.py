@@ -31,11 +31,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from data.batch import EditBatch
 from data.config import DataConfig
 from data.loader import EditLoader
 from data.shards import expand_shards
@@ -338,6 +339,79 @@ def _reduce(per_sample: dict[str, list[float]], per_task: dict[str, dict[str, li
 
 
 @torch.no_grad()
+def _model_row(
+    model: Any,
+    sub: EditBatch,
+    checks: list,
+    settings: EvalSettings,
+    encoders: Optional[EmbeddingEncoders],
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], Any]:
+    """The model's edits of one group of samples and their per-sample metrics ({name: [B]}), with the
+    edit result (its utilisation and the guidance it resolved)."""
+    res = model.edit(
+        sub,
+        num_steps=settings.steps,
+        text_guidance=settings.text_guidance,
+        image_guidance=settings.image_guidance,
+        generator=generator,
+        **({} if settings.keep_outside_box is None else {"keep_outside_box": settings.keep_outside_box}),
+    )
+    edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
+    values = _edit_row(edit, sub, res.refined_mask, checks)
+    values.update(l2=l2_per_sample(edit, target), l1_source=l1_per_sample(to_unit(sub.source).cpu(), target))
+    if settings.flow_loss:
+        values["flow_mse"], values["flow_mse_inside"], values["flow_mse_outside"] = flow_mse_per_sample(
+            model, sub, seed=settings.seed
+        )
+    if encoders is not None and encoders.clip is not None:
+        e_edit, e_tgt = encoders.clip_image(edit), encoders.clip_image(target)
+        values["clip_i"] = cosine_per_sample(e_edit, e_tgt).cpu()
+        values["clip_t"] = cosine_per_sample(e_edit, encoders.clip_text(list(sub.instruction))).cpu()
+    if encoders is not None and encoders.dino is not None:
+        values["dino"] = cosine_per_sample(encoders.dino_image(edit), encoders.dino_image(target)).cpu()
+    return values, res
+
+
+class _Tally:
+    """Per-sample values of the model's row and of every baseline row, overall and per task, the
+    per-sample records (key, task, success, criteria failed) and the experts' utilisation per group."""
+
+    def __init__(self) -> None:
+        self.sample: dict[str, list[float]] = defaultdict(list)
+        self.task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.base_sample = {b: defaultdict(list) for b in BASELINES}
+        self.base_task = {b: defaultdict(lambda: defaultdict(list)) for b in BASELINES}
+        self.util: dict[str, dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
+        self.records: list[dict] = []
+        self.n = self.checked = 0
+
+    def add(self, group: str, sub: EditBatch, values: dict, baselines: dict, utilisation: Mapping[str, float]) -> None:
+        failed = [[c for c in CRITERIA if values[f"fail_{c}"][i].item() == 1.0] for i in range(len(sub.task))]
+        self.records += [
+            {"key": k, "task": t, "success": values["success"][i].item(), "failed": failed[i]}
+            for i, (k, t) in enumerate(zip(sub.keys, sub.task))
+        ]
+        for i, t in enumerate(sub.task):
+            for k, v in values.items():
+                self.sample[k].append(v[i].item())
+                self.task[t][k].append(v[i].item())
+            for b, row in baselines.items():
+                for k, v in row.items():
+                    self.base_sample[b][k].append(v[i].item())
+                    self.base_task[b][t][k].append(v[i].item())
+        for name, u in utilisation.items():
+            self.util[group][name].append((u, len(sub.task)))
+        self.n += len(sub.task)
+        self.checked += int((~values["success"].isnan()).sum())
+
+    def utilisation(self) -> dict[str, dict[str, float]]:
+        return {
+            task: {name: sum(u * c for u, c in vals) / sum(c for _, c in vals) for name, vals in d.items()}
+            for task, d in self.util.items()
+        }
+
+
 def evaluate(
     model: Any,
     batches,
@@ -351,18 +425,12 @@ def evaluate(
     Beside the model's row, the editors that need no model (``train.eval.baselines``: do-nothing, paint
     bucket, copy-the-reference, noise, oracle) on the same samples, scored by the same code (the
     oracle's mask IoU is the fine mask's, the others' the coarse box's). ``samples`` lists, per sample,
-    its key, task, success and the criteria it failed. ``success`` (``train.eval.edit_success``) needs the batch's ``extras["checks"]``
-    (:func:`iterate_heldout` sets it); samples without a check are left out of its means, and when
-    no sample has one, success is listed in ``skipped_metrics``.
+    its key, task, success and the criteria it failed. ``success`` (``train.eval.edit_success``) needs the
+    batch's ``extras["checks"]`` (:func:`iterate_heldout` sets it); samples without a check are left out
+    of its means, and when no sample has one, success is listed in ``skipped_metrics``.
     """
-    per_sample: dict[str, list[float]] = defaultdict(list)
-    per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    base_sample = {b: defaultdict(list) for b in BASELINES}
-    base_task = {b: defaultdict(lambda: defaultdict(list)) for b in BASELINES}
-    util: dict[str, dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
+    tally = _Tally()
     g = torch.Generator(device=device).manual_seed(settings.seed)
-    n = checked = 0
-    samples: list[dict] = []  # per sample: key, task, success and the criteria it failed
     # the scales the edits used: the settings', or what the model resolved None to (CareEditModel.edit)
     guidance = {
         "text": settings.text_guidance,
@@ -373,71 +441,31 @@ def evaluate(
         groups = sorted(set(batch.task)) if settings.group_by_task else ["all"]
         known = batch.extras.get("checks", {})
         for task in groups:
-            idx = [i for i, t in enumerate(batch.task) if t == task or task == "all"]
-            sub = batch.select(idx).to(device)
+            sub = batch.select([i for i, t in enumerate(batch.task) if t == task or task == "all"]).to(device)
             checks = [known.get(k) for k in sub.keys]
-            res = model.edit(
-                sub,
-                num_steps=settings.steps,
-                text_guidance=settings.text_guidance,
-                image_guidance=settings.image_guidance,
-                generator=g,
-                **({} if settings.keep_outside_box is None else {"keep_outside_box": settings.keep_outside_box}),
-            )
-            edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
-            values = _edit_row(edit, sub, res.refined_mask, checks)
-            values.update(l2=l2_per_sample(edit, target), l1_source=l1_per_sample(to_unit(sub.source).cpu(), target))
-            if settings.flow_loss:
-                values["flow_mse"], values["flow_mse_inside"], values["flow_mse_outside"] = flow_mse_per_sample(
-                    model, sub, seed=settings.seed
-                )
-            if encoders is not None and encoders.clip is not None:
-                e_edit, e_tgt = encoders.clip_image(edit), encoders.clip_image(target)
-                values["clip_i"] = cosine_per_sample(e_edit, e_tgt).cpu()
-                values["clip_t"] = cosine_per_sample(e_edit, encoders.clip_text(list(sub.instruction))).cpu()
-            if encoders is not None and encoders.dino is not None:
-                values["dino"] = cosine_per_sample(encoders.dino_image(edit), encoders.dino_image(target)).cpu()
-            baselines = _baseline_rows(sub, checks, seed=settings.seed + n)
-            failed = [[c for c in CRITERIA if values[f"fail_{c}"][i].item() == 1.0] for i in range(len(idx))]
-            samples += [
-                {"key": k, "task": t, "success": values["success"][i].item(), "failed": failed[i]}
-                for i, (k, t) in enumerate(zip(sub.keys, sub.task))
-            ]
-            for i, t in enumerate(sub.task):
-                for k, v in values.items():
-                    per_sample[k].append(v[i].item())
-                    per_task[t][k].append(v[i].item())
-                for b, row in baselines.items():
-                    for k, v in row.items():
-                        base_sample[b][k].append(v[i].item())
-                        base_task[b][t][k].append(v[i].item())
+            values, res = _model_row(model, sub, checks, settings, encoders, g)
+            baselines = _baseline_rows(sub, checks, seed=settings.seed + tally.n)
+            tally.add(task, sub, values, baselines, res.utilisation)
             guidance = getattr(res, "guidance", None) or guidance  # a model without the field: the settings'
-            for name, u in res.utilisation.items():
-                util[task][name].append((u, len(idx)))
-            n += len(idx)
-            checked += int((~values["success"].isnan()).sum())
         if on_batch is not None:
-            on_batch(n)
-    utilisation = {
-        task: {name: sum(u * c for u, c in vals) / sum(c for _, c in vals) for name, vals in d.items()}
-        for task, d in util.items()
-    }
+            on_batch(tally.n)
     skipped = (
         encoders.skipped()
         if encoders is not None
         else {"clip_i": "no --clip path given", "clip_t": "no --clip path given", "dino": "no --dino path given"}
     )
-    if checked == 0:
+    if tally.checked == 0:
         skipped["success"] = NO_CHECKS
     return {
-        "num_samples": n,
-        "num_checked": checked,
-        **_reduce(per_sample, per_task),
+        "num_samples": tally.n,
+        "num_checked": tally.checked,
+        **_reduce(tally.sample, tally.task),
         "baselines": {
-            b: _reduce(base_sample[b], base_task[b]) | {"mask_iou_of": BASELINE_IOU_MASK[b]} for b in BASELINES
+            b: _reduce(tally.base_sample[b], tally.base_task[b]) | {"mask_iou_of": BASELINE_IOU_MASK[b]}
+            for b in BASELINES
         },
-        "utilisation_per_task": utilisation,
-        "samples": samples,
+        "utilisation_per_task": tally.utilisation(),
+        "samples": tally.records,
         "skipped_metrics": skipped,
         "settings": dataclasses.asdict(settings),
         "guidance": guidance,
