@@ -44,6 +44,9 @@ from train.eval.edit_success import CRITERIA, box_of, criteria, dilate, dilation
 ROLES = REGION_ROLES  # ("text", "reference"): the order of the check's regions and of the batch's labels
 BLEEDS = ("colour_into_text", "pattern_into_text", "colour_into_reference", "pattern_into_reference")
 BLEED_SHARE = 0.5
+# what an evaluation reports per compositional sample beside success (each region's success, whether the other
+# region's condition bled into it, the boundary band's error): the numbers a routing intervention moves
+REGION_METRICS = ("success_text", "success_reference", "bleed_into_text", "bleed_into_reference", "band_error")
 COMPOSE_BASELINES = ("do_nothing", "paint_bucket", "copy_reference", "noise", "oracle")
 
 
@@ -167,10 +170,10 @@ def compose_criteria(
     edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor, checks: Sequence[Mapping[str, Any]]
 ) -> dict[str, Tensor]:
     """What ``train.eval.edit_success.edit_criteria`` reports for compositional samples: each criterion passed
-    in both regions, and ``success`` (both regions), [B] float each."""
+    in both regions, ``success`` (both regions) and the :data:`REGION_METRICS`, [B] float each."""
     res = compose_results(edit, source, target, fine_mask, checks)
     out = {name: torch.stack([res[f"{role}/{name}"] for role in ROLES]).min(dim=0).values for name in CRITERIA}
-    return out | {"success": res["success"]}
+    return out | {"success": res["success"]} | {k: res[k] for k in REGION_METRICS}
 
 
 def _fill(images: Tensor, box: Tensor, colours: Tensor) -> Tensor:

@@ -148,7 +148,8 @@ def edit_criteria(
     box: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Each criterion and ``success``, [B] float each: 1.0 passed, 0.0 failed, NaN where the sample has no
-    check, an unchecked task, or (for the criteria) a first-world check, which only gives ``success``.
+    check, an unchecked task, or (for the criteria) a first-world check, which only gives ``success``. A batch
+    with compositional samples also gets their per-region numbers (``train.eval.compose.REGION_METRICS``).
 
     ``checks[i]`` is sample i's ``check`` dict from its shard JSON, or None; ``box`` the coarse masks
     (default: the box around each fine mask, which is how the loader draws them).
@@ -165,8 +166,8 @@ def edit_criteria(
         result = compose.compose_criteria(
             edit[pick], source[pick], target[pick], fine_mask[pick], [checks[i] for i in composed]
         )
-        for name in (*CRITERIA, "success"):
-            out[name][pick] = result[name]
+        for name in (*CRITERIA, "success", *compose.REGION_METRICS):  # the last only in batches with compose
+            out.setdefault(name, torch.full((b,), math.nan))[pick] = result[name]
     current = [
         i for i, (t, c) in enumerate(zip(tasks, checks)) if c is not None and c.get("version") == 2 and t != "compose"
     ]
