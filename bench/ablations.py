@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -663,6 +664,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=200)
     p.add_argument("--routing-per-task", type=int, default=6)
     p.add_argument("--data", default=None, help="the synthetic set, made here when absent (default: the grid's)")
+    p.add_argument(
+        "--synthetic",
+        default=None,
+        help="python -m data.synthetic's arguments for --data, one string"
+        " (--synthetic='--edits compose --train 64'); default: the grid's",
+    )
     p.add_argument("--eval-split", default=None, help="val (tuning) or test (sealed); default: the grid's")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--results", default=None, help="one JSON per finished job (default: OUT/results)")
@@ -675,6 +682,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.bench = load_bench(args.grid)
     args.data = args.data or args.bench["data"] or "artifacts/synthetic"
     args.eval_split = args.eval_split or args.bench["eval_split"]
+    args.synthetic = shlex.split(args.synthetic) if args.synthetic is not None else args.bench["synthetic"]
     if args.steps is None or args.micro_batch is None:  # the recipe's own, so they live in one place
         train = load_config(os.path.join(ROOT, args.config), []).train
         args.steps = train.steps if args.steps is None else args.steps
@@ -700,6 +708,8 @@ def documented_command(args: argparse.Namespace, env: dict) -> str:
     if args.results:
         parts.append(f"--results {args.results}")
     parts += [f"--data {args.data}", f"--eval-split {args.eval_split}"]
+    if args.synthetic != args.bench["synthetic"]:
+        parts.append(f"--synthetic='{shlex.join(args.synthetic)}'")
     parts += [f"--device {env.get('run_device', args.device)}", f"--parallel {env.get('run_parallel', args.parallel)}"]
     if args.write:
         parts.append(f"--write {args.write}")
@@ -725,7 +735,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.isfile(env_path):  # the environment of the grid's first jobs (each result keeps its own)
             with open(env_path, "w") as f:
                 json.dump(args.environment, f)
-        _run([sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent", *args.bench["synthetic"]],
+        _run([sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent", *args.synthetic],
              os.path.join(args.out, "logs", "data.log"))  # fmt: skip
         t0 = time.time()
         jobs = [(v, s) for s in args.seeds for v in variants]  # seed-major: every variant gets seed 0 first

@@ -32,7 +32,7 @@ import tempfile
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -238,7 +238,8 @@ def load_for_inference(
         cfg = checkpoint_config(tag_dir)
         tensors, source = read_checkpoint_tensors(tag_dir, ema=ema), tag_dir
     if intervention is not None:
-        OmegaConf.update(cfg, "model.router.intervention", intervention, force_add=True)
+        with read_write(cfg):  # a checkpoint's config is read-only: this one key changes, in this copy
+            OmegaConf.update(cfg, "model.router.intervention", intervention, force_add=True)
         OmegaConf.to_object(cfg.model).validate()  # a bad name fails here, naming model.router.intervention
     model = build_inference_model(cfg, device="cpu")
     if not os.path.isfile(checkpoint):
