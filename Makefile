@@ -41,7 +41,7 @@ train: data
 SPLIT ?= test
 eval: $(STAMP)
 	$(PYTHON) -m launch.eval --checkpoint runs/tiny/checkpoints --data '$(SYNTH)/$(SPLIT)-{000000..000000}.tar' \
-	    --out runs/tiny/eval-$(SPLIT) --limit 200 --steps 20
+	    --out runs/tiny/eval-$(SPLIT) --limit 400 --steps 20
 
 # The one-H200 recipe in one command: render the GPU's edit set (120,000 training samples, in parallel), pretrain a
 # base on the GPU at 128 px (configs/base_mid.yaml), fine-tune configs/mid.yaml's editor on it, and score the sealed

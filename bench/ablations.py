@@ -125,6 +125,7 @@ def train_command(variant: str, seed: int, overrides: list[str], args: argparse.
         f"run.seed={seed}",
         f"data.seed={seed}",
         f"train.steps={args.steps}",
+        "train.time_budget_s=0",  # every arm trains the same steps: a paired comparison, not one of speed
         f"train.micro_batch={args.micro_batch}",
         f"checkpoint.every={every}",
         f"checkpoint.keep={args.steps // every + 1}",

@@ -46,9 +46,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-workers", type=int, default=os.cpu_count() or 1, help="processes rendering the set")
     p.add_argument("--eval-split", default="test", choices=("test", "val"), help="test: the sealed split")
     p.add_argument(
-        "--eval-keep-outside-box",
+        "--eval-both-samplers",
         action="store_true",
-        help="also score each run with the sampler keeping the source outside the box (eval/<name>-keep)",
+        help="score each run with the sampler keeping the source outside the box (eval/<name>-keep) and "
+        "free outside it (eval/<name>-free), besides the recipe's own (eval/<name>)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/miniature")
@@ -74,13 +75,14 @@ def _run(cmd: list[str], log: str) -> None:
 
 
 def evaluate(checkpoints: str, out: str, name: str, args: argparse.Namespace) -> None:
-    """launch/eval.py on a run's last checkpoint (with --keep-outside-box when ``name`` ends in -keep)."""
+    """launch/eval.py on a run's last checkpoint; a name ending in -keep / -free forces the sampler's
+    keep_outside_box on / off (otherwise the recipe's)."""
     t0 = time.time()
     _run(
         [sys.executable, "launch/eval.py", "--checkpoint", checkpoints, "--data", args.patterns[args.eval_split]]
         + ["--device", args.device, "--out", out, "--limit", str(args.eval_limit), "--steps", str(args.eval_steps)]
         + ["--batch-size", str(args.eval_batch_size)]
-        + (["--keep-outside-box"] if name.endswith("-keep") else []),
+        + {"-keep": ["--keep-outside-box"], "-free": ["--no-keep-outside-box"]}.get(name[-5:], []),
         os.path.join(args.out, "logs", f"{name}.eval.log"),
     )
     print(json.dumps(dict(stage=f"eval {name}", seconds=round(time.time() - t0, 1))), flush=True)
@@ -114,20 +116,20 @@ def edit_run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
         )
         train_s = time.time() - t0
         evaluate(os.path.join(run_dir, name, "checkpoints"), eval_dir, name, args)
-        if args.eval_keep_outside_box:
-            evaluate(os.path.join(run_dir, name, "checkpoints"), eval_dir + "-keep", name + "-keep", args)
+        for sampler in ("-keep", "-free") if args.eval_both_samplers else ():
+            evaluate(os.path.join(run_dir, name, "checkpoints"), eval_dir + sampler, name + sampler, args)
         with open(result_path) as f:
             result = json.load(f)
         result["train_wall_s"] = round(train_s, 1)
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
     row = dict(name=name, overrides=overrides)
-    for suffix in ("", "-keep"):
+    for suffix in ("", "-keep", "-free"):
         path = os.path.join(args.out, "eval", name + suffix, "eval.json")
         if os.path.isfile(path):
             with open(path) as f:
                 result = json.load(f)
-            row["keep_outside_box" if suffix else "result"] = dict(
+            row["result" + suffix.replace("-", "_")] = dict(
                 train_wall_s=result.get("train_wall_s"),
                 success_mean_over_tasks=result["metrics"].get("success_mean_over_tasks"),
                 success_per_task={t: d.get("success") for t, d in result["per_task"].items()},

@@ -52,8 +52,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--image-guidance", type=float, default=None, help="default: the recipe's model.sampling")
     p.add_argument(
         "--keep-outside-box",
-        action="store_true",
-        help="the sampler keeps the source outside each sample's box (an inpainting-style constraint)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the sampler keeps the source outside each sample's box, an inpainting-style constraint "
+        "(default: the recipe's model.sampling.keep_outside_box)",
     )
     p.add_argument(
         "--intervention",

@@ -228,6 +228,10 @@ class SamplingConfig:
 
     text_guidance: float = 1.0
     image_guidance: float = 1.0
+    # the sampler keeps the source outside the user's box (after every step the latents there are the
+    # source's, noised to the step's time), as inpainting samplers do: outside the box the edit is the
+    # source, exactly with a lossless codec. An inference-time constraint, not a property of the weights.
+    keep_outside_box: bool = False
 
 
 @dataclass

@@ -383,14 +383,15 @@ class CareEditModel(nn.Module):
         text_guidance: Optional[float] = None,
         image_guidance: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
-        keep_outside_box: bool = False,
+        keep_outside_box: Optional[bool] = None,
         intervention: Optional[RoutingIntervention] = None,
     ) -> EditResult:
-        """Edit ``batch`` with the Euler sampler and guidance of ``moe/sampling.py``; a scale left as None is
-        the recipe's (``model.sampling``). ``keep_outside_box``: the source is kept outside the user's box,
-        as inpainting samplers do (off by default: an inference-time constraint; evaluations report both).
-        ``intervention``: every forward of the sampler routes so (``moe/intervention.py``; None: the config's)."""
+        """Edit ``batch`` with the Euler sampler and guidance of ``moe/sampling.py``; a setting left as None
+        is the recipe's (``model.sampling``). ``keep_outside_box``: the source is kept outside the user's
+        box, as inpainting samplers do (an inference-time constraint). ``intervention``: every forward of
+        the sampler routes so (``moe/intervention.py``; None: the config's ``router.intervention``)."""
         s = self.cfg.sampling
+        keep = s.keep_outside_box if keep_outside_box is None else keep_outside_box
         g = Guidance(
             text=s.text_guidance if text_guidance is None else text_guidance,
             image=s.image_guidance if image_guidance is None else image_guidance,
@@ -404,11 +405,11 @@ class CareEditModel(nn.Module):
         predict = (
             self.predict_velocity if intervention is None else partial(self.predict_velocity, intervention=intervention)
         )
-        x, ctx = euler_sample(predict, cond, g, num_steps, generator, keep_outside_box, self.dtype)
+        x, ctx = euler_sample(predict, cond, g, num_steps, generator, keep, self.dtype)
         images = self.vae.decode(x.to(self.dtype)).float()
         self.train(was_training)
         result = edit_result(images, ctx, cond.coarse, self.expert_names)
-        result.guidance = {"text": float(g.text), "image": float(g.image)}
+        result.guidance = {"text": float(g.text), "image": float(g.image), "keep_outside_box": bool(keep)}
         return result
 
 

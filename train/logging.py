@@ -62,6 +62,12 @@ class MetricLogger:
 
                 self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=True)
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's step count changed (a time budget decided it): the progress bar follows."""
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def print(self, msg: str) -> None:
         if not self.dist.is_main:
             return

@@ -198,7 +198,7 @@ class EvalSettings:
     text_guidance: Optional[float] = None  # None: the model's own (model.sampling)
     image_guidance: Optional[float] = None
     flow_loss: bool = True  # also the held-out flow-matching loss (3 more forwards per batch)
-    keep_outside_box: bool = False  # the sampler keeps the source outside the user's box (CareEditModel.edit)
+    keep_outside_box: Optional[bool] = None  # the sampler keeps the source outside the box; None: the recipe's
     group_by_task: bool = True  # one edit call per task in a batch: exact per-task utilisation, more calls
 
 
@@ -366,7 +366,11 @@ def evaluate(
     n = checked = 0
     samples: list[dict] = []  # per sample: key, task, success and the criteria it failed
     # the scales the edits used: the settings', or what the model resolved None to (CareEditModel.edit)
-    guidance = {"text": settings.text_guidance, "image": settings.image_guidance}
+    guidance = {
+        "text": settings.text_guidance,
+        "image": settings.image_guidance,
+        "keep_outside_box": settings.keep_outside_box,
+    }
     for batch in batches:
         groups = sorted(set(batch.task)) if settings.group_by_task else ["all"]
         known = batch.extras.get("checks", {})
@@ -380,7 +384,7 @@ def evaluate(
                 text_guidance=settings.text_guidance,
                 image_guidance=settings.image_guidance,
                 generator=g,
-                **({"keep_outside_box": True} if settings.keep_outside_box else {}),
+                **({} if settings.keep_outside_box is None else {"keep_outside_box": settings.keep_outside_box}),
             )
             edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
             values = _edit_row(edit, sub, res.refined_mask, checks)

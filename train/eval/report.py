@@ -86,8 +86,11 @@ def format_table(result: dict) -> str:
         lines.append(f"success over {result['num_checked']} of {result['num_samples']} samples (those with a check)")
     g, settings = result.get("guidance") or {}, result.get("settings") or {}
     if g.get("text") is not None and g.get("image") is not None and "steps" in settings:
+        keep = {True: ", the source kept outside the box", False: ", free outside the box"}.get(
+            g.get("keep_outside_box"), ""
+        )
         lines.append(
-            f"sampling: {settings['steps']} Euler steps, text guidance {g['text']}, image guidance {g['image']}"
+            f"sampling: {settings['steps']} Euler steps, text guidance {g['text']}, image guidance {g['image']}{keep}"
         )
     return "\n".join(lines)
 
