@@ -25,6 +25,7 @@ from data.world import COLORS
 from train.eval.compose import (
     BLEEDS,
     COMPOSE_BASELINES,
+    REGION_METRICS,
     compose_baselines,
     compose_results,
     counterfactuals,
@@ -216,6 +217,13 @@ def test_edit_criteria_judges_a_compositional_sample_by_both_regions(samples):
     leaked = judge(s["leak"])
     assert leaked["success"].tolist() == [0.0] * n and leaked["outside"].tolist() == [1.0] * n
     assert leaked["colour"].mean() <= 0.1
+    # the per-region numbers reach the evaluation as the checker gives them, and only with compositional samples
+    want = compose_results(s["leak"], s["source"], s["target"], s["fine"], s["checks"])
+    for key in REGION_METRICS:
+        assert torch.equal(leaked[key].nan_to_num(-1), want[key].nan_to_num(-1)), key
+    assert leaked["success_text"].tolist() == [0.0] * n and leaked["success_reference"].tolist() == [1.0] * n
+    single = edit_criteria(s["target"][:1], s["source"][:1], s["target"][:1], s["fine"][:1], ["recolor"], [None])
+    assert not set(REGION_METRICS) & set(single)
 
 
 def test_named_colours_stay_apart_from_the_matching_threshold():
