@@ -164,3 +164,22 @@ def test_each_intervention_does_what_it_says_at_the_first_layer():
         want = torch.where(kept[..., None], dispatched * scale, torch.zeros_like(dispatched))
         want[..., k] = 0
         torch.testing.assert_close(off, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [{"experts.kind": "ffn"}, {"experts.kind": "ffn", "experts.dispatch": "grouped"}, {"experts.dispatch": "alltoall"}],
+)
+def test_every_dispatcher_takes_the_intervened_routing(arch):
+    """The intervened routing has as many slots as experts, not top_k: every dispatcher takes it as it is."""
+    model = _model(**arch)
+    batch = _batch()
+    plain, _ = _forward(model, batch)
+    seen = _dispatch_hook(model)
+    moved, _ = _forward(model, batch, "swap_regions")
+    _unhook(model)
+    assert seen[0][0].shape[1] > model.cfg.router.top_k and not torch.equal(moved, plain)
+    _dispatch_hook(model, replace=seen)
+    replayed, _ = _forward(model, batch)
+    _unhook(model)
+    assert torch.equal(replayed, moved)
