@@ -1,10 +1,16 @@
 """The ablation grid on the pretrained miniature: every set of configs/ablations.yaml, fine-tuned on the
 same frozen base, over several seeds, scored on held-out edits beside doing nothing.
 
-    python bench/ablations.py [--config configs/mid.yaml] [--steps N] [--micro-batch N]
+    python bench/ablations.py [--grid configs/ablations.yaml] [--config configs/mid.yaml] [--steps N] [--micro-batch N]
         [--checkpoint-every 500] [--seeds 0 1 2] [--variants full k1 ...] [--device cuda] [--parallel 11]
         [--eval-limit 200] [--eval-steps 20] [--eval-batch-size 200] [--out runs/ablations] [--write docs/RESULTS.md]
-        [--results DIR] [--images ablations] [--report-only] [--set key=value ...]
+        [--results DIR] [--images ablations] [--report-only] [--set key=value ...] [--data DIR] [--eval-split val|test]
+
+A grid file's ``bench`` section (:func:`load_bench`) says what else its grid needs: the edit set and the
+arguments that write it, the split it is scored on, its claims, and routing interventions
+(``model.router.intervention``) scored with ``launch.eval --intervention`` on one arm's final checkpoint of
+every seed, as paired changes against none. ``configs/ablations_routing.yaml`` is the routing grid on the
+compositional set (docs/DESIGN.md, "The routing grid").
 
 The variants are the ``sets`` of configs/ablations.yaml (the file the SLURM sweep runs), each applied
 with the grid's ``common`` overrides on top of ``--config`` (by default the one-H200 recipe, on the
@@ -37,11 +43,12 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,7 +60,7 @@ from train.config import load_config  # noqa: E402
 
 GRID = os.path.join(ROOT, "configs", "ablations.yaml")
 REFERENCE = "full"  # the variant every other one is compared with (the grid's first set)
-TASKS = ("add", "recolor", "remove", "replace", "style")
+TASKS = ("add", "recolor", "remove", "replace", "style", "compose")  # the tables' order; a grid shows those it has
 LOCAL_TASKS = ("add", "recolor", "remove", "replace")  # edits confined to the mask (style is global)
 EXPERTS = ("text", "mask", "reference", "base")
 # two-sided 95% critical values of Student's t, by degrees of freedom (a paired test over n seeds: n - 1)
@@ -71,6 +78,29 @@ def load_variants(path: str = GRID) -> dict[str, list[str]]:
     if REFERENCE not in variants:
         raise ValueError(f"{path}: the grid needs a set named {REFERENCE!r} (the model the others are compared with)")
     return variants
+
+
+def load_bench(path: str = GRID) -> dict:
+    """The grid's ``bench`` section, what this script does beyond training the sets, with its defaults:
+    ``data`` (the set's folder), ``synthetic`` (``python -m data.synthetic``'s arguments that write it),
+    ``eval_split`` (the split the runs are scored on), ``claims`` (:class:`Claim`s; default :data:`CLAIMS`),
+    ``interventions`` (``{arm, names}``: routing interventions scored on that arm's final checkpoints)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("bench") or {}
+    claims = CLAIMS
+    if raw.get("claims"):
+        claims = tuple(Claim(str(c["text"]), str(c["better"]), tuple(map(str, c["worse"]))) for c in raw["claims"])
+    iv = raw.get("interventions")
+    if iv is not None and not (isinstance(iv, dict) and set(iv) == {"arm", "names"}):
+        raise ValueError(f"{path}: bench.interventions must be {{arm: <set>, names: [...]}}, got {iv!r}")
+    return {
+        "data": raw.get("data"),
+        "synthetic": [str(a) for a in raw.get("synthetic") or []],
+        "eval_split": str(raw.get("eval_split") or "val"),
+        "claims": claims,
+        "interventions": iv,
+    }
 
 
 def slug(name: str) -> str:
@@ -123,7 +153,7 @@ def run_job(variant: str, seed: int, overrides: list[str], args: argparse.Namesp
     logs = os.path.join(args.out, "logs")
     ckpts = os.path.join(args.out, "runs", name, "checkpoints")
     eval_dir, routing_dir = os.path.join(args.out, "eval", name), os.path.join(args.out, "routing", name)
-    val = written_patterns(args.data)["val"]
+    val = written_patterns(args.data)[args.eval_split]  # the split the runs are scored on (the name is the grid's)
     t0 = time.time()
     _run(train_command(variant, seed, overrides, args), os.path.join(logs, f"{name}.train.log"))
     t1 = time.time()
@@ -140,6 +170,19 @@ def run_job(variant: str, seed: int, overrides: list[str], args: argparse.Namesp
          "--device", args.device],
         os.path.join(logs, f"{name}.routing.log"),
     )  # fmt: skip
+    interventions = {}
+    iv = args.bench["interventions"]
+    for intervention in iv["names"] if iv and iv["arm"] == variant else []:  # the final checkpoint, same samples
+        iv_dir = os.path.join(eval_dir, f"intervention-{intervention}")
+        _run(
+            [sys.executable, "-m", "launch.eval", "--checkpoint", ckpts, "--data", val, "--device", args.device,
+             "--out", iv_dir, "--limit", str(args.eval_limit), "--steps", str(args.eval_steps),
+             "--batch-size", str(args.eval_batch_size), "--intervention", intervention],
+            os.path.join(logs, f"{name}.{intervention}.log"),
+        )  # fmt: skip
+        with open(os.path.join(iv_dir, "eval.json")) as f:
+            ev = json.load(f)
+        interventions[intervention] = {k: ev[k] for k in ("metrics", "per_task", "num_samples")}
     with open(os.path.join(eval_dir, "run_eval.json")) as f:
         evals = json.load(f)
     with open(os.path.join(routing_dir, "routing.json")) as f:
@@ -160,6 +203,7 @@ def run_job(variant: str, seed: int, overrides: list[str], args: argparse.Namesp
         "eval_wall_s": round(t2 - t1, 1),
         "by_step": by_step,
         "routing": routing,
+        "interventions": interventions,
         "environment": getattr(args, "environment", None),
     }
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
@@ -277,12 +321,23 @@ def routing_contrast(results: list[dict]) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------- claims
 @dataclass(frozen=True)
 class Claim:
-    """The papers' claim that ``better`` beats ``worse`` on held-out success (mean over ``tasks``)."""
+    """The claim that ``better`` beats ``worse`` on held-out success (mean over ``tasks``). ``worse`` may name
+    several variants: the claim is then that ``better`` beats their mean on the same seed (``better`` closes
+    at least half of the gap between two of them)."""
 
     text: str
     better: str
-    worse: str
+    worse: Union[str, tuple[str, ...]]
     tasks: Optional[tuple[str, ...]] = None
+
+    @property
+    def worse_variants(self) -> tuple[str, ...]:
+        return (self.worse,) if isinstance(self.worse, str) else tuple(self.worse)
+
+    @property
+    def worse_label(self) -> str:
+        w = self.worse_variants
+        return w[0] if len(w) == 1 else f"mean({', '.join(w)})"
 
 
 CLAIMS = (
@@ -307,13 +362,51 @@ def paired(by_variant: dict[str, list[dict]], a: str, b: str, value) -> list[flo
     return [value(r) - value(rb[r["seed"]]) for r in by_variant.get(a, []) if r["seed"] in rb]
 
 
-def claim_rows(by_variant: dict[str, list[dict]]) -> list[dict]:
+def paired_against_mean(by_variant: dict[str, list[dict]], a: str, bs: tuple[str, ...], value) -> list[float]:
+    """value(a) - the mean of value(b) over ``bs``, for every seed all of them have."""
+    by_seed = [{r["seed"]: r for r in by_variant.get(b, [])} for b in bs]
+    return [
+        value(r) - sum(value(rb[r["seed"]]) for rb in by_seed) / len(bs)
+        for r in by_variant.get(a, [])
+        if all(r["seed"] in rb for rb in by_seed)
+    ]
+
+
+def interval95(m: float, sd: float, n: int) -> tuple[float, float]:
+    """The two-sided 95% interval of a mean of n paired differences (Student's t; NaN for n < 2)."""
+    if n < 2 or math.isnan(m) or math.isnan(sd):
+        return math.nan, math.nan
+    half = T_CRIT_95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return m - half, m + half
+
+
+def claim_rows(by_variant: dict[str, list[dict]], claims: Optional[tuple[Claim, ...]] = None) -> list[dict]:
     rows = []
-    for c in CLAIMS:
-        d = paired(by_variant, c.better, c.worse, lambda r, c=c: success(r, tasks=c.tasks))
+    for c in CLAIMS if claims is None else claims:
+        d = paired_against_mean(by_variant, c.better, c.worse_variants, lambda r, c=c: success(r, tasks=c.tasks))
         m, sd, t, n = paired_t(d)
-        rows.append({"claim": c.text, "better": c.better, "worse": c.worse, "tasks": c.tasks, "diffs": d,
-                     "mean": m, "std": sd, "t": t, "n": n, "verdict": verdict(t, n)})  # fmt: skip
+        rows.append({"claim": c.text, "better": c.better, "worse": c.worse_label, "tasks": c.tasks, "diffs": d,
+                     "mean": m, "std": sd, "t": t, "n": n, "verdict": verdict(t, n),
+                     "interval": interval95(m, sd, n)})  # fmt: skip
+    return rows
+
+
+def intervention_rows(by_variant: dict[str, list[dict]], arm: str, names: list[str]) -> list[dict]:
+    """Per intervention on ``arm``: success with it, and its paired change against none (the same final
+    checkpoint, samples and sampling seed), with the per-region numbers of compositional samples."""
+    rows = []
+    for name in names:
+        rs = [r for r in by_variant.get(arm, []) if name in (r.get("interventions") or {})]
+        with_iv = [r["interventions"][name] for r in rs]
+        d = [ev["metrics"]["success_mean_over_tasks"] - success(r) for ev, r in zip(with_iv, rs)]
+        m, sd, t, n = paired_t(d)
+        regions = {}
+        for key in ("success_text", "success_reference", "bleed_into_text", "bleed_into_reference", "band_error"):
+            base = [r["by_step"][final_step(r)]["metrics"].get(key, math.nan) for r in rs]
+            regions[key] = mean_std([ev["metrics"].get(key, math.nan) - b for ev, b in zip(with_iv, base)])[0]
+        rows.append({"intervention": name, "n": n, "success": mean_std([ev["metrics"]["success_mean_over_tasks"]
+                     for ev in with_iv]), "diffs": d, "mean": m, "std": sd, "t": t, "interval": interval95(m, sd, n),
+                     "regions": regions})  # fmt: skip
     return rows
 
 
@@ -341,16 +434,26 @@ def group(results: list[dict], variants: list[str]) -> dict[str, list[dict]]:
     return {v: rs for v, rs in by.items() if rs}
 
 
-def report(results: list[dict], variants: list[str], env: dict, command: str, images: Optional[str] = None) -> str:
-    """The grid as Markdown: main table, success against steps, routing per task, verdicts."""
+def report(
+    results: list[dict],
+    variants: list[str],
+    env: dict,
+    command: str,
+    images: Optional[str] = None,
+    claims: Optional[tuple[Claim, ...]] = None,
+    interventions: Optional[dict] = None,
+) -> str:
+    """The grid as Markdown: main table, success against steps, routing per task, verdicts per claim
+    (``claims``, default :data:`CLAIMS`), and the routing interventions (``{arm, names}``) when given."""
     by = group(results, variants)
     if REFERENCE not in by:
         raise ValueError(f"no result for the reference variant {REFERENCE!r}")
     ref = by[REFERENCE][0]
+    tasks = tuple(t for t in TASKS if t in ref["by_step"][final_step(ref)]["per_task"]) or TASKS[:5]
     seeds = sorted({r["seed"] for rs in by.values() for r in rs})
     steps_done = sorted({int(s) for rs in by.values() for r in rs for s in r["by_step"]})
     ev = ref["by_step"][final_step(ref)]
-    counts = ", ".join(f"{t} {ev['per_task'][t]['count']}" for t in TASKS if t in ev["per_task"])
+    counts = ", ".join(f"{t} {ev['per_task'][t]['count']}" for t in tasks if t in ev["per_task"])
     envs = [r.get("environment") or env for rs in by.values() for r in rs]
     measured = "; ".join(
         sorted(
@@ -376,12 +479,12 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         "**Per variant** (final checkpoint; mean ± sample std over seeds; Δ: the paired difference to `full`"
         " on the same seed, mean ± std):",
         "",
-        "| variant | seeds | " + " | ".join(TASKS) + " | mean success | Δ success vs full | L1 inside | L1 outside |"
+        "| variant | seeds | " + " | ".join(tasks) + " | mean success | Δ success vs full | L1 inside | L1 outside |"
         " mask IoU | train wall |",
-        "|---|---|" + "---|" * (len(TASKS) + 6),
+        "|---|---|" + "---|" * (len(tasks) + 6),
     ]
     for v, rs in by.items():
-        cells = [_pct(*mean_std([success(r, tasks=(t,)) for r in rs])) for t in TASKS]
+        cells = [_pct(*mean_std([success(r, tasks=(t,)) for r in rs])) for t in tasks]
         cells.append("**" + _pct(*mean_std([success(r) for r in rs])) + "**")
         d = paired(by, v, REFERENCE, success)
         cells.append("-" if v == REFERENCE else _pp(*mean_std(d)))
@@ -390,7 +493,7 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
     for b, label in (("do_nothing", "do-nothing (the source)"), ("oracle", "oracle (the target)")):
         row = ev["baselines"][b]
-        cells = [_pct(row["per_task"][t]["success"]) if t in row["per_task"] else "-" for t in TASKS]
+        cells = [_pct(row["per_task"][t]["success"]) if t in row["per_task"] else "-" for t in tasks]
         cells += [_pct(row["metrics"]["success_mean_over_tasks"]), "-"]
         cells += [_num(row["metrics"][k]) for k in ("l1_inside", "l1_outside", "mask_iou")] + ["-"]
         lines.append(f"| {label} | - | " + " | ".join(cells) + " |")
@@ -414,7 +517,7 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         "| task (full) | " + " | ".join(EXPERTS) + " |",
         "|---|" + "---|" * len(EXPERTS),
     ]
-    for t in TASKS:
+    for t in tasks:
         per_seed = [inside_weights(r, t) for r in by[REFERENCE] if t in r["routing"]]
         if per_seed:
             lines.append(f"| {t} | " + " | ".join(_num(*mean_std([w[e] for w in per_seed])) for e in EXPERTS) + " |")
@@ -424,15 +527,15 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         " (averaged over layers and seeds) and that weight; beside it, how much the routing differs between tasks"
         " and between seeds (the std over tasks, resp. seeds, of each layer's and expert's weight, averaged).",
         "",
-        "| variant | " + " | ".join(TASKS) + " | spread between tasks | between seeds | ratio |",
-        "|---|" + "---|" * (len(TASKS) + 3),
+        "| variant | " + " | ".join(tasks) + " | spread between tasks | between seeds | ratio |",
+        "|---|" + "---|" * (len(tasks) + 3),
     ]
     contrast = {}
     for v, rs in by.items():
         ts, ss = routing_contrast(rs)
         contrast[v] = (ts, ss)
         ratio = ts / ss if ss and not math.isnan(ss) and ss > 0 else math.nan
-        cells = [top_expert(rs, t) for t in TASKS]
+        cells = [top_expert(rs, t) for t in tasks]
         cells += [_num(ts), _num(ss), "-" if math.isnan(ratio) else f"{ratio:.1f}"]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if images:
@@ -445,10 +548,10 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         "**Claims** (held-out success, paired over seeds; verdict by a two-sided paired t-test at 95%: "
         "supported / contradicted when the difference is significant in / against the claim's direction):",
         "",
-        "| claim | compared | Δ success (mean ± std) | per seed | t | verdict |",
-        "|---|---|---|---|---|---|",
+        "| claim | compared | Δ success (mean ± std) | 95% interval | per seed | t | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in claim_rows(by):
+    for row in claim_rows(by, claims):
         if row["n"] == 0:
             continue
         scope = "" if row["tasks"] is None else f" ({', '.join(row['tasks'])})"
@@ -456,15 +559,48 @@ def report(results: list[dict], variants: list[str], env: dict, command: str, im
         t = "-" if math.isnan(row["t"]) else f"{row['t']:+.1f}"
         lines.append(
             f"| {row['claim']} | {row['better']} - {row['worse']}{scope} | {_pp(row['mean'], row['std'])} |"
-            f" {per_seed} | {t} | {row['verdict']} |"
+            f" {_interval(*row['interval'])} | {per_seed} | {t} | {row['verdict']} |"
         )
-    ts, ss = contrast.get(REFERENCE, (math.nan, math.nan))
-    spec = "supported" if ts > 2 * ss else "not resolved"  # NaN compares False
-    lines.append(
-        f"| experts specialise by task | full's routing spread between tasks against 2x between seeds | "
-        f"{_num(ts)} vs {_num(ss)} | - | - | {spec} |"
-    )
+    if len(tasks) > 1:
+        ts, ss = contrast.get(REFERENCE, (math.nan, math.nan))
+        spec = "supported" if ts > 2 * ss else "not resolved"  # NaN compares False
+        lines.append(
+            f"| experts specialise by task | full's routing spread between tasks against 2x between seeds | "
+            f"{_num(ts)} vs {_num(ss)} | - | - | - | {spec} |"
+        )
+    if interventions:
+        lines += intervention_table(by, interventions["arm"], list(interventions["names"]))
     return "\n".join(lines)
+
+
+def _interval(lo: float, hi: float) -> str:
+    return "-" if math.isnan(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}] pt"
+
+
+def intervention_table(by: dict[str, list[dict]], arm: str, names: list[str]) -> list[str]:
+    """The interventions' rows (:func:`intervention_rows`) as Markdown, or a line saying none was measured."""
+    rows = [r for r in intervention_rows(by, arm, names) if r["n"] > 0]
+    lines = ["", f"**Routing interventions** on `{arm}`'s final checkpoint (`model.router.intervention`; the same"
+             " samples and sampling seed with and without; Δ: with minus without, paired over seeds; a router"
+             " the model relies on shows a drop):", ""]  # fmt: skip
+    if not rows:
+        return lines + [f"No intervention was measured on `{arm}` yet."]
+    lines += [
+        "| intervention | success with it | Δ success | 95% interval | per seed | t | change |"
+        " Δ text region | Δ reference region | Δ bleed into text | Δ bleed into reference | Δ band error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = "-" if math.isnan(r["t"]) else f"{r['t']:+.1f}"
+        change = {"supported": "rise", "contradicted": "drop"}.get(verdict(r["t"], r["n"]), "not resolved")
+        reg = r["regions"]
+        lines.append(
+            f"| {r['intervention']} | {_pct(*r['success'])} | {_pp(r['mean'], r['std'])} | {_interval(*r['interval'])}"
+            f" | {', '.join(f'{100 * d:+.0f}' for d in r['diffs'])} | {t} | {change} | "
+            + " | ".join(_pp(reg[k], math.nan) if "success" in k else _num(reg[k]) for k in reg)
+            + " |"
+        )
+    return lines
 
 
 def write_section(path: str, md: str, name: str = "ablation-grid") -> None:
@@ -528,7 +664,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-batch-size", type=int, default=200)
     p.add_argument("--routing-per-task", type=int, default=6)
-    p.add_argument("--data", default="artifacts/synthetic", help="the synthetic set (made here when absent)")
+    p.add_argument("--data", default=None, help="the synthetic set, made here when absent (default: the grid's)")
+    p.add_argument(
+        "--synthetic",
+        default=None,
+        help="python -m data.synthetic's arguments for --data, one string"
+        " (--synthetic='--edits compose --train 64'); default: the grid's",
+    )
+    p.add_argument("--eval-split", default=None, help="val (tuning) or test (sealed); default: the grid's")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--results", default=None, help="one JSON per finished job (default: OUT/results)")
     p.add_argument("--write", default=None, help="write the report into this Markdown file (between markers)")
@@ -537,6 +680,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--section", default="ablation-grid", help="the report's marker name in --write")
     p.add_argument("--report-only", action="store_true", help="only build the report from OUT/results")
     args = p.parse_args(argv)
+    args.bench = load_bench(args.grid)
+    args.data = args.data or args.bench["data"] or "artifacts/synthetic"
+    args.eval_split = args.eval_split or args.bench["eval_split"]
+    args.synthetic = shlex.split(args.synthetic) if args.synthetic is not None else args.bench["synthetic"]
     if args.steps is None or args.micro_batch is None:  # the recipe's own, so they live in one place
         train = load_config(os.path.join(ROOT, args.config), []).train
         args.steps = train.steps if args.steps is None else args.steps
@@ -546,7 +693,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def documented_command(args: argparse.Namespace, env: dict) -> str:
     """The command that makes this grid and its report (the run's device and parallelism as recorded)."""
-    parts = ["python bench/ablations.py", f"--config {args.config}", f"--steps {args.steps}",
+    grid = os.path.relpath(args.grid, ROOT) if os.path.isabs(args.grid) else args.grid
+    parts = ["python bench/ablations.py", *([f"--grid {grid}"] if os.path.abspath(args.grid) != GRID else []),
+             f"--config {args.config}", f"--steps {args.steps}",
              f"--micro-batch {args.micro_batch}", f"--checkpoint-every {args.checkpoint_every}",
              "--seeds " + " ".join(map(str, args.seeds))]  # fmt: skip
     if args.variants:
@@ -559,6 +708,9 @@ def documented_command(args: argparse.Namespace, env: dict) -> str:
     ]
     if args.results:
         parts.append(f"--results {args.results}")
+    parts += [f"--data {args.data}", f"--eval-split {args.eval_split}"]
+    if args.synthetic != args.bench["synthetic"]:
+        parts.append(f"--synthetic='{shlex.join(args.synthetic)}'")
     parts += [f"--device {env.get('run_device', args.device)}", f"--parallel {env.get('run_parallel', args.parallel)}"]
     if args.write:
         parts.append(f"--write {args.write}")
@@ -584,7 +736,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.isfile(env_path):  # the environment of the grid's first jobs (each result keeps its own)
             with open(env_path, "w") as f:
                 json.dump(args.environment, f)
-        _run([sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent"],
+        _run([sys.executable, "-m", "data.synthetic", "--out", args.data, "--if-absent", *args.synthetic],
              os.path.join(args.out, "logs", "data.log"))  # fmt: skip
         t0 = time.time()
         jobs = [(v, s) for s in args.seeds for v in variants]  # seed-major: every variant gets seed 0 first
@@ -607,7 +759,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for v in args.image_variants:
             if any(r["variant"] == v for r in results):
                 stack_routing_images(args.out, v, min(args.seeds), os.path.join(ROOT, "docs", args.images))
-    md = report(results, variants, env, documented_command(args, env), args.images)
+    md = report(results, variants, env, documented_command(args, env), args.images, args.bench["claims"],
+                args.bench["interventions"])  # fmt: skip
     print(md)
     if args.write:
         write_section(args.write, md, args.section)

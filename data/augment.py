@@ -7,7 +7,10 @@ picture, not pixel-aligned with the source: it gets the same flip and output siz
 because a crop chosen for the source could cut the subject out of it.
 
 The crop always contains one randomly chosen edit pixel, so the edit region never leaves the
-frame. Images are resampled bilinearly; masks with a box filter thresholded at one half, falling
+frame. A compositional sample (``regions`` in its json, :mod:`data.compose`) has one box per region: the
+fine mask is split by the json's boxes before the crop, each part is resampled like the fine mask, and the
+coarse mask is the boxes drawn around the parts after it (a crop that cuts a region out leaves its box
+out; the routing grid trains without crops). ``region_labels`` says which box each pixel is in. Images are resampled bilinearly; masks with a box filter thresholded at one half, falling
 back to "any coverage" if that would erase a thin region.
 """
 
@@ -87,6 +90,36 @@ def box_mask(bbox: Sequence[int], h: int, w: int) -> Tensor:
     return m
 
 
+def region_coarse(parts: Sequence[np.ndarray], h: int, w: int) -> tuple[Tensor, Tensor]:
+    """A compositional sample's coarse mask and region labels from the fine mask of each region (bool HxW,
+    in ``data.schema.REGION_ROLES`` order): the union of the boxes around the parts, float [1, h, w], and
+    uint8 [1, h, w] labels, i + 1 inside the box of region i, 0 outside every box. An empty part has no box."""
+    coarse, labels = torch.zeros(1, h, w), torch.zeros(1, h, w, dtype=torch.uint8)
+    for i, part in enumerate(parts):
+        if part.any():
+            box = box_mask(bbox_from_mask(part), h, w)
+            coarse = torch.maximum(coarse, box)
+            labels[box > 0] = i + 1
+    return coarse, labels
+
+
+def split_by_boxes(mask: np.ndarray, boxes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The fine mask (HxW, nonzero = edit) inside each box, as uint8 {0, 255} masks."""
+    parts = []
+    for x0, y0, x1, y1 in boxes:
+        part = np.zeros_like(mask)
+        part[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+        parts.append(part)
+    return parts
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+    """A 0/255 mask resampled with a box filter and thresholded at one half (any coverage if that erases it)."""
+    m = np.asarray(Image.fromarray(mask, "L").resize(size, Image.BOX, box=box))
+    fine = m >= 128
+    return fine if fine.any() else m > 0
+
+
 def transform(
     src: Image.Image,
     tgt: Image.Image,
@@ -97,11 +130,14 @@ def transform(
     min_scale: float = 1.0,
     hflip: bool = False,
     instruction: str = "",
+    regions: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """Crop/resize/flip a decoded sample to ``out_hw``; ``rng=None`` means the evaluation view.
 
     Returns ``source, target, reference (or None)`` as uint8 [3,h,w] tensors (see :func:`to_float`),
-    ``fine_mask`` and ``coarse_mask`` as float [1,h,w], and ``bbox``.
+    ``fine_mask`` and ``coarse_mask`` as float [1,h,w], and ``bbox``; with ``regions`` (a compositional
+    sample's boxes, source pixels) the coarse mask is the regions' boxes and ``region_labels`` (uint8
+    [1,h,w], :func:`region_coarse`) says which box each pixel is in.
     """
     out_h, out_w = out_hw
     w, h = src.size
@@ -115,17 +151,14 @@ def transform(
     size = (out_w, out_h)
     s = src.resize(size, Image.BILINEAR, box=box)
     t = tgt.resize(size, Image.BILINEAR, box=box)
-    m = np.asarray(Image.fromarray(mask, "L").resize(size, Image.BOX, box=box))
-    fine = m >= 128
-    if not fine.any():
-        fine = m > 0
+    fine = _resize_mask(mask, size, box)
     r = ref.resize(size, Image.BILINEAR) if ref is not None else None
     if flip:
         s, t = s.transpose(Image.FLIP_LEFT_RIGHT), t.transpose(Image.FLIP_LEFT_RIGHT)
         r = r.transpose(Image.FLIP_LEFT_RIGHT) if r is not None else None
         fine = fine[:, ::-1]
     bbox = bbox_from_mask(fine)
-    return dict(
+    out = dict(
         source=_to_tensor(s),
         target=_to_tensor(t),
         reference=_to_tensor(r) if r is not None else None,
@@ -135,3 +168,10 @@ def transform(
         box=box,
         flipped=flip,
     )
+    if regions is not None:
+        parts = []
+        for part in split_by_boxes(mask, regions):
+            p = _resize_mask(part, size, box) if part.any() else np.zeros((out_h, out_w), bool)
+            parts.append((p[:, ::-1] if flip else p) & fine)  # a part resampled alone may reach past the whole
+        out["coarse_mask"], out["region_labels"] = region_coarse(parts, out_h, out_w)
+    return out

@@ -24,8 +24,10 @@ class EditBatch:
     reference: Optional[Tensor]  # [B, 3, H, W]; zeros where has_reference is False
     has_reference: Tensor  # [B] bool
     fine_mask: Tensor  # [B, 1, H, W] float {0, 1}: supervises Mask Repaint, weights the region loss
-    coarse_mask: Tensor  # [B, 1, H, W] float {0, 1}: the box drawn from bbox; guides routing
+    coarse_mask: Tensor  # [B, 1, H, W] float {0, 1}: the box drawn from bbox (a compositional sample: one box
+    # per region, drawn from each region's part of the fine mask); guides routing
     bbox: Tensor  # [B, 4] long: x0, y0, x1, y1 (pixels, end exclusive) of the augmented image
+    # (of the fine mask: for a compositional sample, the box around all its regions)
     instruction: list[str]
     task: list[str]  # "recolor" | "remove" | "replace" | "add" | "style" | ...
     tag_ids: Tensor  # [B, T] long: ids into data.schema.TAG_VOCAB, padded with -1
@@ -37,6 +39,11 @@ class EditBatch:
     text_embeds: Optional[Tensor] = None  # [B, L, D_text] sequence embeddings of the instruction
     text_mask: Optional[Tensor] = None  # [B, L] bool, True for real tokens
     pooled_text: Optional[Tensor] = None  # [B, D_pooled]
+    # Compositional samples (data.compose): [B, 1, H, W] long, 0 outside every box, i + 1 inside the box of
+    # region i (data.schema.REGION_ROLES: 1 the box the text edits, 2 the one the reference fills); zeros
+    # for a sample without regions, None when no sample has them. Which box is which is what the oracle
+    # router (model.router.kind=oracle) and the routing interventions read; nothing else in the model does.
+    region_labels: Optional[Tensor] = None
     extras: dict = field(default_factory=dict)
 
     @property

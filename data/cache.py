@@ -28,7 +28,16 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from data import augment
-from data.schema import SampleError, bbox_from_mask, decode_sample, encode_png, mask_array, parse_meta
+from data.schema import (
+    SampleError,
+    bbox_from_mask,
+    check_regions,
+    decode_sample,
+    encode_png,
+    mask_array,
+    parse_meta,
+    region_boxes,
+)
 from data.shards import ShardReport, expand_shards, write_shards
 
 log = logging.getLogger(__name__)
@@ -150,13 +159,19 @@ def decode_cached_sample(raw: dict) -> dict:
     if bbox != meta["bbox"]:
         raise SampleError("bad_bbox", f"json {meta['bbox']} mask {bbox}")
     h, w = mask.shape
+    coarse, labels = augment.box_mask(bbox, h, w), None
+    boxes = region_boxes(meta)
+    if boxes is not None:  # a compositional sample: one box per region (data/augment.py)
+        check_regions(boxes, mask)
+        coarse, labels = augment.region_coarse([p > 0 for p in augment.split_by_boxes(mask, boxes)], h, w)
     return dict(
         key=raw.get("__key__", ""),
         meta=meta,
         has_ref="reference" in lat,
         bbox=bbox,
         fine_mask=torch.from_numpy(mask > 0).float()[None],
-        coarse_mask=augment.box_mask(bbox, h, w),
+        coarse_mask=coarse,
+        region_labels=labels,
         source_latent=lat["source"],
         target_latent=lat["target"],
         reference_latent=lat.get("reference"),

@@ -45,7 +45,7 @@ from data.arith import ceil_div
 from data.batch import EditBatch
 from data.cache import collate_cached, decode_cached_sample
 from data.config import DataConfig
-from data.schema import SKIP_REASONS, SampleError, decode_sample, tags_to_ids
+from data.schema import SKIP_REASONS, SampleError, decode_sample, region_boxes, tags_to_ids
 from data.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,16 @@ def _stack_float(items: list[dict], name: str) -> Optional[torch.Tensor]:
     return augment.to_float(torch.stack([it[name] for it in items]))
 
 
+def _stack_region_labels(items: list[dict]) -> Optional[torch.Tensor]:
+    """[B, 1, H, W] long region labels (``augment.region_coarse``), zeros for a sample without regions;
+    None when no sample of the batch has them."""
+    labels = [it.get("region_labels") for it in items]
+    if all(lab is None for lab in labels):
+        return None
+    like = next(lab for lab in labels if lab is not None)
+    return torch.stack([(lab if lab is not None else torch.zeros_like(like)).long() for lab in labels])
+
+
 def _batch_fields(items: list[dict]) -> dict[str, Any]:
     """The ``EditBatch`` fields every batch has, stacked from prepared samples."""
     tags = [it["tag_ids"] for it in items]
@@ -134,6 +144,7 @@ def _batch_fields(items: list[dict]) -> dict[str, Any]:
         fine_mask=torch.stack([it["fine_mask"] for it in items]),
         coarse_mask=torch.stack([it["coarse_mask"] for it in items]),
         bbox=torch.tensor([it["bbox"] for it in items], dtype=torch.long),
+        region_labels=_stack_region_labels(items),
         instruction=[it["instruction"] for it in items],
         task=[it["task"] for it in items],
         tag_ids=tag_ids,
@@ -282,6 +293,7 @@ class EditStream(IterableDataset):
             cfg.random_crop_scale,
             cfg.hflip,
             d["meta"]["instruction"],
+            region_boxes(d["meta"]),
         )
         item.update(key=d["key"], meta=d["meta"], has_ref=d["ref"] is not None)
         return item

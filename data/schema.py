@@ -7,7 +7,8 @@ One sample in a WebDataset tar shard is the group of members sharing a key::
     <key>.ref.png    optional reference image (subject on white)
     <key>.mask.png   fine mask, mode L, same size as src, values exactly {0, 255} (255 = edit region)
     <key>.json       {"instruction", "bbox": [x0, y0, x1, y1] (end exclusive), "task", "tags":
-                      {"scope", "type", "preservation": [...]}, "source", "width", "height"}
+                      {"scope", "type", "preservation": [...]}, "source", "width", "height",
+                      optional "regions": [{"role", "bbox"}, ...] (a compositional edit's boxes)}
 
 Cached shards (``data.cache``) add ``<key>.latent.safetensors`` and ``<key>.text.safetensors``.
 
@@ -37,6 +38,7 @@ TASKS: list[str] = [
     "material",
     "action",
     "other",  # sources without task labels (e.g. MagicBrush)
+    "compose",  # two edits in two boxes, one by the text and one by the reference (data.compose)
 ]
 
 SOURCES: list[str] = ["magicbrush", "omniedit", "uno", "anyedit", "subjects200k", "synthetic", "other"]
@@ -66,6 +68,7 @@ TAG_VOCAB: list[str] = [
     "preservation:color",
     "preservation:texture",
     "preservation:style",
+    "type:compose",
 ]
 TAG_TO_ID: dict[str, int] = {t: i for i, t in enumerate(TAG_VOCAB)}
 UNK_ID = TAG_TO_ID[UNK_TAG]
@@ -83,6 +86,7 @@ SKIP_REASONS: list[str] = [
     "mask_not_binary",  # mask not mode L/1, or values other than 0 and 255
     "empty_mask",  # no edit pixel at all
     "bad_bbox",  # json bbox disagrees with the box of the fine mask
+    "bad_regions",  # a compositional sample's region boxes are malformed, overlap, or miss the fine mask
     # writer only (data.shards): the input files, not a shard, are at fault
     "missing_file",
     "duplicate_key",
@@ -90,6 +94,9 @@ SKIP_REASONS: list[str] = [
 
 REQUIRED_MEMBERS = ("src.png", "tgt.png", "mask.png", "json")
 META_FIELDS = ("instruction", "bbox", "task", "tags", "source", "width", "height")
+# The roles of a compositional sample's regions, in the order its json lists them: region i + 1 in the
+# batch's ``region_labels`` is ``REGION_ROLES[i]``. The text edits the first box, the reference fills the second.
+REGION_ROLES = ("text", "reference")
 
 
 class SampleError(ValueError):
@@ -173,7 +180,45 @@ def parse_meta(data: bytes | str | Mapping) -> dict:
         raise SampleError("bad_json", f"tags {meta['tags']!r}")
     if not all(isinstance(meta[k], int) and meta[k] > 0 for k in ("width", "height")):
         raise SampleError("bad_json", f"width/height {meta['width']!r}/{meta['height']!r}")
+    region_boxes(meta)  # raises on a malformed "regions" field
     return meta
+
+
+def region_boxes(meta: Mapping[str, Any]) -> Optional[list[list[int]]]:
+    """The boxes ``[x0, y0, x1, y1]`` (end exclusive, source pixels) of a compositional sample's regions, in
+    :data:`REGION_ROLES` order, or None for a sample without a ``regions`` field; raises ``bad_regions``
+    when the field is malformed or its roles are not :data:`REGION_ROLES` in order."""
+    regions = meta.get("regions")
+    if regions is None:
+        return None
+    if not isinstance(regions, list) or [r.get("role") if isinstance(r, dict) else None for r in regions] != list(
+        REGION_ROLES
+    ):
+        raise SampleError("bad_regions", f"regions must list the roles {list(REGION_ROLES)} in order: {regions!r}")
+    boxes = [r.get("bbox") for r in regions]
+    for b in boxes:
+        if not (
+            isinstance(b, list) and len(b) == 4 and all(isinstance(v, int) for v in b) and b[0] < b[2] and b[1] < b[3]
+        ):
+            raise SampleError("bad_regions", f"region bbox {b!r}")
+    return boxes
+
+
+def check_regions(boxes: list[list[int]], mask: np.ndarray) -> None:
+    """A compositional sample's boxes against its fine mask (uint8 HxW): disjoint, inside the image, each
+    holding part of the fine mask, and together holding all of it (the loader splits the mask by them)."""
+    h, w = mask.shape
+    covered = np.zeros(mask.shape, bool)
+    for x0, y0, x1, y1 in boxes:
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise SampleError("bad_regions", f"region box {[x0, y0, x1, y1]} outside the {w}x{h} image")
+        if covered[y0:y1, x0:x1].any():
+            raise SampleError("bad_regions", f"region boxes {boxes} overlap")
+        covered[y0:y1, x0:x1] = True
+        if not mask[y0:y1, x0:x1].any():
+            raise SampleError("bad_regions", f"region box {[x0, y0, x1, y1]} holds no edit pixel")
+    if (mask.astype(bool) & ~covered).any():
+        raise SampleError("bad_regions", f"edit pixels outside every region box {boxes}")
 
 
 def check_sample(
@@ -193,6 +238,9 @@ def check_sample(
     box = bbox_from_mask(arr)
     if box != list(meta["bbox"]):
         raise SampleError("bad_bbox", f"json bbox {meta['bbox']} but mask box {box}")
+    boxes = region_boxes(meta)
+    if boxes is not None:
+        check_regions(boxes, arr)
     return arr
 
 

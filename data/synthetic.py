@@ -18,10 +18,11 @@ Splits: ``train``, ``val`` (tuning: in-run evaluation, guidance sweeps, ablation
 sealed split the final tables report, read by nothing that trains or tunes). Every sample is a pure
 function of (seed, split, index): the splits draw from disjoint streams and key prefixes, and a sample
 does not depend on how many were written. ``--world v1`` writes the first world (:mod:`data.world_v1`)
-exactly as before.
+exactly as before. ``--edits compose`` writes the compositional set instead (:mod:`data.compose`: two
+regions per sample, one edited by the text and one by the reference), with the same splits.
 
     python -m data.synthetic --out DIR [--train 10000] [--val 200] [--test 400] [--size 128] [--seed 0]
-        [--world v2|v1] [--workers N] [--if-absent]
+        [--world v2|v1] [--edits single|compose] [--workers N] [--if-absent]
 
 writes ``DIR/{train,val,test}-NNNNNN.tar`` through :func:`data.shards.write_shards` (the writer real
 data uses), rendering in ``--workers`` processes, and prints the brace patterns.
@@ -47,6 +48,7 @@ EDIT_KINDS = ["recolor", "remove", "replace", "add", "style"]
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SPLITS = tuple(SPLIT_IDS)
 WORLDS = ("v2", "v1")
+EDITS = ("single", "compose")  # one edit per sample (this module), or two in two regions (data.compose)
 CHECK_VERSION = 2
 DEFAULT_COUNTS = {"train": 10000, "val": 200, "test": 400}  # what `make data` writes
 SAMPLES_PER_SHARD = 1000
@@ -76,8 +78,18 @@ def _record(key: str, src, tgt, mask, instruction: str, kind: str, check: dict, 
     )
 
 
-def make_sample(seed: int, split: str, index: int, size: int = 128, world_name: str = "v2") -> EditRecord:
+def make_sample(
+    seed: int, split: str, index: int, size: int = 128, world_name: str = "v2", edits: str = "single"
+) -> EditRecord:
     """Sample ``index`` of ``split``: a pure function of its arguments."""
+    if edits == "compose":
+        if world_name != "v2":
+            raise ValueError(f"compositional edits are drawn in world v2, not {world_name!r}")
+        from data import compose  # imported here: data.compose imports this module's split ids
+
+        return compose.make_sample(seed, split, index, size)
+    if edits != "single":
+        raise ValueError(f"unknown edits {edits!r} (known: {', '.join(EDITS)})")
     if world_name == "v1":
         return world_v1.make_sample(seed, split, index, size)
     if world_name != "v2":
@@ -129,25 +141,29 @@ def make_sample(seed: int, split: str, index: int, size: int = 128, world_name: 
     return _record(key, src, world.render(bg, after, size), mask, instruction, "replace", check, ref=ref)
 
 
-def generate(seed: int, split: str, n: int, size: int = 128, world_name: str = "v2") -> Iterator[EditRecord]:
+def generate(
+    seed: int, split: str, n: int, size: int = 128, world_name: str = "v2", edits: str = "single"
+) -> Iterator[EditRecord]:
     for i in range(n):
-        yield make_sample(seed, split, i, size, world_name)
+        yield make_sample(seed, split, i, size, world_name, edits)
 
 
 BLOCK = 64  # samples a worker renders and encodes per task
 
 
-def _encoded_block(args: tuple[int, str, int, int, int, str]) -> list[dict]:
-    seed, split, start, count, size, world_name = args
-    return [record_to_sample(make_sample(seed, split, i, size, world_name)) for i in range(start, start + count)]
+def _encoded_block(args: tuple[int, str, int, int, int, str, str]) -> list[dict]:
+    seed, split, start, count, size, world_name, edits = args
+    return [record_to_sample(make_sample(seed, split, i, size, world_name, edits)) for i in range(start, start + count)]
 
 
-def encoded_samples(seed: int, split: str, n: int, size: int, world_name: str, workers: int) -> Iterator[dict]:
+def encoded_samples(
+    seed: int, split: str, n: int, size: int, world_name: str, workers: int, edits: str = "single"
+) -> Iterator[dict]:
     """Samples 0..n-1 of ``split`` as tar members, in order, rendered and encoded in ``workers`` processes."""
     if workers <= 1:
-        yield from (record_to_sample(r) for r in generate(seed, split, n, size, world_name))
+        yield from (record_to_sample(r) for r in generate(seed, split, n, size, world_name, edits))
         return
-    blocks = [(seed, split, s, min(BLOCK, n - s), size, world_name) for s in range(0, n, BLOCK)]
+    blocks = [(seed, split, s, min(BLOCK, n - s), size, world_name, edits) for s in range(0, n, BLOCK)]
     # spawn, not fork: a caller may have started torch's threads already
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for block in pool.map(_encoded_block, blocks, chunksize=4):
@@ -166,6 +182,7 @@ def write_synthetic(
     test: int = DEFAULT_COUNTS["test"],
     world_name: str = "v2",
     workers: int = 1,
+    edits: str = "single",
 ) -> dict[str, str]:
     """Write every split with a count above 0; returns ``{split: brace pattern}``.
 
@@ -174,6 +191,8 @@ def write_synthetic(
     """
     args = dict(train=train, val=val, test=test, size=size, seed=seed, samples_per_shard=samples_per_shard)
     args["world"] = world_name
+    if edits != "single":  # recorded only when set: summaries written before the option still match
+        args["edits"] = edits
     summary_path = os.path.join(out, "synthetic.json")
     if if_absent and os.path.isfile(summary_path):
         with open(summary_path) as f:
@@ -185,7 +204,7 @@ def write_synthetic(
         if n <= 0:
             continue
         rep = write_shards(
-            encoded_samples(seed, split, n, size, world_name, workers),
+            encoded_samples(seed, split, n, size, world_name, workers, edits),
             out,
             prefix=split,
             max_count=samples_per_shard,
@@ -222,12 +241,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", default="v2", choices=WORLDS, help="v1: the first world, as it was")
+    ap.add_argument("--edits", default="single", choices=EDITS, help="compose: two regions per sample (data.compose)")
     ap.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD)
     ap.add_argument("--workers", type=int, default=1, help="rendering processes (the output does not change)")
     ap.add_argument("--if-absent", action="store_true", help="do nothing if these shards exist")
     a = ap.parse_args(argv)
     pats = write_synthetic(
-        a.out, a.train, a.val, a.size, a.seed, a.samples_per_shard, a.if_absent, True, a.test, a.world, a.workers
+        a.out,
+        a.train,
+        a.val,
+        a.size,
+        a.seed,
+        a.samples_per_shard,
+        a.if_absent,
+        True,
+        a.test,
+        a.world,
+        a.workers,
+        a.edits,
     )
     for split, pat in pats.items():
         print(f"{split}: {pat}")

@@ -2,7 +2,8 @@
 
 ``python -m launch.eval --checkpoint RUN/checkpoints|TAG_DIR|weights.safetensors --data 'val-{000000..000000}.tar'
 [--out DIR] [--steps N] [--limit N] [--batch-size N] [--seed N] [--device cpu|cuda] [--ema]
-[--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N] [--tag best | --tags a,b | --all-checkpoints]``
+[--clip LOCAL_CLIP_DIR] [--dino LOCAL_DINOV2_DIR] [--image-size N] [--intervention NAME]
+[--tag best | --tags a,b | --all-checkpoints]``
 
 Metrics (train/eval/evaluation.py): edit success per task (train/eval/edit_success.py; for shards whose JSON
 says what the target must contain, as data/synthetic.py writes them), L1, L2, L1 inside / outside
@@ -56,6 +57,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="the sampler keeps the source outside each sample's box, an inpainting-style constraint "
         "(default: the recipe's model.sampling.keep_outside_box)",
     )
+    p.add_argument(
+        "--intervention",
+        default=None,
+        help="change the trained model's routing (model.router.intervention: swap_regions, region_mean, static,"
+        " off_<expert>; moe/intervention.py)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--image-size", type=int, default=None, help="default: the training config's data.image_size")
@@ -105,7 +112,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, encoders: obj
 
     from train.eval import EvalSettings, evaluate, iterate_heldout, load_for_inference
 
-    model, cfg = load_for_inference(checkpoint, device=args.device, ema=args.ema)
+    model, cfg = load_for_inference(checkpoint, device=args.device, ema=args.ema, intervention=args.intervention)
     data_cfg = OmegaConf.to_object(cfg.data)
     if args.image_size:
         data_cfg = dataclasses.replace(data_cfg, image_size=args.image_size)
@@ -129,6 +136,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, encoders: obj
     )
     result.update(checkpoint=os.path.abspath(checkpoint), data=args.data, seconds=round(time.time() - t0, 1))
     result["split"] = split_of(args.data)
+    result["intervention"] = args.intervention
     return result
 
 

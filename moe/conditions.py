@@ -36,6 +36,9 @@ class Conditions:
     pooled: Tensor  # [B, D_clip]
     coarse: Tensor  # [B, 1, H, W] coarse box in pixels
     has_mask: Optional[Tensor] = None  # [B] bool; None = every sample has its box (False: dropped in training)
+    # [B, 1, H, W] long: which box each pixel is in (EditBatch.region_labels; compositional samples only). The
+    # oracle router and the routing interventions read it; condition dropout leaves it as it is
+    region_labels: Optional[Tensor] = None
 
 
 @dataclass
@@ -87,6 +90,7 @@ def encode_conditions(
         text_mask=text_mask.bool(),
         pooled=pooled.to(dtype),
         coarse=batch.coarse_mask.to(dtype),
+        region_labels=batch.region_labels,
     )
 
 
@@ -150,6 +154,7 @@ def drop_conditions(cond: Conditions, p: ConditionDropoutConfig, empty_prompt: E
         pooled=pooled,
         coarse=coarse,
         has_mask=keep_mask,
+        region_labels=cond.region_labels,
     )
 
 

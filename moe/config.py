@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 EXPERT_NAMES = ("text", "mask", "reference", "base")
+ONE_LORA_NAME = "all"  # the one expert of experts.kind=one_lora: it reads every condition
+# router.intervention's values besides off_<expert> (moe/intervention.py says what each does)
+ROUTING_INTERVENTIONS = ("swap_regions", "region_mean", "static")
 
 
 @dataclass
@@ -112,8 +115,14 @@ class TextConfig:
 
 @dataclass
 class RouterConfig:
-    kind: str = "learned"  # learned | uniform (random top-K, equal weights) | static (all experts, equal weights)
+    # learned | uniform (random top-K, equal weights) | static (all experts, equal weights) | oracle (hard
+    # routing by region label, one expert per token: compositional samples only, moe/router.py::ORACLE_EXPERTS)
+    kind: str = "learned"
     top_k: int = 3
+    # A change of the routing in every forward (moe/intervention.py), set on a trained model to measure what
+    # its output owes the router; training with one set trains under it. null: the routing as the router
+    # gives it | swap_regions | region_mean | static | off_<expert> (one of experts.enabled)
+    intervention: Optional[str] = None
     ctx_dim: int = 64  # width of each per-token condition context (text / reference / mask) carried to experts
     attn_dim: int = 64  # query/key width of the router's latent attention
     num_latents: int = 4  # learned latent queries summarising the task context
@@ -132,8 +141,11 @@ class RouterConfig:
 @dataclass
 class ExpertsConfig:
     enabled: list[str] = field(default_factory=lambda: list(EXPERT_NAMES))
-    kind: str = "lora"  # lora (low-rank residual experts) | ffn (copies of the block's feed-forward)
-    rank: int = 64  # rank of `lora` experts
+    # lora (low-rank residual experts) | ffn (copies of the block's feed-forward) | one_lora (one low-rank
+    # residual that reads every condition, with as many parameters as the enabled `lora` experts of `rank`
+    # would have: the same capacity without experts; needs router.kind=static and the mixture off)
+    kind: str = "lora"
+    rank: int = 64  # rank of `lora` experts (one_lora: of the experts it stands for)
     # experts start different, so the diffusion loss ranks them from the first step (a router over
     # identical experts learns only from its regularisers): `lora` up projections ~ N(0, init_std^2),
     # `ffn` copies with their output projection perturbed by init_std x its weights' std (zero mean
@@ -152,6 +164,10 @@ class ExpertsConfig:
     # Memory: the grouped GEMMs keep a stacked copy of the expert weights for the backward (FLUX width:
     # ~0.6 GB per expert layer), held across the whole forward unless gradient checkpointing is on
     grouped_gemm: Optional[bool] = None
+
+    def names(self) -> list[str]:
+        """The experts a layer builds, in id order: the enabled ones, or the single ``all`` of one_lora."""
+        return [ONE_LORA_NAME] if self.kind == "one_lora" else list(self.enabled)
 
     def use_grouped_gemm(self) -> bool:
         """The ``grouped_gemm`` setting resolved: auto takes grouped GEMMs at ep_size 1 only. With several
@@ -184,6 +200,10 @@ class RepaintConfig:
 @dataclass
 class MixtureConfig:
     enabled: bool = True  # off = plain router-weighted sum of the selected experts
+    # null: the gate is learned (from the timestep embedding and the token's routing confidence). A number in
+    # [0, 1]: the gate is that constant for every token, sample and time, with no parameters: static fusion
+    # with this set has nothing left that routes (the learned gate varies per sample and time)
+    fixed_gate: Optional[float] = None
 
 
 @dataclass
@@ -278,8 +298,8 @@ def _fail(key: str, msg: str) -> None:
 
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ValueError naming the first impossible setting (checked in this order)."""
-    names = list(cfg.experts.enabled)
-    _validate_experts(cfg.experts, cfg.router, names)
+    names = cfg.experts.names()
+    _validate_experts(cfg.experts, cfg.router, list(cfg.experts.enabled))
     _validate_mask_and_codec(cfg, names)
     _validate_backbone(cfg)
     _validate_weights(cfg)
@@ -294,8 +314,12 @@ def _validate_experts(ex: ExpertsConfig, ro: RouterConfig, names: list[str]) -> 
     if len(set(names)) != len(names):
         _fail("experts.enabled", f"duplicate experts in {names}")
     n = len(names)
-    if ex.kind not in ("lora", "ffn"):
-        _fail("experts.kind", f"'{ex.kind}' is not one of lora, ffn")
+    if ex.kind not in ("lora", "ffn", "one_lora"):
+        _fail("experts.kind", f"'{ex.kind}' is not one of lora, ffn, one_lora")
+    if ex.kind == "one_lora" and ro.kind != "static":
+        _fail("router.kind", f"'{ro.kind}': experts.kind=one_lora has one expert, nothing to route (use static)")
+    if ex.kind == "one_lora" and (ex.ep_size != 1 or ex.dispatch not in ("auto", "dense")):
+        _fail("experts.kind", "one_lora is one expert on every rank: it needs ep_size 1 and dense dispatch")
     if ex.rank < 1:
         _fail("experts.rank", "must be >= 1")
     if ex.init_std < 0:
@@ -310,8 +334,21 @@ def _validate_experts(ex: ExpertsConfig, ro: RouterConfig, names: list[str]) -> 
         _fail("experts.dispatch", "grouped dispatch runs ffn experts (experts.kind=ffn); lora experts take dense")
     if ex.dispatch == "grouped" and ex.grouped_gemm is False:
         _fail("experts.dispatch", "grouped dispatch runs grouped GEMMs, but experts.grouped_gemm is false")
-    if ro.kind not in ("learned", "uniform", "static"):
-        _fail("router.kind", f"'{ro.kind}' is not one of learned, uniform, static")
+    if ro.kind not in ("learned", "uniform", "static", "oracle"):
+        _fail("router.kind", f"'{ro.kind}' is not one of learned, uniform, static, oracle")
+    if ro.kind == "oracle" and sorted(names) != sorted(EXPERT_NAMES):
+        _fail(
+            "experts.enabled",
+            f"the oracle router sends each region to its expert: it needs all of {list(EXPERT_NAMES)}",
+        )
+    if ro.kind == "oracle" and ro.top_k != 1:
+        _fail("router.top_k", f"{ro.top_k}: the oracle router routes hard, one expert per token (top_k=1)")
+    iv = ro.intervention
+    if iv is not None and iv not in ROUTING_INTERVENTIONS and not (iv.startswith("off_") and iv[4:] in names):
+        known = ", ".join([*ROUTING_INTERVENTIONS, *(f"off_{e}" for e in names)])
+        _fail("router.intervention", f"'{iv}' is not one of null, {known}")
+    if iv is not None and ex.kind == "one_lora":
+        _fail("router.intervention", "experts.kind=one_lora has one adapter and no routing to change")
     if ro.weights not in ("auto", "renormalized", "probability"):
         _fail("router.weights", f"'{ro.weights}' is not one of auto, renormalized, probability")
     if not 1 <= ro.top_k <= n:
@@ -330,6 +367,9 @@ def _validate_mask_and_codec(cfg: ModelConfig, names: list[str]) -> None:
         _fail("repaint.mode", f"'{cfg.repaint.mode}' is not one of coupled, decoupled")
     if cfg.mixture.enabled and "base" not in names:
         _fail("mixture.enabled", "the Latent Mixture blends with the Base expert: enable 'base' or turn it off")
+    g = cfg.mixture.fixed_gate
+    if g is not None and not (math.isfinite(g) and 0.0 <= g <= 1.0):
+        _fail("mixture.fixed_gate", f"{g} must be null (a learned gate) or a number in [0, 1]")
     if cfg.vae.kind not in ("autoencoder_kl", "pixel_unshuffle"):
         _fail("vae.kind", f"'{cfg.vae.kind}' is not one of autoencoder_kl, pixel_unshuffle")
     if cfg.vae.kind == "pixel_unshuffle" and cfg.vae.latent_channels != 3 * cfg.vae.pixel_factor**2:

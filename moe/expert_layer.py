@@ -31,7 +31,8 @@ from torch.profiler import record_function
 from .config import ModelConfig
 from .dispatch import build_dispatcher
 from .encoders import seeded
-from .experts import build_expert, packed_width
+from .experts import build_expert, one_lora_rank, packed_width
+from .intervention import RoutingIntervention
 from .repaint import LatentMixture, MaskRepaint, confine_to_coarse
 from .router import ConditionRouter, Routing, routing_confidence
 
@@ -148,6 +149,8 @@ class ExpertContext:
     coarse: Tensor  # [B, N] coarse box on the token grid (area fraction)
     coarse_cells: Optional[Tensor] = None  # [B, N, s*s] its area fraction per subgrid cell (repaint.within_coarse)
     gt_mask: Optional[Tensor] = None  # [B, N] fine mask on the token grid (teacher-forced repaint, training)
+    regions: Optional[Tensor] = None  # [B, N] long token region labels (moe.regions), compositional samples
+    intervention: Optional[RoutingIntervention] = None  # a change of routing at inference (moe.intervention)
     slots: list[LayerSlot] = field(default_factory=list)  # by layer position
 
     def enter(self, position: int) -> LayerSlot:
@@ -216,16 +219,19 @@ class ExpertFeedForward(nn.Module):
         ex = cfg.experts
         self.position = position
         self.kind = ex.kind
-        self.expert_names = list(ex.enabled)
+        self.expert_names = ex.names()
         self.base_id = self.expert_names.index("base") if "base" in self.expert_names else -1
         self.frozen_ff = strip_lora(frozen_ff)
         self.decoupled = cfg.repaint.mode == "decoupled"
         self.use_gt_mask = cfg.repaint.use_gt_mask_in_training
         self.within_coarse = cfg.repaint.within_coarse
         c = cfg.router.ctx_dim
-        self.router = ConditionRouter(cfg.router, dim, len(self.expert_names), temb_dim=dim)
+        self.router = ConditionRouter(cfg.router, dim, len(self.expert_names), dim, self.expert_names)
         self.repaint = MaskRepaint(dim, c, cfg.repaint.hidden, cfg.repaint.subgrid) if cfg.repaint.enabled else None
-        self.mixture = LatentMixture(dim) if cfg.mixture.enabled else None
+        self.mixture = LatentMixture(dim, cfg.mixture.fixed_gate) if cfg.mixture.enabled else None
+        kind, rank = ex.kind, ex.rank
+        if kind == "one_lora":  # one adapter with the parameters of the enabled lora experts
+            kind, rank = "lora", one_lora_rank(dim, c, ex.rank, list(ex.enabled))
 
         n_local = len(self.expert_names) // ex.ep_size
         local = []
@@ -235,11 +241,11 @@ class ExpertFeedForward(nn.Module):
             with seeded(expert_seed * 1009 + e):
                 local.append(
                     build_expert(
-                        ex.kind,
+                        kind,
                         self.expert_names[e],
                         dim,
                         c,
-                        ex.rank,
+                        rank,
                         self.frozen_ff,
                         ex.init_std,
                         e,
@@ -247,7 +253,7 @@ class ExpertFeedForward(nn.Module):
                         seed=expert_seed * 1009 + 7919,
                     )
                 )
-        dispatcher = build_dispatcher(ex.dispatch, ex.kind, ex.ep_size, ep_rank, ex.use_grouped_gemm())
+        dispatcher = build_dispatcher(ex.dispatch, kind, ex.ep_size, ep_rank, ex.use_grouped_gemm())
         self.moe = CareMoE(local, len(self.expert_names), ex.ep_size, ep_rank, dispatcher)
         self.packed_width = packed_width(dim, c)
         self._route_fn, self._mix_fn = self.route, self.mix  # compiled apart by enable_compile()
@@ -341,12 +347,17 @@ class ExpertFeedForward(nn.Module):
         with record_function("care/router"):
             # decoupled: the previous layer's refined mask reaches the router as a value, not a path back
             router_prior = prior.detach() if self.decoupled else prior
-            routing = self.router(x, contexts, router_prior, ctx.temb, ctx.presence, ctx.available)
+            routing = self.router(x, contexts, router_prior, ctx.temb, ctx.presence, ctx.available, ctx.regions)
+        iv = ctx.intervention
+        if iv is not None:  # routing changed at inference; probabilities, gate and all else as they were
+            routing = iv.routed(routing, ctx.regions, b, len(self.expert_names))
         index, weight, gate = routing.index, routing.weight, None
         if self.mixture is not None:
             with record_function("care/mixture"):
                 gate = self.mixture(ctx.temb, routing_confidence(routing.probs).view(b, n, 2))  # [B, N]
                 index, weight = LatentMixture.blend(index, weight, gate.reshape(-1), self.base_id)
+        if iv is not None:
+            index, weight = iv.dispatched(index, weight, self.expert_names)
         columns = [x, *contexts, edit_mask[..., None].to(x.dtype)]  # the layout of moe.experts.packed_width
         pad = self.packed_width - sum(t.shape[-1] for t in columns)  # aligned rows (experts.packed_width)
         columns.append(x.new_zeros(b, n, pad))

@@ -13,6 +13,7 @@ and reads the token plus its own condition columns:
 | reference | the reference-image read-out (a learned "absent" vector without one)    |
 | mask      | the mask-token context and the refined mask m                           |
 | base      | the base-image token at the same grid position and 1 - m (what to keep) |
+| all       | every condition column (``experts.kind=one_lora``: one adapter, no experts) |
 
 Two sizes. ``lora``: a low-rank residual ``up(gelu(down(x) + cond(c)))`` added to the frozen FFN's
 output. ``ffn``: a full copy of the block's feed-forward, initialised from it, applied to
@@ -53,7 +54,31 @@ def condition_columns(name: str, dim: int, ctx_dim: int) -> list[tuple[int, int]
         "reference": [(dim + c, dim + 2 * c)],
         "mask": [(dim + 2 * c, dim + 3 * c), m],
         "base": [(dim + 3 * c, dim + 4 * c + 1)],  # base read-out and m, adjacent
+        "all": [(dim, dim + 4 * c + 1)],  # every context and m (1 - m is W - W m: the down projection's bias)
     }[name]
+
+
+def lora_expert_parameters(dim: int, cond_width: int, rank: int) -> int:
+    """Trainable parameters of one :class:`LoraExpert`: down (weight and bias), condition (no bias), up."""
+    return dim * rank + rank + cond_width * rank + rank * dim + dim
+
+
+def one_lora_rank(dim: int, ctx_dim: int, rank: int, names: list[str]) -> int:
+    """The rank of ``experts.kind=one_lora``'s single adapter: as many trainable parameters as the ``lora``
+    experts ``names`` of ``rank`` would have, to the nearest integer rank (so the two differ by at most half of
+    :func:`one_lora_rank_parameters`: under 1% at rank 64 and four experts)."""
+    experts = sum(lora_expert_parameters(dim, condition_width(n, dim, ctx_dim), rank) for n in names)
+    return max(1, round((experts - dim) / one_lora_rank_parameters(dim, ctx_dim)))
+
+
+def condition_width(name: str, dim: int, ctx_dim: int) -> int:
+    """How many packed columns expert ``name`` reads besides its token (:func:`condition_columns`)."""
+    return sum(hi - lo for lo, hi in condition_columns(name, dim, ctx_dim))
+
+
+def one_lora_rank_parameters(dim: int, ctx_dim: int) -> int:
+    """What one more rank adds to the one adapter of ``experts.kind=one_lora`` (its parameters' quantum)."""
+    return lora_expert_parameters(dim, condition_width("all", dim, ctx_dim), 1) - dim
 
 
 def zero_mean_perturbation(

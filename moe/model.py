@@ -18,6 +18,7 @@ between forwards: each builds its own context and returns what it produced.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -40,7 +41,9 @@ from .conditions import (
 from .config import ModelConfig
 from .encoders import FrozenTextEncoders, FrozenVAE, MaskEncoder, mask_to_grid
 from .expert_layer import ExpertContext, ExpertFeedForward, LayerRecord, LayerSlot
+from .intervention import RoutingIntervention
 from .losses import ForwardRecord, combine_losses, routing_statistics
+from .regions import token_regions
 from .sampling import EditResult, Guidance, edit_result, euler_sample
 
 __all__ = ["CareEditModel", "Conditions", "EditResult", "ModelOutput", "TrainingTargets", "build_model"]
@@ -104,7 +107,10 @@ class CareEditModel(nn.Module):
         self.token_stride = self.vae.downsample * 2  # pixels per token side (2x2 latent packing)
         self.mask_encoder = MaskEncoder(self.token_stride, cfg.repaint.hidden, dim)
         self.condition_embed = nn.Parameter(torch.zeros(2, dim))  # learned type embedding: base, reference
-        self.expert_names = list(cfg.experts.enabled)
+        self.expert_names = cfg.experts.names()
+        # router.intervention: a change of every forward's routing (moe/intervention.py); None: as routed
+        iv = cfg.router.intervention
+        self.intervention = RoutingIntervention(iv) if iv is not None else None
         self.expert_blocks = expert_block_ids(cfg, self.backbone.num_expert_capable_blocks)
         # run_blocks' block index -> expert layer position (dual blocks come first in that index)
         self._position_of_block = {block_id: p for p, block_id in enumerate(self.expert_blocks)}
@@ -197,15 +203,27 @@ class CareEditModel(nn.Module):
 
     # -- the denoiser ---------------------------------------------------------------------------
     def predict_velocity(
-        self, noisy: Tensor, t: Tensor, cond: Conditions, fine: Optional[Tensor] = None
+        self,
+        noisy: Tensor,
+        t: Tensor,
+        cond: Conditions,
+        fine: Optional[Tensor] = None,
+        intervention: Optional[RoutingIntervention] = None,
     ) -> tuple[Tensor, ExpertContext]:
         """noisy [B, C, h, w] at flow time t [B] -> predicted velocity [B, C, h, w], and the layers' reports.
-        ``fine`` [B, N]: the fine mask on the token grid, which AdaptEdit's editing path reads in training."""
+        ``fine`` [B, N]: the fine mask on the token grid, which AdaptEdit's editing path reads in training.
+        ``intervention``: every expert layer's routing changed so (``moe/intervention.py``; None: the config's
+        ``router.intervention``, itself None for the routing as the router gives it)."""
         with self.backbone.attention_context():
-            return self._predict_velocity(noisy, t, cond, fine)
+            return self._predict_velocity(noisy, t, cond, fine, intervention)
 
     def _predict_velocity(
-        self, noisy: Tensor, t: Tensor, cond: Conditions, fine: Optional[Tensor]
+        self,
+        noisy: Tensor,
+        t: Tensor,
+        cond: Conditions,
+        fine: Optional[Tensor],
+        intervention: Optional[RoutingIntervention] = None,
     ) -> tuple[Tensor, ExpertContext]:
         bb = self.backbone
         _, _, h, w = noisy.shape
@@ -215,7 +233,8 @@ class CareEditModel(nn.Module):
         txt_ids = torch.zeros(txt.shape[1], 3, device=noisy.device)
         attention_mask = reference_attention_mask(cond.has_ref, stream.ref_span, txt.shape[1], stream.tokens.shape[1])
         temb = bb.embed_time(t, cond.pooled)
-        ctx = self._expert_context(cond, stream, grid, txt, temb, fine, noisy.dtype)
+        iv = intervention if intervention is not None else self.intervention
+        ctx = self._expert_context(cond, stream, grid, txt, temb, fine, noisy.dtype, iv)
 
         def expert_args(block_index: int) -> tuple:
             """(ctx, slot) for the expert layer in this block, its prior set now (the layer before it has run)."""
@@ -255,6 +274,7 @@ class CareEditModel(nn.Module):
         temb: Tensor,
         fine: Optional[Tensor],
         dtype: torch.dtype,
+        intervention: Optional[RoutingIntervention] = None,
     ) -> ExpertContext:
         """This forward's context for the expert layers, with an empty slot per layer."""
         b, n, dev = cond.base.shape[0], grid[0] * grid[1], temb.device
@@ -279,6 +299,8 @@ class CareEditModel(nn.Module):
             coarse=mask_to_grid(cond.coarse, grid).reshape(b, n).to(dtype),
             coarse_cells=coarse_cells(cond.coarse, grid, self.cfg.repaint),
             gt_mask=fine,
+            regions=token_regions(cond.region_labels, grid) if cond.region_labels is not None else None,
+            intervention=intervention,
             slots=[LayerSlot() for _ in self.expert_layers],
         )
 
@@ -362,10 +384,12 @@ class CareEditModel(nn.Module):
         image_guidance: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         keep_outside_box: Optional[bool] = None,
+        intervention: Optional[RoutingIntervention] = None,
     ) -> EditResult:
         """Edit ``batch`` with the Euler sampler and guidance of ``moe/sampling.py``; a setting left as None
         is the recipe's (``model.sampling``). ``keep_outside_box``: the source is kept outside the user's
-        box, as inpainting samplers do (an inference-time constraint)."""
+        box, as inpainting samplers do (an inference-time constraint). ``intervention``: every forward of
+        the sampler routes so (``moe/intervention.py``; None: the config's ``router.intervention``)."""
         s = self.cfg.sampling
         keep = s.keep_outside_box if keep_outside_box is None else keep_outside_box
         g = Guidance(
@@ -378,7 +402,10 @@ class CareEditModel(nn.Module):
         if g.text != 1.0 or g.image != 1.0:
             g.image_only = self.encode_conditions(batch, drop_text=True)
             g.neither = self.encode_conditions(batch, drop_text=True, drop_image=True)
-        x, ctx = euler_sample(self.predict_velocity, cond, g, num_steps, generator, keep, self.dtype)
+        predict = (
+            self.predict_velocity if intervention is None else partial(self.predict_velocity, intervention=intervention)
+        )
+        x, ctx = euler_sample(predict, cond, g, num_steps, generator, keep, self.dtype)
         images = self.vae.decode(x.to(self.dtype)).float()
         self.train(was_training)
         result = edit_result(images, ctx, cond.coarse, self.expert_names)

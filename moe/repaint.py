@@ -111,17 +111,26 @@ class LatentMixture(nn.Module):
     mostly noise. Because the blend is linear in the expert outputs it is applied to the routing
     weights (:meth:`blend`), so the dispatcher computes it in the same pass and Base may live on any
     expert-parallel rank.
+
+    With ``fixed_gate`` (``mixture.fixed_gate``) the gate is that constant everywhere and the module has no
+    parameters: static fusion keeps nothing that varies per sample, token or time.
     """
 
-    def __init__(self, temb_dim: int):
+    def __init__(self, temb_dim: int, fixed_gate: Optional[float] = None):
         super().__init__()
-        self.gate = nn.Linear(temb_dim, 1)
-        self.confidence = nn.Linear(2, 1, bias=False)
+        self.fixed_gate = fixed_gate
+        # made in either case, so the parameters built after them initialise the same with a fixed gate
+        gate, confidence = nn.Linear(temb_dim, 1), nn.Linear(2, 1, bias=False)
+        if fixed_gate is not None:
+            return
+        self.gate, self.confidence = gate, confidence
         for p in (self.gate.weight, self.gate.bias, self.confidence.weight):
             nn.init.zeros_(p)  # g = 0.5 at initialisation
 
     def forward(self, temb: Tensor, confidence: Tensor) -> Tensor:
         """temb [B, D_t], confidence [B, N, 2] (``router.routing_confidence``) -> gate [B, N]."""
+        if self.fixed_gate is not None:
+            return torch.full(confidence.shape[:-1], float(self.fixed_gate), device=confidence.device)
         t = self.gate(temb.to(self.gate.weight.dtype)).float()  # [B, 1]
         c = self.confidence(confidence.detach().to(self.confidence.weight.dtype)).float()[..., 0]  # [B, N]
         return torch.sigmoid(t + c)

@@ -21,22 +21,30 @@ Two jobs, both per target token:
    whose condition is absent before the top-K, as an ablation.
 
 Ablations: ``uniform`` picks K available experts at random per token with equal weights;
-``static`` uses every available expert with equal weights (static fusion).
+``static`` uses every available expert with equal weights (static fusion); ``oracle`` routes each token
+hard to the expert of its region in a compositional edit (:data:`ORACLE_EXPERTS`, ``moe.regions``): the
+ceiling of what routing by region could give.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import regions as region
 from .config import RouterConfig
 
 NUM_CONTEXTS = 4  # per-token condition contexts: text, reference, mask, base
+# The oracle router's assignment (router.kind=oracle), the one the method implies for a compositional edit:
+# the Text expert where the instruction's text edits, the Reference expert where the reference fills, the
+# Mask expert on the tokens a box's border cuts (where the edit's boundary is decided), the Base expert
+# (what to keep) everywhere else.
+ORACLE_EXPERTS = {region.OUTSIDE: "base", region.TEXT: "text", region.REFERENCE: "reference", region.BORDER: "mask"}
 
 
 @dataclass
@@ -70,9 +78,11 @@ class CrossAttentionReadout(nn.Module):
 
 
 class ConditionRouter(nn.Module):
-    def __init__(self, cfg: RouterConfig, dim: int, num_experts: int, temb_dim: int):
+    def __init__(self, cfg: RouterConfig, dim: int, num_experts: int, temb_dim: int, expert_names: Sequence[str] = ()):
+        """``expert_names``: the experts in id order (the oracle router looks its experts up by name)."""
         super().__init__()
         self.kind = cfg.kind
+        self.expert_names = list(expert_names)
         self.top_k = cfg.top_k
         self.noise_std = cfg.noise_std
         self.renormalize = cfg.weights == "renormalized" or (cfg.weights == "auto" and cfg.top_k > 1)
@@ -132,8 +142,11 @@ class ConditionRouter(nn.Module):
         temb: Tensor,  # [B, D_t]
         presence: Tensor,  # [B, 3] float: has text, has reference, has mask
         available: Tensor,  # [B, E] bool: experts that may be selected (all, unless router.mask_absent)
+        regions: Optional[Tensor] = None,  # [B, N] long token region labels (moe.regions): the oracle's input
     ) -> Routing:
         b, n, _ = x.shape
+        if self.kind == "oracle":
+            return oracle_routing(regions, self.expert_names, self.num_experts)
         avail = available[:, None, :].expand(b, n, -1).reshape(b * n, -1)
         if self.kind == "learned":
             scale, shift = self.task(torch.cat([temb, presence.to(temb.dtype)], dim=-1)).chunk(2, dim=-1)
@@ -166,6 +179,20 @@ def topk_routing(
     weight = weight * valid
     index = torch.where(valid, index, torch.full_like(index, -1))
     return Routing(probs=probs, index=index, weight=weight, logits=logits)
+
+
+def oracle_routing(regions: Optional[Tensor], expert_names: Sequence[str], num_experts: int) -> Routing:
+    """Each token to the expert of its region (:data:`ORACLE_EXPERTS`) with weight 1. regions [B, N] long
+    -> Routing over the S = B * N tokens (probs one-hot, index/weight [S, 1])."""
+    if regions is None:
+        raise ValueError(
+            "model.router.kind=oracle routes by region label, and this batch has none: only compositional "
+            "samples (data.compose, EditBatch.region_labels) carry them"
+        )
+    table = torch.tensor([list(expert_names).index(ORACLE_EXPERTS[code]) for code in range(len(ORACLE_EXPERTS))])
+    index = table.to(regions.device)[regions.reshape(-1)][:, None]
+    weight = torch.ones(index.shape, device=regions.device)
+    return Routing(probs=F.one_hot(index[:, 0], num_experts).float(), index=index, weight=weight)
 
 
 def _equal_weights(scores: Tensor, available: Tensor, k: int) -> Routing:

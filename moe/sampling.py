@@ -29,6 +29,7 @@ EXPERT_COLOURS = {
     "mask": (0.2, 0.9, 0.2),
     "reference": (0.2, 0.4, 1.0),
     "base": (0.6, 0.6, 0.6),
+    "all": (0.9, 0.6, 0.1),  # the one adapter of experts.kind=one_lora
 }
 
 Predict = Callable[[Tensor, Tensor, Conditions], tuple[Tensor, ExpertContext]]

@@ -160,3 +160,73 @@ def test_steps_and_batch_default_to_the_recipe():
     args = ablations.parse_args(["--config", "configs/tiny.yaml"])
     assert (args.steps, args.micro_batch) == (3000, 8)  # the recipe's cap on steps
     assert ablations.parse_args(["--config", "configs/tiny.yaml", "--steps", "7"]).steps == 7
+
+
+ROUTING_GRID = os.path.join(ROOT, "configs", "ablations_routing.yaml")
+
+
+def test_every_arm_of_the_routing_grid_is_a_valid_config_at_128_px_on_the_compositional_set():
+    from omegaconf import OmegaConf
+
+    from launch.slurm.grid import load_grid
+    from train.config import load_config
+
+    variants = ablations.load_variants(ROUTING_GRID)
+    assert {"full", "oracle", "static-fusion", "static-fixed-gate", "uniform-router", "one-lora", "k1"} <= set(variants)
+    args = ablations.parse_args(["--grid", ROUTING_GRID, "--steps", "40", "--checkpoint-every", "20"])
+    assert (args.config, args.data, args.eval_split) == ("configs/mid.yaml", "artifacts/synthetic-compose", "test")
+    assert args.bench["synthetic"][:2] == ["--edits", "compose"]
+    configs = {}
+    for name, overrides in variants.items():
+        cmd = ablations.train_command(name, 1, overrides, args)
+        cfg = load_config(os.path.join(ROOT, args.config), cmd[cmd.index("--config") + 2 :])
+        assert cfg.data.image_size == 128 and "synthetic-compose" in cfg.data.train_shards, name
+        assert cfg.train.time_budget_s == 0 and cfg.train.steps == 40  # the same steps for every arm
+        wanted = OmegaConf.from_dotlist(overrides)
+        for o in overrides:
+            key = o.split("=", 1)[0]
+            assert OmegaConf.select(cfg, key) == OmegaConf.select(wanted, key), (name, o)
+        configs[name] = cfg
+    assert configs["oracle"].model.router.kind == "oracle" and configs["one-lora"].model.experts.kind == "one_lora"
+    assert configs["static-fixed-gate"].model.mixture.fixed_gate == 0.5
+    assert configs["k1"].model.router.weights == "auto"  # the probability itself at K = 1: the router trains
+    for c in args.bench["claims"]:  # every claim compares arms of the grid
+        assert {c.better, *c.worse_variants} <= set(variants), c
+    iv = args.bench["interventions"]
+    arm = variants[iv["arm"]]
+    for name in iv["names"]:  # each intervention is a valid switch of the arm it is measured on
+        cmd = ablations.train_command(iv["arm"], 1, arm, args)
+        cfg = load_config(
+            os.path.join(ROOT, args.config), [*cmd[cmd.index("--config") + 2 :], f"model.router.intervention={name}"]
+        )
+        assert cfg.model.router.intervention == name
+    assert [s.name for s in load_grid(ROUTING_GRID).sets] == list(variants)  # the SLURM array reads it too
+
+
+def test_claims_against_a_mean_and_the_interventions_by_hand():
+    full, oracle, static = [0.50, 0.60, 0.55], [0.70, 0.80, 0.75], [0.20, 0.30, 0.25]
+    results = []
+    for seed in range(3):
+        results += [_result("full", seed, {"compose": full[seed]}), _result("oracle", seed, {"compose": oracle[seed]}),
+                    _result("static-fixed-gate", seed, {"compose": static[seed]})]  # fmt: skip
+        results[-3]["interventions"] = {
+            "swap_regions": {"metrics": {"success_mean_over_tasks": full[seed] - (0.1, 0.2, 0.3)[seed]}},
+        }
+    claims = (ablations.Claim("half the gap", "full", ("oracle", "static-fixed-gate")),)
+    md = ablations.report(results, ["full", "oracle", "static-fixed-gate"], {}, "cmd", claims=claims,
+                          interventions={"arm": "full", "names": ["swap_regions", "static"]})  # fmt: skip
+    # full - (oracle + static) / 2 = 0.05 each seed: t infinite, supported
+    claim = next(line for line in md.splitlines() if line.startswith("| half the gap"))
+    assert "full - mean(oracle, static-fixed-gate)" in claim and "+5.0 ± 0.0 pt" in claim
+    assert claim.endswith("| supported |") and "| compose |" in md and "| add |" not in md
+    # swap: -0.1, -0.2, -0.3: mean -0.2, std 0.1, interval -0.2 +- 4.303 * 0.1 / sqrt 3
+    row = next(line for line in md.splitlines() if line.startswith("| swap_regions"))
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert f"[{100 * (-0.2 - half):+.1f}, {100 * (-0.2 + half):+.1f}] pt" in row and "-20.0 ± 10.0 pt" in row
+    assert "| -10, -20, -30 |" in row and "| drop |" not in row  # t = -3.46 > -4.303: not resolved at n = 3
+    assert "| static |" not in md  # not measured: no row
+    lo, hi = ablations.interval95(0.1, 0.02, 3)
+    assert (lo, hi) == (
+        pytest.approx(0.1 - 4.303 * 0.02 / math.sqrt(3)),
+        pytest.approx(0.1 + 4.303 * 0.02 / math.sqrt(3)),
+    )

@@ -83,9 +83,10 @@ def load_grid(path: str) -> Grid:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping with name/base/sets")
-    unknown = set(raw) - {"name", "base", "common", "sets"}
+    # `bench`: what bench/ablations.py does beyond training the sets (its data, claims, interventions)
+    unknown = set(raw) - {"name", "base", "common", "sets", "bench"}
     if unknown:
-        raise GridError(f"{path}: unknown keys {sorted(unknown)} (allowed: name, base, common, sets)")
+        raise GridError(f"{path}: unknown keys {sorted(unknown)} (allowed: name, base, common, sets, bench)")
     name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
     if not NAME_RE.match(name):
         raise GridError(f"{path}: name '{name}' must match {NAME_RE.pattern}")

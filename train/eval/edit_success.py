@@ -35,8 +35,10 @@ Criteria, in the order a failure is reported (:data:`CRITERIA`); success needs a
   the source fails by construction.
 
 Samples whose check has no ``version`` (the first world, ``data.world_v1``) are judged by the first
-checker, :mod:`train.eval.edit_success_v1`. A sample without a check gets NaN: success unavailable, left
-out of the means.
+checker, :mod:`train.eval.edit_success_v1`. A compositional sample (task ``compose``, :mod:`data.compose`)
+is judged region by region by :mod:`train.eval.compose` with these criteria: it succeeds when both regions
+do, and fails a criterion when either region fails it. A sample without a check gets NaN: success
+unavailable, left out of the means.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ MIN_SHAPE_IOU = 0.6
 MAX_COLOUR_DIST = 0.1
 MIN_MATCH = 0.65
 STYLE_MAX_RATIO = 0.5
-CHECKED_TASKS = ("recolor", "remove", "replace", "add", "style")
+CHECKED_TASKS = ("recolor", "remove", "replace", "add", "style", "compose")
 CRITERIA = ("outside", "box_background", "shape", "colour", "pattern", "closer")
 
 
@@ -87,18 +89,23 @@ def _share(good: Tensor, region: Tensor, empty: float) -> Tensor:
     return torch.where(n > 0, _count(good & region) / n.clamp(min=1), torch.full_like(n, empty))
 
 
-def regions(source: Tensor, target: Tensor, box: Tensor) -> dict[str, Tensor]:
-    """The fringe, ``must change``, ``must keep`` and outside, each [B, 1, H, W] bool (module docstring)."""
+def regions(source: Tensor, target: Tensor, box: Tensor, ignore: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The fringe, ``must change``, ``must keep`` and outside, each [B, 1, H, W] bool (module docstring).
+    ``ignore`` [B, 1, H, W] bool: pixels left out of outside (another region of a compositional edit)."""
     px = dilation_px(min(box.shape[-2:]))
     inside = box.float() >= 0.5
     fringe = dilate(inside, px)
     change = fringe & ~matches(target, source)
-    return {"fringe": fringe, "change": change, "keep": inside & ~dilate(change, px), "outside": ~fringe}
+    outside = ~fringe if ignore is None else ~fringe & ~ignore
+    return {"fringe": fringe, "change": change, "keep": inside & ~dilate(change, px), "outside": outside}
 
 
-def criteria(edit: Tensor, source: Tensor, target: Tensor, box: Tensor, style: Tensor) -> dict[str, Tensor]:
-    """Every criterion of the module docstring, [B] bool each (``closer`` is True where ``style`` is False)."""
-    r = regions(source, target, box)
+def criteria(
+    edit: Tensor, source: Tensor, target: Tensor, box: Tensor, style: Tensor, ignore: Optional[Tensor] = None
+) -> dict[str, Tensor]:
+    """Every criterion of the module docstring, [B] bool each (``closer`` is True where ``style`` is False);
+    ``ignore``: pixels the outside criterion leaves out (:func:`regions`)."""
+    r = regions(source, target, box, ignore)
     right = matches(edit, target)
     diff = (edit.float() - target.float()).abs().mean(dim=1, keepdim=True)
     outside = torch.where(_count(r["outside"]) > 0, _count(diff * r["outside"]) / _count(r["outside"]).clamp(min=1), 0)
@@ -141,7 +148,8 @@ def edit_criteria(
     box: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Each criterion and ``success``, [B] float each: 1.0 passed, 0.0 failed, NaN where the sample has no
-    check, an unchecked task, or (for the criteria) a first-world check, which only gives ``success``.
+    check, an unchecked task, or (for the criteria) a first-world check, which only gives ``success``. A batch
+    with compositional samples also gets their per-region numbers (``train.eval.compose.REGION_METRICS``).
 
     ``checks[i]`` is sample i's ``check`` dict from its shard JSON, or None; ``box`` the coarse masks
     (default: the box around each fine mask, which is how the loader draws them).
@@ -150,7 +158,19 @@ def edit_criteria(
     if not (len(tasks) == len(checks) == b):
         raise ValueError(f"{b} edits, {len(tasks)} tasks and {len(checks)} checks: must match")
     out = {name: torch.full((b,), math.nan) for name in (*CRITERIA, "success")}
-    current = [i for i, (t, c) in enumerate(zip(tasks, checks)) if c is not None and c.get("version") == 2]
+    composed = [i for i, (t, c) in enumerate(zip(tasks, checks)) if t == "compose" and c is not None]
+    if composed:
+        from train.eval import compose  # imported here: it builds on this module's criteria
+
+        pick = torch.tensor(composed)
+        result = compose.compose_criteria(
+            edit[pick], source[pick], target[pick], fine_mask[pick], [checks[i] for i in composed]
+        )
+        for name in (*CRITERIA, "success", *compose.REGION_METRICS):  # the last only in batches with compose
+            out.setdefault(name, torch.full((b,), math.nan))[pick] = result[name]
+    current = [
+        i for i, (t, c) in enumerate(zip(tasks, checks)) if c is not None and c.get("version") == 2 and t != "compose"
+    ]
     if current:
         pick = torch.tensor(current)
         boxes = (box if box is not None else box_of(fine_mask))[pick]

@@ -291,6 +291,8 @@ def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[di
         "mask_iou": mask_iou_per_sample(iou_mask.float().cpu(), fine),
         "success": judged["success"],
         **{f"fail_{c}": 1.0 - judged[c] for c in CRITERIA},
+        # compositional samples' per-region numbers (train.eval.compose.REGION_METRICS), where the batch has any
+        **{k: v for k, v in judged.items() if k not in CRITERIA and k != "success"},
     }
 
 

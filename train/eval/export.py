@@ -32,7 +32,7 @@ import tempfile
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -100,7 +100,7 @@ def read_checkpoint_tensors(tag_dir: str, ema: bool = False) -> dict[str, Tensor
     """
     raw = _raw_config(tag_dir)
     ep_size = int(raw.model.experts.ep_size)
-    num_experts = len(raw.model.experts.enabled)
+    num_experts = 1 if raw.model.experts.get("kind") == "one_lora" else len(raw.model.experts.enabled)
     if ema:
         return _read_ema(tag_dir, ep_size, num_experts // ep_size)
     module_file = os.path.join(tag_dir, MODEL_STATES)
@@ -219,8 +219,12 @@ def read_export(path: str) -> tuple[dict[str, Tensor], DictConfig]:
     return tensors, cfg
 
 
-def load_for_inference(checkpoint: str, device: str = "cpu", ema: bool = False) -> tuple[nn.Module, DictConfig]:
-    """Model with trained weights from a checkpoint dir (run dir / tag dir) or an exported file."""
+def load_for_inference(
+    checkpoint: str, device: str = "cpu", ema: bool = False, intervention: Optional[str] = None
+) -> tuple[nn.Module, DictConfig]:
+    """Model with trained weights from a checkpoint dir (run dir / tag dir) or an exported file.
+    ``intervention``: the model's ``router.intervention`` set so (moe/intervention.py), validated with the
+    rest of the model config before anything is built or read; None keeps the checkpoint's own."""
     if os.path.isfile(checkpoint):
         if ema:
             raise WeightsError(
@@ -233,6 +237,10 @@ def load_for_inference(checkpoint: str, device: str = "cpu", ema: bool = False) 
         tag_dir = resolve_checkpoint(checkpoint)
         cfg = checkpoint_config(tag_dir)
         tensors, source = read_checkpoint_tensors(tag_dir, ema=ema), tag_dir
+    if intervention is not None:
+        with read_write(cfg):  # a checkpoint's config is read-only: this one key changes, in this copy
+            OmegaConf.update(cfg, "model.router.intervention", intervention, force_add=True)
+        OmegaConf.to_object(cfg.model).validate()  # a bad name fails here, naming model.router.intervention
     model = build_inference_model(cfg, device="cpu")
     if not os.path.isfile(checkpoint):
         tensors = trainable_tensors(model, tensors, source)
