@@ -45,8 +45,7 @@ from PIL import Image
 from data import world
 from data.schema import REGION_ROLES, bbox_from_mask
 from data.shards import EditRecord
-from data.synthetic import CHECK_VERSION, SPLIT_IDS
-from data.world import COLORS, FINISHES, SHAPES, Obj, object_phrase
+from data.world import CHECK_VERSION, COLORS, FINISHES, SHAPES, SPLIT_IDS, Obj, object_phrase
 
 SEPARATION = 1 / 16  # the smallest gap between the two boxes, as a fraction of the side: one token at 128 px
 MIN_VISIBLE = 0.6  # an edited object shows at least this share of its shape (not mostly covered)

@@ -40,16 +40,14 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from data import world, world_v1
+from data import compose, world, world_v1
 from data.shards import EditRecord, brace_pattern, record_to_sample, write_shards
-from data.world import COLORS, FINISHES, SHAPES, STYLES, object_phrase  # noqa: F401 (the world's names)
+from data.world import CHECK_VERSION, COLORS, FINISHES, SHAPES, SPLIT_IDS, STYLES, object_phrase  # noqa: F401 (the world's names)
 
 EDIT_KINDS = ["recolor", "remove", "replace", "add", "style"]
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SPLITS = tuple(SPLIT_IDS)
 WORLDS = ("v2", "v1")
 EDITS = ("single", "compose")  # one edit per sample (this module), or two in two regions (data.compose)
-CHECK_VERSION = 2
 DEFAULT_COUNTS = {"train": 10000, "val": 200, "test": 400}  # what `make data` writes
 SAMPLES_PER_SHARD = 1000
 
@@ -85,8 +83,6 @@ def make_sample(
     if edits == "compose":
         if world_name != "v2":
             raise ValueError(f"compositional edits are drawn in world v2, not {world_name!r}")
-        from data import compose  # imported here: data.compose imports this module's split ids
-
         return compose.make_sample(seed, split, index, size)
     if edits != "single":
         raise ValueError(f"unknown edits {edits!r} (known: {', '.join(EDITS)})")

@@ -46,6 +46,8 @@ STYLES = {
     "grayscale": "convert the image to grayscale",
 }
 MIN_R, MAX_R = 0.11, 0.20  # object radius as a fraction of the image side
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}  # each split draws from its own random stream
+CHECK_VERSION = 2  # the ``check`` field of this world's samples (checker v2; the first world's has none)
 MAX_OVERLAP = 0.25  # two objects' centres are at least (1 - MAX_OVERLAP) x (r1 + r2) apart
 
 Obj = dict  # {"shape", "color", "finish", "cx", "cy", "r"}: centre and radius as fractions of the side

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.eval.edit_success import dilate, regions
+from train.eval.criteria import dilate, regions
 
 BASELINES = ("do_nothing", "paint_bucket", "paint_bucket_target_colour", "copy_reference", "noise", "oracle")
 RING_PX = 2

@@ -39,7 +39,7 @@ from data import world
 from data.compose import separation_px
 from data.schema import REGION_ROLES
 from train.eval.baselines import WHITE, copy_reference
-from train.eval.edit_success import CRITERIA, box_of, criteria, dilate, dilation_px, matches
+from train.eval.criteria import CRITERIA, box_of, criteria, dilate, dilation_px, matches
 
 ROLES = REGION_ROLES  # ("text", "reference"): the order of the check's regions and of the batch's labels
 BLEEDS = ("colour_into_text", "pattern_into_text", "colour_into_reference", "pattern_into_reference")
