@@ -79,6 +79,10 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
     keep: int = 3  # keep the last K complete checkpoints (and the one `best` names, whatever its age)
+    # write checkpoints beside the training: the state is copied to host memory at the step boundary (pinned
+    # memory from a GPU; one checkpoint's share of this rank), a thread writes it, and the checkpoint is
+    # committed once every rank has written its files. false: the step loop waits for the disk
+    async_save: bool = True
     dir: Optional[str] = None  # default: <run dir>/checkpoints
     # the held-out metric (a name from VAL_METRICS, e.g. val/success_mean or val/flow_loss) that the `best`
     # pointer follows; null = no `best`. A checkpoint competes when the evaluation ran at its step (multiples

@@ -239,6 +239,8 @@ class Trainer:
                     break
                 result = self.train_step()
             self.step = result.step
+            self.watchdog.phase(f"step {self.step}: checkpoint commit")
+            self.ckpt.poll(self.step)  # a checkpoint written beside the training is committed once all have it
             self.record(result)
             self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
             self.replicas.maybe_check(self.step)
@@ -246,11 +248,13 @@ class Trainer:
                 self.ckpt.maybe_save(self.engine, self.step, self.loader, self.parts.ema, self._metrics_at(self.step))
                 or self.last_ckpt
             )
+            self._log_checkpoints()
         self.watchdog.phase(f"step {self.step}: final checkpoint")
-        self.last_ckpt = (
+        self.last_ckpt = (  # and waits for every write: the process may exit after this
             self.ckpt.save_final(self.engine, self.step, self.loader, self.parts.ema, self._metrics_at(self.step))
             or self.last_ckpt
         )
+        self._log_checkpoints()
         self.logger.print(
             ("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
             f"{self.last_ckpt}, {self.guard.total} skipped steps"
@@ -365,7 +369,14 @@ class Trainer:
         if self.replicas is not None:
             self.replicas.check(step)
 
+    def _log_checkpoints(self) -> None:
+        """A line and TensorBoard scalars for each checkpoint committed since the last call."""
+        for report in self.ckpt.reports():
+            self.logger.checkpoint_saved(report)
+
     def close(self) -> None:
+        if getattr(self, "ckpt", None) is not None:
+            self.ckpt.close()
         self.watchdog.close()
         self.preempt.restore()
         if self.logger is not None:
