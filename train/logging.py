@@ -157,7 +157,7 @@ def checkpoint_console_line(report: Any) -> str:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3f} MB"
 
 
 def val_console_line(step: int, m: dict[str, float]) -> str:

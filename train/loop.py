@@ -154,11 +154,14 @@ class Trainer:
         model, compiled = self._build_model(model_factory)
         seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
         resumed = self._resume(found, loader_factory)
+        space = self.ckpt.space_report(self.engine, found, self.parts.ema is not None)
         self.val_batch = None
         if cfg.logging.images_every:
             with rng_untouched():
                 self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.parts.dtype)
         self._start_logging(model, found, resumed, compiled)
+        for line in space:
+            self.logger.print(line)
         self.guard = StepGuard(cfg.guards.max_consecutive_skips)
         self.batches = iter(self.loader)
 

@@ -68,7 +68,14 @@ from train.checkpoint.disk import (
 from train.checkpoint.layout import capture_layout
 from train.checkpoint.resume import Found, Resumed, find_checkpoint, load_converted, load_native
 from train.checkpoint.snapshot import snapshot, storage_bytes
-from train.checkpoint.space import GB, gathered, write_error
+from train.checkpoint.space import (
+    GB,
+    checkpoint_bytes,
+    estimate_for_engine,
+    gathered,
+    space_lines,
+    write_error,
+)
 from train.checkpoint.writer import RankWrites, free_bytes, save_torch, through_engine
 from train.config import CheckpointConfig, TrainConfig, checkpoint_dir
 from train.contracts import Resumable
@@ -404,6 +411,18 @@ class Checkpointer:
         for t in os.listdir(self.dir):  # stale temporaries from killed saves
             if t.startswith(TMP_PREFIX):
                 shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
+
+    # ---------------------------------------------------------------- space
+    def space_report(self, engine: Any, found: Optional[Found], ema: bool) -> list[str]:
+        """Collective: the size of a checkpoint and the free space of the checkpoint folder, and a warning when
+        it holds fewer than two checkpoints. The size is the resumed checkpoint's, or (before the first save)
+        estimated from the trainable and optimizer state (``space.estimate_checkpoint_bytes``)."""
+        size = checkpoint_bytes(found.path) if found is not None and not found.portable else None
+        how = f"the size of {found.tag}" if size else "estimated from the trainable and optimizer state"
+        if size is None:
+            module = engine.module
+            size = estimate_for_engine(module, self.dist.world_size, self.ep_size, self.zero_stage, ema)
+        return space_lines(self.dir, size, how)
 
     # ---------------------------------------------------------------- load
     def find(self, resume: Optional[str]) -> Optional[Found]:

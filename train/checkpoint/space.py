@@ -32,7 +32,10 @@ class CheckpointWriteError(RuntimeError):
 
 
 def gb(n: Optional[float]) -> str:
-    return "unknown" if n is None else f"{n / GB:.2f} GB"
+    """Bytes as GB (MB below 0.1 GB, where the tests' checkpoints are)."""
+    if n is None:
+        return "unknown"
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.3f} MB"
 
 
 def checkpoint_bytes(path: str) -> Optional[int]:
@@ -46,20 +49,26 @@ def checkpoint_bytes(path: str) -> Optional[int]:
         return None
 
 
+TRAIN_STATE_BYTES = 16_000  # each rank's train_state file beyond its EMA: RNG states, loader position
+
+
 def estimate_checkpoint_bytes(
     dense: int, experts: int, world_size: int, ep_size: int, zero_stage: int, weight_bytes: int, ema: bool
 ) -> int:
-    """About the bytes of one checkpoint of every rank, before any was written.
+    """About the bytes of one checkpoint of every rank, before any was written (DeepSpeed 0.19.8's layout).
 
     ``dense``: trainable elements outside the experts (the same on every rank); ``experts``: the experts'
     trainable elements over one expert-parallel group (all experts once). Weights are written once at
-    their dtype; AdamW's two fp32 moments once (partitioned under ZeRO 1/2; at ZeRO 0 each expert-parallel
-    rank's optimizer file holds the dense moments again); ZeRO 1/2 and bf16 keep fp32 master weights
-    beside them; the EMA (fp32) is written by every rank for the weights it holds."""
+    their dtype. AdamW's two fp32 moments: under ZeRO 1/2 once (partitioned), beside fp32 master weights;
+    at ZeRO 0 every expert-parallel rank's optimizer file holds the dense moments with its experts', and
+    the model file (rank 0) all of rank 0's again. The EMA (fp32) is written by every rank for the weights
+    it holds. The tests hold it within 15% of what the tiny stand-in model writes."""
     master = 4 if (zero_stage > 0 or weight_bytes < 4) else 0
-    dense_optimizer_copies = 1 if zero_stage > 0 else ep_size
-    total = (dense + experts) * weight_bytes
-    total += (dense * dense_optimizer_copies + experts) * (8 + master)
+    if zero_stage > 0:
+        moments = dense + experts
+    else:
+        moments = dense * (ep_size + 1) + experts + experts // ep_size
+    total = (dense + experts) * weight_bytes + moments * (8 + master) + world_size * TRAIN_STATE_BYTES
     if ema:
         total += 4 * (dense * world_size + experts * world_size // ep_size)
     return int(total)
@@ -79,17 +88,19 @@ def estimate_for_engine(module: torch.nn.Module, world_size: int, ep_size: int, 
     return estimate_checkpoint_bytes(dense, experts, world_size, ep_size, zero_stage, weight_bytes, ema)
 
 
-def space_warning(directory: str, size: int, how: str) -> Optional[str]:
-    """A line when the free space of ``directory`` holds fewer than two checkpoints of ``size`` bytes
-    (a save writes the new checkpoint before it prunes an old one), else None."""
+def space_lines(directory: str, size: int, how: str) -> list[str]:
+    """What a run prints at start about its checkpoints' space: their size and the free space, and a warning
+    when the free space holds fewer than two of them (a save writes the new checkpoint before it prunes an
+    old one)."""
     free = free_bytes(directory)
-    if free is None or free >= 2 * size:
-        return None
-    return (
-        f"warning: {os.path.abspath(directory)} has {gb(free)} free, fewer than two checkpoints of about "
-        f"{gb(size)} ({how}): a save will fail for lack of space unless space is freed or checkpoint.dir "
-        "points elsewhere"
-    )
+    where = os.path.abspath(directory)
+    lines = [f"checkpoint space: about {gb(size)} per checkpoint ({how}); {gb(free)} free in {where}"]
+    if free is not None and free < 2 * size:
+        lines.append(
+            f"warning: {where} has {gb(free)} free, fewer than two checkpoints of about {gb(size)}: a save will "
+            "fail for lack of space unless space is freed or checkpoint.dir points elsewhere"
+        )
+    return lines
 
 
 def write_error(
