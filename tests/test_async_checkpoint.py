@@ -7,6 +7,7 @@ space are each shown to keep ``latest`` on a complete checkpoint, and resumed ru
 """
 
 import glob
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 from tests.helpers.faults import Faults
 from tests.helpers.train_harness import read_losses, read_records, run_ranks, start_ranks, wait_for_step
 from train.checkpoint import verify_complete
+from train.checkpoint.snapshot import snapshot, storage_bytes
 
 pytestmark = pytest.mark.multiprocess
 RUN = [
@@ -32,6 +34,42 @@ RUN = [
 TAGS = ("step00000002", "step00000004", "step00000006")
 
 
+class _LossScaler:  # an object of the kind ZeRO's optimizer state holds, with a tensor inside
+    def __init__(self) -> None:
+        self.cur_scale = torch.tensor(2.0**16)
+        self.steps = 3
+
+
+def _saved(state) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def test_a_snapshot_is_what_torch_save_writes_of_the_state_at_that_moment():
+    flat = torch.randn(70)  # ZeRO keeps fp32 partitions as views of one flat buffer
+    state = {
+        "partitions": [flat[:40], flat[40:64]],
+        "flat": flat,
+        "param": torch.nn.Parameter(torch.randn(3, 4)),
+        "transposed": torch.arange(12.0).view(3, 4).t(),
+        "ids": torch.arange(5),
+        "scaler": _LossScaler(),
+        "step": 7,
+        "name": "adamw",
+    }
+    before = _saved(state)
+    snap = snapshot(state)
+    assert snap.ready is None  # nothing came from a GPU
+    with torch.no_grad():  # the training goes on and changes the state in place
+        flat.mul_(2)
+        state["param"].add_(1)
+        state["scaler"].cur_scale.add_(1)
+    state["scaler"].steps = 4
+    assert _saved(snap.state) == before  # byte for byte: values, storage sharing, objects
+    assert snap.nbytes == storage_bytes(state) == 4 * (70 + 12 + 12 + 1) + 8 * 5
+
+
 def _ckpts(run):
     return os.path.join(run, "toy", "checkpoints")
 
@@ -43,9 +81,10 @@ def _latest(run):
 
 @pytest.fixture(scope="module")
 def asynchronous(tmp_path_factory):
-    """The uninterrupted run, checkpoints written beside the training (the default)."""
+    """The uninterrupted run, checkpoints written beside the training (the default). Each file takes 0.1 s
+    more to write and each step 0.4 s, so the files are written while the next steps change the state."""
     run = str(tmp_path_factory.mktemp("async"))
-    ranks = run_ranks(2, run, RUN)
+    ranks = run_ranks(2, run, RUN, faults=Faults(slow_write_s=0.1, step_sleep_s=0.4))
     return run, ranks.output(0)
 
 
@@ -80,6 +119,8 @@ def test_each_save_reports_blocked_and_write_time_and_size(asynchronous):
     for line, tag in zip(lines, TAGS):
         m = re.search(pattern, line)
         assert m, line
+        blocked, written = float(m.group(1)), float(m.group(2))
+        assert written >= 0.5 and (tag == TAGS[-1] or blocked < written / 2), line  # the last one: the run's end
         with open(os.path.join(_ckpts(run), tag, "complete.json")) as f:
             size = sum(json.load(f)["files"].values())
         assert float(m.group(3)) == pytest.approx(size / 1e6, abs=1e-3)  # every rank's files
@@ -159,3 +200,36 @@ def test_a_full_disk_on_one_rank_stops_every_rank_naming_it(tmp_path, asynchrono
     resumed = run_ranks(2, run, overrides, resume="auto", tag="resume")  # space freed: it goes on
     assert "resumed from step00000002 at step 2" in resumed.output()
     assert _latest(run) == "step00000006"
+
+
+def _can_mount_tmpfs() -> bool:
+    """A private mount namespace with a tmpfs (``unshare -rm``: as root, or where user namespaces are allowed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="cannot mount a tmpfs in a private mount namespace here")
+def test_a_real_full_tmpfs_warns_at_start_then_stops_with_the_clear_error(tmp_path):
+    """A 480 kB tmpfs as run.dir: it holds one checkpoint of the stand-in (0.3 MB) but not two. The run warns at
+    start, writes checkpoint 1, and stops at checkpoint 2 with torch's own failure of a full disk named."""
+    mount, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+    os.makedirs(mount)
+    script = 'mount -t tmpfs -o size=480k tmpfs "$0" && { "$@"; rc=$?; cp -a "$0"/. "$0.after"; exit $rc; }'
+    overrides = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep=1", "logging.images_every=0"]
+    ranks = start_ranks(1, logs, overrides + [f"run.dir={mount}"], prefix=["unshare", "-rm", "sh", "-c", script, mount])
+    codes = ranks.wait(180)
+    out = ranks.output(0)
+    assert codes == [7], ranks.report(codes)
+    assert re.search(r"warning: \S+ has [\d.]+ MB free, fewer than two checkpoints of about [\d.]+ MB", out), out
+    line = next(x for x in out.splitlines() if x.startswith("checkpoint not written: "))
+    assert "checkpoint step00000002 could not be written: the disk is full" in line, line
+    assert "'latest' still names step00000001" in line
+    after = mount + ".after"
+    assert _latest(after) == "step00000001" and verify_complete(os.path.join(_ckpts(after), "step00000001")) is None
+    resumed = run_ranks(1, after, overrides, resume="auto", tag="resume")  # on a disk with room it goes on
+    assert "resumed from step00000001 at step 1" in resumed.output()
