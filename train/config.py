@@ -63,6 +63,15 @@ class StepsConfig:
     # otherwise bound by the host issuing ~10K kernels, docs/PERF.md) | max-autotune |
     # max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # inductor's caches (compiled graphs and kernels) for this run: null = <run dir>/compile_cache, so a
+    # resumed or requeued run on another node reuses what the first compiled (TORCHINDUCTOR_CACHE_DIR, when
+    # set in the environment, wins)
+    compile_cache_dir: Optional[str] = None
+    # build the model under the training device: random-init parts (frozen parts without a weights folder,
+    # the trainable parts) are drawn there instead of on the CPU and then moved; weights from local folders
+    # are read on the CPU either way. On a GPU, random-init frozen parts then differ from the CPU-built ones
+    # that launch/export.py, launch/eval.py and launch/edit.py rebuild: false for such a run you will evaluate
+    init_on_device: bool = True
     # ZeRO 1/2 gradient buckets (elements) and overlap of their reduction with the backward; null = on with GPUs
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000

@@ -110,6 +110,12 @@ class MetricLogger:
         self.writer.flush()
         self.print(val_console_line(step, metrics))
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars to TensorBoard as they are (rank 0; no console line)."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
     def checkpoint_saved(self, report: Any) -> None:
         """A committed checkpoint (``train.checkpoint.SaveReport``): its console line, and TensorBoard scalars at
         its step: ``checkpoint/blocked_s`` (the step loop's time in it), ``checkpoint/write_s``,
