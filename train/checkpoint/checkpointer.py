@@ -179,9 +179,10 @@ class Checkpointer:
     def maybe_save(
         self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> Optional[str]:
-        """Save at every ``checkpoint.every``-th step; the path written, or None."""
+        """Start a save at every ``checkpoint.every``-th step (committed later with ``checkpoint.async_save``);
+        the path the checkpoint has once committed, or None."""
         if step % self.every == 0:
-            return self.save(engine, step, loader, ema, metrics)
+            return self.start_save(engine, step, loader, ema, metrics)
         return None
 
     def save_final(
@@ -190,11 +191,19 @@ class Checkpointer:
         """Save at the end of a run (done or preempted) unless this step is already saved, and wait until
         every save is committed: the process may exit after this."""
         self.step = step
-        path = None if self.saved_step == step else self.save(engine, step, loader, ema, metrics)
+        path = None if self.saved_step == step else self.start_save(engine, step, loader, ema, metrics)
         self.wait()
         return path
 
     def save(
+        self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
+    ) -> str:
+        """Collective: write checkpoint ``step`` and commit it; returns its path once committed."""
+        path = self.start_save(engine, step, loader, ema, metrics)
+        self.wait()
+        return path
+
+    def start_save(
         self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> str:
         """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0): at once, or
