@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 
 from bench.common import environment as bench_environment  # noqa: E402
 from bench.common import run_logged  # noqa: E402
+from data.synthetic import written_patterns  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 GRID = os.path.join(ROOT, "configs", "ablations.yaml")
@@ -94,14 +95,15 @@ def train_command(variant: str, seed: int, overrides: list[str], args: argparse.
         f"run.seed={seed}",
         f"data.seed={seed}",
         f"train.steps={args.steps}",
+        "train.time_budget_s=0",  # every arm trains the same steps: a paired comparison, not one of speed
         f"train.micro_batch={args.micro_batch}",
         f"checkpoint.every={every}",
         f"checkpoint.keep={args.steps // every + 1}",
         f"logging.eval_every={every}",
         "logging.images_every=0",
         "logging.progress_bar=false",
-        f"data.train_shards={args.data}/train-{{000000..000007}}.tar",
-        f"data.val_shards={args.data}/val-{{000000..000000}}.tar",
+        f"data.train_shards={written_patterns(args.data)['train']}",
+        f"data.val_shards={written_patterns(args.data)['val']}",
         *args.set,
         *overrides,
     ]
@@ -121,7 +123,7 @@ def run_job(variant: str, seed: int, overrides: list[str], args: argparse.Namesp
     logs = os.path.join(args.out, "logs")
     ckpts = os.path.join(args.out, "runs", name, "checkpoints")
     eval_dir, routing_dir = os.path.join(args.out, "eval", name), os.path.join(args.out, "routing", name)
-    val = f"{args.data}/val-{{000000..000000}}.tar"
+    val = written_patterns(args.data)["val"]
     t0 = time.time()
     _run(train_command(variant, seed, overrides, args), os.path.join(logs, f"{name}.train.log"))
     t1 = time.time()

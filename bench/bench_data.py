@@ -68,7 +68,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        pats = write_synthetic(tmp, train=a.samples, val=0, size=512, samples_per_shard=a.samples // 4, progress=False)
+        pats = write_synthetic(
+            tmp, train=a.samples, val=0, test=0, size=512, samples_per_shard=a.samples // 4, progress=False
+        )
         gen_s = time.perf_counter() - t
         t = time.perf_counter()
         rep = cache_shards(

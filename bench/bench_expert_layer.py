@@ -2,14 +2,16 @@
 DeepSpeed MoE. Forward + backward, bf16, 4 experts, top-3, hidden 3072 (FLUX width).
 
     python bench/bench_expert_layer.py [--tokens 4096 16384] [--ranks 16 64] [--iters 10] [--compile] [--graphs]
-        [--autotune] [--profile] [--only REGEX]
+        [--autotune] [--profile] [--only REGEX] [--check]
 
 Prints one JSON line per case and a short table last. Ratios are measured in the same run, the cases
 timed in interleaved rounds (``bench.common.time_interleaved``). ``--graphs`` adds the cases that trace
 whole as CUDA graphs, compared with the graphed dense layer: without launch gaps, and replaying in
 their own memory pool, they gave the steadiest ratios (docs/history/perf-log.md, 17:01 entry).
 ``--profile`` adds each case's kernel statistics: the device-busy time (no host launch gaps) and
-the kernel count, which tell a GPU-bound gap from a host-bound one.
+the kernel count, which tell a GPU-bound gap from a host-bound one. ``--check`` compares the outputs and
+gradients of our grouped FFN cases (the fused path and its reference, eager and as timed, compiled and
+graphed) with the per-expert loop in float32 on the same weights and inputs (``check`` lines).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.common import emit, environment, gap_stats, kernel_stats, profiled, time_interleaved  # noqa: E402
-from moe.dispatch import AllToAllDispatcher, DenseDispatcher, _slots_by_expert  # noqa: E402
+from moe.dispatch import AllToAllDispatcher, DenseDispatcher, GroupedDispatcher  # noqa: E402
 from moe.expert_layer import CareMoE  # noqa: E402
-from moe.experts import FfnExpert, LoraExpert, packed_width  # noqa: E402
+from moe.experts import FfnExpert, LoraExpert, packed_width, stacked_for_grouped_mm  # noqa: E402
+from moe.permute import slots_by_expert  # noqa: E402
 from moe.router import topk_routing  # noqa: E402
 
 D, FFN, E, K, CTX = 3072, 12288, 4, 3, 64
@@ -102,6 +105,11 @@ def main() -> None:
         "its Triton grouped-GEMM template): @autotune, and with --graphs @autotune_graphs",
     )
     p.add_argument("--only", default="", help="regex: run only the cases it matches (and their references)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also compare the grouped FFN paths' outputs and gradients with the float32 per-expert loop",
+    )
     args = p.parse_args()
     mc = (lambda f: torch.compile(f)) if args.compile else (lambda f: f)  # noqa: E731
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # as the model sets it
@@ -127,7 +135,7 @@ def main() -> None:
             return torch.compile(run, fullgraph=dispatcher.host_sync_free(experts), **(how or {}))
 
         if "ffn" in args.kinds:
-            rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype, r.index)
+            rows += ffn_cases(args, s, x, packed, ours, mc, dev, dtype, r)
         if "lora" not in args.kinds:
             continue
         # LoRA-sized experts
@@ -163,10 +171,12 @@ def main() -> None:
         print(f"| {rec['experts']} | {rec['tokens']} | {rec['case']} | {rec['median_ms']:.3f} | {ratio:.2f} |")
 
 
-def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict]:
-    """FFN-sized experts: ours (loop and grouped GEMM), the dense layer of the same FLOPs, stock
-    DeepSpeed, and the floor of the per-expert loop: the same expert GEMMs on equal contiguous
-    slices of S*K rows, without routing, gathers, conditions or the combine."""
+def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, routing) -> list[dict]:
+    """FFN-sized experts: ours (loop, grouped GEMM and the fused grouped dispatcher), the dense layer of
+    the same FLOPs, stock DeepSpeed, and the floors: the same expert GEMMs without routing, gathers,
+    conditions, biases or the combine (per-expert loop on equal slices; grouped, with the weights stored
+    stacked or stacked per call as our layer must)."""
+    index = routing.index
     frozen = Mlp(D, FFN)
     ffn_experts = [FfnExpert(n, D, CTX, frozen.proj_in, frozen.proj_out) for n in NAMES]
     floor_mlps = [Mlp(D, FFN).to(dev, dtype) for _ in NAMES]
@@ -182,7 +192,7 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
     offs = (torch.arange(1, E + 1, device=dev) * (s * K) // E).to(torch.int32)  # E near-equal groups of all rows
     # the group sizes our layer gets from the routing: they end in partial tiles, where equal groups of
     # S*K/E rows (3,072 or 12,288) are whole tiles
-    routed_offs = _slots_by_expert(index, E)[3][:E].cumsum(0).to(torch.int32)  # as the dispatcher counts them
+    routed_offs = slots_by_expert(index, E)[3][:E].cumsum(0).to(torch.int32)  # as the dispatcher counts them
 
     def floor_grouped(rows, offs=offs):
         h = F.gelu(torch._grouped_mm(rows, stacked_in.transpose(1, 2), offs=offs), approximate="tanh")
@@ -191,16 +201,34 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
     def floor_grouped_routed(rows):
         return floor_grouped(rows, routed_offs)
 
+    def floor_grouped_stacked_per_call(rows):
+        """The grouped GEMMs with routed sizes and each expert's weights stacked per call, as our layer
+        must (the experts keep their own parameters): what no fusion around the GEMMs removes."""
+        w_in = stacked_for_grouped_mm([m.proj_in.weight for m in floor_mlps])  # noqa: F821 (deleted after use)
+        h = F.gelu(torch._grouped_mm(rows, w_in, offs=routed_offs), approximate="tanh")
+        w_out = stacked_for_grouped_mm([m.proj_out.weight for m in floor_mlps])  # noqa: F821
+        return torch._grouped_mm(h, w_out, offs=routed_offs)
+
+    checked = {}  # our grouped cases (for --check): name -> (their experts, the function timed)
+    for name, dispatcher in [
+        ("ours_ffn_grouped_gemm", AllToAllDispatcher(1, 0, True)),
+        ("ours_ffn_fused", GroupedDispatcher()),
+    ]:
+        experts = [_copy(e) for e in ffn_experts]
+        checked[name] = (experts, ours(experts, dispatcher))
+
     cases = {
         "dense_same_flops": fwd_bwd(mc(Mlp(D, K * FFN).to(dev, dtype)), x),
         "ours_ffn_alltoall": fwd_bwd(ours(ffn_experts, AllToAllDispatcher(1, 0)), packed),
-        "ours_ffn_grouped_gemm": fwd_bwd(ours([_copy(e) for e in ffn_experts], AllToAllDispatcher(1, 0, True)), packed),
+        "ours_ffn_grouped_gemm": fwd_bwd(checked["ours_ffn_grouped_gemm"][1], packed),
+        "ours_ffn_fused": fwd_bwd(checked["ours_ffn_fused"][1], packed),
         "floor_expert_gemms_only": fwd_bwd(mc(floor), slots),
         "deepspeed_stock_ffn": fwd_bwd(stock_moe(Mlp(D, FFN)).to(dev, dtype), x[None]),
     }
     if dtype == torch.bfloat16:  # grouped GEMMs take bf16 only
         cases["floor_grouped_gemms_stacked_weights"] = fwd_bwd(mc(floor_grouped), slots)
         cases["floor_grouped_gemms_routed_sizes"] = fwd_bwd(mc(floor_grouped_routed), slots)
+        cases["floor_grouped_gemms_stacked_per_call"] = fwd_bwd(mc(floor_grouped_stacked_per_call), slots)
     if dev.type == "cuda":
         # do the per-expert GEMMs leave the GPU partly idle (each GEMM's last wave)? The loop floor
         # eager, on one stream and with the experts alternating between two streams
@@ -233,19 +261,27 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
             cases[f"floor_grouped_gemms_routed_sizes@{suffix}"] = wrap(
                 compiled(_own_code(floor_grouped_routed)), slots, [stacked_in, stacked_out]
             )
+            cases[f"floor_grouped_gemms_stacked_per_call@{suffix}"] = wrap(
+                compiled(_own_code(floor_grouped_stacked_per_call)), slots, floor_params
+            )
             if "autotune" in suffix:
                 # torch 2.11 fails to compile it: autotuning picked a Triton kernel for a row-major
                 # weight stack, code generation froze the stack K-major, and Triton rejected the kernel
                 # ("Tensor descriptor last dim must be 1"; docs/history/perf-log.md, 20:09 entry)
                 continue
-            grouped_experts = [_copy(e) for e in ffn_experts]
-            cases[f"ours_ffn_grouped_gemm@{suffix}"] = wrap(
-                ours(grouped_experts, AllToAllDispatcher(1, 0, True), how),
-                packed,
-                [q for e in grouped_experts for q in e.parameters()],
-            )
+            for name, dispatcher in [
+                ("ours_ffn_grouped_gemm", AllToAllDispatcher(1, 0, True)),
+                ("ours_ffn_fused", GroupedDispatcher()),
+            ]:
+                experts = [_copy(e) for e in ffn_experts]
+                checked[f"{name}@{suffix}"] = (experts, ours(experts, dispatcher, how))
+                cases[f"{name}@{suffix}"] = wrap(
+                    checked[f"{name}@{suffix}"][1], packed, [q for e in experts for q in e.parameters()]
+                )
     cases = _selected(args, cases)
     res, breaks = _timed(args, cases)
+    if args.check:
+        check_paths({n: checked[n] for n in cases if n in checked}, packed, routing, ffn_experts, s)
     _profile(args, cases, tokens=s, experts="ffn")
     rows = []
     for name, t in res.items():
@@ -264,6 +300,67 @@ def ffn_cases(args, s: int, x, packed, ours, mc, dev, dtype, index) -> list[dict
     del ffn_experts, floor_mlps, cases
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return rows
+
+
+CHECK_TOL = 2e-2  # relative L2 error of a bf16 path against float32 (as tests/test_grouped_experts.py)
+
+
+def check_paths(checked: dict, packed, routing, experts, tokens: int) -> None:
+    """Each timed grouped case (as timed: compiled, graphed) and the same dispatcher run eagerly on its
+    experts, against the per-expert loop in float32 on the same weights: output, packed-row gradient
+    and every parameter gradient of ``sum(out * g)`` for a fixed random g. One ``check`` line each."""
+    index, weight = routing.index, routing.weight
+    ref_experts = [_copy(e).float() for e in experts]
+    grad_out = torch.randn(
+        packed.shape[0], D, device=packed.device, generator=torch.Generator(packed.device).manual_seed(1)
+    )
+    ref = _outputs_and_grads(
+        lambda p: AllToAllDispatcher(1, 0)(p, index, weight, ref_experts),
+        packed.detach().float().requires_grad_(),
+        ref_experts,
+        grad_out,
+    )
+    for name, (case_experts, timed) in checked.items():
+        dispatcher = GroupedDispatcher() if "fused" in name else AllToAllDispatcher(1, 0, True)
+        runs = {"eager": lambda p, d=dispatcher, ex=case_experts: d(p, index, weight, ex), "as_timed": timed}
+        for how, fn in runs.items():
+            got = _outputs_and_grads(fn, packed, case_experts, grad_out, graphs="graphs" in name and how == "as_timed")
+            errs = {k: _rel(got[k], ref[k]) for k in ref}
+            worst = max((k for k in errs if k.startswith("param:")), key=errs.get)
+            emit(
+                {
+                    "check": name,
+                    "run": how,
+                    "tokens": tokens,
+                    "rel_out": errs["out"],
+                    "rel_packed_grad": errs["packed_grad"],
+                    "rel_param_grad_max": errs[worst],
+                    "worst_param": worst,
+                    "tolerance": CHECK_TOL,
+                    "ok": all(v < CHECK_TOL for v in errs.values()),
+                }
+            )
+
+
+def _outputs_and_grads(fn, inp, experts, grad_out, graphs: bool = False) -> dict:
+    params = {f"param:{e.name}.{n}": q for e in experts for n, q in e.named_parameters()}
+    tensors = [inp, *params.values()]
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    for t in tensors:
+        t.grad = None
+    out = fn(inp)
+    out = out[0] if isinstance(out, tuple) else out
+    (out.float() * grad_out).sum().backward()
+    got = {"out": out.detach().float().clone(), "packed_grad": inp.grad.float().clone()}
+    got |= {k: q.grad.float().clone() for k, q in params.items()}
+    for t in tensors:
+        t.grad = None
+    return got
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _reference(reference: str, case: str) -> str:

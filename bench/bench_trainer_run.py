@@ -80,7 +80,7 @@ CHECKPOINT = re.compile(
 def write_data(folder: str, size: int, train: int, val: int) -> tuple[str, str]:
     """Synthetic edit shards at ``size`` px (written once per folder); (train pattern, val pattern)."""
     cmd = [sys.executable, "-m", "data.synthetic", "--out", folder, "--size", str(size), "--train", str(train)]
-    cmd += ["--val", str(val), "--samples-per-shard", "50", "--if-absent"]
+    cmd += ["--val", str(val), "--test", "0", "--samples-per-shard", "50", "--if-absent"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     with open(os.path.join(folder, "synthetic.json")) as f:
         patterns = json.load(f)["patterns"]

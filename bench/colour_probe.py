@@ -7,7 +7,7 @@
 Each recolor and add sample (``make the red circle blue``, ``add a blue square``) is edited once per
 palette colour, with the instruction's colour word replaced by it, from the same noise. Every pixel
 of the edit region (the fine mask) is classified as the nearest palette colour within the success
-checker's radius (``train.eval.edit_success.COLOR_RADIUS``), or none. Printed: one row per requested
+checker's match distance (``train.eval.edit_success.MATCH``), or none. Printed: one row per requested
 colour, the share of the region's pixels of each palette colour and of none. An editor that reads
 the word has a heavy diagonal; one that ignores it has identical rows; one that is unsure paints
 mixed colours, which land in the last column. Ends with one JSON line (the matrix and its diagonal).
@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from data.synthetic import COLORS  # noqa: E402
-from train.eval import COLOR_RADIUS, iterate_heldout, load_for_inference, to_unit  # noqa: E402
+from train.eval import MATCH as COLOR_RADIUS  # noqa: E402
+from train.eval import iterate_heldout, load_for_inference, to_unit  # noqa: E402
 
 PROBED_TASKS = ("recolor", "add")
 

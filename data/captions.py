@@ -4,12 +4,13 @@ The edit set (:mod:`data.synthetic`) needs a base model that already knows its w
 photographs before anyone fine-tunes it to edit. The generator knows every object it draws, so each
 scene comes with an exact caption::
 
-    "a red circle, a blue square and a green triangle"
-    "a yellow triangle and a black circle, with inverted colors"      (a styled scene)
-    "a cyan square on a white background"                              (a reference-style image)
+    "a red striped circle, a blue shaded square and a green checkered ring"
+    "a yellow shaded triangle and a pink striped cross, with inverted colors"   (a styled scene)
+    "a cyan checkered diamond on a white background"                            (a reference-style image)
 
-Scenes are drawn with the edit set's own pieces (background, shapes, palette, styles) and sizes, at
-128 px, then resized with the loader's filter, so the base sees the same pixels the editor will.
+Scenes are drawn with the edit set's own world (:mod:`data.world`: backgrounds, shapes, finishes,
+palette, styles) and sizes, at 128 px, then resized with the loader's filter, so the base sees the
+same pixels the editor will.
 Everything is a function of (seed, index): a dataset of N scenes is the same on any machine.
 
 :data:`VOCABULARY` lists every word the generator writes, in captions and in edit instructions;
@@ -24,10 +25,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
-from data.synthetic import COLORS, SHAPES, STYLES, _new_obj, _style, background, render
+from data import world
 
 RENDER_SIZE = 128  # the edit set's shard resolution; scenes are resized from it like shard images
-STYLE_SUFFIX = {"invert": "with inverted colors", "sepia": "in sepia", "posterize": "posterized"}
+STYLE_SUFFIX = {"invert": "with inverted colors", "sepia": "in sepia", "grayscale": "in grayscale"}
 P_STYLE = 0.15  # share of styled scenes (the edit set's style task transforms whole images)
 P_REFERENCE = 0.15  # share of single objects on white (what a reference image looks like)
 
@@ -35,34 +36,17 @@ P_REFERENCE = 0.15  # share of single objects on white (what a reference image l
 # append only, so a rebuilt tokenizer keeps the ids of a base trained before).
 VOCABULARY: list[str] = (
     ["a", "an", "and", ",", "on", "white", "background", "with", "inverted", "colors", "in", "sepia", "posterized"]
-    + list(COLORS)
-    + SHAPES
-    + [
-        "make",
-        "the",
-        "remove",
-        "replace",
-        "object",
-        "reference",
-        "image",
-        "add",
-        "invert",
-        "of",
-        "apply",
-        "filter",
-        "posterize",
-        "to",
-    ]
+    + ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "black", "circle", "square", "triangle"]
+    + ["make", "the", "remove", "replace", "object", "reference", "image", "add", "invert", "of", "apply"]
+    + ["filter", "posterize", "to"]
+    + ["pink", "diamond", "cross", "ring", "striped", "checkered", "shaded", "convert", "grayscale"]
 )
-
-
-def object_phrase(obj: dict) -> str:
-    return f"a {obj['color']} {obj['kind']}"
+assert set(world.COLORS) | set(world.SHAPES) | set(world.FINISHES) <= set(VOCABULARY)
 
 
 def caption(objs: list[dict], style: str | None = None, on_white: bool = False) -> str:
     """The caption of a scene: its objects from left to right, joined as English lists are."""
-    phrases = [object_phrase(o) for o in sorted(objs, key=lambda o: o["cx"])]
+    phrases = [world.a_or_an(world.object_phrase(o)) for o in sorted(objs, key=lambda o: o["cx"])]
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if on_white:
         text += " on a white background"
@@ -73,24 +57,18 @@ def caption(objs: list[dict], style: str | None = None, on_white: bool = False) 
 
 def make_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, str]:
     """Scene ``index`` of the pretraining set: (uint8 image [size, size, 3], caption)."""
-    rng = np.random.default_rng([seed, 7, index])  # 7: a stream apart from the edit set's splits
+    rng = np.random.default_rng([seed, 7, index, 2])  # 7: apart from the edit set's splits; 2: this world
     kind = rng.uniform()
     if kind < P_REFERENCE:  # one object, centred and large, on white: like a reference image
-        obj = _new_obj(rng, [], RENDER_SIZE, set())
-        obj = dict(obj, cx=RENDER_SIZE / 2, cy=RENDER_SIZE / 2, r=RENDER_SIZE * 0.3)
-        img, text = render(np.full((RENDER_SIZE, RENDER_SIZE, 3), 255.0), [obj]), caption([obj], on_white=True)
+        obj = world.on_white(world.new_object(rng, []))
+        img, text = world.render(None, [obj], RENDER_SIZE), caption([obj], on_white=True)
     else:
-        bg = background(rng, RENDER_SIZE)
-        objs: list[dict] = []
-        for _ in range(int(rng.integers(1, 5))):  # 1-4 objects: edits add to and remove from 2-3
-            o = _new_obj(rng, objs, RENDER_SIZE, {(p["color"], p["kind"]) for p in objs})
-            if o is not None:
-                objs.append(o)
-        img = render(bg, objs)
+        bg, objs = world.scene(rng, 1, 4)  # 1-4 objects: edits add to and remove from 2-4
+        img = world.render(bg, objs, RENDER_SIZE)
         style = None
         if kind < P_REFERENCE + P_STYLE:
-            style = list(STYLES)[int(rng.integers(len(STYLES)))]
-            img = _style(img, style)
+            style = list(world.STYLES)[int(rng.integers(len(world.STYLES)))]
+            img = world.apply_style(img, style)
         text = caption(objs, style)
     if size != RENDER_SIZE:
         img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))

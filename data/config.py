@@ -7,8 +7,17 @@ type-checks it; :meth:`DataConfig.validate` rejects values that would fail later
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import List
+
+# Shards of the sealed test split are named ``test-*`` (data.synthetic writes them so): final tables only.
+SEALED_TEST = re.compile(r"(^|[/\\{,:])test-")
+
+
+def names_sealed_test_split(pattern: str) -> bool:
+    """True when a shard pattern names a shard of the sealed test split (a file name starting ``test-``)."""
+    return bool(SEALED_TEST.search(pattern))
 
 
 @dataclass
@@ -35,6 +44,9 @@ class DataConfig:
         def bad(key: str, why: str) -> None:
             raise ValueError(f"data.{key}={getattr(self, key)!r}: {why}")
 
+        for key in ("train_shards", "val_shards"):
+            if names_sealed_test_split(getattr(self, key)):
+                bad(key, "names the sealed test split (test-*): no training or in-run evaluation reads it")
         if self.image_size <= 0 or self.image_size % 8:
             bad("image_size", "must be a positive multiple of 8 (VAE downsampling)")
         for b in self.buckets:

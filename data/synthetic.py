@@ -1,190 +1,69 @@
-"""A procedural edit set: the embedded default data and the test fixture.
+"""The synthetic edit set: the embedded default data, the benchmark, and the test fixture.
 
-Scenes are a textured gradient background with 2-3 non-overlapping shapes (circle, square,
-triangle) in named colours, each (colour, shape) pair unique in its scene so instructions are
-unambiguous. Edits, with exact fine masks::
+Scenes come from :mod:`data.world` (patterned objects of six shapes on textured backgrounds). Edits,
+each with an exact fine mask (the edited object's visible pixels)::
 
-    recolor  "make the red circle blue"           mask = the object
-    remove   "remove the green square"            mask = the object
-    replace  "replace the blue triangle with the object in the reference image"
-                                                  mask = old | new object; ref = new object on white
-    add      "add a yellow circle"                mask = the new object
-    style    "invert the colors of the image" / sepia / posterize      mask = the whole image
+    recolor  "make the red striped circle blue"            the object keeps its shape and finish
+    remove   "remove the green checkered square"           the background's texture continues under it
+    replace  "replace the blue shaded triangle with the object in the reference image"
+                                                           ref = the new object (shape, colour, finish) on white
+    add      "add a yellow striped diamond"                where the user's box says
+    style    "invert the colors of the image" / sepia / grayscale        mask = the whole image
 
-Each sample's JSON also holds a ``check`` field: what the target must contain (the new colour, the
-removed object's colour, the style), which ``train.eval.edit_success`` uses to say whether an edit
-succeeded.
+Each sample's JSON holds a ``check`` field (``version: 2``) that the success checker
+(``train.eval.edit_success``) and the model-free baseline editors (``train.eval.baselines``) read: the colour
+the instruction names, the old object's colour, the style.
 
-Everything is a function of (seed, split, index), so a sample does not depend on how many were
-generated, and the train and val splits use disjoint seeds and key prefixes.
+Splits: ``train``, ``val`` (tuning: in-run evaluation, guidance sweeps, ablations) and ``test`` (the
+sealed split the final tables report, read by nothing that trains or tunes). Every sample is a pure
+function of (seed, split, index): the splits draw from disjoint streams and key prefixes, and a sample
+does not depend on how many were written. ``--world v1`` writes the first world (:mod:`data.world_v1`)
+exactly as before.
 
-    python -m data.synthetic --out DIR [--train 2000] [--val 200] [--size 128] [--seed 0] [--if-absent]
+    python -m data.synthetic --out DIR [--train 10000] [--val 200] [--test 400] [--size 128] [--seed 0]
+        [--world v2|v1] [--workers N] [--if-absent]
 
-writes ``DIR/train-NNNNNN.tar`` and ``DIR/val-NNNNNN.tar`` through :func:`data.shards.write_shards`
-(the writer real data uses) and prints the brace patterns.
+writes ``DIR/{train,val,test}-NNNNNN.tar`` through :func:`data.shards.write_shards` (the writer real
+data uses), rendering in ``--workers`` processes, and prints the brace patterns.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
-from data.shards import EditRecord, write_shards
+from data import world, world_v1
+from data.shards import EditRecord, brace_pattern, record_to_sample, write_shards
+from data.world import COLORS, FINISHES, SHAPES, STYLES, object_phrase  # noqa: F401 (the world's names)
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 215, 40),
-    "purple": (140, 50, 180),
-    "orange": (245, 140, 30),
-    "cyan": (40, 210, 220),
-    "black": (20, 20, 20),
-}
-SHAPES = ["circle", "square", "triangle"]
 EDIT_KINDS = ["recolor", "remove", "replace", "add", "style"]
-STYLES = {
-    "invert": "invert the colors of the image",
-    "sepia": "apply a sepia filter to the image",
-    "posterize": "posterize the image",
-}
-SPLIT_IDS = {"train": 0, "val": 1}
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+SPLITS = tuple(SPLIT_IDS)
+WORLDS = ("v2", "v1")
+CHECK_VERSION = 2
+DEFAULT_COUNTS = {"train": 10000, "val": 200, "test": 400}  # what `make data` writes
+SAMPLES_PER_SHARD = 1000
 
 
-def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Boolean HxW mask of a shape of 'radius' r centred at (cx, cy)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    if kind == "circle":
-        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-    if kind == "square":
-        return (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
-    # upward triangle inscribed in the circle of radius r
-    top, base = cy - r, cy + r * 0.6
-    half = (yy - top) / (base - top) * r * 0.95
-    return (yy >= top) & (yy <= base) & (np.abs(xx - cx) <= half)
-
-
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A two-colour gradient with a soft stripe texture (float HxWx3 in 0..255)."""
-    c0, c1 = rng.uniform(90, 230, 3), rng.uniform(90, 230, 3)
-    ang = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    t = np.clip(0.5 + (xx - 0.5) * np.cos(ang) + (yy - 0.5) * np.sin(ang), 0, 1)[..., None]
-    img = c0 * (1 - t) + c1 * t
-    freq, phase = rng.uniform(3, 9), rng.uniform(0, 2 * np.pi)
-    stripes = 10 * np.sin(2 * np.pi * freq * (xx * np.cos(ang + 1) + yy * np.sin(ang + 1)) + phase)
-    return img + stripes[..., None]
-
-
-def _place(rng, objs, size, r):
-    for _ in range(50):
-        cx, cy = rng.uniform(r + 2, size - r - 2, 2)
-        if all((cx - o["cx"]) ** 2 + (cy - o["cy"]) ** 2 > (r + o["r"] + 3) ** 2 for o in objs):
-            return cx, cy
-    return None
-
-
-def _new_obj(rng, objs, size, taken):
-    r = rng.uniform(0.09, 0.16) * size
-    pos = _place(rng, objs, size, r)
-    free = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken]
-    if pos is None or not free:
-        return None
-    color, kind = free[rng.integers(len(free))]
-    return dict(kind=kind, color=color, cx=pos[0], cy=pos[1], r=r)
-
-
-def render(bg: np.ndarray, objs: list[dict]) -> np.ndarray:
-    img = bg.copy()
-    for o in objs:
-        img[shape_mask(o["kind"], o["cx"], o["cy"], o["r"], bg.shape[0])] = COLORS[o["color"]]
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _style(img: np.ndarray, style: str) -> np.ndarray:
-    x = img.astype(np.float32)
-    if style == "invert":
-        out = 255 - x
-    elif style == "sepia":
-        m = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32)
-        out = x @ m.T
-    else:
-        out = np.floor(x / 64) * 64 + 32
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def _color_check(name: str, prefix: str = "") -> dict:
+def _rgb(name: str, prefix: str = "") -> dict:
     return {f"{prefix}color": name, f"{prefix}rgb": list(COLORS[name])}
 
 
-def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecord:
-    """The sample ``index`` of ``split``: a pure function of its arguments.
-
-    The JSON's ``check`` field says what the target must contain, for ``train.eval.edit_success``:
-    ``color``/``rgb`` (0..255) and ``shape`` of the object the target gains (recolor, add, replace),
-    ``old_color``/``old_rgb`` (and ``old_shape``) of the one it loses (recolor, remove, replace),
-    ``style`` for a style edit.
-    """
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-    bg = background(rng, size)
-    objs: list[dict] = []
-    for _ in range(int(rng.integers(2, 4))):
-        o = _new_obj(rng, objs, size, {(p["color"], p["kind"]) for p in objs})
-        if o is not None:
-            objs.append(o)
-    src = render(bg, objs)
-    kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
-    taken = {(p["color"], p["kind"]) for p in objs}
-    ref = None
-    target = objs[int(rng.integers(len(objs)))]
-    name = f"{target['color']} {target['kind']}"
-    old_mask = shape_mask(target["kind"], target["cx"], target["cy"], target["r"], size)
-    pres = ["background"]
-    if kind == "add":
-        new = _new_obj(rng, objs, size, taken)
-        if new is None:  # crowded scene: fall back to a recolor (still deterministic)
-            kind = "recolor"
-        else:
-            tgt = render(bg, objs + [new])
-            mask = shape_mask(new["kind"], new["cx"], new["cy"], new["r"], size)
-            instruction = f"add a {new['color']} {new['kind']}"
-            pres = ["background", "layout"]
-            check = dict(_color_check(new["color"]), shape=new["kind"])
-    if kind == "recolor":
-        colors = [c for c in COLORS if c != target["color"] and (c, target["kind"]) not in taken]
-        color = colors[int(rng.integers(len(colors)))]
-        tgt = render(bg, [dict(o, color=color) if o is target else o for o in objs])
-        mask, instruction = old_mask, f"make the {name} {color}"
-        pres = ["background", "structure"]
-        check = dict(_color_check(color), **_color_check(target["color"], "old_"), shape=target["kind"])
-    elif kind == "remove":
-        tgt = render(bg, [o for o in objs if o is not target])
-        mask, instruction = old_mask, f"remove the {name}"
-        check = dict(_color_check(target["color"], "old_"), old_shape=target["kind"])
-    elif kind == "replace":
-        choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken and s != target["kind"]]
-        color, shape = choices[int(rng.integers(len(choices)))]
-        new = dict(target, color=color, kind=shape)
-        tgt = render(bg, [new if o is target else o for o in objs])
-        mask = old_mask | shape_mask(shape, new["cx"], new["cy"], new["r"], size)
-        ref = render(np.full_like(bg, 255.0), [dict(new, cx=size / 2, cy=size / 2, r=size * 0.3)])
-        instruction = f"replace the {name} with the object in the reference image"
-        check = dict(
-            _color_check(color), shape=shape, **_color_check(target["color"], "old_"), old_shape=target["kind"]
-        )
-    elif kind == "style":
-        style = list(STYLES)[int(rng.integers(len(STYLES)))]
-        tgt = _style(src, style)
-        mask, instruction = np.ones((size, size), bool), STYLES[style]
-        pres = ["layout", "structure"]
-        check = dict(style=style)
+def _record(key: str, src, tgt, mask, instruction: str, kind: str, check: dict, ref=None) -> EditRecord:
+    pres = {
+        "recolor": ["background", "structure"],
+        "add": ["background", "layout"],
+        "style": ["layout", "structure"],
+    }.get(kind, ["background"])
     return EditRecord(
-        key=f"syn{seed}-{split}-{index:07d}",
+        key=key,
         src=Image.fromarray(src),
         tgt=Image.fromarray(tgt),
         ref=Image.fromarray(ref) if ref is not None else None,
@@ -193,31 +72,108 @@ def make_sample(seed: int, split: str, index: int, size: int = 128) -> EditRecor
         task=kind,
         tags={"scope": "global" if kind == "style" else "local", "type": kind, "preservation": pres},
         source="synthetic",
-        extra={"check": check},
+        extra={"check": dict(check, version=CHECK_VERSION)},
     )
 
 
-def generate(seed: int, split: str, n: int, size: int = 128) -> Iterator[EditRecord]:
+def make_sample(seed: int, split: str, index: int, size: int = 128, world_name: str = "v2") -> EditRecord:
+    """Sample ``index`` of ``split``: a pure function of its arguments."""
+    if world_name == "v1":
+        return world_v1.make_sample(seed, split, index, size)
+    if world_name != "v2":
+        raise ValueError(f"unknown world {world_name!r} (known: {', '.join(WORLDS)})")
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index, 2])  # 2: a stream apart from world v1's
+    bg, objs = world.scene(rng)
+    src = world.render(bg, objs, size)
+    kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+    key = f"syn{seed}-{split}-{index:07d}"
+    i = int(rng.integers(len(objs)))
+    old = objs[i]
+    if kind == "add":
+        new = world.new_object(rng, objs)
+        if new is None:  # a crowded scene: a recolor instead (still deterministic)
+            kind = "recolor"
+        else:
+            after = objs + [new]
+            check = dict(_rgb(new["color"]), shape=new["shape"], finish=new["finish"])
+            mask = world.visible_mask(after, len(objs), size)
+            return _record(
+                key, src, world.render(bg, after, size), mask, f"add {world.a_or_an(object_phrase(new))}", kind, check
+            )
+    if kind == "style":
+        style = list(STYLES)[int(rng.integers(len(STYLES)))]
+        full = np.ones((size, size), bool)
+        return _record(key, src, world.apply_style(src, style), full, STYLES[style], kind, dict(style=style))
+    name = object_phrase(old)
+    old_check = dict(_rgb(old["color"], "old_"), old_shape=old["shape"], old_finish=old["finish"])
+    if kind == "recolor":
+        taken = {(o["color"], o["shape"]) for o in objs}
+        colors = [c for c in COLORS if c != old["color"] and (c, old["shape"]) not in taken]
+        color = colors[int(rng.integers(len(colors)))]
+        after = [dict(o, color=color) if j == i else o for j, o in enumerate(objs)]
+        check = dict(_rgb(color), shape=old["shape"], finish=old["finish"], **old_check)
+        mask = world.visible_mask(objs, i, size)
+        return _record(key, src, world.render(bg, after, size), mask, f"make the {name} {color}", kind, check)
+    if kind == "remove":
+        after = objs[:i] + objs[i + 1 :]
+        mask = world.visible_mask(objs, i, size)
+        return _record(key, src, world.render(bg, after, size), mask, f"remove the {name}", kind, old_check)
+    # replace: a new shape, colour and finish in the old object's place, shown by the reference image
+    new = world.new_object(rng, [o for j, o in enumerate(objs) if j != i], avoid_shape=old["shape"])
+    new = dict(new or world.new_object(rng, [], avoid_shape=old["shape"]), cx=old["cx"], cy=old["cy"], r=old["r"])
+    after = [new if j == i else o for j, o in enumerate(objs)]
+    mask = world.visible_mask(objs, i, size) | world.visible_mask(after, i, size)
+    ref = world.render(None, [world.on_white(new)], size)
+    check = dict(_rgb(new["color"]), shape=new["shape"], finish=new["finish"], **old_check)
+    instruction = f"replace the {name} with the object in the reference image"
+    return _record(key, src, world.render(bg, after, size), mask, instruction, "replace", check, ref=ref)
+
+
+def generate(seed: int, split: str, n: int, size: int = 128, world_name: str = "v2") -> Iterator[EditRecord]:
     for i in range(n):
-        yield make_sample(seed, split, i, size)
+        yield make_sample(seed, split, i, size, world_name)
+
+
+BLOCK = 64  # samples a worker renders and encodes per task
+
+
+def _encoded_block(args: tuple[int, str, int, int, int, str]) -> list[dict]:
+    seed, split, start, count, size, world_name = args
+    return [record_to_sample(make_sample(seed, split, i, size, world_name)) for i in range(start, start + count)]
+
+
+def encoded_samples(seed: int, split: str, n: int, size: int, world_name: str, workers: int) -> Iterator[dict]:
+    """Samples 0..n-1 of ``split`` as tar members, in order, rendered and encoded in ``workers`` processes."""
+    if workers <= 1:
+        yield from (record_to_sample(r) for r in generate(seed, split, n, size, world_name))
+        return
+    blocks = [(seed, split, s, min(BLOCK, n - s), size, world_name) for s in range(0, n, BLOCK)]
+    # spawn, not fork: a caller may have started torch's threads already
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for block in pool.map(_encoded_block, blocks, chunksize=4):
+            yield from block
 
 
 def write_synthetic(
     out: str,
-    train: int = 2000,
-    val: int = 200,
+    train: int = DEFAULT_COUNTS["train"],
+    val: int = DEFAULT_COUNTS["val"],
     size: int = 128,
     seed: int = 0,
-    samples_per_shard: int = 250,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
     if_absent: bool = False,
     progress: bool = True,
+    test: int = DEFAULT_COUNTS["test"],
+    world_name: str = "v2",
+    workers: int = 1,
 ) -> dict[str, str]:
-    """Write both splits; returns ``{"train": brace pattern, "val": brace pattern}``.
+    """Write every split with a count above 0; returns ``{split: brace pattern}``.
 
     With ``if_absent``, returns at once when ``out/synthetic.json`` records the same arguments and
-    every shard it lists exists.
+    every shard it lists exists (``workers`` does not change what is written, so it is not compared).
     """
-    args = dict(train=train, val=val, size=size, seed=seed, samples_per_shard=samples_per_shard)
+    args = dict(train=train, val=val, test=test, size=size, seed=seed, samples_per_shard=samples_per_shard)
+    args["world"] = world_name
     summary_path = os.path.join(out, "synthetic.json")
     if if_absent and os.path.isfile(summary_path):
         with open(summary_path) as f:
@@ -225,11 +181,11 @@ def write_synthetic(
         if summary.get("args") == args and all(os.path.isfile(s) for s in summary["shards"]):
             return summary["patterns"]
     patterns, shards = {}, []
-    for split, n in (("train", train), ("val", val)):
+    for split, n in (("train", train), ("val", val), ("test", test)):
         if n <= 0:
             continue
         rep = write_shards(
-            generate(seed, split, n, size),
+            encoded_samples(seed, split, n, size, world_name, workers),
             out,
             prefix=split,
             max_count=samples_per_shard,
@@ -245,17 +201,34 @@ def write_synthetic(
     return patterns
 
 
+def written_patterns(out: str) -> dict[str, str]:
+    """``{split: brace pattern}`` of the set :func:`write_synthetic` wrote into ``out`` (its synthetic.json),
+    or, before anything is written there, of the set its defaults (``make data``) will write."""
+    path = os.path.join(out, "synthetic.json")
+    if not os.path.isfile(path):
+        return {split: brace_pattern(out, split, -(-n // SAMPLES_PER_SHARD)) for split, n in DEFAULT_COUNTS.items()}
+    with open(path) as f:
+        return json.load(f)["patterns"]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="Write the synthetic edit set as shards.")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--val", type=int, default=200)
+    ap.add_argument("--train", type=int, default=DEFAULT_COUNTS["train"])
+    ap.add_argument("--val", type=int, default=DEFAULT_COUNTS["val"])
+    ap.add_argument(
+        "--test", type=int, default=DEFAULT_COUNTS["test"], help="the sealed test split (final tables only)"
+    )
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples-per-shard", type=int, default=250)
+    ap.add_argument("--world", default="v2", choices=WORLDS, help="v1: the first world, as it was")
+    ap.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD)
+    ap.add_argument("--workers", type=int, default=1, help="rendering processes (the output does not change)")
     ap.add_argument("--if-absent", action="store_true", help="do nothing if these shards exist")
     a = ap.parse_args(argv)
-    pats = write_synthetic(a.out, a.train, a.val, a.size, a.seed, a.samples_per_shard, a.if_absent)
+    pats = write_synthetic(
+        a.out, a.train, a.val, a.size, a.seed, a.samples_per_shard, a.if_absent, True, a.test, a.world, a.workers
+    )
     for split, pat in pats.items():
         print(f"{split}: {pat}")
 

@@ -63,8 +63,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument(
         "--keep-outside-box",
-        action="store_true",
-        help="the sampler keeps the image outside the mask's box (an inpainting-style constraint)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the sampler keeps the image outside the mask's box, an inpainting-style constraint "
+        "(default: the recipe's model.sampling.keep_outside_box)",
     )
     p.add_argument("--refined-mask-out", default=None)
     p.add_argument("--routing-map-out", default=None)
@@ -323,9 +325,9 @@ def run_edit(
     image_guidance: Optional[float],
     seed: int,
     device: str,
-    keep_outside_box: bool = False,
+    keep_outside_box: Optional[bool] = None,
 ):
-    """``model.edit`` with a seeded generator on ``device`` (same seed -> same edit)."""
+    """``model.edit`` with a seeded generator on ``device`` (same seed -> same edit); None: the recipe's."""
     g = torch.Generator(device=device).manual_seed(seed)
     return model.edit(
         batch.to(device, model.dtype),

@@ -9,9 +9,11 @@ says what the target must contain, as data/synthetic.py writes them), L1, L2, L1
 the fine mask, refined-mask IoU, expert utilisation per task; CLIP-I and CLIP-T with ``--clip``
 (transformers CLIPModel + CLIPProcessor), DINO with ``--dino`` (AutoModel + AutoImageProcessor),
 from local folders only. Metrics whose encoder is not given are listed as skipped, on the console
-and in the JSON. Success, L1 and mask IoU also come for two baselines on the same samples:
-do-nothing (the source returned) and oracle (the target returned). Prints a table of the model
-and baseline rows; writes ``eval.json`` and the plot ``eval.png`` into ``--out``.
+and in the JSON. Success, its failed criteria, L1 and mask IoU also come for the editors that need no
+model on the same samples (train/baselines.py: do-nothing, paint bucket, copy-the-reference, noise)
+and the oracle (the target returned). Prints a table of the model and baseline rows and why the
+model's edits failed; writes ``eval.json`` (with the split: ``test`` for the sealed test split's
+``test-*`` shards, which final tables report; tune on ``val``) and the plot ``eval.png`` into ``--out``.
 
 With a run's checkpoint directory: ``--tag best`` (or ``latest``, ``step<N>``) evaluates that checkpoint;
 ``--all-checkpoints`` evaluates every complete checkpoint the run kept, ``--tags a,b,c`` the listed ones,
@@ -49,8 +51,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--image-guidance", type=float, default=None, help="default: the recipe's model.sampling")
     p.add_argument(
         "--keep-outside-box",
-        action="store_true",
-        help="the sampler keeps the source outside each sample's box (an inpainting-style constraint)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the sampler keeps the source outside each sample's box, an inpainting-style constraint "
+        "(default: the recipe's model.sampling.keep_outside_box)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
@@ -62,6 +66,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     which.add_argument("--tags", default=None, help="comma-separated tags of a run: one table row per checkpoint")
     which.add_argument("--all-checkpoints", action="store_true", help="every complete checkpoint the run kept")
     return p.parse_args(argv)
+
+
+def split_of(pattern: str) -> str:
+    """ "test" for the sealed test split (shards named test-*), "val" for validation shards, else "other"."""
+    from data.config import names_sealed_test_split
+
+    if names_sealed_test_split(pattern):
+        return "test"
+    return "val" if "val-" in os.path.basename(pattern.split("::")[0]) else "other"
 
 
 def checkpoints_to_evaluate(args: argparse.Namespace) -> list[str]:
@@ -115,6 +128,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, encoders: obj
         on_batch=lambda n: print(f"  {n} samples ({time.time() - t0:.0f} s)", flush=True),
     )
     result.update(checkpoint=os.path.abspath(checkpoint), data=args.data, seconds=round(time.time() - t0, 1))
+    result["split"] = split_of(args.data)
     return result
 
 
@@ -148,6 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot_results(result, os.path.join(args.out, "eval.png"))
     print(json.dumps(result["metrics"], indent=1))
     print(format_table(result))
+    print(f"split: {result['split']} ({args.data})")
     print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.png ({result['num_samples']} samples)")
     return 0
 

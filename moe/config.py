@@ -118,6 +118,11 @@ class RouterConfig:
     attn_dim: int = 64  # query/key width of the router's latent attention
     num_latents: int = 4  # learned latent queries summarising the task context
     noise_std: float = 0.0  # std of Gaussian noise on router logits during training (0 = off)
+    # the selected experts' combine weights: renormalized (the K probabilities rescaled to sum to 1) or
+    # probability (the softmax probabilities as they are, as the Switch Transformer does). At K = 1 a
+    # renormalised weight is always exactly 1, so the diffusion loss never reaches the router; auto takes
+    # probability at K = 1 and renormalized above it.
+    weights: str = "auto"
     # false (default): top-K over every expert for every sample; a missing reference is a learned
     # "absent" context that the Reference expert reads. true: experts whose condition is absent are
     # removed before the top-K (an ablation: a sample without a reference then has K of 3 to choose)
@@ -135,7 +140,10 @@ class ExpertsConfig:
     # over the experts). The layer's output then moves by O(init_std) at initialisation. 0 = identical.
     init_std: float = 1.0e-3
     ep_size: int = 1  # expert-parallel ranks (must divide the number of enabled experts)
-    dispatch: str = "auto"  # auto | dense (every expert on every token, sparse weights) | alltoall
+    # auto | dense (every expert on every token, sparse weights) | alltoall | grouped (ffn experts at ep_size 1:
+    # grouped GEMMs with the permutation fused into them; alltoall with grouped_gemm is its reference).
+    # auto: dense for lora and grouped for ffn (where grouped_gemm resolves on) at ep_size 1, else alltoall
+    dispatch: str = "auto"
     # ffn experts as torch._grouped_mm products (no per-expert loop; at ep_size 1 no host sync, so their
     # blocks trace whole and CUDA graphs take them). null = auto: on at ep_size 1. Used where supported
     # (bf16, sm90+ GPU or CPU); elsewhere the per-expert loop. On one H100 a run of configs/gpu_smoke.yaml
@@ -200,6 +208,10 @@ class SamplingConfig:
 
     text_guidance: float = 1.0
     image_guidance: float = 1.0
+    # the sampler keeps the source outside the user's box (after every step the latents there are the
+    # source's, noised to the step's time), as inpainting samplers do: outside the box the edit is the
+    # source, exactly with a lossless codec. An inference-time constraint, not a property of the weights.
+    keep_outside_box: bool = False
 
 
 @dataclass
@@ -290,12 +302,18 @@ def _validate_experts(ex: ExpertsConfig, ro: RouterConfig, names: list[str]) -> 
         _fail("experts.init_std", "must be >= 0")
     if ex.ep_size < 1 or n % ex.ep_size != 0:
         _fail("experts.ep_size", f"{ex.ep_size} must be >= 1 and divide the number of enabled experts ({n})")
-    if ex.dispatch not in ("auto", "dense", "alltoall"):
-        _fail("experts.dispatch", f"'{ex.dispatch}' is not one of auto, dense, alltoall")
-    if ex.dispatch == "dense" and ex.ep_size > 1:
-        _fail("experts.dispatch", "dense dispatch needs every expert on every rank (ep_size 1)")
+    if ex.dispatch not in ("auto", "dense", "alltoall", "grouped"):
+        _fail("experts.dispatch", f"'{ex.dispatch}' is not one of auto, dense, alltoall, grouped")
+    if ex.dispatch in ("dense", "grouped") and ex.ep_size > 1:
+        _fail("experts.dispatch", f"{ex.dispatch} dispatch needs every expert on every rank (ep_size 1)")
+    if ex.dispatch == "grouped" and ex.kind != "ffn":
+        _fail("experts.dispatch", "grouped dispatch runs ffn experts (experts.kind=ffn); lora experts take dense")
+    if ex.dispatch == "grouped" and ex.grouped_gemm is False:
+        _fail("experts.dispatch", "grouped dispatch runs grouped GEMMs, but experts.grouped_gemm is false")
     if ro.kind not in ("learned", "uniform", "static"):
         _fail("router.kind", f"'{ro.kind}' is not one of learned, uniform, static")
+    if ro.weights not in ("auto", "renormalized", "probability"):
+        _fail("router.weights", f"'{ro.weights}' is not one of auto, renormalized, probability")
     if not 1 <= ro.top_k <= n:
         _fail("router.top_k", f"{ro.top_k} must be between 1 and the number of enabled experts ({n})")
     if ro.noise_std < 0:

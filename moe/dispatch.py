@@ -17,12 +17,17 @@ router chose Base (the extra slot is then empty, -1), so each expert appears onc
   tokens: an editor must not drop pixels), runs each local expert once on its rows, sends the
   outputs back and combines. Rows move by permutations in both directions (no atomic scatter-add);
   with ep_size 1 that is one gather, the experts, one permutation back and an elementwise combine.
-  With ``grouped_gemm`` (the default at ep_size 1), FFN experts in bf16 run as grouped GEMMs
-  (:func:`moe.experts.grouped_ffn_forward`), at ep_size 1 without any host synchronisation (the group
-  sizes stay on the device), so it is the one FFN path CUDA graphs can take. Its shapes are static, so
-  empty slots are computed (by the last local expert) and zeroed: S*(K+1) rows where the per-expert
-  loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). Measured against the
-  per-expert loop and a dense layer of the same FLOPs: docs/PERF.md.
+  With ``grouped_gemm``, FFN experts in bf16 run as grouped GEMMs (:func:`moe.experts.grouped_ffn_forward`),
+  at ep_size 1 without any host synchronisation (the group sizes stay on the device). Its shapes are
+  static, so empty slots are computed (by the last local expert) and zeroed: S*(K+1) rows where the
+  per-expert loop computes only the used ones (S*K plus the tokens whose top-K lacks Base). At ep_size 1
+  this is the reference for the grouped dispatcher.
+* :class:`GroupedDispatcher` (FFN experts at ep_size 1, the default there) computes the same grouped
+  GEMMs with the permutation, the biases, the routing weights and the combine fused around them
+  (:func:`moe.grouped_ffn.fused_grouped_ffn`): no host synchronisation, so CUDA graphs take it. Where
+  grouped GEMMs do not run it falls back to the all-to-all dispatcher's per-expert loop.
+
+Measured against each other and a dense layer of the same FLOPs: docs/PERF.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import LoraExpert, fused_lora_forward, grouped_ffn_forward, grouped_ffn_supported
+from .grouped_ffn import fused_grouped_ffn
+from .permute import GatherSlots, PermuteRows, inverse_permutation, slots_by_expert
 from .router import dense_weights
 
 
@@ -87,76 +94,10 @@ class _VariableAllToAll(torch.autograd.Function):
         return back, None, None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` with inverse ``inverse``.
-
-    Autograd would take the gradient of a general row gather as a scatter-add (atomic adds, slow in
-    bf16 at these sizes); for a permutation it is the inverse gather.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _GatherSlots(torch.autograd.Function):
-    """The packed rows of the S*K routing slots in expert order: ``out[j] = x[order[j] // k]``.
-
-    Each token is read K times; its gradient is the inverse gather back to slot order, then a sum
-    over the token's K slots (no atomic scatter-add).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k, ctx.tokens = k, x.shape[0]
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        slots = grad.index_select(0, inverse)
-        return slots.view(ctx.tokens, ctx.k, slots.shape[1]).sum(1), None, None, None
-
-
-def _inverse_permutation(perm: Tensor) -> Tensor:
-    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
-
-
-def _slots_by_expert(index: Tensor, n_total: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Routing slots (S*K of them, slot = token * K + k) grouped by expert, unassigned ones (index -1) last.
-
-    Returns order [S*K] (slot ids in expert order), its inverse, the expert of each ordered slot
-    (n_total for unassigned) and counts [n_total + 1] (the last: unassigned slots).
-    """
-    flat = index.reshape(-1)
-    key = torch.where(flat >= 0, flat, n_total)
-    order = torch.argsort(key, stable=True)
-    return order, _inverse_permutation(order), key[order], _count_keys(key, n_total + 1)
-
-
-def _count_keys(key: Tensor, n: int) -> Tensor:
-    """How often each of 0..n-1 occurs in ``key`` -> [n] int64, a shape known before the data.
-
-    Not ``torch.bincount``: its output length depends on the data (max(key) + 1), so on CUDA it reads
-    the maximum back to the host, a device-to-host synchronisation in the middle of every expert layer,
-    and a traced graph gets a data-dependent size there (which CUDA graphs must split around). A
-    comparison with the n ids and a sum is one small reduction, without atomics.
-    """
-    ids = torch.arange(n, device=key.device, dtype=key.dtype)
-    return (key[None, :] == ids[:, None]).sum(1)
-
-
 def _combine(out_rows: Tensor, order: Tensor, inverse: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """Expert outputs [S*K, D] in expert order -> y [S, D] = sum_k weight[s, k] * out(slot s*K + k)."""
     s, k = index.shape
-    y = _PermuteRows.apply(out_rows, inverse, order).view(s, k, out_rows.shape[1])  # back to slot order
+    y = PermuteRows.apply(out_rows, inverse, order).view(s, k, out_rows.shape[1])  # back to slot order
     w = torch.where(index >= 0, weight, 0).to(y.dtype)
     # elementwise, not bmm: a [S, 1, K] x [S, K, D] batch of tiny products (and its gradient) takes
     # cuBLAS's slow batched path, 3.3 ms at 16K tokens on the H100 for ~0.3 ms of memory traffic
@@ -195,8 +136,8 @@ class AllToAllDispatcher:
         n_local = len(experts)
         n_total = n_local * self.ep_size
         s, k = index.shape
-        order, inverse, expert_of_slot, counts = _slots_by_expert(index, n_total)
-        rows = _GatherSlots.apply(packed, order, inverse, k)  # [S*K, W], unassigned slots last
+        order, inverse, expert_of_slot, counts = slots_by_expert(index, n_total)
+        rows = GatherSlots.apply(packed, order, inverse, k)  # [S*K, W], unassigned slots last
         grouped_gemm = self.grouped_gemm and grouped_ffn_supported(list(experts), rows.dtype, rows.device)
 
         if self.ep_size == 1 and grouped_gemm:  # no host round trip: group sizes stay on the device
@@ -221,8 +162,8 @@ class AllToAllDispatcher:
             by_expert = torch.argsort(
                 torch.repeat_interleave(local_of_chunk, src_chunks, output_size=rows.shape[0]), stable=True
             )
-            inverse_by_expert = _inverse_permutation(by_expert)
-            rows = _PermuteRows.apply(rows, by_expert, inverse_by_expert)
+            inverse_by_expert = inverse_permutation(by_expert)
+            rows = PermuteRows.apply(rows, by_expert, inverse_by_expert)
             local_counts = recv_counts.sum(0)
             local_host = [sum(col) for col in zip(*recv_host)]
         else:
@@ -237,17 +178,44 @@ class AllToAllDispatcher:
             chunks = rows.split(local_host, dim=0)
             out_rows = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)], dim=0)
         if self.ep_size > 1:
-            out_rows = _PermuteRows.apply(out_rows, inverse_by_expert, by_expert)
+            out_rows = PermuteRows.apply(out_rows, inverse_by_expert, by_expert)
             out_rows = _VariableAllToAll.apply(out_rows, send_splits, recv_splits, group)
         if n_assigned < s * k:
             out_rows = torch.cat([out_rows, out_rows.new_zeros(s * k - n_assigned, out_rows.shape[1])])
         return _combine(out_rows, order, inverse, index, weight)
 
 
+class GroupedDispatcher:
+    """FFN experts on one rank as grouped GEMMs with the permutation fused into them
+    (:func:`moe.grouped_ffn.fused_grouped_ffn`): the fast path, with ``AllToAllDispatcher(grouped_gemm=True)``
+    as its reference. Where grouped GEMMs do not run (float32, GPUs before sm90), ``fallback`` does."""
+
+    name = "grouped"
+    ep_size, ep_rank = 1, 0
+
+    def __init__(self, fallback: Optional[AllToAllDispatcher] = None):
+        self.fallback = fallback if fallback is not None else AllToAllDispatcher(1, 0)
+
+    def host_sync_free(self, experts: Sequence[nn.Module]) -> bool:
+        """True where the fused path runs: its group sizes stay on the device."""
+        p = next(experts[0].parameters())
+        return grouped_ffn_supported(list(experts), p.dtype, p.device)
+
+    def __call__(
+        self, packed: Tensor, index: Tensor, weight: Tensor, experts: Sequence[nn.Module], group: Optional[Any] = None
+    ) -> Tensor:
+        if not grouped_ffn_supported(list(experts), packed.dtype, packed.device):
+            return self.fallback(packed, index, weight, experts, group)
+        return fused_grouped_ffn(list(experts), packed, index, weight)
+
+
 def build_dispatcher(mode: str, expert_kind: str, ep_size: int, ep_rank: int, grouped_gemm: bool = False):
-    """``auto``: dense for low-rank experts on one rank, all-to-all otherwise (docs/DESIGN.md section 9)."""
-    if mode == "auto":
-        mode = "dense" if (expert_kind == "lora" and ep_size == 1) else "alltoall"
+    """``auto``: on one rank, dense for low-rank experts and grouped for FFN experts with grouped GEMMs on;
+    all-to-all otherwise (docs/DESIGN.md section 9)."""
+    if mode == "auto" and ep_size == 1:
+        mode = "dense" if expert_kind == "lora" else ("grouped" if grouped_gemm else "alltoall")
     if mode == "dense":
         return DenseDispatcher()
+    if mode == "grouped":
+        return GroupedDispatcher()
     return AllToAllDispatcher(ep_size, ep_rank, grouped_gemm)

@@ -94,14 +94,20 @@ class _Expert(nn.Module):
         w, b = self.full_condition_weight(packed.shape[1] - self.dim)
         return F.linear(packed[:, self.dim :], w, b)
 
-    def full_condition_weight(self, width: int) -> tuple[Tensor, Tensor]:
-        """The condition projection over all ``width`` condition columns: weight [out, width] (zero
-        outside the expert's columns) and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m,
-        a bias W and a weight -W on the m column."""
+    def own_condition_weight(self) -> tuple[Tensor, Tensor]:
+        """The condition projection on the expert's own columns as they are packed: weight [out, cond_width]
+        and bias [out]. The Base expert reads 1 - m: W (1 - m) = W - W m, a bias W and a weight -W on the
+        m column."""
         w = self.cond.weight  # [out, cond_width]
         bias = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         if self.name == "base":
             w, bias = torch.cat([w[:, :-1], -w[:, -1:]], dim=1), w[:, -1]
+        return w, bias
+
+    def full_condition_weight(self, width: int) -> tuple[Tensor, Tensor]:
+        """The condition projection over all ``width`` condition columns: weight [out, width] (zero
+        outside the expert's columns) and bias [out] (:meth:`own_condition_weight`)."""
+        w, bias = self.own_condition_weight()
         pieces, pos, col = [], 0, 0
         for lo, hi in self.cond_ranges:
             lo, hi = lo - self.dim, hi - self.dim
@@ -168,7 +174,7 @@ def fused_lora_forward(experts: list[LoraExpert], packed: Tensor, dense: Tensor)
     """
     d, r, n = experts[0].dim, experts[0].down.out_features, len(experts)
     rows, width = _aligned_rows(packed, d)
-    cond_w, cond_b = _condition_weights(experts, width)  # [E, width, r], [E, r]
+    cond_w, cond_b = condition_weights(experts, width)  # [E, width, r], [E, r]
     w_in = torch.cat(
         [
             torch.cat([e.down.weight for e in experts]),  # [E*r, D]
@@ -204,7 +210,7 @@ def _cuda_major(index) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _condition_weights(experts: list, width: int) -> tuple[Tensor, Tensor]:
+def condition_weights(experts: list, width: int) -> tuple[Tensor, Tensor]:
     """Every expert's full condition projection (:meth:`_Expert.full_condition_weight`) stacked:
     weights [E, width, out], biases [E, out]."""
     weights, biases = zip(*(e.full_condition_weight(width) for e in experts))
@@ -243,7 +249,7 @@ class _RowBias(torch.autograd.Function):
         return grad, grad_bias, None, None
 
 
-def _stacked_for_grouped_mm(weights: list[Tensor]) -> Tensor:
+def stacked_for_grouped_mm(weights: list[Tensor]) -> Tensor:
     """E Linear weights [out, in] -> the grouped GEMM's [E, in, out] operand, as a transposed view of their
     plain stack: the copy keeps each weight's own layout (a transposing copy cost 2.5 ms per call on the
     H100), and the gradient comes back in it, so each expert's slice needs no copy either."""
@@ -266,13 +272,13 @@ def grouped_ffn_forward(experts: list[FfnExpert], rows: Tensor, expert_of_row: T
         return _RowBias.apply(h, torch.stack(biases), expert_of_row, onehot)
 
     cond_in, width = _aligned_condition_columns(rows, d)
-    cond_w, cond_b = _condition_weights(experts, width)  # [E, width, D], [E, D]
+    cond_w, cond_b = condition_weights(experts, width)  # [E, width, D], [E, D]
     x = rows[:, :d] + _RowBias.apply(
         torch._grouped_mm(cond_in.contiguous(), cond_w, offs=offs), cond_b, expert_of_row, onehot
     )
-    w_in = _stacked_for_grouped_mm([e.proj_in.weight for e in experts])  # [E, D, F]
+    w_in = stacked_for_grouped_mm([e.proj_in.weight for e in experts])  # [E, D, F]
     h = F.gelu(biased(torch._grouped_mm(x, w_in, offs=offs), [e.proj_in.bias for e in experts]), approximate="tanh")
-    w_out = _stacked_for_grouped_mm([e.proj_out.weight for e in experts])  # [E, F, D]
+    w_out = stacked_for_grouped_mm([e.proj_out.weight for e in experts])  # [E, F, D]
     return biased(torch._grouped_mm(h, w_out, offs=offs), [e.proj_out.bias for e in experts])
 
 

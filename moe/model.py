@@ -361,12 +361,13 @@ class CareEditModel(nn.Module):
         text_guidance: Optional[float] = None,
         image_guidance: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
-        keep_outside_box: bool = False,
+        keep_outside_box: Optional[bool] = None,
     ) -> EditResult:
-        """Edit ``batch`` with the Euler sampler and guidance of ``moe/sampling.py``; a scale left as None is
-        the recipe's (``model.sampling``). ``keep_outside_box``: the source is kept outside the user's box,
-        as inpainting samplers do (off by default: an inference-time constraint; evaluations report both)."""
+        """Edit ``batch`` with the Euler sampler and guidance of ``moe/sampling.py``; a setting left as None
+        is the recipe's (``model.sampling``). ``keep_outside_box``: the source is kept outside the user's
+        box, as inpainting samplers do (an inference-time constraint)."""
         s = self.cfg.sampling
+        keep = s.keep_outside_box if keep_outside_box is None else keep_outside_box
         g = Guidance(
             text=s.text_guidance if text_guidance is None else text_guidance,
             image=s.image_guidance if image_guidance is None else image_guidance,
@@ -377,11 +378,11 @@ class CareEditModel(nn.Module):
         if g.text != 1.0 or g.image != 1.0:
             g.image_only = self.encode_conditions(batch, drop_text=True)
             g.neither = self.encode_conditions(batch, drop_text=True, drop_image=True)
-        x, ctx = euler_sample(self.predict_velocity, cond, g, num_steps, generator, keep_outside_box, self.dtype)
+        x, ctx = euler_sample(self.predict_velocity, cond, g, num_steps, generator, keep, self.dtype)
         images = self.vae.decode(x.to(self.dtype)).float()
         self.train(was_training)
         result = edit_result(images, ctx, cond.coarse, self.expert_names)
-        result.guidance = {"text": float(g.text), "image": float(g.image)}
+        result.guidance = {"text": float(g.text), "image": float(g.image), "keep_outside_box": bool(keep)}
         return result
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .router import dense_weights
+
 
 def _logit(p: Tensor, eps: float = 0.02) -> Tensor:
     p = p.clamp(eps, 1 - eps)
@@ -137,3 +139,12 @@ class LatentMixture(nn.Module):
         extra_index = torch.where(selected, torch.full_like(index[:, :1], -1), torch.full_like(index[:, :1], base_id))
         extra_weight = torch.where(selected, torch.zeros_like(rest), rest)
         return torch.cat([index, extra_index], dim=1), torch.cat([weight, extra_weight], dim=1)
+
+
+def combine_weights(index: Tensor, weight: Tensor, gate: Optional[Tensor], num_experts: int, base_id: int) -> Tensor:
+    """Each expert's share of each token's output, [S, E]: the routed weights (index/weight [S, K], -1 an
+    empty slot) times the Latent Mixture gate, plus Base's 1 - g share (gate [S]; None: mixture off, the
+    routed weights alone). What a routing map must show: without Base's share, Base is understated."""
+    if gate is not None:
+        index, weight = LatentMixture.blend(index, weight, gate.reshape(-1).to(weight.dtype), base_id)
+    return dense_weights(index, weight, num_experts)

@@ -15,7 +15,9 @@ Two jobs, both per target token:
    previous expert layer) attends over them, and the read-out gives the logits over experts.
    Top-K is taken over all experts for every sample (an absent reference is a context like any
    other: the Reference expert may be picked and learns what to add then), and the weights are
-   renormalised over the selected experts. ``router.mask_absent`` restores the removal of experts
+   renormalised over the selected experts, or at K = 1 taken as the softmax probability (Switch's
+   choice: a renormalised single weight is 1 and passes the router no gradient; ``router.weights``).
+   ``router.mask_absent`` restores the removal of experts
    whose condition is absent before the top-K, as an ablation.
 
 Ablations: ``uniform`` picks K available experts at random per token with equal weights;
@@ -41,7 +43,8 @@ NUM_CONTEXTS = 4  # per-token condition contexts: text, reference, mask, base
 class Routing:
     probs: Tensor  # [S, E] router probabilities over experts (zero for unavailable experts)
     index: Tensor  # [S, K] selected expert ids, -1 where a token has fewer than K available experts
-    weight: Tensor  # [S, K] weights of the selected experts, summing to 1 per token (0 where index is -1)
+    weight: Tensor  # [S, K] weights of the selected experts (0 where index is -1): summing to 1 per token
+    # when renormalised, their softmax probabilities otherwise (router.weights)
     logits: Optional[Tensor] = None  # [S, E] before masking (learned router only)
 
 
@@ -72,6 +75,7 @@ class ConditionRouter(nn.Module):
         self.kind = cfg.kind
         self.top_k = cfg.top_k
         self.noise_std = cfg.noise_std
+        self.renormalize = cfg.weights == "renormalized" or (cfg.weights == "auto" and cfg.top_k > 1)
         self.num_experts = num_experts
         c, a = cfg.ctx_dim, cfg.attn_dim
         self.ctx_dim = c
@@ -137,15 +141,19 @@ class ConditionRouter(nn.Module):
             q = self.token_query(torch.cat([self.norm(x), *contexts, prev_mask[..., None]], dim=-1))
             read = F.scaled_dot_product_attention(q, task_latents, self.latent_value(task_latents))
             logits = self.to_logits(read + q).reshape(b * n, -1).float()
-            return topk_routing(logits, avail, self.top_k, self.noise_std if self.training else 0.0)
+            noise = self.noise_std if self.training else 0.0
+            return topk_routing(logits, avail, self.top_k, noise, self.renormalize)
         if self.kind == "uniform":
             scores = torch.rand(avail.shape, device=x.device)
             return _equal_weights(scores, avail, self.top_k)
         return _equal_weights(torch.ones(avail.shape, device=x.device), avail, self.num_experts)
 
 
-def topk_routing(logits: Tensor, available: Tensor, k: int, noise_std: float = 0.0) -> Routing:
-    """Softmax over available experts, top-K, renormalised weights. logits/available: [S, E].
+def topk_routing(
+    logits: Tensor, available: Tensor, k: int, noise_std: float = 0.0, renormalize: bool = True
+) -> Routing:
+    """Softmax over available experts, top-K; the selected probabilities renormalised to sum to 1, or
+    (``renormalize=False``) kept as they are. logits/available: [S, E].
 
     ``logits`` in the result are the (noised) logits before masking: the z-loss reads them."""
     if noise_std > 0:
@@ -154,7 +162,7 @@ def topk_routing(logits: Tensor, available: Tensor, k: int, noise_std: float = 0
     probs = torch.softmax(masked, dim=-1)
     top_p, index = probs.topk(k, dim=-1)
     valid = top_p > 0
-    weight = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    weight = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(1e-20) if renormalize else top_p
     weight = weight * valid
     index = torch.where(valid, index, torch.full_like(index, -1))
     return Routing(probs=probs, index=index, weight=weight, logits=logits)

@@ -15,6 +15,7 @@ CARE-Edit loads it through the paths real FLUX weights take (``model.backbone.pa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -25,20 +26,21 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from data.captions import make_scenes
+from data.captions import STYLE_SUFFIX, make_scenes
 from data.synthetic import COLORS
 from pretrain.recipe import BaseRecipe
 from pretrain.text_to_image import TextToImage, sample
-from train.eval import COLOR_RADIUS  # one notion of "has this palette colour"
+from train.eval import MATCH  # one notion of "has this palette colour"
 
 
 def save_base(model: TextToImage, tokenizer, r: BaseRecipe, out: str, summary: Optional[dict] = None) -> None:
     """Write the diffusers pipeline folder (module docstring). Text encoders stay float32 (tiny)."""
     os.makedirs(out, exist_ok=True)
-    dtype = getattr(torch, r.save_dtype)
-    tr = model.transformer
-    tr.to(dtype).save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
-    tr.to(torch.float32)
+    # a cast copy: casting the model itself and back would round the weights it goes on training
+    # (a snapshot mid-run would then change the final base)
+    copy.deepcopy(model.transformer).to(getattr(torch, r.save_dtype)).save_pretrained(
+        os.path.join(out, "transformer"), safe_serialization=True
+    )
     model.clip.save_pretrained(os.path.join(out, "text_encoder"), safe_serialization=True)
     model.t5.save_pretrained(os.path.join(out, "text_encoder_2"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
@@ -73,19 +75,23 @@ def file_digests(folder: str, pattern: str = ".safetensors") -> dict[str, str]:
     return dict(sorted(digests.items()))
 
 
-def colour_presence(images: Tensor, texts: list[str], radius: float = COLOR_RADIUS, min_share: float = 0.004) -> float:
+def colour_presence(images: Tensor, texts: list[str], radius: float = MATCH, min_share: float = 0.004) -> float:
     """Share of images whose palette colours are exactly the ones their caption names: a colour counts
     as present when at least ``min_share`` of the pixels lie within ``radius`` of it (RGB in [0, 1]).
-    A coarse check that the base draws what it is told (noise shows every colour and fails).
+    A coarse check that the base draws what it is told (noise shows every colour and fails). Styled
+    scenes ("..., in sepia") are left out: a style changes the colours their caption names.
     images [B, 3, H, W] in [-1, 1]."""
     x = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3]
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # [P, 3]
-    ok = 0
+    ok = scored = 0
     for img, text in zip(x, texts):
+        if text.endswith(tuple(STYLE_SUFFIX.values())):
+            continue
         share = ((img[..., None, :] - palette).norm(dim=-1) < radius).float().mean(dim=(0, 1))  # [P]
         present = {name for name, s in zip(COLORS, share.tolist()) if s >= min_share}
         ok += present == ({w.strip(",") for w in text.split()} & set(COLORS))
-    return ok / max(len(texts), 1)
+        scored += 1
+    return ok / max(scored, 1)
 
 
 @torch.no_grad()

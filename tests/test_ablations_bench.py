@@ -47,6 +47,7 @@ def test_every_set_of_the_grid_is_a_valid_config_of_the_recipe():
         dotlist = cmd[cmd.index("--config") + 2 :]
         cfg = load_config(os.path.join(ROOT, args.config), dotlist)
         assert cfg.run.seed == 2 and cfg.train.steps == 40 and cfg.checkpoint.every == 10
+        assert cfg.train.time_budget_s == 0  # the same steps for every arm, not a wall-clock budget
         assert cfg.checkpoint.keep == 5  # every checkpoint kept: the frontier's points
         wanted = OmegaConf.from_dotlist(overrides)  # common, then the set's: the last of a key wins
         for o in overrides:  # the variant's overrides are applied (they come last)
@@ -147,7 +148,7 @@ def test_documented_command_rebuilds_the_grid():
     """The command printed above the report carries every argument that changes the results."""
     args = ablations.parse_args(["--config", "configs/tiny.yaml", "--eval-batch-size", "50", "--set", "a.b=1"])
     cmd = ablations.documented_command(args, {"run_device": "cuda", "run_parallel": 11})
-    assert cmd.startswith("python bench/ablations.py --config configs/tiny.yaml --steps 1300 --micro-batch 8 ")
+    assert cmd.startswith("python bench/ablations.py --config configs/tiny.yaml --steps 3000 --micro-batch 8 ")
     assert "--set a.b=1" in cmd and "--eval-batch-size 50" in cmd and cmd.endswith("--device cuda --parallel 11")
     reparsed = ablations.parse_args(cmd.split()[2:])
     assert (reparsed.config, reparsed.eval_batch_size, reparsed.set) == (args.config, 50, ["a.b=1"])
@@ -157,5 +158,5 @@ def test_steps_and_batch_default_to_the_recipe():
     args = ablations.parse_args([])
     assert (args.config, args.steps, args.micro_batch) == ("configs/mid.yaml", 1000, 64)
     args = ablations.parse_args(["--config", "configs/tiny.yaml"])
-    assert (args.steps, args.micro_batch) == (1300, 8)
+    assert (args.steps, args.micro_batch) == (3000, 8)  # the recipe's cap on steps
     assert ablations.parse_args(["--config", "configs/tiny.yaml", "--steps", "7"]).steps == 7

@@ -16,7 +16,7 @@ from tests.helpers.model_configs import TINY
 
 
 def test_cached_shards_give_the_same_model_inputs_as_raw_images(tmp_path):
-    raw = write_synthetic(str(tmp_path / "raw"), train=0, val=6, size=32, samples_per_shard=3, progress=False)
+    raw = write_synthetic(str(tmp_path / "raw"), train=0, val=6, test=0, size=32, samples_per_shard=3, progress=False)
     cfg_path = tmp_path / "cfg.yaml"
     OmegaConf.save(OmegaConf.create({"model": TINY, "data": {"image_size": 32}}), cfg_path)
     assert (

@@ -299,7 +299,7 @@ def test_edit_keep_outside_box_returns_the_input_outside_the_box(export, tmp_pat
     for keep in (True, False):
         out = tmp_path / f"keep_{keep}.png"
         args = ["--checkpoint", export, "--image", str(src), "--mask", "4,8,24,20", "--instruction", "make it blue"]
-        args += ["--out", str(out), "--steps", "2"] + (["--keep-outside-box"] if keep else [])
+        args += ["--out", str(out), "--steps", "2", "--keep-outside-box" if keep else "--no-keep-outside-box"]
         assert edit_main(args) == 0
         worst[keep] = np.abs(np.asarray(Image.open(out)).astype(int) - rgb)[outside].max()
     assert worst[True] <= 1 and worst[False] > 8, worst

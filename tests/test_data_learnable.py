@@ -54,7 +54,7 @@ def _cond(batch, vocab):
 def test_small_model_learns_to_edit_inside_the_mask(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    pats = write_synthetic(str(tmp_path), train=1500, val=96, size=32, samples_per_shard=500, progress=False)
+    pats = write_synthetic(str(tmp_path), train=1500, val=96, test=0, size=32, samples_per_shard=500, progress=False)
     cfg = DataConfig(
         train_shards=pats["train"],
         val_shards=pats["val"],

@@ -191,7 +191,7 @@ def test_synthetic_is_deterministic_varied_and_split(tmp_path):
 
 
 def test_synthetic_cli_writes_shards_and_if_absent_returns_quickly(tmp_path):
-    pats = write_synthetic(str(tmp_path), train=30, val=10, size=32, samples_per_shard=12, progress=False)
+    pats = write_synthetic(str(tmp_path), train=30, val=10, test=0, size=32, samples_per_shard=12, progress=False)
     assert pats["train"].endswith("train-{000000..000002}.tar") and pats["val"].endswith("val-{000000..000000}.tar")
     t = time.time()
     cmd = [
@@ -204,6 +204,8 @@ def test_synthetic_cli_writes_shards_and_if_absent_returns_quickly(tmp_path):
         "30",
         "--val",
         "10",
+        "--test",
+        "0",
         "--size",
         "32",
         "--samples-per-shard",

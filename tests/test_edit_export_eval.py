@@ -327,7 +327,11 @@ def test_eval_cli_writes_json_and_plot_and_names_skipped_metrics(exported, tmp_p
     assert (out / "eval.png").stat().st_size > 0
     # no --text-guidance / --image-guidance: the recipe's model.sampling, recorded and printed
     sampling = read_export(exported["weights"])[1].model.sampling
-    assert result["guidance"] == {"text": sampling.text_guidance, "image": sampling.image_guidance}
+    assert result["guidance"] == {
+        "text": sampling.text_guidance,
+        "image": sampling.image_guidance,
+        "keep_outside_box": sampling.keep_outside_box,
+    }
     assert f"sampling: 1 Euler steps, text guidance {sampling.text_guidance}, image" in stdout
     # edit success beside the do-nothing and oracle rows, on the same 5 samples, and their table
     assert result["num_checked"] == 5 and 0 <= m["success"] <= 1 and 0 <= m["success_mean_over_tasks"] <= 1

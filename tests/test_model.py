@@ -489,7 +489,8 @@ def test_edit_is_deterministic_for_a_seed_and_returns_maps():
         batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0)
     )
     assert not torch.equal(g.images, a.images)
-    assert g.guidance == {"text": 2.0, "image": 1.5} and a.guidance == {"text": 1.0, "image": 1.0}
+    assert g.guidance == {"text": 2.0, "image": 1.5, "keep_outside_box": False}
+    assert a.guidance == {"text": 1.0, "image": 1.0, "keep_outside_box": False}
 
 
 def test_edit_guidance_defaults_to_the_recipes_sampling_config():
@@ -501,12 +502,12 @@ def test_edit_guidance_defaults_to_the_recipes_sampling_config():
     named = plain.edit(
         batch, num_steps=2, text_guidance=2.0, image_guidance=1.5, generator=torch.Generator().manual_seed(0)
     )
-    assert by_cfg.guidance == {"text": 2.0, "image": 1.5}
+    assert by_cfg.guidance == {"text": 2.0, "image": 1.5, "keep_outside_box": False}
     assert torch.equal(by_cfg.images, named.images)
     off = guided.edit(
         batch, num_steps=2, text_guidance=1.0, image_guidance=1.0, generator=torch.Generator().manual_seed(0)
     )
-    assert off.guidance == {"text": 1.0, "image": 1.0}
+    assert off.guidance == {"text": 1.0, "image": 1.0, "keep_outside_box": False}
     assert torch.equal(off.images, plain.edit(batch, num_steps=2, generator=torch.Generator().manual_seed(0)).images)
 
 

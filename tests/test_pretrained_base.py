@@ -176,7 +176,8 @@ def test_embedded_base_matches_its_digests():
 
 def test_the_h200_base_recipe_builds_the_embedded_base_model():
     """configs/base_mid.yaml (make h200) makes the model configs/base_tiny.yaml made: the editor recipes
-    are written for that model, so only the optimisation may differ."""
+    are written for that model, so only the optimisation and the resolution (128 px there, 16x16
+    tokens of the same 8x8-pixel patches) may differ."""
     from omegaconf import OmegaConf
 
     tiny, mid = (
@@ -184,8 +185,9 @@ def test_the_h200_base_recipe_builds_the_embedded_base_model():
     )
     mid.validate()
     optimisation = {"steps", "batch_size", "lr", "min_lr", "warmup_steps", "ema_decay"}
+    assert (tiny.image_size, mid.image_size) == (64, 128)
     for field in dataclasses.fields(BaseRecipe):
-        if field.name not in optimisation:
+        if field.name not in optimisation | {"image_size"}:
             assert getattr(mid, field.name) == getattr(tiny, field.name), field.name
     assert mid.steps * mid.batch_size == tiny.steps * tiny.batch_size  # the same samples seen
 
@@ -219,24 +221,6 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
     import sys
 
     data = tmp_path / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data.synthetic",
-            "--out",
-            str(data),
-            "--train",
-            "400",
-            "--val",
-            "32",
-            "--samples-per-shard",
-            "50",
-        ],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
     common = [
         sys.executable,
         "bench/miniature.py",
@@ -244,6 +228,10 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
         str(tmp_path / "base"),
         "--data",
         str(data),
+        "--train-samples",
+        "400",
+        "--data-workers",
+        "2",
         "--out",
         str(tmp_path / "mini"),
         "--eval-limit",
@@ -269,8 +257,8 @@ def test_care_edit_on_a_pretrained_base_edits_the_masked_region(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(tmp_path / "mini" / "summary.json") as f:
         runs = {r["name"]: r for r in json.load(f)["results"]}
-    tuned_m, untrained_m = runs["tuned"]["metrics"], runs["untrained"]["metrics"]
-    do_nothing = runs["tuned"]["baselines"]["do_nothing"]["metrics"]
+    tuned_m, untrained_m = runs["tuned"]["result"]["metrics"], runs["untrained"]["result"]["metrics"]
+    do_nothing = runs["tuned"]["result"]["baselines"]["do_nothing"]["metrics"]
     assert tuned_m["l1_inside"] < 0.85 * do_nothing["l1_inside"]
     assert tuned_m["flow_mse_outside"] < 0.8 * untrained_m["flow_mse_outside"]
 

@@ -350,7 +350,21 @@ def test_srun_tasks_without_wrapper_take_ranks_and_rendezvous_from_slurm(slurm, 
         assert rec["SLURM_JOB_ID"] == str(job) and rec["sum"] == 3.0, rec  # both ranks met there
 
     syn = tmp_path / "synthetic"
-    _py("data.synthetic", "--out", str(syn), "--train", "48", "--val", "8", "--size", "64", "--samples-per-shard", "16")
+    _py(
+        "data.synthetic",
+        "--out",
+        str(syn),
+        "--train",
+        "48",
+        "--val",
+        "8",
+        "--test",
+        "0",
+        "--size",
+        "64",
+        "--samples-per-shard",
+        "16",
+    )
     steps = 3
     args = [
         f"data.train_shards={syn}/train-{{000000..000002}}.tar",

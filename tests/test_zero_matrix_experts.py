@@ -68,7 +68,21 @@ def _config(path: str, shards: str) -> str:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     d = tmp_path_factory.mktemp("experts-data")
-    cmd = [sys.executable, "-m", "data.synthetic", "--out", str(d), "--train", "32", "--val", "4", "--size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data.synthetic",
+        "--out",
+        str(d),
+        "--train",
+        "32",
+        "--val",
+        "4",
+        "--test",
+        "0",
+        "--size",
+        "32",
+    ]
     subprocess.run(cmd + ["--samples-per-shard", "16"], check=True, cwd=ROOT, capture_output=True)
     return _config(str(d / "tiny.yaml"), str(d))
 

@@ -48,7 +48,14 @@ class ScheduleConfig:
 
 @dataclass
 class StepsConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps (with time_budget_s: the most the budget may give)
+    # seconds of training the run may take (0 = no budget, train.steps it is): after time_budget_calibration
+    # steps the run measures its step time once, sets the step count (at most train.steps) that fills the
+    # budget, schedules the learning rate to end there and says so; the count is checkpointed with the
+    # schedule, so a resumed run keeps it (train/time_budget.py); a run of no more steps than the
+    # calibration just runs them
+    time_budget_s: float = 0.0
+    time_budget_calibration: int = 60
     micro_batch: int = 1  # samples per rank per forward
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -218,6 +225,7 @@ VAL_METRICS = {
     "val/l1": "min",
     "val/l1_inside": "min",
     "val/l1_outside": "min",
+    "val/l1_outside_box": "min",
     "val/mask_iou": "max",
 }
 FLOW_METRICS = ("val/flow_loss", "val/flow_loss_inside", "val/flow_loss_outside")
@@ -281,6 +289,8 @@ def validate_config(cfg: TrainConfig) -> None:
 def _validate_steps(t: StepsConfig) -> None:
     """Step counts, precision, ZeRO stage and compilation."""
     _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.time_budget_s >= 0, "train.time_budget_s", "must be >= 0 (0 = no budget)")
+    _check(t.time_budget_calibration >= 2, "train.time_budget_calibration", "must be >= 2 (the steps timed)")
     _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"'{t.precision}' is not auto, bf16 or fp32")

@@ -79,11 +79,12 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
-    """LambdaLR whose lambda is picklable state (so DeepSpeed can checkpoint it)."""
+    """LambdaLR whose lambda reads picklable state (so DeepSpeed checkpoints it, ``total`` included: a run
+    whose time budget set its step count resumes with the same schedule)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> None:
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-        super().__init__(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+        super().__init__(optimizer, lambda s: warmup_cosine(s, self.warmup, self.total, self.min_ratio))
 
 
 class EMA:

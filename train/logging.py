@@ -62,6 +62,12 @@ class MetricLogger:
 
                 self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=True)
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's step count changed (a time budget decided it): the progress bar follows."""
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def print(self, msg: str) -> None:
         if not self.dist.is_main:
             return
@@ -178,7 +184,8 @@ def val_console_line(step: int, m: dict[str, float]) -> str:
     ]
     if "val/l1" in m:
         tasks = " ".join(f"{k[12:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("val/success/"))
-        parts.append(f"success {f('val/success_mean')}" + (f" ({tasks})" if tasks else " (no checks)"))
+        ci = f" ± {m['val/success_ci95']:.2f}" if "val/success_ci95" in m else ""
+        parts.append(f"success {f('val/success_mean')}{ci}" + (f" ({tasks})" if tasks else " (no checks)"))
         parts.append(f"L1 inside {f('val/l1_inside')} outside {f('val/l1_outside')} IoU {f('val/mask_iou')}")
     parts.append(f"{m.get('val/seconds', 0.0):.1f} s")
     return " | ".join(parts)

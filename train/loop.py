@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -53,6 +54,7 @@ from train.faults import (
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.rng import rng_untouched, seed_everything
 from train.startup import StartupClock, init_device, random_init_parts, use_compile_cache
+from train.time_budget import TimeBudget
 
 ModelFactory = Callable[[ModelConfig], TrainableModel]
 LoaderFactory = Callable[..., TrainLoader]  # (data section, micro-batch, rank, world size, start_step=...)
@@ -171,6 +173,7 @@ class Trainer:
         self.startup.mark("logger" + (" and image batch" if self.val_batch is not None else ""))
         for line in space:
             self.logger.print(line)
+        self._start_budget()
         self.guard = StepGuard(cfg.guards.max_consecutive_skips)
         self.batches = iter(self.loader)
 
@@ -262,10 +265,39 @@ class Trainer:
             )
         self.losses_file = open(os.path.join(run_dir(cfg), "losses.jsonl"), "a") if dist.is_main else None
 
+    def _start_budget(self) -> None:
+        """The step count: train.steps, or, with train.time_budget_s, what the budget decides once its
+        calibration steps are timed (a run resumed past them keeps the count its checkpoint's schedule holds)."""
+        t = self.cfg.train
+        self.budget = TimeBudget(t.time_budget_s, t.time_budget_calibration, t.steps, self.step)
+        if t.time_budget_s and not self.budget.active:
+            self._set_total_steps(int(self.parts.scheduler.total))
+        else:
+            self._set_total_steps(t.steps)  # a changed train.steps on resume is honoured, as always
+
+    def _set_total_steps(self, steps: int) -> None:
+        self.total_steps = steps
+        self.parts.scheduler.total = steps  # the cosine ends here
+        if self.heldout is not None:
+            self.heldout.last_step = steps
+        self.logger.set_total(steps)
+
+    def _apply_budget(self) -> None:
+        """At the end of the budget's calibration: set the step count it decides, and say so."""
+        decision = self.budget.decide(self.step, lambda d: mean_over_ranks(d, self.dist.device))
+        if decision is not None:
+            self._set_total_steps(decision.steps)
+            self.logger.print(
+                f"time budget {self.cfg.train.time_budget_s:.0f} s: {decision.step_s:.3f} s a step after "
+                f"{decision.elapsed_s:.0f} s for {self.step} steps -> {decision.steps} steps"
+                + (" (train.steps caps it)" if decision.steps == self.cfg.train.steps else "")
+            )
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
         preempted = False
-        while self.step < self.cfg.train.steps:
+        while self.step < self.total_steps:
+            self.budget.step_started(self.step + 1)
             with self.watchdog.step(self.step + 1):
                 self.watchdog.phase("all-reduce: preemption flag")
                 if self.preempt.should_stop(self.dist.device):  # collective: every rank stops at the same boundary
@@ -276,6 +308,7 @@ class Trainer:
             self.watchdog.phase(f"step {self.step}: checkpoint commit")
             self.ckpt.poll(self.step)  # a checkpoint written beside the training is committed once all have it
             self.record(result)
+            self._apply_budget()
             self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
             self.replicas.maybe_check(self.step)
             self.last_ckpt = (
@@ -289,9 +322,10 @@ class Trainer:
             or self.last_ckpt
         )
         self._log_checkpoints()
+        took = "" if self.budget.t0 is None else f", {time.perf_counter() - self.budget.t0:.0f} s of training"
         self.logger.print(
             ("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
-            f"{self.last_ckpt}, {self.guard.total} skipped steps"
+            f"{self.last_ckpt}, {self.guard.total} skipped steps{took}"
         )
         return TrainResult(
             step=self.step, skipped_steps=self.guard.total, preempted=preempted, checkpoint=self.last_ckpt
@@ -380,7 +414,7 @@ class Trainer:
         if res.grad_norm is not None and not res.skipped:
             res.scalars["opt/grad_norm"] = res.grad_norm
         self.logger.accumulate(res.scalars, res.samples, res.tokens)
-        if step % cfg.logging.every == 0 or step == cfg.train.steps:
+        if step % cfg.logging.every == 0 or step == self.total_steps:
             extra = {"opt/lr": self.parts.scheduler.get_last_lr()[0], "guard/skipped_steps": float(self.guard.total)}
             extra.update({f"data/{k}": float(v) for k, v in self.loader.skip_stats().items()})
             self.logger.flush(step, extra)

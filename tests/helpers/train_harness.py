@@ -33,6 +33,8 @@ def tiny_shards(out: str) -> list[str]:
             "48",
             "--val",
             "8",
+            "--test",
+            "0",
             "--size",
             "64",
             "--samples-per-shard",

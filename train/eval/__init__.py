@@ -1,8 +1,11 @@
-"""Evaluation: what a trained editor does on held-out edits, beside the do-nothing and oracle rows.
+"""Evaluation: what a trained editor does on held-out edits, beside the rows that need no model and the oracle.
 
 * ``evaluation.py``: the metrics as plain functions on tensors and the evaluation pass
   (``evaluate``, ``iterate_heldout``), which ``launch/eval.py`` and the in-run evaluation share;
-* ``edit_success.py``: did an edit succeed, per task, against the synthetic set's ground truth;
+* ``edit_success.py``: did an edit succeed, judged over the user's box, and which criterion failed
+  (``edit_success_v1.py``: the first checker, for the first synthetic world's samples);
+* ``baselines.py``: the editors that need no model (do-nothing, paint bucket, copy-the-reference,
+  noise, oracle), the rows every table carries;
 * ``heldout.py``: the held-out evaluation inside a run (``logging.eval_every``), logged as ``val/...``;
 * ``report.py``, ``run_report.py``: the table and plot of one evaluation, and of a run's checkpoints;
 * ``export.py``: trained weights out of a checkpoint (expert shards merged), for inference and evaluation.
@@ -10,7 +13,8 @@
 Everything outside this folder imports from here.
 """
 
-from train.eval.edit_success import CHECKED_TASKS, COLOR_RADIUS, edit_success
+from train.eval.baselines import BASELINES, baseline_edits
+from train.eval.edit_success import CHECKED_TASKS, CRITERIA, MATCH, edit_criteria, edit_success
 from train.eval.evaluation import (
     EmbeddingEncoders,
     EvalSettings,
@@ -36,12 +40,15 @@ from train.eval.export import (
     resolve_checkpoint,
 )
 from train.eval.heldout import HeldOutEval, balanced_by_task, ema_weights
-from train.eval.report import format_table, plot_results
+from train.eval.report import ROW_NAMES, format_table, plot_results
 from train.eval.run_report import markdown_table, plot_run, run_row
 
 __all__ = [
+    "BASELINES",
     "CHECKED_TASKS",
-    "COLOR_RADIUS",
+    "CRITERIA",
+    "MATCH",
+    "ROW_NAMES",
     "EXPORT_FORMAT",
     "EXPORT_VERSION",
     "EmbeddingEncoders",
@@ -49,8 +56,10 @@ __all__ = [
     "HeldOutEval",
     "WeightsError",
     "balanced_by_task",
+    "baseline_edits",
     "build_inference_model",
     "cosine_per_sample",
+    "edit_criteria",
     "edit_success",
     "ema_weights",
     "evaluate",

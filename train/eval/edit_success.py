@@ -1,39 +1,42 @@
-"""Did an edit succeed? Per-sample, per-task checks of an edit against the synthetic ground truth.
+"""Did an edit succeed? Yes or no per sample, judged over the user's whole box, with the reason it failed.
 
-Pixel errors (L1, IoU) say how far an edit is from the target, not whether it did what was asked:
-a do-nothing edit scores a low L1 on a small recolor. These checks answer yes or no per sample,
-from the ``check`` dict that ``data.synthetic`` writes into each sample's JSON (what the target
-must contain: the named colour, the removed object's colour, the style) and from the target
-image itself (which pixels the object covers, at whatever resolution the evaluation runs).
+Pixel errors (L1, IoU) say how far an edit is from the target, not whether it did what was asked. This
+checker compares the edit with the target pixel by pixel inside the box, split into what the edit must
+change and what it must keep, so a flat fill of the box (the paint bucket), the source returned, or
+noise fail it, while an edit that draws the right object, pattern and background passes with the
+error a decoder leaves. It reads only images: source, target, edit and the box, so it judges any
+data set that has targets (the synthetic world's ``check`` field only says which checker applies).
 
-Conventions as in ``train.eval.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks
-``[B, 1, H, W]`` in ``{0, 1}``, any resolution. A pixel *has* a palette colour when its RGB
-distance to it is below :data:`COLOR_RADIUS`. ``region`` is the fine mask dilated by
-:func:`dilation_px` pixels, so the soft edge pixels of a resized object are looked at too.
+Conventions as in ``train.eval.evaluation``: images ``[B, 3, H, W]`` in ``[0, 1]``, masks ``[B, 1, H, W]``,
+any resolution. Two pixels *match* when their RGB distance is below :data:`MATCH` (half the closest
+palette pair's distance, so no pixel matches two palette colours). Regions, per sample:
 
-Criteria (each task also needs ``preserved``, except style whose mask is the whole image):
+* the box: the user's coarse mask (the whole image for a style edit); its *fringe* is the box grown
+  by :func:`dilation_px` pixels, which a resized edge smears into;
+* ``must change``: pixels of the fringe where the target does not match the source (the object that
+  appears, changes colour or disappears; every pixel a style changes);
+* ``must keep``: pixels of the box farther than the fringe width from ``must change``: the
+  background inside the box, which the edit must leave as it is.
 
-* ``preserved``: L1 to the target outside the fine mask <= :data:`MAX_L1_OUTSIDE`.
-* recolor / add / replace, ``colour IoU``: inside ``region``, the pixels where the edit has the
-  new colour against the pixels where the target has it, IoU >= :data:`MIN_COLOR_IOU`. Pixels
-  that have the colour in the source *and* the target (a neighbour of the same colour, a
-  background stripe that happens to be close) are left out: they say nothing about the edit,
-  and so the do-nothing edit scores exactly 0.
-* recolor / add / replace, ``kept``: those pixels left out above, where they lie inside the fine
-  mask (a new object overlapping an old one of the same colour), must keep the colour in the
-  edit: a fraction >= 1 - :data:`MAX_LEFTOVER`. Without it, erasing a replaced object whose
-  successor of the same colour lies inside it would pass.
-* recolor / replace / remove, ``leftover``: of the pixels that have the old colour in the source
-  but not in the target (the part of the old object that must change), the fraction still of the
-  old colour in the edit is <= :data:`MAX_LEFTOVER`. This fails an edit that paints the new
-  object but leaves the old one beside it, which the colour IoU does not see.
-* remove also needs the background back: L1 to the target inside the fine mask <=
-  :data:`MAX_L1_REMOVED`.
-* style: L1(edit, target) < :data:`STYLE_MAX_RATIO` x L1(source, target), so returning the
-  source fails by construction.
+Criteria, in the order a failure is reported (:data:`CRITERIA`); success needs all of them:
 
-A sample without a check (a shard written without it, a task these checks do not know) gets NaN:
-success unavailable, left out of the means.
+* ``outside``: outside the fringe, the mean L1 to the target is <= :data:`MAX_L1_OUTSIDE` and a share
+  >= :data:`MIN_OUTSIDE_MATCH` of the pixels match it (a mean alone forgives a visible change to a
+  part of the image);
+* ``box_background``: a share >= :data:`MIN_KEEP` of ``must keep`` matches the target;
+* ``shape``: the pixels the edit changed (no longer matching the source, inside the fringe) against
+  ``must change``: IoU >= :data:`MIN_SHAPE_IOU`;
+* ``colour``: the mean colour of the edit over ``must change`` is within :data:`MAX_COLOUR_DIST` of
+  the target's;
+* ``pattern``: a share >= :data:`MIN_MATCH` of ``must change`` matches the target pixel for pixel: the
+  finish (stripes, checks, shading) of a drawn or recoloured object, the background texture under a
+  removed one, every pixel of a style;
+* ``closer`` (style only): L1 to the target below :data:`STYLE_MAX_RATIO` x the source's, so returning
+  the source fails by construction.
+
+Samples whose check has no ``version`` (the first world, ``data.world_v1``) are judged by the first
+checker, :mod:`train.eval.edit_success_v1`. A sample without a check gets NaN: success unavailable, left
+out of the means.
 """
 
 from __future__ import annotations
@@ -42,114 +45,136 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-# Half the closest palette pair's distance (yellow-orange, 0.30 in RGB [0, 1]): no pixel has two
-# palette colours at once.
-COLOR_RADIUS = 0.15
-MIN_COLOR_IOU = 0.5
-MAX_LEFTOVER = 0.2
-# Filling the hole with the mean colour of the pixels around it scores at most 0.04 at 64 px.
-MAX_L1_REMOVED = 0.06
+from train.eval import edit_success_v1
+
+MATCH = 0.14  # half the RGB distance of the closest palette pair (yellow and orange, 0.28 in [0, 1])
 MAX_L1_OUTSIDE = 0.05
+MIN_OUTSIDE_MATCH = 0.95
+MIN_KEEP = 0.85
+MIN_SHAPE_IOU = 0.6
+MAX_COLOUR_DIST = 0.1
+MIN_MATCH = 0.65
 STYLE_MAX_RATIO = 0.5
 CHECKED_TASKS = ("recolor", "remove", "replace", "add", "style")
+CRITERIA = ("outside", "box_background", "shape", "colour", "pattern", "closer")
 
 
 def dilation_px(size: int) -> int:
-    """Dilation of the fine mask: 1 px up to 64 px images, 2 px at 128 (a resized edge's width)."""
+    """The fringe's width: 1 px up to 64 px images, 2 px at 128 (a resized edge's width)."""
     return max(1, round(size / 64))
-
-
-def has_color(images: Tensor, rgb: Tensor) -> Tensor:
-    """[B, 1, H, W] bool: RGB distance of each pixel to its sample's colour ``rgb`` [B, 3] (in
-    [0, 1]) is below :data:`COLOR_RADIUS`."""
-    dist = (images.float() - rgb.float()[:, :, None, None]).pow(2).sum(dim=1, keepdim=True).sqrt()
-    return dist < COLOR_RADIUS
 
 
 def dilate(mask: Tensor, px: int) -> Tensor:
     """[B, 1, H, W] bool: the mask grown by ``px`` pixels (square neighbourhood)."""
-    m = (mask.float() >= 0.5).float()
-    return torch.nn.functional.max_pool2d(m, 2 * px + 1, stride=1, padding=px) > 0
+    return F.max_pool2d(mask.float(), 2 * px + 1, stride=1, padding=px) > 0
+
+
+def matches(a: Tensor, b: Tensor) -> Tensor:
+    """[B, 1, H, W] bool: RGB distance below :data:`MATCH`."""
+    return (a.float() - b.float()).pow(2).sum(dim=1, keepdim=True).sqrt() < MATCH
 
 
 def _count(mask: Tensor) -> Tensor:
     return mask.flatten(1).sum(1).float()
 
 
-def color_iou(edit: Tensor, source: Tensor, target: Tensor, region: Tensor, rgb: Tensor) -> Tensor:
-    """[B]: IoU inside ``region`` of the edit's and the target's pixels of colour ``rgb``, leaving
-    out pixels that have it in both source and target; 1.0 where neither has any such pixel."""
-    in_tgt = has_color(target, rgb)
-    looked_at = region & ~(has_color(source, rgb) & in_tgt)
-    want, got = looked_at & in_tgt, looked_at & has_color(edit, rgb)
-    union = _count(want | got)
-    return torch.where(union > 0, _count(want & got) / union.clamp(min=1), torch.ones_like(union))
+def _share(good: Tensor, region: Tensor, empty: float) -> Tensor:
+    """[B]: |good & region| / |region|; ``empty`` where the region is empty."""
+    n = _count(region)
+    return torch.where(n > 0, _count(good & region) / n.clamp(min=1), torch.full_like(n, empty))
 
 
-def kept_fraction(edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor, rgb: Tensor) -> Tensor:
-    """[B]: of the fine mask's pixels with colour ``rgb`` in both source and target, the fraction
-    that has it in the edit; 1.0 where there is no such pixel."""
-    must_keep = (fine_mask >= 0.5) & has_color(source, rgb) & has_color(target, rgb)
-    n = _count(must_keep)
-    return torch.where(n > 0, _count(must_keep & has_color(edit, rgb)) / n.clamp(min=1), torch.ones_like(n))
+def regions(source: Tensor, target: Tensor, box: Tensor) -> dict[str, Tensor]:
+    """The fringe, ``must change``, ``must keep`` and outside, each [B, 1, H, W] bool (module docstring)."""
+    px = dilation_px(min(box.shape[-2:]))
+    inside = box.float() >= 0.5
+    fringe = dilate(inside, px)
+    change = fringe & ~matches(target, source)
+    return {"fringe": fringe, "change": change, "keep": inside & ~dilate(change, px), "outside": ~fringe}
 
 
-def leftover_fraction(edit: Tensor, source: Tensor, target: Tensor, region: Tensor, rgb_old: Tensor) -> Tensor:
-    """[B]: of the region's pixels with colour ``rgb_old`` in the source but not in the target, the
-    fraction that still has it in the edit; 0.0 where there is no such pixel."""
-    must_lose = region & has_color(source, rgb_old) & ~has_color(target, rgb_old)
-    n = _count(must_lose)
-    return torch.where(n > 0, _count(must_lose & has_color(edit, rgb_old)) / n.clamp(min=1), torch.zeros_like(n))
-
-
-def l1_inside_outside(edit: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """([B], [B]): mean |edit - target| inside / outside the mask; 0.0 for an empty part."""
+def criteria(edit: Tensor, source: Tensor, target: Tensor, box: Tensor, style: Tensor) -> dict[str, Tensor]:
+    """Every criterion of the module docstring, [B] bool each (``closer`` is True where ``style`` is False)."""
+    r = regions(source, target, box)
+    right = matches(edit, target)
     diff = (edit.float() - target.float()).abs().mean(dim=1, keepdim=True)
-    m = (mask.float() >= 0.5).float()
-    n_in, n_out = _count(m), _count(1 - m)
-    inside = _count(diff * m) / n_in.clamp(min=1)
-    outside = _count(diff * (1 - m)) / n_out.clamp(min=1)
-    return inside, outside
-
-
-def style_success(edit: Tensor, source: Tensor, target: Tensor) -> Tensor:
-    """[B] bool: the edit is much closer to the target than the source is."""
+    outside = torch.where(_count(r["outside"]) > 0, _count(diff * r["outside"]) / _count(r["outside"]).clamp(min=1), 0)
+    changed = r["fringe"] & ~matches(edit, source)
+    union = _count(changed | r["change"])
+    iou = torch.where(union > 0, _count(changed & r["change"]) / union.clamp(min=1), torch.ones_like(union))
+    w = r["change"].float()
+    n = w.flatten(1).sum(1).clamp(min=1)[:, None]
+    mean_edit, mean_target = (edit.float() * w).sum((2, 3)) / n, (target.float() * w).sum((2, 3)) / n
     l1 = lambda a: (a.float() - target.float()).abs().flatten(1).mean(1)  # noqa: E731
-    return l1(edit) < STYLE_MAX_RATIO * l1(source)
+    return {
+        "outside": (outside <= MAX_L1_OUTSIDE) & (_share(right, r["outside"], 1.0) >= MIN_OUTSIDE_MATCH),
+        "box_background": _share(right, r["keep"], 1.0) >= MIN_KEEP,
+        "shape": iou >= MIN_SHAPE_IOU,
+        "colour": (mean_edit - mean_target).norm(dim=1) <= MAX_COLOUR_DIST,
+        "pattern": _share(right, r["change"], 1.0) >= MIN_MATCH,
+        "closer": ~style | (l1(edit) < STYLE_MAX_RATIO * l1(source)),
+    }
 
 
-def _rgb(checks: Sequence[Mapping[str, Any]], field: str, task: str) -> Tensor:
-    rows = []
-    for c in checks:
-        value = c.get(field)
-        if not (isinstance(value, (list, tuple)) and len(value) == 3):
-            raise ValueError(f"edit check for task {task!r} needs {field!r} as [r, g, b] in 0..255, got {c!r}")
-        rows.append([float(v) / 255.0 for v in value])
-    return torch.tensor(rows)
+def _between(x: Tensor, dim: int) -> Tensor:
+    """bool: True from the first to the last True along ``dim``."""
+    return (x.cumsum(dim) > 0) & (x.flip(dim).cumsum(dim).flip(dim) > 0)
 
 
-def task_success(
-    task: str, edit: Tensor, source: Tensor, target: Tensor, fine_mask: Tensor, checks: Sequence[Mapping[str, Any]]
-) -> Tensor:
-    """[B] bool: success of a batch of edits that all have ``task``; criteria in the module docstring."""
-    if task not in CHECKED_TASKS:
-        raise ValueError(f"no success check for task {task!r} (known: {', '.join(CHECKED_TASKS)})")
-    if task == "style":
-        return style_success(edit, source, target)
-    region = dilate(fine_mask, dilation_px(min(fine_mask.shape[-2:])))
-    inside, outside = l1_inside_outside(edit, target, fine_mask)
-    ok = outside <= MAX_L1_OUTSIDE
-    if task in ("recolor", "add", "replace"):
-        rgb = _rgb(checks, "rgb", task)
-        ok &= color_iou(edit, source, target, region, rgb) >= MIN_COLOR_IOU
-        ok &= kept_fraction(edit, source, target, fine_mask, rgb) >= 1 - MAX_LEFTOVER
-    if task in ("recolor", "replace", "remove"):
-        ok &= leftover_fraction(edit, source, target, region, _rgb(checks, "old_rgb", task)) <= MAX_LEFTOVER
-    if task == "remove":
-        ok &= inside <= MAX_L1_REMOVED
-    return ok
+def box_of(fine_mask: Tensor) -> Tensor:
+    """[B, 1, H, W] float: the box around each fine mask (the coarse mask the loader draws from it)."""
+    m = fine_mask.float() >= 0.5
+    rows, cols = m.any(dim=3, keepdim=True), m.any(dim=2, keepdim=True)  # [B, 1, H, 1], [B, 1, 1, W]
+    return (_between(rows.int(), 2) & _between(cols.int(), 3)).float()
+
+
+def edit_criteria(
+    edit: Tensor,
+    source: Tensor,
+    target: Tensor,
+    fine_mask: Tensor,
+    tasks: Sequence[str],
+    checks: Sequence[Optional[Mapping[str, Any]]],
+    box: Optional[Tensor] = None,
+) -> dict[str, Tensor]:
+    """Each criterion and ``success``, [B] float each: 1.0 passed, 0.0 failed, NaN where the sample has no
+    check, an unchecked task, or (for the criteria) a first-world check, which only gives ``success``.
+
+    ``checks[i]`` is sample i's ``check`` dict from its shard JSON, or None; ``box`` the coarse masks
+    (default: the box around each fine mask, which is how the loader draws them).
+    """
+    b = edit.shape[0]
+    if not (len(tasks) == len(checks) == b):
+        raise ValueError(f"{b} edits, {len(tasks)} tasks and {len(checks)} checks: must match")
+    out = {name: torch.full((b,), math.nan) for name in (*CRITERIA, "success")}
+    current = [i for i, (t, c) in enumerate(zip(tasks, checks)) if c is not None and c.get("version") == 2]
+    if current:
+        pick = torch.tensor(current)
+        boxes = (box if box is not None else box_of(fine_mask))[pick]
+        style = torch.tensor([tasks[i] == "style" for i in current])
+        boxes = torch.where(style[:, None, None, None], torch.ones_like(boxes), boxes.float())
+        result = criteria(edit[pick], source[pick], target[pick], boxes, style)
+        for name, ok in result.items():
+            out[name][pick] = ok.float()
+        out["success"][pick] = torch.stack(list(result.values())).all(dim=0).float()
+    first = [i for i, c in enumerate(checks) if c is not None and "version" not in c]
+    if first:
+        pick = torch.tensor(first)
+        out["success"][pick] = edit_success_v1.edit_success(
+            edit[pick],
+            source[pick],
+            target[pick],
+            fine_mask[pick],
+            [tasks[i] for i in first],
+            [checks[i] for i in first],
+        )
+    unknown = torch.tensor([t not in CHECKED_TASKS for t in tasks])
+    for v in out.values():
+        v[unknown] = math.nan
+    return out
 
 
 def edit_success(
@@ -159,19 +184,16 @@ def edit_success(
     fine_mask: Tensor,
     tasks: Sequence[str],
     checks: Sequence[Optional[Mapping[str, Any]]],
+    box: Optional[Tensor] = None,
 ) -> Tensor:
-    """[B] float: 1.0 success, 0.0 failure, NaN where the sample has no check (or an unchecked task).
+    """[B] float: 1.0 success, 0.0 failure, NaN where the sample has no check (or an unchecked task)."""
+    return edit_criteria(edit, source, target, fine_mask, tasks, checks, box)["success"]
 
-    ``checks[i]`` is sample i's ``check`` dict from its shard JSON, or None.
-    """
-    if not (len(tasks) == len(checks) == edit.shape[0]):
-        raise ValueError(f"{edit.shape[0]} edits, {len(tasks)} tasks and {len(checks)} checks: must match")
-    out = torch.full((edit.shape[0],), math.nan)
-    for task in sorted(set(tasks)):
-        idx = [i for i, (t, c) in enumerate(zip(tasks, checks)) if t == task and c is not None]
-        if not idx or task not in CHECKED_TASKS:
-            continue
-        pick = torch.tensor(idx)
-        ok = task_success(task, edit[pick], source[pick], target[pick], fine_mask[pick], [checks[i] for i in idx])
-        out[pick] = ok.float()
-    return out
+
+def first_failure(result: Mapping[str, Tensor], i: int) -> Optional[str]:
+    """The first criterion sample ``i`` failed, in :data:`CRITERIA` order; None if it passed or has none."""
+    for name in CRITERIA:
+        v = result.get(name)
+        if v is not None and v[i].item() == 0.0:
+            return name
+    return None

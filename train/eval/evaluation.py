@@ -17,8 +17,11 @@ every metric is computed per sample, and reduced by the caller (mean over sample
 * edit success (``success``): yes/no per sample from ``train.eval.edit_success``, for samples whose
   shard JSON says what the target must contain; reported per task, as the mean over samples and
   as the mean over tasks (``success_mean_over_tasks``).
-* two baseline rows on the same samples: ``do_nothing`` (the source as the edit) and ``oracle``
-  (the target as the edit), each with L1 inside / outside, mask IoU and success.
+* L1 outside the user's box (``l1_outside_box``): preservation where the user asked for nothing.
+* ``fail_<criterion>``: the share of samples failing each criterion of ``train.eval.edit_success``, which
+  says why edits fail.
+* baseline rows on the same samples, scored by the same code: the editors that need no model
+  (``train.eval.baselines``: do-nothing, paint bucket, copy-the-reference, noise) and the oracle (the target).
 * CLIP-I / DINO: cosine of image embeddings of edit and target; CLIP-T: cosine of the edit's CLIP
   image embedding and the instruction's CLIP text embedding. Encoders load from local folders only.
 """
@@ -36,7 +39,8 @@ from torch import Tensor
 from data.config import DataConfig
 from data.loader import EditLoader
 from data.shards import expand_shards
-from train.eval.edit_success import edit_success
+from train.eval.baselines import BASELINES, baseline_edits
+from train.eval.edit_success import CRITERIA, edit_criteria
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -194,7 +198,7 @@ class EvalSettings:
     text_guidance: Optional[float] = None  # None: the model's own (model.sampling)
     image_guidance: Optional[float] = None
     flow_loss: bool = True  # also the held-out flow-matching loss (3 more forwards per batch)
-    keep_outside_box: bool = False  # the sampler keeps the source outside the user's box (CareEditModel.edit)
+    keep_outside_box: Optional[bool] = None  # the sampler keeps the source outside the box; None: the recipe's
     group_by_task: bool = True  # one edit call per task in a batch: exact per-task utilisation, more calls
 
 
@@ -240,6 +244,7 @@ def iterate_heldout(data_cfg: DataConfig, shards: str, batch_size: int, limit: i
 
     Each batch carries ``extras["checks"]``: ``{sample key: check dict or None}`` (see :class:`ShardChecks`).
     """
+
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
     cfg = dataclasses.replace(cfg, buckets=[], num_workers=0, cached=False)
     urls = expand_shards(shards)
@@ -256,26 +261,68 @@ def iterate_heldout(data_cfg: DataConfig, shards: str, batch_size: int, limit: i
         yield batch
 
 
-BASELINES = ("do_nothing", "oracle")
-# What each baseline's mask IoU compares with the fine mask (neither has a refined mask of its own).
-BASELINE_IOU_MASK = {"do_nothing": "coarse box", "oracle": "fine mask"}
+# What each baseline's mask IoU compares with the fine mask (none has a refined mask of its own).
+BASELINE_IOU_MASK = {b: "coarse box" for b in BASELINES} | {"oracle": "fine mask"}
 NO_CHECKS = (
     "no evaluated sample has a success check: a 'check' field in its shard JSON (data.synthetic "
     "writes one) for a task train.eval.edit_success knows"
 )
 
 
+def l1_outside_box(edit: Tensor, target: Tensor, box: Tensor) -> Tensor:
+    """[B]: mean |edit - target| outside the user's box (NaN where the box is the whole image)."""
+    return masked_l1_per_sample(edit, target, box.float() >= 0.5)[1]
+
+
 def _edit_row(edit: Tensor, sub: Any, iou_mask: Tensor, checks: list[Optional[dict]]) -> dict[str, Tensor]:
-    """Per-sample metrics every row of the report has: L1 inside / outside, mask IoU, success."""
+    """Per-sample metrics every row of the report has: L1 inside / outside the fine mask and outside the
+    box, mask IoU, success, and ``fail_<criterion>`` (1 where the sample failed that criterion of
+    ``train.eval.edit_success``, NaN where it has no check)."""
     target, source, fine = to_unit(sub.target).cpu(), to_unit(sub.source).cpu(), sub.fine_mask.float().cpu()
+    box = sub.coarse_mask.float().cpu()
     inside, outside = masked_l1_per_sample(edit, target, fine)
+    judged = edit_criteria(edit, source, target, fine, list(sub.task), checks, box)
     return {
         "l1": l1_per_sample(edit, target),
         "l1_inside": inside,
         "l1_outside": outside,
+        "l1_outside_box": l1_outside_box(edit, target, box),
         "mask_iou": mask_iou_per_sample(iou_mask.float().cpu(), fine),
-        "success": edit_success(edit, source, target, fine, list(sub.task), checks),
+        "success": judged["success"],
+        **{f"fail_{c}": 1.0 - judged[c] for c in CRITERIA},
     }
+
+
+def _baseline_rows(sub: Any, checks: list[Optional[dict]], seed: int) -> dict[str, dict[str, Tensor]]:
+    """The rows of ``train.eval.baselines`` on this sub-batch, scored like the model's."""
+    edits = baseline_edits(
+        to_unit(sub.source).cpu(),
+        to_unit(sub.target).cpu(),
+        to_unit(sub.reference if sub.reference is not None else sub.source * 0 + 1).cpu(),
+        sub.has_reference.cpu(),
+        sub.coarse_mask.float().cpu(),
+        sub.bbox.cpu(),
+        list(sub.task),
+        checks,
+        seed=seed,
+    )
+    return {
+        name: _edit_row(img, sub, sub.fine_mask if name == "oracle" else sub.coarse_mask, checks)
+        for name, img in edits.items()
+    }
+
+
+def success_ci95(per_task: dict[str, dict[str, list[float]]]) -> float:
+    """Half-width of a 95% interval of the success averaged over tasks: the tasks are strata, each a
+    binomial share of its checked samples, ``1.96 * sqrt(sum_t p_t (1 - p_t) / n_t) / T`` (a task whose
+    share is 0 or 1 adds nothing, so on few samples it is a lower bound of the uncertainty)."""
+    var, tasks = 0.0, 0
+    for d in per_task.values():
+        values = [v for v in d.get("success", []) if not math.isnan(v)]
+        if values:
+            p = sum(values) / len(values)
+            var, tasks = var + p * (1 - p) / len(values), tasks + 1
+    return 1.96 * math.sqrt(var) / tasks if tasks else math.nan
 
 
 def _reduce(per_sample: dict[str, list[float]], per_task: dict[str, dict[str, list[float]]]) -> dict:
@@ -286,6 +333,7 @@ def _reduce(per_sample: dict[str, list[float]], per_task: dict[str, dict[str, li
     metrics = {k: nanmean(v) for k, v in per_sample.items()}
     if "success" in metrics:
         metrics["success_mean_over_tasks"] = nanmean([d["success"] for d in tasks.values()])
+        metrics["success_mean_over_tasks_ci95"] = success_ci95(per_task)
     return {"metrics": metrics, "per_task": tasks}
 
 
@@ -300,9 +348,10 @@ def evaluate(
 ) -> dict:
     """Edit every held-out sample (per task group, for per-task utilisation) and reduce the metrics.
 
-    Beside the model's row, two baselines on the same samples: ``do_nothing`` (the source returned
-    as the edit; its mask IoU is the coarse box's) and ``oracle`` (the target; IoU of the fine mask,
-    1 by definition). ``success`` (``train.eval.edit_success``) needs the batch's ``extras["checks"]``
+    Beside the model's row, the editors that need no model (``train.eval.baselines``: do-nothing, paint
+    bucket, copy-the-reference, noise, oracle) on the same samples, scored by the same code (the
+    oracle's mask IoU is the fine mask's, the others' the coarse box's). ``samples`` lists, per sample,
+    its key, task, success and the criteria it failed. ``success`` (``train.eval.edit_success``) needs the batch's ``extras["checks"]``
     (:func:`iterate_heldout` sets it); samples without a check are left out of its means, and when
     no sample has one, success is listed in ``skipped_metrics``.
     """
@@ -313,8 +362,13 @@ def evaluate(
     util: dict[str, dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
     g = torch.Generator(device=device).manual_seed(settings.seed)
     n = checked = 0
+    samples: list[dict] = []  # per sample: key, task, success and the criteria it failed
     # the scales the edits used: the settings', or what the model resolved None to (CareEditModel.edit)
-    guidance = {"text": settings.text_guidance, "image": settings.image_guidance}
+    guidance = {
+        "text": settings.text_guidance,
+        "image": settings.image_guidance,
+        "keep_outside_box": settings.keep_outside_box,
+    }
     for batch in batches:
         groups = sorted(set(batch.task)) if settings.group_by_task else ["all"]
         known = batch.extras.get("checks", {})
@@ -328,7 +382,7 @@ def evaluate(
                 text_guidance=settings.text_guidance,
                 image_guidance=settings.image_guidance,
                 generator=g,
-                **({"keep_outside_box": True} if settings.keep_outside_box else {}),
+                **({} if settings.keep_outside_box is None else {"keep_outside_box": settings.keep_outside_box}),
             )
             edit, target = to_unit(res.images).cpu(), to_unit(sub.target).cpu()
             values = _edit_row(edit, sub, res.refined_mask, checks)
@@ -343,10 +397,12 @@ def evaluate(
                 values["clip_t"] = cosine_per_sample(e_edit, encoders.clip_text(list(sub.instruction))).cpu()
             if encoders is not None and encoders.dino is not None:
                 values["dino"] = cosine_per_sample(encoders.dino_image(edit), encoders.dino_image(target)).cpu()
-            baselines = {
-                "do_nothing": _edit_row(to_unit(sub.source).cpu(), sub, sub.coarse_mask, checks),
-                "oracle": _edit_row(target, sub, sub.fine_mask, checks),
-            }
+            baselines = _baseline_rows(sub, checks, seed=settings.seed + n)
+            failed = [[c for c in CRITERIA if values[f"fail_{c}"][i].item() == 1.0] for i in range(len(idx))]
+            samples += [
+                {"key": k, "task": t, "success": values["success"][i].item(), "failed": failed[i]}
+                for i, (k, t) in enumerate(zip(sub.keys, sub.task))
+            ]
             for i, t in enumerate(sub.task):
                 for k, v in values.items():
                     per_sample[k].append(v[i].item())
@@ -381,6 +437,7 @@ def evaluate(
             b: _reduce(base_sample[b], base_task[b]) | {"mask_iou_of": BASELINE_IOU_MASK[b]} for b in BASELINES
         },
         "utilisation_per_task": utilisation,
+        "samples": samples,
         "skipped_metrics": skipped,
         "settings": dataclasses.asdict(settings),
         "guidance": guidance,

@@ -157,10 +157,12 @@ class HeldOutEval:
         m = result["metrics"]
         out = {
             "val/success_mean": m.get("success_mean_over_tasks", math.nan),
+            "val/success_ci95": m.get("success_mean_over_tasks_ci95", math.nan),
             "val/success_samples": m.get("success", math.nan),
             "val/l1": m["l1"],
             "val/l1_inside": m["l1_inside"],
             "val/l1_outside": m["l1_outside"],
+            "val/l1_outside_box": m["l1_outside_box"],
             "val/mask_iou": m["mask_iou"],
         }
         for task, row in sorted(result["per_task"].items()):

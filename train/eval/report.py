@@ -1,8 +1,9 @@
 """The evaluation's report: a console table and a bar plot of :func:`train.eval.evaluation.evaluate`'s result.
 
-Rows are the model and the two baselines on the same samples (do-nothing: the source returned;
-oracle: the target returned), so every number can be read against what doing nothing and a
-perfect edit score. The plot uses matplotlib when it is installed and PIL primitives otherwise
+Rows are the model and the editors that need no model on the same samples (``train.eval.baselines``:
+do-nothing, paint bucket, copy-the-reference, noise, and the oracle that returns the target), so every
+number can be read against what doing nothing, a flat fill and a perfect edit score. Under the table,
+the share of the model's edits failing each success criterion, per task, says why edits fail. The plot uses matplotlib when it is installed and PIL primitives otherwise
 (matplotlib is not a dependency); both draw axes, labels and the values on the bars.
 """
 
@@ -11,10 +12,31 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-ROW_NAMES = {"model": "model", "do_nothing": "do-nothing", "oracle": "oracle"}
-PIXEL_METRICS = {"l1_inside": "L1 inside", "l1_outside": "L1 outside", "mask_iou": "mask IoU"}
+ROW_NAMES = {
+    "model": "model",
+    "do_nothing": "do-nothing",
+    "paint_bucket": "paint-bucket",
+    "paint_bucket_target_colour": "paint-bucket(target-colour)",
+    "copy_reference": "copy-reference",
+    "noise": "noise",
+    "oracle": "oracle",
+}
+PIXEL_METRICS = {
+    "l1_inside": "L1 inside",
+    "l1_outside": "L1 outside",
+    "l1_outside_box": "L1 outside box",
+    "mask_iou": "mask IoU",
+}
 MEAN = "mean"  # the success column averaged over tasks
-ROW_COLOURS = {"model": (60, 120, 200), "do-nothing": (170, 170, 170), "oracle": (90, 170, 90)}
+ROW_COLOURS = {
+    "model": (60, 120, 200),
+    "do-nothing": (170, 170, 170),
+    "paint-bucket": (230, 150, 40),
+    "paint-bucket(target-colour)": (240, 200, 120),
+    "copy-reference": (160, 90, 190),
+    "noise": (90, 90, 90),
+    "oracle": (90, 170, 90),
+}
 EXPERT_COLOURS = {"text": (230, 50, 50), "mask": (50, 200, 50), "reference": (50, 100, 255), "base": (150, 150, 150)}
 
 
@@ -51,22 +73,39 @@ def format_table(result: dict) -> str:
     for name, row in rows.items():
         values = [_success_of(row, t) for t in tasks + [MEAN]] + [row["metrics"].get(k) for k in PIXEL_METRICS]
         lines.append(" ".join([name.ljust(name_w)] + [_fmt(v).rjust(w) for v, w in zip(values, widths)]))
-    notes = ["mask IoU: model = its refined mask"] + [
-        f"{ROW_NAMES.get(k, k)} = the {row['mask_iou_of']}"
-        for k, row in result.get("baselines", {}).items()
-        if "mask_iou_of" in row
-    ]
-    lines.append(", ".join(notes) + " (each against the fine mask)")
+    by_mask: dict[str, list[str]] = {}
+    for k, row in result.get("baselines", {}).items():
+        if "mask_iou_of" in row:
+            by_mask.setdefault(row["mask_iou_of"], []).append(ROW_NAMES.get(k, k))
+    notes = ["mask IoU: model = its refined mask"] + [f"{', '.join(n)} = the {m}" for m, n in by_mask.items()]
+    lines.append("; ".join(notes) + " (each against the fine mask)")
+    lines += failure_lines(result)
     if "success" in result.get("skipped_metrics", {}):
         lines.append(f"success unavailable: {result['skipped_metrics']['success']}")
     elif result.get("num_checked") is not None:
         lines.append(f"success over {result['num_checked']} of {result['num_samples']} samples (those with a check)")
     g, settings = result.get("guidance") or {}, result.get("settings") or {}
     if g.get("text") is not None and g.get("image") is not None and "steps" in settings:
+        keep = {True: ", the source kept outside the box", False: ", free outside the box"}.get(
+            g.get("keep_outside_box"), ""
+        )
         lines.append(
-            f"sampling: {settings['steps']} Euler steps, text guidance {g['text']}, image guidance {g['image']}"
+            f"sampling: {settings['steps']} Euler steps, text guidance {g['text']}, image guidance {g['image']}{keep}"
         )
     return "\n".join(lines)
+
+
+def failure_lines(result: dict) -> list[str]:
+    """Per task, the share of the model's checked edits that failed each criterion (an edit may fail
+    several): what the edits get wrong."""
+    names = [k for k in result["metrics"] if k.startswith("fail_")]
+    lines = []
+    for task in _tasks(result):
+        d = result["per_task"][task]
+        parts = [f"{k[5:]} {d[k]:.0%}" for k in names if not math.isnan(d.get(k, math.nan)) and d[k] > 0]
+        if parts or any(not math.isnan(d.get(k, math.nan)) for k in names):
+            lines.append(f"  {task}: " + (", ".join(parts) if parts else "no criterion failed"))
+    return ["model's edits failing each criterion:"] + lines if lines else []
 
 
 def _panels(result: dict) -> list[tuple[str, list[str], dict[str, list[float]], dict[str, tuple]]]:
@@ -154,10 +193,11 @@ def _plot_pil(panels: list, path: str) -> None:
         y_top = k * panel_h + top_pad
         y0 = y_top + plot_h  # the x axis
         d.text((left, k * panel_h + 6), title, fill="black")
-        for j, name in enumerate(series):  # legend
-            lx = width - 20 - (len(series) - j) * 95
+        lx = width - 20 - sum(24 + 6 * len(name) for name in series)  # legend, right-aligned, one row
+        for name in series:
             d.rectangle([lx, k * panel_h + 22, lx + 10, k * panel_h + 32], fill=colours[name])
             d.text((lx + 14, k * panel_h + 21), name, fill="black")
+            lx += 24 + 6 * len(name)
         d.line([(left, y_top), (left, y0)], fill="black")
         d.line([(left, y0), (width - 10, y0)], fill="black")
         for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
