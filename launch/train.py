@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # the heavy imports (torch, deepspeed, the model) only after the config is valid: a typo stops in a second
-    from train.checkpoint import IncompleteCheckpoint, ReshapeError
+    from train.checkpoint import CheckpointWriteError, IncompleteCheckpoint, ReshapeError
     from train.distributed import shutdown_distributed
     from train.engine import BucketLayoutError
     from train.faults import ReplicaMismatch, RunLocked, TooManySkippedSteps
@@ -63,6 +63,9 @@ def main(argv: Optional[list[str]] = None, **factories: Callable[..., Any]) -> i
     except ReplicaMismatch as e:  # replicas diverged: latest was not moved
         print(f"replicas diverged: {e}", file=sys.stderr, flush=True)
         return 6
+    except CheckpointWriteError as e:  # a save failed (a full disk: folder, free space, size); latest not moved
+        print(f"checkpoint not written: {e}", file=sys.stderr, flush=True)
+        return 7 if e.disk_full else 8
     except BucketLayoutError as e:  # ZeRO buckets would flush at different points on the ranks
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2

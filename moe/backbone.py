@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BackboneConfig, FluxArch, LoraConfig
-from .encoders import freeze, seeded
+from .encoders import freeze, read_local, seeded
 from .lora_siblings import share_down
 
 _SDPA_BACKENDS = {
@@ -176,8 +176,8 @@ class FluxBackbone(nn.Module):
         from diffusers import FluxTransformer2DModel
 
         if cfg.path is not None:
-            self.transformer = FluxTransformer2DModel.from_pretrained(
-                cfg.path, subfolder=cfg.subfolder, local_files_only=True
+            self.transformer = read_local(
+                FluxTransformer2DModel.from_pretrained, cfg.path, subfolder=cfg.subfolder, local_files_only=True
             )
         else:
             with seeded(init_seed):

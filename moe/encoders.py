@@ -1,21 +1,43 @@
 """Condition encoders: frozen VAE, frozen text encoders, and the learned coarse-mask encoder.
 
-Real weights come from local folders only (``local_files_only=True``); without a path each frozen
-encoder is built from a small config with random weights, so tests and the embedded default never
-touch a hub. Random-init text encoders use :class:`ByteTokenizer` (UTF-8 bytes), which needs no
-vocabulary file.
+Real weights come from local folders only (``local_files_only=True``), read on the CPU whatever the
+default device (:func:`read_local`); without a path each frozen encoder is built from a small config
+with random weights, on the default device (the trainer builds the model under its device, so a
+random-init part is not drawn on the CPU and then moved), so tests and the embedded default never touch
+a hub. Random-init text encoders use :class:`ByteTokenizer` (UTF-8 bytes), which needs no vocabulary file.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import time
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TextConfig, VAEConfig
+
+T = TypeVar("T")
+_READ_SECONDS = [0.0]  # time spent in read_local, for the trainer's start-up timing line
+
+
+def read_local(load: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``load(*args, **kwargs)`` (a ``from_pretrained``) on the CPU, whatever the default device: a
+    library's loading path is not built for a CUDA default device, and the engine moves the weights
+    anyway. The seconds it takes add to :func:`weights_read_seconds`."""
+    t0 = time.perf_counter()
+    try:
+        with torch.device("cpu"):
+            return load(*args, **kwargs)
+    finally:
+        _READ_SECONDS[0] += time.perf_counter() - t0
+
+
+def weights_read_seconds() -> float:
+    """Seconds spent so far in this process reading weights from local folders (:func:`read_local`)."""
+    return _READ_SECONDS[0]
 
 
 @contextlib.contextmanager
@@ -81,7 +103,9 @@ class FrozenVAE(_AlwaysEval):
         from diffusers import AutoencoderKL
 
         if cfg.path is not None:
-            self.vae = AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, local_files_only=True)
+            self.vae = read_local(
+                AutoencoderKL.from_pretrained, cfg.path, subfolder=cfg.subfolder, local_files_only=True
+            )
         else:
             with seeded(init_seed):
                 self.vae = self._random(cfg)
@@ -168,8 +192,10 @@ def _local_or_random(
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a tiny local folder: no "Loading weights" bars on every start
     try:
-        model = model_cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
-        return model, AutoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder, local_files_only=True)
+        model = read_local(model_cls.from_pretrained, path, subfolder=subfolder, local_files_only=True)
+        return model, read_local(
+            AutoTokenizer.from_pretrained, path, subfolder=tokenizer_subfolder, local_files_only=True
+        )
     finally:
         if shown:
             hf_logging.enable_progress_bar()

@@ -70,6 +70,15 @@ class StepsConfig:
     # otherwise bound by the host issuing ~10K kernels, docs/PERF.md) | max-autotune |
     # max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # inductor's caches (compiled graphs and kernels) for this run: null = <run dir>/compile_cache, so a
+    # resumed or requeued run on another node reuses what the first compiled (TORCHINDUCTOR_CACHE_DIR, when
+    # set in the environment, wins)
+    compile_cache_dir: Optional[str] = None
+    # build the model under the training device: random-init parts (frozen parts without a weights folder,
+    # the trainable parts) are drawn there instead of on the CPU and then moved; weights from local folders
+    # are read on the CPU either way. On a GPU, random-init frozen parts then differ from the CPU-built ones
+    # that launch/export.py, launch/eval.py and launch/edit.py rebuild: false for such a run you will evaluate
+    init_on_device: bool = True
     # ZeRO 1/2 gradient buckets (elements) and overlap of their reduction with the backward; null = on with GPUs
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
@@ -86,6 +95,10 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
     keep: int = 3  # keep the last K complete checkpoints (and the one `best` names, whatever its age)
+    # write checkpoints beside the training: the state is copied to host memory at the step boundary (pinned
+    # memory from a GPU; one checkpoint's share of this rank), a thread writes it, and the checkpoint is
+    # committed once every rank has written its files. false: the step loop waits for the disk
+    async_save: bool = True
     dir: Optional[str] = None  # default: <run dir>/checkpoints
     # the held-out metric (a name from VAL_METRICS, e.g. val/success_mean or val/flow_loss) that the `best`
     # pointer follows; null = no `best`. A checkpoint competes when the evaluation ran at its step (multiples

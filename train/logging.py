@@ -116,6 +116,28 @@ class MetricLogger:
         self.writer.flush()
         self.print(val_console_line(step, metrics))
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars to TensorBoard as they are (rank 0; no console line)."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def checkpoint_saved(self, report: Any) -> None:
+        """A committed checkpoint (``train.checkpoint.SaveReport``): its console line, and TensorBoard scalars at
+        its step: ``checkpoint/blocked_s`` (the step loop's time in it), ``checkpoint/write_s``,
+        ``checkpoint/gb`` and ``checkpoint/gb_per_s`` (rank 0)."""
+        if not self.dist.is_main:
+            return
+        scalars = {
+            "checkpoint/blocked_s": report.blocked_s,
+            "checkpoint/write_s": report.write_s,
+            "checkpoint/gb": report.bytes / 1e9,
+            "checkpoint/gb_per_s": report.gb_per_s,
+        }
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, report.step)
+        self.print(checkpoint_console_line(report))
+
     def image_grid(self, step: int, grid: torch.Tensor) -> str:
         """Write a [3,H,W] grid in [0,1] to TensorBoard and ``images/step<N>.png`` (rank 0)."""
         path = os.path.join(self.image_dir, f"step{step:08d}.png")
@@ -133,6 +155,21 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def checkpoint_console_line(report: Any) -> str:
+    """``checkpoint step00001000: training blocked 0.41 s; written in 12.3 s beside the training (3.61 GB,
+    0.29 GB/s); latest at step 1003``."""
+    how = "beside the training" if report.asynchronous else "while the training waited"
+    where = f"; latest at step {report.committed_at}" if report.committed_at != report.step else ""
+    return (
+        f"checkpoint {report.tag}: training blocked {report.blocked_s:.2f} s; written in {report.write_s:.2f} s "
+        f"{how} ({_size(report.bytes)}, {report.gb_per_s:.2f} GB/s){where}"
+    )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3f} MB"
 
 
 def val_console_line(step: int, m: dict[str, float]) -> str:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from data.config import DataConfig
 from data.loader import build_train_loader, build_val_batch
 from moe.config import ModelConfig
+from moe.encoders import weights_read_seconds
 from moe.model import build_model
 from train.checkpoint import Checkpointer, Found, Resumed
 from train.config import (
@@ -52,6 +53,7 @@ from train.faults import (
 )
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.rng import rng_untouched, seed_everything
+from train.startup import StartupClock, init_device, random_init_parts, use_compile_cache
 from train.time_budget import TimeBudget
 
 ModelFactory = Callable[[ModelConfig], TrainableModel]
@@ -116,11 +118,15 @@ class Trainer:
         loader_factory: LoaderFactory,
         val_batch_factory: ValBatchFactory,
     ) -> None:
+        self.startup = StartupClock()  # where the time from launch to the first step goes (train/startup.py)
+        self.startup.mark("imports and config")
         # the typed tree (TrainConfig), converted once here; each component is handed its own section
         self.cfg: TrainConfig = as_train_config(cfg)
         cfg = self.cfg
         self.dist = dist = init_distributed()
+        self.startup.attach(_rank0_print(dist), torch.cuda.synchronize if dist.on_gpu else None)
         self.lock = acquire_run_lock(run_dir(cfg), dist)  # before anything is written to the run dir
+        self.startup.mark("process group and run lock")
         g = cfg.guards
         self.watchdog = HangWatchdog(g.hang_factor, g.hang_min_s, g.hang_warmup_steps, rank=dist.rank)
         self.preempt = PreemptionFlag()
@@ -153,14 +159,20 @@ class Trainer:
                 cfg.logging, cfg.data, val_batch_factory, dist.device, cfg.train.steps, cfg.run.seed
             )
         self.val_metrics: tuple[int, dict[str, float]] = (-1, {})  # the last evaluation: (step, metrics)
+        self.startup.mark("checkpoint lookup" + (" and held-out samples" if self.heldout else ""))
         model, compiled = self._build_model(model_factory)
         seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank noise / timesteps from here on
         resumed = self._resume(found, loader_factory)
+        space = self.ckpt.space_report(self.engine, found, self.parts.ema is not None)
         self.val_batch = None
         if cfg.logging.images_every:
             with rng_untouched():
                 self.val_batch = val_batch_factory(cfg.data, cfg.logging.num_images).to(dist.device, self.parts.dtype)
         self._start_logging(model, found, resumed, compiled)
+        self.startup.attach(self.logger.print)
+        self.startup.mark("logger" + (" and image batch" if self.val_batch is not None else ""))
+        for line in space:
+            self.logger.print(line)
         self._start_budget()
         self.guard = StepGuard(cfg.guards.max_consecutive_skips)
         self.batches = iter(self.loader)
@@ -170,17 +182,36 @@ class Trainer:
         weights), compiled when ``train.compile`` asks; (model, the compile summary or None)."""
         cfg = self.cfg
         seed_everything(cfg.run.seed)
-        model = model_factory(cfg.model)
+        device = init_device(cfg, self.dist.device)
+        read_before = weights_read_seconds()
+        with torch.device(device):  # random-init parts drawn where they will train, not on the CPU then moved
+            model = model_factory(cfg.model)
         require(model, TrainableModel, "the model factory's model")
+        read = weights_read_seconds() - read_before
+        drawn = random_init_parts(cfg.model)
+        self.startup.mark(
+            "model build",
+            (f", of which {read:.1f} s reading weights from local folders" if read else "")
+            + (f"; random frozen weights ({', '.join(drawn)}) drawn on {device}" if drawn else ""),
+        )
+        if drawn and device.type != "cpu":
+            self.startup.print(
+                f"note: the random frozen weights of {', '.join(drawn)} were drawn on {device.type}: "
+                "launch/export.py, launch/eval.py and launch/edit.py rebuild them on the CPU, with other values "
+                "(train.init_on_device=false draws them on the CPU)"
+            )
         self.parts = build_engine(cfg, model, self.dist)
         self.engine = self.parts.deepspeed
         self.replicas = ReplicaCheck(self.engine.module, cfg.guards.replica_check_every)
+        self.startup.mark("engine")
         compiled = None
         # compiled in place (parameter names do not change) and lazily (traced at the first step), after the
         # engine has cast the parameters: what can be traced whole depends on their dtype
         if cfg.train.compile:
+            cache = use_compile_cache(cfg)  # before anything compiles: a resumed run reuses the graphs
             mode = {} if cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
             compiled = model.compile_regions(backend=cfg.train.compile_backend, **mode)
+            self.startup.mark("compile set-up", f" (graphs compile in the first step; cache {cache})")
         # CUDA graph trees are told where each optimizer step begins: the outputs of the step before (its
         # gradients included) are dead by then; inside a step the trees track which outputs are alive
         self.cuda_graphs = cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
@@ -193,7 +224,10 @@ class Trainer:
             cfg.data, cfg.train.micro_batch, dist.rank, dist.world_size, start_step=found.step if found else 0
         )
         require(self.loader, TrainLoader, "the loader factory's loader")
+        self.startup.mark("loader")
         resumed = self.ckpt.load(self.engine, found, self.loader, self.parts.ema) if found else None
+        if found:
+            self.startup.mark(f"checkpoint load ({found.tag})")
         self.step = resumed.step if resumed else 0
         self.last_ckpt: Optional[str] = None
         if found and found.portable:  # a native checkpoint of the new shape at once: `--resume auto` works from here
@@ -271,6 +305,8 @@ class Trainer:
                     break
                 result = self.train_step()
             self.step = result.step
+            self.watchdog.phase(f"step {self.step}: checkpoint commit")
+            self.ckpt.poll(self.step)  # a checkpoint written beside the training is committed once all have it
             self.record(result)
             self._apply_budget()
             self.watchdog.phase(f"step {self.step}: replica check / checkpoint")
@@ -279,11 +315,13 @@ class Trainer:
                 self.ckpt.maybe_save(self.engine, self.step, self.loader, self.parts.ema, self._metrics_at(self.step))
                 or self.last_ckpt
             )
+            self._log_checkpoints()
         self.watchdog.phase(f"step {self.step}: final checkpoint")
-        self.last_ckpt = (
+        self.last_ckpt = (  # and waits for every write: the process may exit after this
             self.ckpt.save_final(self.engine, self.step, self.loader, self.parts.ema, self._metrics_at(self.step))
             or self.last_ckpt
         )
+        self._log_checkpoints()
         took = "" if self.budget.t0 is None else f", {time.perf_counter() - self.budget.t0:.0f} s of training"
         self.logger.print(
             ("preempted: " if preempted else "done: ") + f"step {self.step}, checkpoint "
@@ -299,7 +337,7 @@ class Trainer:
         A non-finite loss (on any rank) or gradient norm skips the whole step on every rank; the
         remaining micro-batches are still drawn so data positions stay deterministic.
         """
-        cfg, engine, phase = self.cfg, self.engine, self.watchdog.phase
+        cfg, engine, phase = self.cfg, self.engine, self._phase
         gas = cfg.train.grad_accum
         res = StepResult(step=self.step + 1, loss=float("nan"), skipped=False)
         stepped_micro = 0
@@ -348,9 +386,19 @@ class Trainer:
         res.loss = mean_over_ranks({"loss": res.scalars.get("loss/total", float("nan"))}, self.dist.device)["loss"]
         return res
 
+    def _phase(self, name: str) -> None:
+        """The step entered phase ``name``: for the watchdog, and in the first step for the start-up timing."""
+        self.watchdog.phase(name)
+        if self.startup is not None:
+            self.startup.step_phase(name)
+
     def record(self, res: StepResult) -> None:
         """After a step: EMA, the held-out evaluation, losses.jsonl, the skip guard, console/TensorBoard, images."""
         cfg, step = self.cfg, res.step
+        if self.startup is not None:  # the first step of this process: where the start-up time went
+            self.startup.first_step_done()
+            self.logger.scalars(step, self.startup.scalars())
+            self.startup = None
         if not res.skipped and self.parts.ema is not None:
             self.parts.ema.update(self.engine.module)
         val = self.evaluate_heldout(step)
@@ -399,7 +447,14 @@ class Trainer:
         if self.replicas is not None:
             self.replicas.check(step)
 
+    def _log_checkpoints(self) -> None:
+        """A line and TensorBoard scalars for each checkpoint committed since the last call."""
+        for report in self.ckpt.reports():
+            self.logger.checkpoint_saved(report)
+
     def close(self) -> None:
+        if getattr(self, "ckpt", None) is not None:
+            self.ckpt.close()
         self.watchdog.close()
         self.preempt.restore()
         if self.logger is not None:
@@ -407,6 +462,10 @@ class Trainer:
         if self.losses_file:
             self.losses_file.close()
         self.lock.release()
+
+
+def _rank0_print(dist: Any) -> Callable[[str], None]:
+    return (lambda line: print(line, flush=True)) if dist.is_main else (lambda line: None)
 
 
 def _next_batch(batches: Any) -> Any:

@@ -9,7 +9,10 @@ faults it wants as JSON in ``$CARE_TEST_FAULTS`` (``tests.helpers.train_harness.
 * the model's ``forward`` (patched on the instance: parameter names unchanged) acts on the tags:
   it poisons the loss with NaN, or perturbs one parameter of this rank's replica;
 * ``Checkpointer._commit`` is patched to SIGKILL the process after every shard is on disk, or
-  ``Checkpointer._write_pointer`` to SIGKILL it in the middle of moving ``best``.
+  ``Checkpointer._write_pointer`` to SIGKILL it in the middle of moving ``best``;
+* the checkpoint writer's jobs are slowed (``RankWrites.run_jobs``: a sleep before each file), so a test can
+  act while a checkpoint is being written beside the training; DeepSpeed's file writer
+  (``TorchCheckpointEngine.save``) fails on one rank as a full disk makes it fail.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Faults:
     skip_bucket_check: bool = False  # train.engine.check_bucket_layout patched out, to show what it prevents
     crash_in_save_at_step: int = 0  # every rank SIGKILLs itself after writing this step's checkpoint files
     grad_accum: int = 1  # micro-batches per step (to map loader positions to steps)
+    slow_write_s: float = 0.0  # the checkpoint writer thread sleeps this long before each file
+    disk_full_at_step: int = 0  # one rank's DeepSpeed file write of this step's checkpoint fails (0 = never)...
+    disk_full_rank: int = 1
+    disk_full_error: str = "enospc"  # ...with OSError ENOSPC, or "zip": torch's zip writer's short-write error
 
     def to_env(self) -> dict[str, str]:
         return {FAULTS_ENV: json.dumps(asdict(self))}
@@ -149,12 +156,59 @@ def crash_in_best(at_step: int) -> None:
     Checkpointer._write_pointer = crashing_write
 
 
+def slow_background_writes(seconds: float) -> None:
+    """The checkpoint writer thread sleeps ``seconds`` before each file it writes (the training goes on)."""
+    from train.checkpoint.writer import RankWrites
+
+    def slow_jobs(self: RankWrites) -> None:
+        self.jobs = [(name, _after_sleep(job, seconds)) for name, job in self.jobs]
+        run_jobs(self)
+
+    run_jobs = RankWrites.run_jobs
+    RankWrites.run_jobs = slow_jobs
+
+
+def _after_sleep(job: Callable[[], None], seconds: float) -> Callable[[], None]:
+    def slow() -> None:
+        time.sleep(seconds)
+        job()
+
+    return slow
+
+
+def full_disk(at_step: int, rank: int, error: str) -> None:
+    """Rank ``rank``'s first DeepSpeed file of checkpoint ``at_step`` fails as on a full disk: ``OSError``
+    ENOSPC, or ("zip") the RuntimeError torch's zip writer raises after a short write."""
+    import errno
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from train.checkpoint import step_tag
+
+    save = TorchCheckpointEngine.save
+
+    def failing_save(self: Any, state_dict: Any, path: str) -> None:
+        if int(os.environ.get("RANK", "0")) == rank and step_tag(at_step) in path:
+            with open(path, "wb") as f:
+                f.write(b"PK" + bytes(1000))  # what was written before the disk filled up
+            if error == "zip":
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2373056 vs 2372944")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        save(self, state_dict, path)
+
+    TorchCheckpointEngine.save = failing_save
+
+
 def wrap_factories(faults: Faults, model_factory: Callable, loader_factory: Callable) -> tuple[Callable, Callable]:
     """The factories ``train()`` takes, with ``faults`` injected; also patches the save if asked."""
     if faults.crash_in_save_at_step:
         crash_in_save(faults.crash_in_save_at_step)
     if faults.crash_in_best_at_step:
         crash_in_best(faults.crash_in_best_at_step)
+    if faults.slow_write_s:
+        slow_background_writes(faults.slow_write_s)
+    if faults.disk_full_at_step:
+        full_disk(faults.disk_full_at_step, faults.disk_full_rank, faults.disk_full_error)
     if faults.skip_bucket_check:
         import train.engine
 

@@ -99,10 +99,12 @@ def start_ranks(
     tag: str = "run",
     faults: Optional[Faults] = None,
     env: Optional[dict[str, str]] = None,
+    prefix: Optional[list[str]] = None,
 ) -> Ranks:
     """Start ``world`` processes of the training entry with RANK/WORLD_SIZE/MASTER_* set (gloo on CPU).
 
-    ``faults`` reach the entry's factories (tests/helpers/faults.py); ``env`` adds variables (e.g. SLURM_JOB_ID).
+    ``faults`` reach the entry's factories (tests/helpers/faults.py); ``env`` adds variables (e.g. SLURM_JOB_ID);
+    ``prefix`` runs each process through a command (e.g. one that mounts a small file system first).
     """
     port = free_port()
     procs, logs = [], []
@@ -121,7 +123,7 @@ def start_ranks(
             **(faults or Faults()).to_env(),
             **(env or {}),
         }
-        cmd = [sys.executable, entry, "--config", config, f"run.dir={run_dir}", *overrides]
+        cmd = [*(prefix or []), sys.executable, entry, "--config", config, f"run.dir={run_dir}", *overrides]
         if resume:
             cmd += ["--resume", resume]
         log = os.path.join(run_dir, f"{tag}.rank{rank}.log")

@@ -2,6 +2,10 @@
 
 * ``Checkpointer`` (``checkpointer.py``): when to save, the commit protocol (``latest`` and ``best``
   move only onto complete checkpoints), pruning; ``find`` / ``load`` for ``--resume`` (``resume.py``);
+* ``snapshot.py`` / ``writer.py``: the host copy of a checkpoint's state and the thread that writes it
+  (``checkpoint.async_save``), every file fsynced and a failed write recorded for the ranks to agree on;
+* ``space.py``: a checkpoint's size before the first save, the warning when the disk will not hold two,
+  and ``CheckpointWriteError`` (a full disk named, with the free space and the size);
 * ``disk.py``: the directory's names, completeness markers and pointers, read by the launch scripts too;
 * ``layout.py``: which rank held which experts and optimizer slots, recorded at save time;
 * ``portable.py`` / ``portable_load.py``: a checkpoint converted once to a shape-independent one
@@ -10,7 +14,7 @@
 Everything outside this folder imports from here.
 """
 
-from train.checkpoint.checkpointer import Checkpointer
+from train.checkpoint.checkpointer import Checkpointer, SaveReport
 from train.checkpoint.disk import (
     BEST,
     COMPLETE,
@@ -27,6 +31,7 @@ from train.checkpoint.disk import (
 from train.checkpoint.layout import EXPERT_MARKER, expert_id, global_expert_name
 from train.checkpoint.portable import PORTABLE_DIR, ReshapeError, convert, load_pt, read_layouts
 from train.checkpoint.resume import Found, Resumed
+from train.checkpoint.space import CheckpointWriteError
 
 __all__ = [
     "BEST",
@@ -34,11 +39,13 @@ __all__ = [
     "EXPERT_MARKER",
     "LATEST",
     "PORTABLE_DIR",
+    "CheckpointWriteError",
     "Checkpointer",
     "Found",
     "IncompleteCheckpoint",
     "ReshapeError",
     "Resumed",
+    "SaveReport",
     "checkpoint_metrics",
     "convert",
     "expert_id",

@@ -8,14 +8,21 @@ write leaves an empty pointer). So we pass ``save_latest=False`` and commit ours
 1. all ranks save under a temporary tag ``.tmp-<tag>`` (DeepSpeed shards + our per-rank
    ``train_state_rank<r>.pt``: step, loader position, RNG states, EMA; rank 0 adds ``config.yaml``),
    and fsync every file they wrote (DeepSpeed's go through ``engine.checkpoint_engine.save``, which
-   we wrap to fsync and record each file's size);
-2. the ranks gather {file: size} of everything written (this is also the barrier: every shard of
-   every rank is on disk);
+   ``writer.py`` routes to fsync and record each file's size). With ``checkpoint.async_save`` the state
+   is copied to host memory at the step boundary and a thread writes it while training goes on
+   (``snapshot.py``, ``writer.py``);
+2. once every rank has written (at the first step boundary where all say so, or when the next save or
+   the end of the run waits for it), the ranks gather {file: size} of everything written and whether a
+   write failed; a failure stops every rank with ``CheckpointWriteError`` (``space.py``: for a full disk,
+   the folder, the free space and the checkpoint's size) and the partial ``.tmp-<tag>`` is removed;
 3. rank 0 writes the completeness marker ``complete.json`` (step, world size, every file and its
    size), fsyncs it and the directory, renames ``.tmp-<tag>`` to ``<tag>`` (atomic on POSIX), fsyncs
    the checkpoint directory, writes ``latest.tmp``, fsyncs and ``os.replace``-s it onto ``latest``
    (atomic), fsyncs again, moves ``best`` the same way when this checkpoint improves the held-out
    metric, then deletes checkpoints beyond the last K (never the one ``best`` names).
+
+One save is in flight at a time: a save first waits for the previous one to be committed, so pruning
+and the removal of stale temporaries never touch a checkpoint that is being written.
 
 A kill at any point leaves ``latest`` naming the previous complete checkpoint; a stale ``.tmp-*``
 directory is ignored and removed by the next save.
@@ -38,9 +45,10 @@ import json
 import math
 import os
 import shutil
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 from omegaconf import OmegaConf
 
 from train.checkpoint.disk import (
@@ -52,19 +60,58 @@ from train.checkpoint.disk import (
     checkpoint_metrics,
     fsync_dir,
     fsync_file,
-    gather_files,
     improves,
     read_best,
-    recording_saves,
     step_tag,
     write_pointer,
 )
 from train.checkpoint.layout import capture_layout
 from train.checkpoint.resume import Found, Resumed, find_checkpoint, load_converted, load_native
+from train.checkpoint.snapshot import snapshot, storage_bytes
+from train.checkpoint.space import (
+    GB,
+    checkpoint_bytes,
+    estimate_for_engine,
+    gathered,
+    space_lines,
+    write_error,
+)
+from train.checkpoint.writer import RankWrites, free_bytes, save_torch, through_engine
 from train.config import CheckpointConfig, TrainConfig, checkpoint_dir
 from train.contracts import Resumable
-from train.distributed import DistInfo, barrier
+from train.distributed import DistInfo, all_ranks_any, barrier
 from train.rng import rng_state
+
+
+@dataclass
+class SaveReport:
+    """What one committed save cost: the step loop's time in it, the slowest rank's write, the bytes."""
+
+    tag: str
+    step: int
+    path: str
+    asynchronous: bool
+    blocked_s: float  # the step loop stood still this long for it (host copy, waiting, commit)
+    write_s: float  # the slowest rank's time writing and fsyncing its files
+    bytes: int  # every rank's files
+    committed_at: int  # the step at whose boundary it was committed (latest moved)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / GB / max(self.write_s, 1e-9)
+
+
+@dataclass
+class _InFlight:
+    """The one save that is written but not yet committed (the same on every rank)."""
+
+    step: int
+    tag: str
+    tmp_path: str
+    metrics: Optional[dict[str, float]]
+    writes: RankWrites
+    asynchronous: bool
+    blocked_s: float = 0.0
 
 
 class Checkpointer:
@@ -72,6 +119,12 @@ class Checkpointer:
 
     ``before_save(step)`` runs on every rank before anything of a checkpoint is written (the trainer
     passes its replica-consistency check): if it raises, ``latest`` keeps naming the previous one.
+
+    With ``checkpoint.async_save`` a save copies the state to host memory at the step boundary and
+    returns; a thread writes the files while training goes on, and the checkpoint is committed at the
+    first step boundary where every rank has finished (``poll``), or when the next save, the end of the
+    run or a preemption waits for it (``wait``). One save is in flight at a time. ``reports()`` hands
+    the trainer each committed save's timing.
     """
 
     def __init__(
@@ -94,11 +147,15 @@ class Checkpointer:
         self.dir = directory
         self.every = int(cfg.every)
         self.keep = int(cfg.keep)
+        self.asynchronous = bool(cfg.async_save)
         self.ep_size, self.zero_stage, self.seed = int(ep_size), int(zero_stage), int(seed)
         self.config_yaml = config_yaml
         self.before_save = before_save
-        self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint this process started to write
+        self.step = 0  # the step boundary the trainer is at (for the reports)
         self._layout: Optional[dict] = None
+        self._in_flight: Optional[_InFlight] = None
+        self._reports: list[SaveReport] = []
         os.makedirs(self.dir, exist_ok=True)
 
     @classmethod
@@ -122,26 +179,41 @@ class Checkpointer:
     def maybe_save(
         self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> Optional[str]:
-        """Save at every ``checkpoint.every``-th step; the path written, or None."""
+        """Start a save at every ``checkpoint.every``-th step (committed later with ``checkpoint.async_save``);
+        the path the checkpoint has once committed, or None."""
         if step % self.every == 0:
-            return self.save(engine, step, loader, ema, metrics)
+            return self.start_save(engine, step, loader, ema, metrics)
         return None
 
     def save_final(
         self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> Optional[str]:
-        """Save at the end of a run (done or preempted) unless this step is already saved."""
-        if self.saved_step == step:
-            return None
-        return self.save(engine, step, loader, ema, metrics)
+        """Save at the end of a run (done or preempted) unless this step is already saved, and wait until
+        every save is committed: the process may exit after this."""
+        self.step = step
+        path = None if self.saved_step == step else self.start_save(engine, step, loader, ema, metrics)
+        self.wait()
+        return path
 
     def save(
         self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
     ) -> str:
-        """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0).
+        """Collective: write checkpoint ``step`` and commit it; returns its path once committed."""
+        path = self.start_save(engine, step, loader, ema, metrics)
+        self.wait()
+        return path
+
+    def start_save(
+        self, engine: Any, step: int, loader: Resumable, ema: Any = None, metrics: Optional[dict[str, float]] = None
+    ) -> str:
+        """Collective: write checkpoint ``step`` under a temporary name, then commit it (rank 0): at once, or
+        with ``checkpoint.async_save`` once its files are written (``poll`` / ``wait``). Returns the path
+        the checkpoint has once committed.
 
         ``metrics``: the held-out evaluation of this step (rank 0's are used), recorded in ``complete.json``
         and judged for the ``best`` pointer; None when the step was not evaluated."""
+        self.wait()  # one save in flight: the previous one is committed before this one starts
+        t0 = time.perf_counter()
         if self.before_save is not None:
             self.before_save(step)
         tag = step_tag(step)
@@ -149,21 +221,25 @@ class Checkpointer:
         if self.dist.is_main and os.path.exists(tmp_path):
             shutil.rmtree(tmp_path)
         barrier()
-        written = self._write(engine, tmp_path, step, loader, ema)
-        files = gather_files(written)  # also the barrier: every shard of every rank is on disk
-        final = self._commit(tmp_path, tag, step, files, metrics)
-        barrier()
+        writes = RankWrites(tmp_path)
+        self._write(engine, writes, step, loader, ema)
+        if self.asynchronous:
+            writes.start()
+        self._in_flight = _InFlight(step, tag, tmp_path, metrics, writes, self.asynchronous)
+        self._in_flight.blocked_s = time.perf_counter() - t0
         self.saved_step = step
-        return final
+        if not self.asynchronous:
+            self.wait()
+        return os.path.join(self.dir, tag)
 
-    def _write(self, engine: Any, tmp_path: str, step: int, loader: Resumable, ema: Any) -> dict[str, int]:
-        """This rank's part, every file fsynced: DeepSpeed's shards, ``train_state_rank<r>.pt``, rank 0 the
-        config. Returns {file name: size} of what this rank wrote."""
-        written: dict[str, int] = {}
-        with recording_saves(engine, tmp_path, written):
+    def _write(self, engine: Any, writes: RankWrites, step: int, loader: Resumable, ema: Any) -> None:
+        """This rank's part: DeepSpeed's shards, ``train_state_rank<r>.pt``, rank 0 the config. Written and
+        fsynced now, or (asynchronous) copied to host memory and queued for ``writes``' thread."""
+        t0 = time.perf_counter()
+        with through_engine(engine, writes, divert=self.asynchronous):
             engine.save_checkpoint(
                 self.dir,
-                tag=os.path.basename(tmp_path),
+                tag=os.path.basename(writes.root),
                 client_state={"step": step},
                 save_latest=False,
                 exclude_frozen_parameters=True,
@@ -180,16 +256,98 @@ class Checkpointer:
         }
         if ema is not None:
             state["ema"] = ema.state_dict()
-        name = f"train_state_rank{self.dist.rank}.pt"
-        with open(os.path.join(tmp_path, name), "wb") as f:
-            torch.save(state, f)
-            written[name] = fsync_file(f)
+        own = {f"train_state_rank{self.dist.rank}.pt": state}
         if self.dist.is_main:
-            with open(os.path.join(tmp_path, "config.yaml"), "w") as f:
-                f.write(self.config_yaml)
-                written["config.yaml"] = fsync_file(f)
-        fsync_dir(tmp_path)
-        return written
+            own["config.yaml"] = self.config_yaml
+        for name, content in own.items():
+            if isinstance(content, str):
+                data = content.encode()
+                write = lambda f, data=data: f.write(data)  # noqa: E731
+            else:
+                if self.asynchronous:
+                    snap = snapshot(content)
+                    writes.planned += snap.nbytes
+                    content = snap.state
+                else:
+                    writes.planned += storage_bytes(content)
+                write = save_torch(content)
+            job = writes.file_job(name, write)
+            if self.asynchronous:
+                writes.jobs.append((name, job))
+            else:
+                writes.attempt(name, job)
+        if not self.asynchronous:
+            writes.attempt(".", lambda: fsync_dir(writes.root))
+            writes.seconds = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- commit of the save in flight
+    def poll(self, step: int) -> None:
+        """Collective, at a step boundary: commit the save in flight if every rank has written its files."""
+        self.step = step
+        job = self._in_flight
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        everyone_done = not all_ranks_any(not job.writes.done(), self.dist.device)
+        job.blocked_s += time.perf_counter() - t0
+        if everyone_done:
+            self._finish()
+
+    def wait(self) -> None:
+        """Collective: block until the save in flight is written, then commit it (nothing when none is)."""
+        job = self._in_flight
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        job.writes.join()
+        job.blocked_s += time.perf_counter() - t0
+        self._finish()
+
+    def reports(self) -> list[SaveReport]:
+        """The saves committed since the last call, oldest first."""
+        out, self._reports = self._reports, []
+        return out
+
+    def close(self) -> None:
+        """Let a write in flight finish (not committed: ``latest`` keeps the previous checkpoint), so a run that
+        stops with an error does not exit in the middle of a file."""
+        if self._in_flight is not None:
+            self._in_flight.writes.join()
+            self._in_flight = None
+
+    def _finish(self) -> None:
+        """Collective: agree on the outcome of every rank's writes, then commit (rank 0) or stop every rank."""
+        job = self._in_flight
+        t0 = time.perf_counter()
+        self._in_flight = None
+        w = job.writes
+        outcome = gathered((w.written, w.failure, w.planned, w.seconds), self.dist.world_size)
+        failures = {r: o[1] for r, o in enumerate(outcome) if o[1] is not None}
+        if failures:
+            free_after = None
+            if self.dist.is_main:
+                shutil.rmtree(job.tmp_path, ignore_errors=True)  # give back the space the partial files took
+                free_after = free_bytes(self.dir)
+            error = write_error(self.dir, job.tag, failures, sum(o[2] for o in outcome), free_after)
+            raise error from w.exception
+        files: dict[str, int] = {}
+        for o in outcome:
+            files.update(o[0])
+        final = self._commit(job.tmp_path, job.tag, job.step, files, job.metrics)
+        barrier()
+        job.blocked_s += time.perf_counter() - t0
+        self._reports.append(
+            SaveReport(
+                tag=job.tag,
+                step=job.step,
+                path=final,
+                asynchronous=job.asynchronous,
+                blocked_s=job.blocked_s,
+                write_s=max(o[3] for o in outcome),
+                bytes=sum(files.values()),
+                committed_at=max(self.step, job.step),
+            )
+        )
 
     def _commit(
         self, tmp_path: str, tag: str, step: int, files: dict[str, int], metrics: Optional[dict[str, float]] = None
@@ -262,6 +420,18 @@ class Checkpointer:
         for t in os.listdir(self.dir):  # stale temporaries from killed saves
             if t.startswith(TMP_PREFIX):
                 shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
+
+    # ---------------------------------------------------------------- space
+    def space_report(self, engine: Any, found: Optional[Found], ema: bool) -> list[str]:
+        """Collective: the size of a checkpoint and the free space of the checkpoint folder, and a warning when
+        it holds fewer than two checkpoints. The size is the resumed checkpoint's, or (before the first save)
+        estimated from the trainable and optimizer state (``space.estimate_checkpoint_bytes``)."""
+        size = checkpoint_bytes(found.path) if found is not None and not found.portable else None
+        how = f"the size of {found.tag}" if size else "estimated from the trainable and optimizer state"
+        if size is None:
+            module = engine.module
+            size = estimate_for_engine(module, self.dist.world_size, self.ep_size, self.zero_stage, ema)
+        return space_lines(self.dir, size, how)
 
     # ---------------------------------------------------------------- load
     def find(self, resume: Optional[str]) -> Optional[Found]:

@@ -11,13 +11,10 @@ pointers without a training run, and a resume checks them before any model exist
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-from typing import Any, Iterator, Optional
-
-import torch.distributed as torch_dist
+from typing import Any, Optional
 
 LATEST = "latest"
 BEST = "best"
@@ -48,38 +45,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def recording_saves(engine: Any, root: str, written: dict[str, int]) -> Iterator[None]:
-    """Every file DeepSpeed writes goes through ``engine.checkpoint_engine.save``: fsync each one and
-    record its size (a later truncation is then detectable)."""
-    ce = engine.checkpoint_engine
-    original = ce.save
-
-    def save(state_dict: Any, path: str) -> Any:
-        result = original(state_dict, path)
-        with open(path, "rb") as f:  # fsync through a read-only descriptor flushes the same file
-            written[os.path.relpath(path, root)] = fsync_file(f)
-        return result
-
-    ce.save = save
-    try:
-        yield
-    finally:
-        del ce.save
-
-
-def gather_files(written: dict[str, int]) -> dict[str, int]:
-    """Collective: the union of every rank's {file: size}."""
-    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
-        return dict(written)
-    parts: list = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(parts, written)
-    files: dict[str, int] = {}
-    for part in parts:
-        files.update(part)
-    return files
 
 
 def write_pointer(directory: str, name: str, text: str) -> None:
