@@ -17,7 +17,7 @@ What it runs, each a separate ``launch/train.py`` process on synthetic edits it 
 JSON lines:
 
 * ``{"bench": "startup", "run": ..., "phases_s": {...}, "launch_to_first_step_s": ...}``: the trainer's
-  ``start-up:`` lines (train/startup.py: seconds per phase since the process started, the first step's
+  ``start-up:`` lines (train/timing/startup.py: seconds per phase since the process started, the first step's
   parts), and ``wall_to_first_step_s``, the time from this script starting the command (launcher
   included) to the first step's line;
 * ``{"bench": "checkpoint", "run": ..., "tag": ..., "blocked_s", "write_s", "gb", "gb_per_s"}``: each

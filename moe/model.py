@@ -234,7 +234,9 @@ class CareEditModel(nn.Module):
         attention_mask = reference_attention_mask(cond.has_ref, stream.ref_span, txt.shape[1], stream.tokens.shape[1])
         temb = bb.embed_time(t, cond.pooled)
         iv = intervention if intervention is not None else self.intervention
-        ctx = self._expert_context(cond, stream, grid, txt, temb, fine, noisy.dtype, iv)
+        ctx = expert_context(
+            cond, stream, grid, txt, temb, fine, noisy.dtype, iv, self.expert_names, self.cfg, len(self.expert_layers)
+        )
 
         def expert_args(block_index: int) -> tuple:
             """(ctx, slot) for the expert layer in this block, its prior set now (the layer before it has run)."""
@@ -264,45 +266,6 @@ class CareEditModel(nn.Module):
         parts.append(self.mask_encoder(cond.coarse))
         ids.append(grid_position_ids(gh, gw, OFFSET_MASK, dev))
         return ImageStream(torch.cat(parts, dim=1), torch.cat(ids, dim=0), ref_span, (mask_start, mask_start + n))
-
-    def _expert_context(
-        self,
-        cond: Conditions,
-        stream: ImageStream,
-        grid: tuple[int, int],
-        txt: Tensor,
-        temb: Tensor,
-        fine: Optional[Tensor],
-        dtype: torch.dtype,
-        intervention: Optional[RoutingIntervention] = None,
-    ) -> ExpertContext:
-        """This forward's context for the expert layers, with an empty slot per layer."""
-        b, n, dev = cond.base.shape[0], grid[0] * grid[1], temb.device
-        has_text = cond.text_mask.any(dim=1)
-        has_mask = cond.has_mask if cond.has_mask is not None else torch.ones_like(has_text)
-        # every expert may be selected; an absent reference is a context the Reference expert reads
-        available = torch.ones(b, len(self.expert_names), dtype=torch.bool, device=dev)
-        if self.cfg.router.mask_absent and "reference" in self.expert_names:  # the ablation
-            available[:, self.expert_names.index("reference")] = cond.has_ref & (stream.ref_span is not None)
-        return ExpertContext(
-            num_target=n,
-            grid=grid,
-            mask_span=stream.mask_span,
-            ref_span=stream.ref_span,
-            base_span=(n, 2 * n),
-            has_ref=cond.has_ref,
-            text=txt,
-            text_mask=cond.text_mask,
-            temb=temb,
-            presence=torch.stack([has_text, cond.has_ref, has_mask], dim=1).float(),
-            available=available,
-            coarse=mask_to_grid(cond.coarse, grid).reshape(b, n).to(dtype),
-            coarse_cells=coarse_cells(cond.coarse, grid, self.cfg.repaint),
-            gt_mask=fine,
-            regions=token_regions(cond.region_labels, grid) if cond.region_labels is not None else None,
-            intervention=intervention,
-            slots=[LayerSlot() for _ in self.expert_layers],
-        )
 
     # -- training ---------------------------------------------------------------------------------
     def sample_time(self, batch_size: int, device: torch.device) -> Tensor:
@@ -411,6 +374,49 @@ class CareEditModel(nn.Module):
         result = edit_result(images, ctx, cond.coarse, self.expert_names)
         result.guidance = {"text": float(g.text), "image": float(g.image), "keep_outside_box": bool(keep)}
         return result
+
+
+def expert_context(
+    cond: Conditions,
+    stream: ImageStream,
+    grid: tuple[int, int],
+    txt: Tensor,
+    temb: Tensor,
+    fine: Optional[Tensor],
+    dtype: torch.dtype,
+    intervention: Optional[RoutingIntervention],
+    expert_names: list[str],
+    cfg: ModelConfig,
+    num_layers: int,
+) -> ExpertContext:
+    """One forward's context for the expert layers (``num_layers`` of them), with an empty slot per layer:
+    the conditions' spans and presence, the masks on the token grid, the region labels, the intervention."""
+    b, n, dev = cond.base.shape[0], grid[0] * grid[1], temb.device
+    has_text = cond.text_mask.any(dim=1)
+    has_mask = cond.has_mask if cond.has_mask is not None else torch.ones_like(has_text)
+    # every expert may be selected; an absent reference is a context the Reference expert reads
+    available = torch.ones(b, len(expert_names), dtype=torch.bool, device=dev)
+    if cfg.router.mask_absent and "reference" in expert_names:  # the ablation
+        available[:, expert_names.index("reference")] = cond.has_ref & (stream.ref_span is not None)
+    return ExpertContext(
+        num_target=n,
+        grid=grid,
+        mask_span=stream.mask_span,
+        ref_span=stream.ref_span,
+        base_span=(n, 2 * n),
+        has_ref=cond.has_ref,
+        text=txt,
+        text_mask=cond.text_mask,
+        temb=temb,
+        presence=torch.stack([has_text, cond.has_ref, has_mask], dim=1).float(),
+        available=available,
+        coarse=mask_to_grid(cond.coarse, grid).reshape(b, n).to(dtype),
+        coarse_cells=coarse_cells(cond.coarse, grid, cfg.repaint),
+        gt_mask=fine,
+        regions=token_regions(cond.region_labels, grid) if cond.region_labels is not None else None,
+        intervention=intervention,
+        slots=[LayerSlot() for _ in range(num_layers)],
+    )
 
 
 def reference_attention_mask(

@@ -17,7 +17,7 @@ from tests.helpers.model_configs import tiny_model_config
 from tests.helpers.train_harness import ROOT, TINY_CONFIG, TOY_CONFIG, run_ranks
 from train.config import load_config
 from train.rng import seed_everything
-from train.startup import CACHE_ENV, init_device, use_compile_cache
+from train.timing.startup import CACHE_ENV, init_device, use_compile_cache
 
 STEPS = ["train.steps=2", "checkpoint.every=2", "logging.images_every=0"]
 PHASES = [
@@ -136,7 +136,7 @@ sys.path.insert(0, {root!r})
 import torch
 from torch._dynamo.utils import counters
 from train.config import load_config
-from train.startup import use_compile_cache
+from train.timing.startup import use_compile_cache
 
 use_compile_cache(load_config({config!r}, ["run.dir={run}"]))
 torch.compile(lambda x: torch.sin(x) * 2 + x.cos())(torch.randn(64))

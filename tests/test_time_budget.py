@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.faults import Faults
 from tests.helpers.train_harness import read_losses, run_ranks, start_ranks, wait_for_step
-from train.time_budget import MARGIN, TimeBudget, budget_steps
+from train.timing.budget import MARGIN, TimeBudget, budget_steps
 
 EP2 = ["model.experts.ep_size=2"]
 

@@ -52,7 +52,7 @@ class StepsConfig:
     # seconds of training the run may take (0 = no budget, train.steps it is): after time_budget_calibration
     # steps the run measures its step time once, sets the step count (at most train.steps) that fills the
     # budget, schedules the learning rate to end there and says so; the count is checkpointed with the
-    # schedule, so a resumed run keeps it (train/time_budget.py); a run of no more steps than the
+    # schedule, so a resumed run keeps it (train/timing/budget.py); a run of no more steps than the
     # calibration just runs them
     time_budget_s: float = 0.0
     time_budget_calibration: int = 60

@@ -53,8 +53,7 @@ from train.faults import (
 )
 from train.logging import MetricLogger, edit_grid, mean_over_ranks
 from train.rng import rng_untouched, seed_everything
-from train.startup import StartupClock, init_device, random_init_parts, use_compile_cache
-from train.time_budget import TimeBudget
+from train.timing import StartupClock, TimeBudget, init_device, random_init_parts, use_compile_cache
 
 ModelFactory = Callable[[ModelConfig], TrainableModel]
 LoaderFactory = Callable[..., TrainLoader]  # (data section, micro-batch, rank, world size, start_step=...)
@@ -118,7 +117,7 @@ class Trainer:
         loader_factory: LoaderFactory,
         val_batch_factory: ValBatchFactory,
     ) -> None:
-        self.startup = StartupClock()  # where the time from launch to the first step goes (train/startup.py)
+        self.startup = StartupClock()  # where the time from launch to the first step goes (train/timing/startup.py)
         self.startup.mark("imports and config")
         # the typed tree (TrainConfig), converted once here; each component is handed its own section
         self.cfg: TrainConfig = as_train_config(cfg)
