@@ -175,7 +175,7 @@ def test_sigterm_while_a_checkpoint_is_written_waits_for_it(tmp_path):
 
 @pytest.mark.parametrize(
     "asynchronous_save, error",
-    [(True, "enospc"), (False, "zip")],
+    [(True, "enospc"), pytest.param(False, "zip", marks=pytest.mark.slow)],  # the second: the slow suite's
     ids=["async, ENOSPC", "blocking, zip writer's short write"],
 )
 def test_a_full_disk_on_one_rank_stops_every_rank_naming_it(tmp_path, asynchronous_save, error):

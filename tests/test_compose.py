@@ -126,7 +126,7 @@ def _samples(size: int, n: int = N) -> dict:
     return s
 
 
-@pytest.fixture(scope="module", params=[64, 128])
+@pytest.fixture(scope="module", params=[64, pytest.param(128, marks=pytest.mark.slow)])  # 128 px: the slow suite
 def samples(request):
     return _samples(request.param)
 

@@ -25,9 +25,15 @@ def test_limit_is_off_during_warm_up_then_the_larger_of_floor_and_factor_x_media
 
 
 @pytest.mark.multiprocess
-def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path):
+@pytest.mark.parametrize("async_save, latest", [(False, "step00000004"), (True, "step00000002")])
+def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path, async_save, latest):
+    """Both ranks exit for requeue with their stacks. ``latest`` is the last checkpoint every rank agreed on:
+    a blocking save at step 4 is committed before step 5 starts; one written beside the training is
+    committed at a later step boundary that every rank reaches, and rank 1 never reaches step 5's end, so
+    the run keeps step 2's (the one the step-4 save waited for)."""
     run = str(tmp_path)
     overrides = [
+        f"checkpoint.async_save={str(async_save).lower()}",
         "model.experts.ep_size=2",
         "logging.images_every=0",
         "train.steps=50",
@@ -50,7 +56,7 @@ def test_stalled_rank_dumps_stacks_and_exits_for_requeue(tmp_path):
         assert "Thread" in out and "train/loop.py" in out and "in train_step" in out  # faulthandler's stacks
     assert 'tests/helpers/faults.py", line' in stalled  # where rank 1 really is: the injected sleep
     with open(os.path.join(run, "toy", "checkpoints", "latest")) as f:
-        assert f.read() == "step00000004"
+        assert f.read() == latest
 
 
 @pytest.mark.slow
