@@ -30,7 +30,7 @@ JSON lines:
   each run with saves minus that of ``no_checkpoints``, per save: what a save costs the training, whatever
   part of it the step loop counts as blocked (a writer thread also competes for the host).
 
-Default recipe (the full-scale single-GPU run): ``configs/flux_full.yaml`` with random frozen weights (no
+Default recipe (the full-scale single-GPU run): ``configs/flux_full_1gpu.yaml`` with random frozen weights (no
 paths), LoRA experts r64 at ep_size 1, ZeRO 2, compile on with CUDA graphs, 512 px, ``--steps 14`` with a
 checkpoint every 4 steps (saves at 4, 8, 12 inside the window, the last at 14). ``--tiny``:
 ``bench/step_tiny.yaml`` at 32 px, compile off, ZeRO 2, 6 steps with a checkpoint every 2.
@@ -61,10 +61,6 @@ FULL = [
     "model.vae.path=null",
     "model.text.t5_path=null",
     "model.text.clip_path=null",
-    "model.experts.kind=lora",
-    "model.experts.rank=64",
-    "model.experts.ep_size=1",
-    "train.compile_mode=reduce-overhead",
     "data.num_workers=2",
 ]
 TINY = ["train.zero_stage=2", "train.compile=false", "data.num_workers=1", "train.micro_batch=2"]
@@ -184,7 +180,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     p.add_argument("--tiny", action="store_true", help="bench/step_tiny.yaml at 32 px on the CPU: a smoke run")
-    p.add_argument("--config", default=None, help="default: configs/flux_full.yaml (bench/step_tiny.yaml with --tiny)")
+    p.add_argument(
+        "--config", default=None, help="default: configs/flux_full_1gpu.yaml (bench/step_tiny.yaml with --tiny)"
+    )
     p.add_argument("--launcher", default=None, help=f'default: "{sys.executable}" (one process)')
     p.add_argument("--out", default="runs/bench_trainer_run", help="the bench folder (data, runs, logs, cache)")
     p.add_argument("--size", type=int, default=None, help="image size (default 512, --tiny 32)")
@@ -194,7 +192,7 @@ def main() -> None:
     p.add_argument("--resume-steps", type=int, default=2, help="steps of the resumed run")
     p.add_argument("--runs", default="fresh,resumed,blocking,no_checkpoints", help="which runs, in this order")
     a = p.parse_args()
-    config = a.config or ("bench/step_tiny.yaml" if a.tiny else "configs/flux_full.yaml")
+    config = a.config or ("bench/step_tiny.yaml" if a.tiny else "configs/flux_full_1gpu.yaml")
     size = a.size or (32 if a.tiny else 512)
     steps = a.steps or (6 if a.tiny else 14)
     every = a.every or (2 if a.tiny else 4)

@@ -126,7 +126,9 @@ def test_ep_size_counts_slurm_tasks_only_inside_an_srun_step(monkeypatch):
     assert load_config(TINY, ["model.experts.ep_size=2"]).model.experts.ep_size == 2
 
 
-@pytest.mark.parametrize("recipe, world", [("gpu_smoke.yaml", "2"), ("flux_full.yaml", "8")])
+@pytest.mark.parametrize(
+    "recipe, world", [("gpu_smoke.yaml", "2"), ("flux_full.yaml", "8"), ("flux_full_1gpu.yaml", "1")]
+)
 def test_gpu_recipes_validate(recipe, world, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world)
     cfg = load_config(os.path.join(ROOT, "configs", recipe))
